@@ -1,0 +1,88 @@
+"""ds_zo.initialize: the ZO counterpart of deepspeed.initialize, with the same arguments and return values."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Optional
+
+from torch import nn
+
+from .config import ConfigError, load_config, split_config
+from .model.units import is_decayed, resolve_trainable
+from .optimizer import ZOSGD
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_single_process_env() -> None:
+    """Outside any launcher, run as a single local rank on loopback. Without this DeepSpeed tries MPI discovery and
+    takes MASTER_ADDR from `hostname -I` (a non-loopback address)."""
+    launched = any(k in os.environ for k in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"))
+    if launched:
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def build_optimizer(model: nn.Module, trainable: set[str], lr: float, eps: float, weight_decay: float) -> ZOSGD:
+    """ZOSGD over the trainable parameters: a decayed group (rank >= 2) and a non-decayed one (biases, norms)."""
+    named = [(n, p) for n, p in model.named_parameters() if n in trainable]
+    if not named:
+        raise ConfigError("zero_order.trainable: no parameter of the model matches; nothing would be trained")
+    groups = [{"params": [p for _, p in named if is_decayed(p)], "weight_decay": weight_decay},
+              {"params": [p for _, p in named if not is_decayed(p)], "weight_decay": 0.0}]
+    return ZOSGD([g for g in groups if g["params"]], lr=lr, eps=eps, weight_decay=weight_decay)
+
+
+def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: Optional[ZOSGD] = None,
+               model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
+               mpu: Any = None, dist_init_required: Optional[bool] = None, collate_fn: Any = None,
+               config: Any = None, config_params: Any = None):
+    """Build a ZOEngine. Returns (engine, optimizer, training_dataloader, lr_scheduler) like deepspeed.initialize."""
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero import partition_parameters
+
+    from .engine import ZOEngine
+
+    if model is None:
+        raise ValueError("ds_zo.initialize requires a model")
+    if config is None:
+        config = config_params
+    if config is None and getattr(args, "deepspeed_config", None):
+        config = args.deepspeed_config
+    if config is None:
+        raise ConfigError("ds_zo.initialize needs config= (a dict or a path to ds_config.json) or --deepspeed_config")
+    if model_parameters is not None:
+        raise ValueError("model_parameters is not used by ds_zo: choose trainable parameters with "
+                         "zero_order.trainable patterns (or requires_grad=False)")
+    ds_config, zo_params, zo = split_config(load_config(config))
+
+    trainable = resolve_trainable(model, zo.trainable)
+    if optimizer is None:
+        optimizer = build_optimizer(model, trainable, zo_params.lr, zo_params.eps, zo_params.weight_decay)
+    elif not isinstance(optimizer, ZOSGD):
+        raise TypeError(f"ds_zo.initialize: optimizer must be a ds_zo.ZOSGD (or None), got {type(optimizer).__name__}")
+
+    _default_single_process_env()
+    partition_parameters.shutdown_init_context()
+    try:
+        dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                              dist_init_required=dist_init_required)
+        config_class = DeepSpeedConfig(ds_config, mpu)
+        engine = ZOEngine(args=args, model=model, optimizer=optimizer, model_parameters=None,
+                          training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                          dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
+                          config_class=config_class, zo_config=zo, zo_params=zo_params, trainable=trainable)
+    finally:
+        partition_parameters.restore_init_context()
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

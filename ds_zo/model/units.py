@@ -1,0 +1,112 @@
+"""Cut any HF decoder model into ordered units without touching its forward code.
+
+A unit is a module whose forward runs once per model forward and whose parameters are perturbed together: every element
+of the model's largest nn.ModuleList (the decoder layers), plus the module that directly owns each remaining parameter
+(embeddings, positional embeddings, final norm, head). Units never nest. A tied weight is one Parameter object owned
+by two units (embedding and head): it gets one z and one update, keyed by its canonical name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class UnitCutError(ValueError):
+    pass
+
+
+@dataclass
+class ParamRef:
+    name: str             # canonical name: the first name model.named_parameters() gives this Parameter
+    param: nn.Parameter
+    trainable: bool
+
+
+@dataclass
+class Unit:
+    name: str
+    module: nn.Module
+    params: list[ParamRef] = field(default_factory=list)   # every parameter the unit uses, owned or tied
+
+    @property
+    def trainable(self) -> list[ParamRef]:
+        return [p for p in self.params if p.trainable]
+
+
+def _largest_module_list(model: nn.Module) -> tuple[str, nn.ModuleList] | tuple[None, None]:
+    best, best_name, best_count = None, None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            count = sum(p.numel() for p in mod.parameters())
+            if count > best_count:
+                best, best_name, best_count = mod, name, count
+    return best_name, best
+
+
+def cut_into_units(model: nn.Module, trainable_names: set[str]) -> list[Unit]:
+    """Units in module-registration order (which HF models also execute in), each with its parameters."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    _, layers = _largest_module_list(model)
+    layer_ids = {id(m) for m in layers} if layers is not None else set()
+    inside_layer: set[int] = set()
+    if layers is not None:
+        for m in layers:
+            inside_layer.update(id(x) for x in m.modules())
+
+    units: list[Unit] = []
+    unit_of_module: dict[int, Unit] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in unit_of_module:
+            continue
+        if id(mod) in layer_ids:
+            unit = Unit(mod_name, mod)
+            for _, p in mod.named_parameters():
+                unit.params.append(ParamRef(canonical[id(p)], p, canonical[id(p)] in trainable_names))
+        elif id(mod) not in inside_layer and any(True for _ in mod.parameters(recurse=False)):
+            unit = Unit(mod_name, mod)
+            for _, p in mod.named_parameters(recurse=False):
+                unit.params.append(ParamRef(canonical[id(p)], p, canonical[id(p)] in trainable_names))
+        else:
+            continue
+        units.append(unit)
+        unit_of_module[id(mod)] = unit
+
+    # Units must not nest: a wrapper around an ancestor would perturb its descendants' parameters twice.
+    for u in units:
+        for sub_name, sub in u.module.named_modules():
+            if sub is not u.module and id(sub) in unit_of_module:
+                raise UnitCutError(
+                    f"cannot cut {type(model).__name__} into units: module '{u.name}' owns parameters directly and also "
+                    f"contains unit '{unit_of_module[id(sub)].name}'; ds_zo needs each parameter in a leaf-most unit")
+    covered = {id(r.param) for u in units for r in u.params}
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+    if missing:
+        raise UnitCutError(f"cannot cut {type(model).__name__} into units: parameters {missing[:5]} belong to no unit")
+    for u in units:
+        if not u.params:
+            raise UnitCutError(f"unit '{u.name}' has no parameters")
+    return units
+
+
+def resolve_trainable(model: nn.Module, patterns: list[str]) -> set[str]:
+    """Canonical names of the trainable parameters: requires_grad, and (if patterns are given) any alias of the
+    parameter matches one of the fnmatch patterns."""
+    from fnmatch import fnmatchcase
+
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    names = set()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not patterns or any(fnmatchcase(a, pat) for a in aliases[id(p)] for pat in patterns):
+            names.add(n)
+    return names
+
+
+def is_decayed(param: torch.Tensor) -> bool:
+    """nanoGPT's rule: matrices and embeddings decay; 1-D biases and norm weights do not."""
+    return param.dim() >= 2

@@ -1,0 +1,156 @@
+"""ZOSGD: the zeroth-order SGD optimizer (MeZO's SPSA update) and its step log.
+
+One step t, given its seed s_t, the projected gradients g_1..g_q of its q perturbations, its lr and weight decay wd:
+    θ ← θ − lr · ( (1/q) Σ_j g_j · z_j(s_t) + wd · θ )        (wd only for tensors of rank >= 2)
+z_j is regenerated from the seed, never stored. The update is computed in float32 and rounded once into the stored
+dtype. ZOEngine measures g (two forwards per perturbation) and hands the step here; the update itself is applied
+either at once or fused into the next step's forward, unit by unit ("pending"), and `flush()` makes any pending update
+visible. The step log [(step, seed, g, lr, wd)] alone reproduces the fine-tune from the base weights (ds_zo.replay).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .perturb import PerturbationGenerator
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    seed: int
+    g: tuple[float, ...]   # one projected gradient per perturbation
+    lr: float
+    wd: float
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["g"] = list(self.g)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StepRecord":
+        return cls(step=int(d["step"]), seed=int(d["seed"]), g=tuple(float(x) for x in d["g"]),
+                   lr=float(d["lr"]), wd=float(d["wd"]))
+
+
+def apply_step(param: torch.Tensor, key: int, record: StepRecord, decays: bool, generator: PerturbationGenerator,
+               buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None, start: int = 0,
+               numel: Optional[int] = None) -> None:
+    """Apply one recorded step to `param` in place: the whole parameter, or (ZeRO shards) the flat slice
+    [start, start + param.numel()) of a parameter of `numel` elements. Evaluated in the order of the plain expression
+    θ − lr·(g·z + wd·θ), so that a reference written that way agrees bit for bit."""
+    numel = param.numel() if numel is None else numel
+    flat = param.view(-1)
+    n = flat.numel()
+    theta = flat if flat.dtype == torch.float32 else flat.float()
+    if buffers is None:
+        buffers = (torch.empty(n, device=flat.device), torch.empty(n, device=flat.device))
+    u, z = buffers[0][:n], buffers[1][:n]
+    q = len(record.g)
+    for j, g in enumerate(record.g):
+        generator.fill(z if j else u, record.seed, j, key, numel, start)
+        if j:
+            u.add_(z.mul_(g))
+        else:
+            u.mul_(g)
+    if q > 1:
+        u.div_(q)
+    if decays and record.wd != 0.0:
+        u.add_(theta * record.wd)
+    theta.sub_(u.mul_(record.lr))
+    if theta is not flat:
+        flat.copy_(theta)  # round once into the stored dtype
+
+
+class ZOSGD(torch.optim.Optimizer):
+    """Zeroth-order SGD. Selected in ds_config.json as {"optimizer": {"type": "ZOSGD", "params": {...}}} and built
+    by ds_zo.initialize, which attaches the perturbation generator and parameter keys."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0):
+        if lr < 0:
+            raise ValueError(f"optimizer.params.lr: {lr} must be >= 0")
+        if not eps > 0:
+            raise ValueError(f"optimizer.params.eps: {eps} must be > 0")
+        if weight_decay < 0:
+            raise ValueError(f"optimizer.params.weight_decay: {weight_decay} must be >= 0")
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self.eps = eps
+        self.generator: Optional[PerturbationGenerator] = None
+        self.keys: dict[int, int] = {}
+        self.step_log: list[StepRecord] = []
+        self.pending: Optional[StepRecord] = None
+        self._pending_done: set[int] = set()
+        self._buffers = None  # float32 scratch (update, z) reused across parameters
+
+    # -- wiring -------------------------------------------------------------------------------------------------
+    def attach(self, generator: PerturbationGenerator, keys: dict[int, int]) -> None:
+        self.generator, self.keys = generator, keys
+        missing = [p for g in self.param_groups for p in g["params"] if id(p) not in keys]
+        if missing:
+            raise ValueError(f"{len(missing)} optimizer parameters are not parameters of the engine's model")
+
+    def step(self, closure: Optional[Callable] = None):
+        """DeepSpeed calls step() after each ZO step (and bf16 wrappers at init): nothing to do, ZOEngine.train_batch
+        already measured g and handed the update over with record_step()."""
+        if closure is not None:
+            raise TypeError("ZOSGD does not take a closure: train with ds_zo.initialize(...) and engine.train_batch()")
+        return None
+
+    def current_lr(self) -> float:
+        lrs = {g["lr"] for g in self.param_groups}
+        if len(lrs) != 1:
+            raise ValueError(f"ZOSGD needs one lr across parameter groups, got {sorted(lrs)}")
+        return lrs.pop()
+
+    def _decays(self) -> dict[int, float]:
+        return {id(p): g["weight_decay"] for g in self.param_groups for p in g["params"]}
+
+    # -- the update -----------------------------------------------------------------------------------------------
+    def record_step(self, step: int, seed: int, grads: list[float], lr: float, weight_decay: float) -> StepRecord:
+        if self.pending is not None:
+            raise RuntimeError("the previous step's update was not fully applied before a new step was recorded")
+        record = StepRecord(step=step, seed=seed, g=tuple(float(g) for g in grads), lr=float(lr),
+                            wd=float(weight_decay))
+        self.step_log.append(record)
+        self.pending, self._pending_done = record, set()
+        return record
+
+    def _apply_pending_to(self, param: torch.nn.Parameter, decay: float) -> None:
+        n = param.numel()
+        if self._buffers is None or self._buffers[0].numel() < n or self._buffers[0].device != param.device:
+            self._buffers = tuple(torch.empty(n, dtype=torch.float32, device=param.device) for _ in range(2))
+        apply_step(param.data, self.keys[id(param)], self.pending, decay != 0.0, self.generator, self._buffers)
+        self._pending_done.add(id(param))
+
+    def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Apply the pending update to these parameters (each at most once): the fused path, unit by unit."""
+        if self.pending is None:
+            return
+        decays = self._decays()
+        for p in params:
+            if id(p) in decays and id(p) not in self._pending_done:
+                self._apply_pending_to(p, decays[id(p)])
+
+    def flush(self) -> None:
+        """Make the pending update visible on every parameter; idempotent."""
+        if self.pending is None:
+            return
+        self.apply_pending(p for g in self.param_groups for p in g["params"])
+        self.pending, self._pending_done = None, set()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def state_dict(self):
+        self.flush()
+        sd = super().state_dict()
+        sd["zo_step_log"] = [r.to_json() for r in self.step_log]
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        log = state_dict.pop("zo_step_log", [])
+        super().load_state_dict(state_dict)
+        self.step_log = [StepRecord.from_json(r) for r in log]
+        self.pending, self._pending_done = None, set()

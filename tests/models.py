@@ -1,0 +1,55 @@
+"""Tiny random-init HF decoder models for architecture tests (no downloads)."""
+from __future__ import annotations
+
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 96
+
+
+def tiny_model(arch: str, tied: bool = True, seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, tie_word_embeddings=tied)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64, **common)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64, **common)
+        model = Qwen2ForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=64, sliding_window=None, **common)
+        model = MistralForCausalLM(cfg)
+    elif arch == "opt":
+        cfg = OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.1, **common)
+        model = OPTForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1,
+                         attn_pdrop=0.1, **common)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    # random-init biases and norm weights are constants; perturb them so tests see every parameter matter
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.to(dtype)
+
+
+ARCHS = ["llama", "qwen2", "mistral", "opt", "gpt2"]
+
+
+def batch(rows: int = 2, seq: int = 8, seed: int = 1, pad: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if pad and rows > 1:
+        mask[0, :2] = 0  # left padding on the first row
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,55 @@
+"""A plain, obviously-correct MeZO loop: the reference that ds_zo must match.
+
+Two separate HF forwards (the model's own loss) at θ+εz and θ−εz built with torch.func.functional_call, z drawn with
+ds_zo's slice-addressable generator over each whole parameter, then θ ← θ − lr·(g·z + wd·θ) (no decay for 1-D)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.func import functional_call
+
+from ds_zo.perturb import PerturbationGenerator, param_key, step_seed
+
+
+class MeZOReference:
+    def __init__(self, model, lr, eps, wd=0.0, seed=0, q=1, distribution="gaussian", trainable=None):
+        self.model = copy.deepcopy(model).eval()
+        self.lr, self.eps, self.wd, self.seed, self.q = lr, eps, wd, seed, q
+        self.gen = PerturbationGenerator(distribution)
+        names = [n for n, _ in self.model.named_parameters()]
+        self.trainable = names if trainable is None else [n for n in names if n in trainable]
+        self.step_count = 0
+
+    def params(self) -> dict:
+        return dict(self.model.named_parameters())
+
+    def z(self, seed, j, name):
+        p = self.params()[name]
+        return self.gen.z(seed, j, param_key(name), p.numel()).view_as(p)
+
+    @torch.no_grad()
+    def loss(self, batch, shifts=None) -> float:
+        params = {n: p + shifts[n] if shifts and n in shifts else p for n, p in self.params().items()}
+        out = functional_call(self.model, params, args=(), kwargs=dict(batch, use_cache=False))
+        return out.loss.item()
+
+    @torch.no_grad()
+    def step(self, batch):
+        seed = step_seed(self.seed, self.step_count)
+        grads, losses = [], []
+        zs = [{n: self.z(seed, j, n) for n in self.trainable} for j in range(self.q)]
+        for j in range(self.q):
+            lp = self.loss(batch, {n: self.eps * z for n, z in zs[j].items()})
+            lm = self.loss(batch, {n: -self.eps * z for n, z in zs[j].items()})
+            grads.append((lp - lm) / (2 * self.eps))
+            losses.append((lp + lm) / 2)
+        params = self.params()
+        for n in self.trainable:
+            p = params[n]
+            upd = sum(g * zs[j][n] for j, g in enumerate(grads)) / self.q
+            if p.dim() >= 2:
+                upd = upd + self.wd * p
+            p.sub_(self.lr * upd)
+        self.step_count += 1
+        return sum(losses) / self.q, grads
