@@ -14,7 +14,7 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from .config import ZeroOrderConfig, ZOSGDParams
-from .loss import combine, default_labels, token_mean_loss
+from .loss import default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
 from .model.perturbed_copies import PerturbedCopies
 from .model.units import Unit, cut_into_units
@@ -110,7 +110,7 @@ class ZOEngine(DeepSpeedEngine):
 
     # -- forwards ---------------------------------------------------------------------------------------------------
     def _signed_losses(self, batch: dict, signs=(1, -1)) -> list[tuple[float, int]]:
-        """One model forward over len(signs) copies of the batch; per sign, (mean token loss, token count)."""
+        """One model forward over len(signs) copies of the batch; per sign, (token loss sum, token count)."""
         rows = batch["input_ids"].shape[0]
         labels = default_labels(batch)
         self._in_zo_forward = True
@@ -121,8 +121,7 @@ class ZOEngine(DeepSpeedEngine):
             self._in_zo_forward = False
         out = []
         for i in range(len(signs)):
-            mean, count = token_mean_loss(self.module, logits[i * rows:(i + 1) * rows], labels)
-            out.append((mean.item(), count))
+            out.append(token_loss_sum(logits[i * rows:(i + 1) * rows], labels))
         return out
 
     def train_batch(self, batch: Optional[dict] = None, data_iter: Optional[Iterator] = None) -> float:
@@ -142,7 +141,7 @@ class ZOEngine(DeepSpeedEngine):
                 minus.append(m)
             # units that did not run in the forward still owe the previous step's update
             self.optimizer.flush()
-            l_plus, l_minus = combine(plus), combine(minus)
+            l_plus, l_minus = mean_loss(plus), mean_loss(minus)
             grads.append((l_plus - l_minus) / (2 * self.eps))
             losses.append((l_plus + l_minus) / 2)
         self.optimizer.record_step(step, seed, grads, lr, self.weight_decay)
@@ -160,7 +159,7 @@ class ZOEngine(DeepSpeedEngine):
         batch = self._to_device(batch)
         with _eval_mode(self.module), torch.no_grad():
             logits = self.module(**self._model_inputs(batch, 1), use_cache=False).logits
-        return token_mean_loss(self.module, logits, default_labels(batch))[0].item()
+        return mean_loss([token_loss_sum(logits, default_labels(batch))])
 
     def _write_monitor(self, loss: float, grads: list[float], lr: float) -> None:
         if self.monitor.enabled and self.global_rank == 0:

@@ -1,9 +1,10 @@
-"""The model's own causal-LM loss, kept as (mean, token count) so that per-half, per-micro-batch and per-rank losses
-combine into the exact token mean over a global batch.
+"""The causal-LM loss: mean token cross-entropy over shifted labels != -100 (HF's definition), accumulated in float64.
 
-The mean is HF's own `model.loss_function` (mean cross-entropy over shifted labels != -100), so that a single
-micro-batch gives bitwise the loss `model(**batch, labels=labels).loss` gives: with ε = 1e-3 one ulp of loss moves the
-projected gradient by ~1e-4 relative, so "almost the same loss formula" is not good enough for exactness tests.
+Each part (micro-batch, rank, sign) returns (sum of its token losses in float64, token count); parts combine in
+float64. Per-token losses are the float32 values HF computes from float32 logits, so the float64 sums are exact to
+~1e-16 whatever the order: the loss does not depend on how the global batch is cut into micro-batches and ranks.
+HF's own `.loss` reduces in float32 and is typically off by an ulp (~1e-7 of L); 1/2ε magnifies that into ~1e-4 of
+relative error in the projected gradient g = (L+ − L−)/2ε, which is why ds_zo does not use it.
 """
 from __future__ import annotations
 
@@ -27,24 +28,18 @@ def default_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
-def _fallback_causal_lm_loss(logits, labels, vocab_size, **_):
-    shift_logits = logits[:, :-1, :].float().reshape(-1, vocab_size)
-    return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(shift_logits.device), ignore_index=IGNORE_INDEX)
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """(sum of the part's token cross-entropies in float64, number of target tokens); position i predicts labels[i+1]."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="none")
+    return float(per_token.double().sum()), int((shift_labels != IGNORE_INDEX).sum())
 
 
-def token_mean_loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(mean token loss as the model computes it, number of target tokens)."""
-    loss_fn = getattr(model, "loss_function", None) or _fallback_causal_lm_loss
-    labels = labels.to(logits.device)
-    mean = loss_fn(logits=logits, labels=labels, vocab_size=logits.shape[-1])
-    return mean, int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def combine(parts: Sequence[tuple[float, int]]) -> float:
-    """Token-weighted mean of (mean, count) parts; a single part is returned as is (bitwise)."""
-    if len(parts) == 1:
-        return parts[0][0]
+def mean_loss(parts: Sequence[tuple[float, int]]) -> float:
+    """The token mean over all parts (float64)."""
     total = sum(c for _, c in parts)
     if total == 0:
         raise ValueError("no target tokens in the batch (every label is -100)")
-    return sum(m * c for m, c in parts) / total
+    return sum(s for s, _ in parts) / total

@@ -1,12 +1,13 @@
 """A plain, obviously-correct MeZO loop: the reference that ds_zo must match.
 
-Two separate HF forwards (the model's own loss) at θ+εz and θ−εz built with torch.func.functional_call, z drawn with
+Two separate HF forwards at θ+εz and θ−εz (loss: the mean of HF's per-token cross-entropies, taken in float64) built with torch.func.functional_call, z drawn with
 ds_zo's slice-addressable generator over each whole parameter, then θ ← θ − lr·(g·z + wd·θ) (no decay for 1-D)."""
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from ds_zo.perturb import PerturbationGenerator, param_key, step_seed
@@ -31,8 +32,15 @@ class MeZOReference:
     @torch.no_grad()
     def loss(self, batch, shifts=None) -> float:
         params = {n: p + shifts[n] if shifts and n in shifts else p for n, p in self.params().items()}
-        out = functional_call(self.model, params, args=(), kwargs=dict(batch, use_cache=False))
-        return out.loss.item()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = functional_call(self.model, params, args=(), kwargs=dict(inputs, use_cache=False)).logits
+        per_token = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                    ignore_index=-100, reduction="none")
+        return per_token.double().sum().item() / (batch["labels"][:, 1:] != -100).sum().item()
+
+    @torch.no_grad()
+    def hf_loss(self, batch) -> float:
+        return self.model(**batch, use_cache=False).loss.item()
 
     @torch.no_grad()
     def step(self, batch):

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Creates .venv with everything ds_zo needs, from nothing: system packages (Open MPI, as root, when missing), then
+# the pinned Python packages (constraints.txt; torch is the 2.13.0 CPU build where no GPU is present) and ds_zo itself.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${DS_ZO_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if ! command -v mpirun >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing Open MPI (apt-get)"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openmpi-bin libopenmpi-dev >/dev/null
+    else
+        echo "[setup] Open MPI not found and not root: mpirun launches will be unavailable" >&2
+    fi
+fi
+
+stamp="$VENV/.ds_zo_installed"
+if [ ! -f "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    echo "[setup] installing Python packages into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt \
+        torch deepspeed transformers accelerate safetensors mpi4py pytest pytest-timeout 2>&1 \
+        | grep -v "is ignored: it is neither a file nor a directory" || true
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
+        | grep -v "is ignored: it is neither a file nor a directory" || true
+    "$VENV/bin/python" -c "import ds_zo, deepspeed, transformers, torch; print('[setup] ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
+    touch "$stamp"
+fi

@@ -1,0 +1,20 @@
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+
+def ds_config(lr=1e-2, eps=1e-3, wd=0.0, micro=2, **zero_order):
+    cfg = {"train_micro_batch_size_per_gpu": micro,
+           "optimizer": {"type": "ZOSGD", "params": {"lr": lr, "eps": eps, "weight_decay": wd}}}
+    if zero_order:
+        cfg["zero_order"] = zero_order
+    return cfg
+
+
+@pytest.fixture
+def make_config():
+    return ds_config

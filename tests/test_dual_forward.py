@@ -1,0 +1,146 @@
+"""The doubled-batch dual forward equals two separate forwards, for every architecture."""
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from ds_zo.model.dual_forward import dual_forward, merge_halves, split_half
+from ds_zo.model.perturbed_copies import PerturbedCopies
+from ds_zo.model.units import UnitCutError, cut_into_units, resolve_trainable
+from ds_zo.perturb import PerturbationGenerator, param_key
+from models import ARCHS, batch, tiny_model
+
+
+def test_split_rule():
+    rows = 3
+    h = torch.arange(6 * 4).view(6, 4)
+    cache_position = torch.arange(6)          # 1-D of length 2B: not a batch tensor
+    pos = torch.arange(4).view(1, 4)          # batch 1: both halves
+    args = (h, cache_position, pos, None, (h, pos), {"m": h})
+    first = split_half(args, 0, rows)
+    second = split_half(args, 1, rows)
+    assert torch.equal(first[0], h[:3]) and torch.equal(second[0], h[3:])
+    assert first[1] is cache_position and first[2] is pos and first[3] is None
+    assert torch.equal(second[4][0], h[3:]) and second[4][1] is pos
+    assert torch.equal(second[5]["m"], h[3:])
+
+
+def test_merge_expands_batch_one_halves():
+    a, b = torch.ones(1, 4), torch.zeros(1, 4)
+    merged = merge_halves([a, b], rows=2)
+    assert merged.shape == (4, 4) and merged[:2].eq(1).all() and merged[2:].eq(0).all()
+    merged = merge_halves([(torch.ones(2, 3), None)], rows=2)
+    assert merged[0].shape == (2, 3) and merged[1] is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_units_cover_every_parameter_once(arch):
+    for tied in (True, False):
+        model = tiny_model(arch, tied)
+        units = cut_into_units(model, resolve_trainable(model, []))
+        ids = [id(r.param) for u in units for r in u.params]
+        assert set(ids) == {id(p) for p in model.parameters()}
+        # only a tied weight may appear in two units, and then it is one Parameter object
+        dup = {i for i in ids if ids.count(i) > 1}
+        assert len(dup) == (1 if tied else 0)
+        # the decoder layers are units
+        assert sum(1 for u in units if ".h." in u.name + "." or ".layers." in u.name + ".") == 2
+
+
+def test_nested_units_are_rejected():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.ModuleList([Odd(), Odd()])
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])  # the largest list
+    with pytest.raises(UnitCutError, match="cannot cut"):
+        cut_into_units(Outer(), {n for n, _ in Outer().named_parameters()})
+
+
+def _perturbed_params(model, seed, eps, sign):
+    gen = PerturbationGenerator()
+    return {n: p + sign * (eps * gen.z(seed, 0, param_key(n), p.numel()).view_as(p))
+            for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("tied", [True, False])
+def test_dual_forward_equals_two_forwards(arch, rows, tied):
+    model = tiny_model(arch, tied).eval()
+    b = batch(rows=rows, pad=True)
+    trainable = resolve_trainable(model, [])
+    units = cut_into_units(model, trainable)
+    keys = {id(p): param_key(n) for n, p in model.named_parameters()}
+    eps, seed = 1e-2, 42
+    copies = PerturbedCopies(PerturbationGenerator(), keys, eps)
+    copies.set_perturbation(seed, 0)
+    masters = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inputs = {"input_ids": torch.cat([b["input_ids"]] * 2), "attention_mask": torch.cat([b["attention_mask"]] * 2)}
+    with torch.no_grad(), dual_forward(units, (1, -1), rows, copies):
+        dual = model(**inputs, use_cache=False).logits
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        plus = functional_call(ref, _perturbed_params(ref, seed, eps, +1), args=(),
+                               kwargs=dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)).logits
+        minus = functional_call(ref, _perturbed_params(ref, seed, eps, -1), args=(),
+                                kwargs=dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)).logits
+    assert torch.equal(dual[:rows], plus) and torch.equal(dual[rows:], minus)
+    assert not torch.equal(plus, minus)
+    # the wrappers are gone and the masters untouched
+    assert all("forward" not in u.module.__dict__ for u in units)
+    assert all(torch.equal(p, masters[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_sign_runs_the_whole_batch(arch):
+    """Perturbation parallelism runs a single sign over the undoubled batch."""
+    model = tiny_model(arch).eval()
+    b = batch(rows=2)
+    units = cut_into_units(model, resolve_trainable(model, []))
+    keys = {id(p): param_key(n) for n, p in model.named_parameters()}
+    copies = PerturbedCopies(PerturbationGenerator(), keys, 1e-2)
+    copies.set_perturbation(5, 0)
+    with torch.no_grad():
+        with dual_forward(units, (1, -1), 2, copies):
+            both = model(input_ids=torch.cat([b["input_ids"]] * 2),
+                         attention_mask=torch.cat([b["attention_mask"]] * 2), use_cache=False).logits
+        with dual_forward(units, (-1,), 2, copies):
+            minus = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+    assert torch.equal(both[2:], minus)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_dual_forward_rounds_each_copy_once(arch):
+    model = tiny_model(arch, dtype=torch.bfloat16).eval()
+    b = batch(rows=2)
+    units = cut_into_units(model, resolve_trainable(model, []))
+    keys = {id(p): param_key(n) for n, p in model.named_parameters()}
+    eps, seed = 1e-2, 8
+    copies = PerturbedCopies(PerturbationGenerator(), keys, eps)
+    copies.set_perturbation(seed, 0)
+    seen = {}
+    unit = units[1]
+    original_acquire = copies.acquire
+
+    def spy(u, signs):
+        out = original_acquire(u, signs)
+        if u is unit:
+            seen["plus"] = [t.clone() for t in out[0]]
+        return out
+    copies.acquire = spy
+    with torch.no_grad(), dual_forward(units, (1, -1), 2, copies):
+        logits = model(input_ids=torch.cat([b["input_ids"]] * 2), attention_mask=torch.cat([b["attention_mask"]] * 2),
+                       use_cache=False).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    gen = PerturbationGenerator()
+    for ref, got in zip(unit.trainable, seen["plus"]):
+        z = gen.z(seed, 0, keys[id(ref.param)], ref.param.numel()).view_as(ref.param)
+        assert torch.equal(got, (ref.param.float() + eps * z).bfloat16())

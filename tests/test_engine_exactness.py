@@ -1,0 +1,229 @@
+"""ZOEngine against a plain MeZO loop (tests/reference.py): losses, projected gradients and parameters."""
+import copy
+
+import pytest
+import torch
+
+import ds_zo
+from ds_zo.perturb import PerturbationGenerator, param_key
+from ds_zo.replay import read_step_log, replay, write_step_log
+from conftest import ds_config
+from models import ARCHS, batch, tiny_model
+from reference import MeZOReference
+
+STEPS = 3
+
+
+def _engine(model, **kw):
+    engine, optimizer, _, _ = ds_zo.initialize(model=model, config=ds_config(**kw))
+    return engine
+
+
+def _assert_params_equal(engine, ref, rtol=1e-5):
+    sd = engine.module_state_dict()
+    for n, p in ref.params().items():
+        torch.testing.assert_close(sd[n], p, rtol=rtol, atol=0, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_matches_plain_mezo_loop(arch, tied):
+    model = tiny_model(arch, tied)
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    engine = _engine(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    b = batch()
+    for t in range(STEPS):
+        loss = engine.train_batch(b)
+        ref_loss, ref_g = ref.step(b)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
+    assert engine.global_steps == STEPS
+    # the loss is HF's own definition: agrees with the model's float32 `.loss` to float32 rounding
+    assert engine.eval_batch(b) == pytest.approx(ref.hf_loss(b), rel=1e-6)
+    _assert_params_equal(engine, ref)
+    assert engine.eval_batch(b) == pytest.approx(ref.loss(b), rel=1e-5)
+
+
+def test_params_actually_move_and_every_trainable_parameter_takes_the_spsa_step():
+    """What an outside checker does: reconstruct z from the change and g, compare with the generator."""
+    model = tiny_model("llama")
+    engine = _engine(model, lr=1e-2, eps=1e-3, wd=0.0, seed=4)
+    before = {n: p.clone() for n, p in engine.module_state_dict().items()}
+    engine.train_batch(batch())
+    g = engine.last_projected_grad
+    after = engine.module_state_dict()
+    gen = PerturbationGenerator()
+    seed = engine.step_log[-1].seed
+    canonical = {n for n, _ in engine.module.named_parameters()}  # lm_head.weight is an alias of the tied embedding
+    assert "lm_head.weight" in after and "lm_head.weight" not in canonical
+    for n, p in before.items():
+        if n not in canonical:
+            assert torch.equal(after[n], after["model.embed_tokens.weight"])
+            continue
+        z = gen.z(seed, 0, param_key(n), p.numel()).view_as(p)
+        torch.testing.assert_close(after[n], p - 1e-2 * g * z, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(after[n], p)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fused_and_eager_updates_agree(fuse):
+    model = tiny_model("qwen2")
+    ref = MeZOReference(model, lr=5e-3, eps=1e-3, wd=0.05, seed=1)
+    engine = _engine(model, lr=5e-3, eps=1e-3, wd=0.05, seed=1, fuse_update=fuse)
+    b = batch()
+    for _ in range(STEPS):
+        engine.train_batch(b)
+        ref.step(b)
+    if not fuse:  # eager: the module's own parameters are current without any flush
+        assert engine.optimizer.pending is None
+    _assert_params_equal(engine, ref)
+
+
+def test_pending_update_is_never_visible():
+    model = tiny_model("llama")
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, seed=2)
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=2)
+    b = batch()
+    engine.train_batch(b)
+    ref.step(b)
+    assert engine.optimizer.pending is not None  # fused: the update waits for the next forward ...
+    # ... but every way of looking at the model sees it
+    sd = engine.module.state_dict()
+    assert engine.optimizer.pending is None
+    for n, p in ref.params().items():
+        assert torch.equal(sd[n], p)
+    engine.train_batch(b)
+    ref.step(b)
+    with torch.no_grad():
+        logits = engine.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # direct forward
+        ref_logits = ref.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert torch.equal(logits, ref_logits)
+    engine.train_batch(b)
+    ref.step(b)
+    assert engine.eval_batch(b) == ref.loss(b)
+
+
+def test_master_is_never_perturbed_in_place():
+    model = tiny_model("opt")
+    engine = _engine(model, lr=0.0, eps=1e-1, seed=5)
+    masters = {n: (p.data_ptr(), p.detach().clone()) for n, p in engine.module.named_parameters()}
+    seen_during_forward = []
+
+    def check(_module, _inputs):
+        # while the dual forward runs, the stored parameters hold exactly the master values
+        for n, p in engine.module.named_parameters():
+            if p.data_ptr() == masters[n][0]:
+                seen_during_forward.append(torch.equal(p, masters[n][1]))
+    hooks = [u.module.register_forward_pre_hook(check) for u in engine.units]
+    for _ in range(3):
+        engine.train_batch(batch())
+    for h in hooks:
+        h.remove()
+    assert seen_during_forward and all(seen_during_forward)
+    for n, p in engine.module_state_dict(keep_vars=True).items():
+        if n in masters:
+            assert p.data_ptr() == masters[n][0] and torch.equal(p, masters[n][1])  # lr = 0: bitwise unchanged
+
+
+def test_n_spsa_is_the_mean_of_single_seed_estimates():
+    model = tiny_model("llama")
+    b = batch()
+    base = copy.deepcopy(model)
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=6, num_perturbations=2)
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, seed=6, q=2)
+    loss = engine.train_batch(b)
+    ref_loss, ref_g = ref.step(b)
+    assert engine.last_projected_grad == pytest.approx(ref_g, rel=1e-5)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    _assert_params_equal(engine, ref)
+    # the same update as averaging two single-perturbation steps taken from the same starting point
+    gen = PerturbationGenerator()
+    seed = engine.step_log[0].seed
+    for n, p0 in base.named_parameters():
+        single = [p0 - 1e-2 * g * gen.z(seed, j, param_key(n), p0.numel()).view_as(p0) for j, g in enumerate(ref_g)]
+        torch.testing.assert_close(engine.module_state_dict()[n], (single[0] + single[1]) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batching_does_not_change_the_step():
+    """The loss is the token mean over the whole batch accumulated in float64, however the batch is cut."""
+    model = tiny_model("gpt2")
+    b = batch(rows=4)
+    whole = _engine(copy.deepcopy(model), lr=1e-2, seed=7, micro=4)
+    split = _engine(copy.deepcopy(model), lr=1e-2, seed=7, micro=1)
+    for _ in range(STEPS):
+        lw, ls = whole.train_batch(b), split.train_batch(b)
+        assert ls == pytest.approx(lw, rel=1e-5)
+        assert split.last_projected_grad == pytest.approx(whole.last_projected_grad, rel=1e-5)
+    a, c = whole.module_state_dict(), split.module_state_dict()
+    for n in a:
+        torch.testing.assert_close(c[n], a[n], rtol=1e-5, atol=0)
+
+
+def test_frozen_parameters_are_untouched():
+    model = tiny_model("llama", tied=False)
+    model.lm_head.weight.requires_grad_(False)
+    engine, *_ = ds_zo.initialize(model=model, config=ds_config(seed=1, trainable=["*.layers.1.*", "lm_head.*"]))
+    before = {n: p.clone() for n, p in engine.module_state_dict().items()}
+    for _ in range(2):
+        engine.train_batch(batch())
+    after = engine.module_state_dict()
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(".layers.1." in n for n in moved)
+    assert {n for n in before if ".layers.1." in n} == moved
+    # the reference with the same trainable set agrees
+    ref = MeZOReference(tiny_model("llama", tied=False), lr=1e-2, eps=1e-3, seed=1, trainable=moved)
+    for _ in range(2):
+        ref.step(batch())
+    for n, p in ref.params().items():
+        torch.testing.assert_close(after[n], p, rtol=1e-5, atol=0)
+
+
+def test_lr_schedule_drives_the_update():
+    model = tiny_model("llama")
+    cfg = ds_config(lr=1e-2, seed=2)
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
+                                                       "warmup_num_steps": 4, "warmup_type": "linear"}}
+    engine, _, _, scheduler = ds_zo.initialize(model=model, config=cfg)
+    assert scheduler is not None
+    lrs = []
+    ref = MeZOReference(model, lr=0.0, eps=1e-3, seed=2)
+    for _ in range(5):
+        lrs.append(scheduler.get_last_lr()[0])
+        engine.train_batch(batch())
+        ref.lr = lrs[-1]
+        ref.step(batch())
+    assert [r.lr for r in engine.step_log] == lrs  # each step used the lr the scheduler set for it
+    assert lrs == sorted(lrs) and lrs[-1] > lrs[-2] > lrs[-3] > 0  # linear warmup
+    _assert_params_equal(engine, ref)
+
+
+def test_step_log_replays_to_the_same_parameters(tmp_path):
+    base = tiny_model("opt", tied=False)
+    engine = _engine(copy.deepcopy(base), lr=1e-2, wd=0.1, seed=9, num_perturbations=2)
+    for i in range(STEPS):
+        engine.train_batch(batch(seed=i))
+    path = tmp_path / "steps.jsonl"
+    write_step_log(path, engine.step_log)
+    rebuilt = replay(copy.deepcopy(base), read_step_log(path))
+    sd = engine.module_state_dict()
+    for n, p in rebuilt.named_parameters():
+        assert torch.equal(p, sd[n]), n
+
+
+def test_bf16_update_is_computed_in_fp32_and_rounded_once():
+    model = tiny_model("llama")
+    cfg = ds_config(lr=1e-2, seed=3)
+    cfg["bf16"] = {"enabled": True}
+    engine, *_ = ds_zo.initialize(model=model, config=cfg)
+    before = {n: p.clone() for n, p in engine.module_state_dict().items()}
+    assert all(p.dtype == torch.bfloat16 for p in before.values())
+    engine.train_batch(batch())
+    g, seed = engine.last_projected_grad, engine.step_log[0].seed
+    assert g == g and g != 0  # finite, nonzero
+    gen = PerturbationGenerator()
+    sd = engine.module_state_dict()
+    for n, _ in engine.module.named_parameters():
+        p = sd[n]
+        z = gen.z(seed, 0, param_key(n), p.numel()).view_as(p)
+        expected = (before[n].float() - 1e-2 * (g * z)).bfloat16()
+        assert torch.equal(p, expected), n

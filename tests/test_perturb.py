@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from ds_zo.perturb import PerturbationGenerator, mix, param_key, step_seed
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("numel", [1, 15, 16, 17, 100, 1000])
+def test_slices_equal_whole(distribution, numel):
+    gen = PerturbationGenerator(distribution, chunk_elements=64)
+    whole = gen.z(7, 0, 11, numel)
+    assert whole.shape == (numel,)
+    g = torch.Generator().manual_seed(numel)
+    for _ in range(20):
+        a = int(torch.randint(0, numel, (1,), generator=g))
+        b = int(torch.randint(a, numel + 1, (1,), generator=g))
+        assert torch.equal(gen.z(7, 0, 11, numel, a, b), whole[a:b])
+
+
+def test_shards_of_any_partitioning_concatenate_to_whole():
+    gen = PerturbationGenerator(chunk_elements=32)
+    numel = 1000
+    whole = gen.z(3, 1, param_key("w"), numel)
+    for world in (1, 2, 3, 4, 7):
+        per = -(-numel // world)
+        shards = [gen.z(3, 1, param_key("w"), numel, r * per, min(numel, (r + 1) * per)) for r in range(world)]
+        assert torch.equal(torch.cat(shards), whole)
+
+
+def test_fill_into_offset_buffer_and_chunk_boundaries():
+    gen = PerturbationGenerator(chunk_elements=16)
+    whole = gen.z(1, 0, 5, 80)
+    out = torch.full((40,), float("nan"))
+    gen.fill(out[5:37], 1, 0, 5, 80, start=16)  # exactly two whole chunks
+    assert torch.equal(out[5:37], whole[16:48])
+    assert torch.isnan(out[:5]).all() and torch.isnan(out[37:]).all()
+
+
+def test_keys_separate_seed_index_and_parameter():
+    gen = PerturbationGenerator()
+    base = gen.z(1, 0, 5, 256)
+    assert not torch.equal(base, gen.z(2, 0, 5, 256))
+    assert not torch.equal(base, gen.z(1, 1, 5, 256))
+    assert not torch.equal(base, gen.z(1, 0, 6, 256))
+    assert torch.equal(base, PerturbationGenerator().z(1, 0, 5, 256))  # no hidden state
+
+
+def test_independent_of_global_rng_and_call_order():
+    gen = PerturbationGenerator()
+    a = gen.z(9, 0, 1, 300)
+    torch.manual_seed(123)
+    torch.randn(10)
+    gen.z(4, 0, 2, 77)
+    assert torch.equal(gen.z(9, 0, 1, 300), a)
+
+
+def test_distributions_have_the_right_moments():
+    z = PerturbationGenerator("gaussian").z(0, 0, 0, 200_000)
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    r = PerturbationGenerator("rademacher").z(0, 0, 0, 200_000)
+    assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 0.01
+
+
+def test_stable_keys():
+    # pinned: keys must not change between releases or processes, or old step logs stop replaying
+    assert param_key("model.embed_tokens.weight") == param_key("model.embed_tokens.weight")
+    assert step_seed(0, 0) != step_seed(0, 1) != step_seed(1, 0)
+    assert mix(1, 2) != mix(2, 1)
+    assert 0 <= mix(2**64 - 1, 5) < 2**63
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="distribution"):
+        PerturbationGenerator("uniform")
+    gen = PerturbationGenerator()
+    with pytest.raises(ValueError, match="outside"):
+        gen.z(0, 0, 0, 10, 5, 11)
+    with pytest.raises(ValueError, match="float32"):
+        gen.fill(torch.empty(4, dtype=torch.float64), 0, 0, 0, 4)
