@@ -1,0 +1,124 @@
+"""The public API behaves like DeepSpeed's: initialize, config files, dataloaders, monitors, checkpoints."""
+import argparse
+import os
+
+import deepspeed
+import pytest
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+import ds_zo
+from ds_zo.engine import ZOEngine
+from conftest import ds_config
+from models import VOCAB, batch, tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def test_initialize_returns_deepspeed_style_tuple():
+    engine, optimizer, loader, scheduler = ds_zo.initialize(model=tiny_model("llama"), config=ds_config())
+    assert isinstance(engine, ZOEngine) and isinstance(engine, DeepSpeedEngine)
+    assert isinstance(optimizer, ds_zo.ZOSGD) and engine.optimizer is optimizer
+    assert loader is None and scheduler is None
+    assert engine.global_steps == 0 and engine.last_projected_grad is None
+
+
+def test_plain_deepspeed_initialize_points_to_ds_zo():
+    with pytest.raises(RuntimeError, match=r"ds_zo\.initialize"):
+        deepspeed.initialize(model=tiny_model("llama"), config=ds_config())
+
+
+def test_registration_is_reversible():
+    assert torch.optim.ZOSGD is ds_zo.registry.ZOSGDNeedsZOEngine
+    ds_zo.registry.unregister()
+    try:
+        assert not hasattr(torch.optim, "ZOSGD")
+    finally:
+        ds_zo.registry.register()
+    assert hasattr(torch.optim, "ZOSGD")
+
+
+def test_config_file_and_args_deepspeed_config(tmp_path):
+    path = os.path.join(ROOT, "configs", "zo_sgd_tiny.json")
+    e1, _, _, sched = ds_zo.initialize(model=tiny_model("gpt2"), config=path)
+    assert sched is not None and e1.train_micro_batch_size_per_gpu() == 4
+    args = argparse.Namespace(deepspeed_config=path, local_rank=0)
+    e2, *_ = ds_zo.initialize(args=args, model=tiny_model("gpt2"))
+    b = batch(rows=4)
+    assert e1.train_batch(b) == e2.train_batch(b)
+    assert e1.last_projected_grad == e2.last_projected_grad
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, VOCAB, (n, 8), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long)}
+
+
+def test_training_data_gives_a_dataloader_that_train_batch_consumes():
+    cfg = ds_config(micro=2)
+    cfg["gradient_accumulation_steps"] = 2
+    engine, _, loader, _ = ds_zo.initialize(model=tiny_model("llama"), config=cfg, training_data=_Rows(16))
+    assert loader is not None and len(loader) == 8
+    for _ in range(3):
+        assert engine.train_batch() > 0
+    assert engine.global_steps == 3 and engine.global_samples == 12  # 2 micro-batches of 2 rows per step
+
+
+def test_gradient_accumulation_draws_micro_batches_from_data_iter():
+    """gradient_accumulation_steps micro-batches from an iterator make one step, equal to one step on their union."""
+    cfg = ds_config(micro=2)
+    cfg["gradient_accumulation_steps"] = 2
+    e1, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    e2, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    whole = batch(rows=4)
+    halves = [{k: v[i:i + 2] for k, v in whole.items()} for i in (0, 2)]
+    assert e1.train_batch(data_iter=iter(halves)) == pytest.approx(e2.train_batch(whole), rel=1e-12)
+    assert e1.last_projected_grad == pytest.approx(e2.last_projected_grad, rel=1e-9)
+    with pytest.raises(ValueError, match="training_data"):
+        e1.train_batch()
+    with pytest.raises(TypeError, match="input_ids"):
+        e1.train_batch({"ids": whole["input_ids"]})
+
+
+def test_csv_monitor_receives_loss_g_and_lr(tmp_path):
+    cfg = ds_config(lr=1e-3)
+    cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path), "job_name": "zo"}
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    losses = [engine.train_batch(batch()) for _ in range(3)]
+    grads = [r.g[0] for r in engine.step_log]
+    files = {f for _, _, fs in os.walk(tmp_path) for f in fs}
+    assert {"Train_Samples_train_loss.csv", "Train_Samples_projected_grad.csv", "Train_Samples_lr.csv"} <= files
+
+    def read(name):
+        path = next(os.path.join(d, name) for d, _, fs in os.walk(tmp_path) if name in fs)
+        with open(path) as f:
+            return [float(line.split(",")[1]) for line in f.read().splitlines()[1:]]
+    assert read("Train_Samples_train_loss.csv") == pytest.approx(losses)
+    assert read("Train_Samples_projected_grad.csv") == pytest.approx(grads)
+    assert read("Train_Samples_lr.csv") == pytest.approx([1e-3] * 3)
+
+
+def test_checkpoint_includes_pending_update_and_step_log(tmp_path):
+    engine, *_ = ds_zo.initialize(model=tiny_model("opt"), config=ds_config(seed=4))
+    for i in range(2):
+        engine.train_batch(batch(seed=i))
+    assert engine.optimizer.pending is not None
+    engine.save_checkpoint(str(tmp_path), tag="t2")
+    expected = {n: p.clone() for n, p in engine.module_state_dict().items()}
+    fresh, *_ = ds_zo.initialize(model=tiny_model("opt"), config=ds_config(seed=4))
+    fresh.load_checkpoint(str(tmp_path), tag="t2")
+    got = fresh.module_state_dict()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert fresh.global_steps == 2 and [r.seed for r in fresh.step_log] == [r.seed for r in engine.step_log]
+    # training on continues exactly as the original would
+    assert fresh.train_batch(batch(seed=5)) == engine.train_batch(batch(seed=5))
+    assert fresh.last_projected_grad == engine.last_projected_grad
+    with open(tmp_path / "latest") as f:
+        assert f.read().strip() == "t2"

@@ -1,0 +1,101 @@
+"""Bad configs fail with errors that name the field, the value and what is allowed."""
+import torch
+
+import pytest
+
+import ds_zo
+from ds_zo.config import ConfigError, load_config, split_config
+from conftest import ds_config
+from models import tiny_model
+
+
+def _err(cfg) -> str:
+    with pytest.raises(ConfigError) as e:
+        split_config(cfg)
+    return str(e.value)
+
+
+def _with(**changes):
+    cfg = ds_config()
+    for path, value in changes.items():
+        node = cfg
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize("changes, must_mention", [
+    ({"zero_order__sedd": 1}, ["zero_order.sedd", "Extra inputs"]),
+    ({"zero_order__seed": -1}, ["zero_order.seed", "-1"]),
+    ({"zero_order__seed": "abc"}, ["zero_order.seed", "abc"]),
+    ({"zero_order__distribution": "uniform"}, ["zero_order.distribution", "gaussian", "rademacher", "uniform"]),
+    ({"zero_order__num_perturbations": 0}, ["zero_order.num_perturbations", "0"]),
+    ({"zero_order__trainable": "layers"}, ["zero_order.trainable"]),
+    ({"zero_order__fuse_update": "maybe"}, ["zero_order.fuse_update", "maybe"]),
+    ({"optimizer__params__eps": 0.0}, ["optimizer.params.eps", "greater than 0"]),
+    ({"optimizer__params__eps": -1e-3}, ["optimizer.params.eps"]),
+    ({"optimizer__params__lr": -1.0}, ["optimizer.params.lr", "-1.0"]),
+    ({"optimizer__params__weight_decay": -0.1}, ["optimizer.params.weight_decay"]),
+    ({"optimizer__params__betas": [0.9, 0.99]}, ["optimizer.params.betas"]),
+    ({"optimizer__type": "AdamW"}, ["optimizer.type", "AdamW", "ZOSGD"]),
+    ({"optimizer__extra": 1}, ["optimizer", "extra"]),
+    ({"gradient_clipping": 1.0}, ["gradient_clipping", "1.0"]),
+    ({"zero_optimization__stage": 2}, ["zero_optimization.stage", "2"]),
+    ({"zero_optimization__offload_optimizer": {"device": "cpu"}}, ["zero_optimization.offload_optimizer"]),
+])
+def test_bad_values_name_the_field(changes, must_mention):
+    msg = _err(_with(**changes))
+    for word in must_mention:
+        assert word in msg, (word, msg)
+
+
+def test_missing_optimizer_and_wrong_section_types():
+    cfg = ds_config()
+    del cfg["optimizer"]
+    assert "optimizer" in _err(cfg) and "ZOSGD" in _err(cfg)
+    assert "zero_order" in _err({**ds_config(), "zero_order": [1]})
+    assert "optimizer" in _err({**ds_config(), "optimizer": "ZOSGD"})
+
+
+def test_type_is_case_insensitive_and_defaults_apply():
+    cfg = ds_config()
+    cfg["optimizer"] = {"type": "zosgd"}
+    ds, params, zo = split_config(cfg)
+    assert params.lr == 1e-6 and params.eps == 1e-3 and params.weight_decay == 0.0
+    assert zo.seed == 0 and zo.distribution == "gaussian" and zo.num_perturbations == 1 and zo.fuse_update
+    assert "optimizer" not in ds and "zero_order" not in ds and ds["gradient_clipping"] == 0.0
+
+
+def test_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(bad)
+    arr = tmp_path / "arr.json"
+    arr.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        load_config(arr)
+    with pytest.raises(ConfigError, match="dict or a path"):
+        load_config(42)
+
+
+def test_initialize_rejects_bad_arguments_before_touching_the_model():
+    model = tiny_model("llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ConfigError, match="zero_order.trainable"):
+        ds_zo.initialize(model=model, config=ds_config(trainable=["no.such.*"]))
+    with pytest.raises(ConfigError, match="optimizer.params.eps"):
+        ds_zo.initialize(model=model, config=_with(optimizer__params__eps=0))
+    with pytest.raises(ValueError, match="requires a model"):
+        ds_zo.initialize(config=ds_config())
+    with pytest.raises(ConfigError, match="config="):
+        ds_zo.initialize(model=model)
+    with pytest.raises(ValueError, match="model_parameters"):
+        ds_zo.initialize(model=model, config=ds_config(), model_parameters=model.parameters())
+    with pytest.raises(TypeError, match="ZOSGD"):
+        ds_zo.initialize(model=model, config=ds_config(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
