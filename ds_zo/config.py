@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
@@ -33,6 +34,18 @@ class ZeroOrderConfig(DeepSpeedConfigModel):
     num_perturbations: int = Field(1, ge=1)
     trainable: list[str] = Field(default_factory=list)   # fnmatch patterns on parameter names; empty = all
     fuse_update: bool = True                            # apply step t's update inside step t+1's forward
+    # offload (active with zero_optimization.offload_param.device = "cpu")
+    prefetch_depth: int = Field(1, ge=1)                # uploads run this many units ahead of compute
+    overlap: bool = True                                # separate h2d / d2h / compute CUDA streams
+    offload_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None  # storage dtype of offloaded units; None = model's
+    resident_units: Optional[list[str]] = None          # fnmatch patterns of unit names kept on device;
+                                                        # None = every unit except the decoder layers
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    enabled: bool = False
+    pin_memory: bool = True
 
 
 def _pydantic_error(section: str, err: ValidationError) -> ConfigError:
@@ -63,8 +76,8 @@ def load_config(config: Any) -> dict:
     raise ConfigError(f"config must be a dict or a path to ds_config.json, got {type(config).__name__}")
 
 
-def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig]:
-    """(config for DeepSpeedEngine, optimizer params, zero_order section)."""
+def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, OffloadConfig]:
+    """(config for DeepSpeedEngine, optimizer params, zero_order section, parameter offload)."""
     ds = copy.deepcopy(config)
     zo_raw = ds.pop("zero_order", {})
     if not isinstance(zo_raw, dict):
@@ -97,15 +110,42 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig]:
     ds["gradient_clipping"] = 0.0  # DeepSpeed's default (1.0) would try to clip gradients that never exist
 
     zero = ds.get("zero_optimization", {}) or {}
+    if not isinstance(zero, dict):
+        raise ConfigError(f"zero_optimization: must be an object, got {type(zero).__name__}")
     stage = zero.get("stage", 0)
-    if stage != 0:
-        raise ConfigError(f"zero_optimization.stage: {stage!r} is not supported yet; ZO keeps no gradients or "
-                          "optimizer state to partition, so only stage 0 is allowed")
-    for key in ("offload_param", "offload_optimizer"):
-        if key in zero and (zero[key] or {}).get("device", "none") != "none":
-            raise ConfigError(f"zero_optimization.{key}: offloading is not supported yet; allowed device: 'none'")
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"zero_optimization.stage: {stage!r} is not supported yet; allowed: 0, 1, 2 (ZO keeps no "
+                          "gradients or optimizer state, so stages 1 and 2 partition nothing and run as stage 0)")
+    opt_off = zero.get("offload_optimizer") or {}
+    if opt_off.get("device", "none") != "none":
+        raise ConfigError(f"zero_optimization.offload_optimizer.device: {opt_off.get('device')!r} has no meaning "
+                          "for ZO (there is no optimizer state); use zero_optimization.offload_param")
+    offload = _offload_param(zero)
+    # ds_zo runs the offload itself and ZeRO's gradient/optimizer-state wrappers have nothing to manage: DeepSpeed's
+    # engine is built at stage 0 and never sees offload_param
+    if zero:
+        ds["zero_optimization"] = {**{k: v for k, v in zero.items() if k != "offload_param"}, "stage": 0}
     if (ds.get("fp16") or {}).get("enabled", False):
         from deepspeed.accelerator import get_accelerator
         if not get_accelerator().is_fp16_supported():
             raise ConfigError("fp16.enabled: true is not supported on this accelerator; use bf16 or fp32")
-    return ds, params, zo
+    return ds, params, zo, offload
+
+
+def _offload_param(zero: dict) -> OffloadConfig:
+    off = zero.get("offload_param")
+    if off is None:
+        return OffloadConfig()
+    if not isinstance(off, dict):
+        raise ConfigError(f"zero_optimization.offload_param: must be an object, got {type(off).__name__}")
+    unknown = set(off) - {"device", "pin_memory"}
+    if unknown:
+        raise ConfigError(f"zero_optimization.offload_param: keys {sorted(unknown)} are not used by ds_zo; allowed: "
+                          "['device', 'pin_memory'] (the prefetch window is zero_order.prefetch_depth)")
+    device = off.get("device", "none")
+    if device not in ("cpu", "none", None):
+        raise ConfigError(f"zero_optimization.offload_param.device: {device!r} is not supported; allowed: 'cpu', 'none'")
+    pin = off.get("pin_memory", True)
+    if not isinstance(pin, bool):
+        raise ConfigError(f"zero_optimization.offload_param.pin_memory: {pin!r} must be true or false")
+    return OffloadConfig(enabled=device == "cpu", pin_memory=pin)

@@ -1,27 +1,31 @@
 """ZOEngine: a DeepSpeedEngine that trains with zeroth-order SPSA steps instead of backward passes.
 
 DeepSpeed keeps what it is good at (distributed init, config, dtype casting, lr schedulers, counters, monitors,
-dataloaders, checkpoint layout); ds_zo replaces the training step: `train_batch` runs one doubled-batch forward per
-perturbation (units see θ+εz on the first half, θ−εz on the second), turns the two losses into the projected gradient
-g = (L+ − L−) / 2ε, and hands (seed, g, lr) to ZOSGD, whose update is applied at once or fused into the next forward.
+dataloaders, checkpoint layout); ds_zo replaces the training step: `train_batch` runs one forward over the batch
+replicated once per slot (θ+εz_j and θ−εz_j for each perturbation j), turns the losses into projected gradients
+g_j = (L+ − L−) / 2ε, and hands (seed, g, lr) to ZOSGD, whose update is applied at once or fused into the next forward.
+With parameter offload, units stream through the ZO2 pipeline (ds_zo/offload) during every forward.
 """
 from __future__ import annotations
 
 import contextlib
+from fnmatch import fnmatchcase
 from typing import Iterator, Optional
 
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
-from .config import ZeroOrderConfig, ZOSGDParams
+from .config import OffloadConfig, ZeroOrderConfig, ZOSGDParams
 from .loss import default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
 from .model.perturbed_copies import PerturbedCopies
 from .model.units import Unit, cut_into_units
+from .offload import OffloadPipeline, ParameterStore
 from .optimizer import ZOSGD
 from .perturb import PerturbationGenerator, param_key, step_seed
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -36,8 +40,10 @@ def _eval_mode(module: torch.nn.Module):
 
 
 class ZOEngine(DeepSpeedEngine):
-    def __init__(self, *args, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str], **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str],
+                 offload: OffloadConfig = OffloadConfig(), **kwargs):
+        # With offload the model must stay in host memory: DeepSpeed would move all of it to the device.
+        super().__init__(*args, dont_change_device=offload.enabled, **kwargs)
         self.zo_config = zo_config
         self.eps = zo_params.eps
         self.weight_decay = zo_params.weight_decay
@@ -46,14 +52,21 @@ class ZOEngine(DeepSpeedEngine):
         self.param_keys = {id(p): param_key(n) for n, p in self.module.named_parameters() if n in trainable}
         self.perturbations = PerturbationGenerator(zo_config.distribution)
         self.optimizer.attach(self.perturbations, self.param_keys)
-        self.copies = PerturbedCopies(self.perturbations, self.param_keys, self.eps,
+        self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
+        self.copies = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline,
                                       before_perturb=self._apply_pending_to_unit)
         self.last_projected_grad: Optional[float | list[float]] = None
         self._in_zo_forward = False
         self._data_iterator: Optional[Iterator] = None
-        # Make a pending update visible to anyone who runs or reads the model directly (hooks on this model only).
-        self._hooks = [self.module.register_forward_pre_hook(lambda *_: self._flush_unless_stepping()),
-                       self.module.register_state_dict_pre_hook(lambda *_: self._flush_unless_stepping())]
+        self._streaming: Optional[contextlib.ExitStack] = None
+        # Make a pending update visible to anyone who runs or reads the model directly, and stream offloaded units
+        # through such forwards (hooks on this model instance only).
+        # (lambdas, not bound methods: copy.deepcopy(engine.module) must not try to copy the engine)
+        self._hooks = [
+            self.module.register_forward_pre_hook(lambda m, a: self._before_direct_forward(m, a)),
+            self.module.register_forward_hook(lambda m, a, o: self._after_direct_forward(m, a, o), always_call=True),
+            self.module.register_state_dict_pre_hook(lambda *_: self._flush_unless_stepping()),
+        ]
 
     # DeepSpeed would wrap the optimizer for bf16/fp16/ZeRO: those wrappers exist to manage gradients, which ZO has none
     # of, so the ZO optimizer is used as is.
@@ -62,17 +75,83 @@ class ZOEngine(DeepSpeedEngine):
             raise TypeError(f"ZOEngine needs a ZOSGD optimizer, got {type(client_optimizer).__name__}")
         self.basic_optimizer = self.optimizer = client_optimizer
 
-    # -- the pending update ---------------------------------------------------------------------------------------
-    def _apply_pending_to_unit(self, refs) -> None:
-        self.optimizer.apply_pending(r.param for r in refs)
+    # -- offload ----------------------------------------------------------------------------------------------------
+    def _build_offload(self, offload: OffloadConfig) -> OffloadPipeline:
+        zo = self.zo_config
+        layer_units = {id(u) for u in self.units if u.is_layer}
+        if zo.resident_units is None:
+            offloaded = [u for u in self.units if id(u) in layer_units]
+        else:
+            offloaded = [u for u in self.units if not any(fnmatchcase(u.name, pat) for pat in zo.resident_units)]
+        shared = {id(r.param) for u in self.units for r in u.params if sum(r.param is q.param for v in self.units
+                                                                              for q in v.params) > 1}
+        for u in offloaded:
+            if any(id(r.param) in shared for r in u.params):
+                raise ValueError(f"offload: unit '{u.name}' holds a weight tied to another unit; keep it resident "
+                                 "(zero_order.resident_units)")
+        if not offloaded:
+            raise ValueError("offload: no unit is offloaded (zero_order.resident_units matches every unit)")
+        pin = offload.pin_memory and self.device.type == "cuda"
+        storage = STORAGE_DTYPES[zo.offload_dtype] if zo.offload_dtype else None
+        store = ParameterStore(offloaded, storage, pin)
+        # everything else lives on the device: resident units' parameters and every buffer
+        stored = {id(p) for s in store.units.values() for p in s.params}
+        for p in self.module.parameters():
+            if id(p) not in stored:
+                p.data = p.data.to(self.device)
+        for mod in self.module.modules():
+            for name, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[name] = buf.to(self.device)
+        return OffloadPipeline(store, offloaded, self.device, zo.prefetch_depth, zo.overlap)
+
+    def comm_stats(self) -> dict:
+        """Cumulative bytes moved by this rank: host→device and device→host parameter traffic."""
+        stats = {"h2d_bytes": 0, "d2h_bytes": 0}
+        if self.pipeline is not None:
+            stats.update({k: self.pipeline.stats[k] for k in ("h2d_bytes", "d2h_bytes")})
+        return stats
+
+    # -- the pending update -----------------------------------------------------------------------------------------
+    def _apply_pending_to_unit(self, refs) -> bool:
+        return self.optimizer.apply_pending(r.param for r in refs)
 
     def _flush_unless_stepping(self) -> None:
         if not self._in_zo_forward:
-            self.optimizer.flush()
+            self.flush()
 
     def flush(self) -> None:
-        """Apply any pending (fused) update so the stored parameters include every completed step."""
+        """Apply any pending (fused) update so the stored parameters include every completed step. Offloaded units
+        are streamed through the pipeline, so z is drawn on the same device as it was for the perturbation."""
+        if self.optimizer.pending is None:
+            return
+        if self.pipeline is not None:
+            owing = [s.unit for s in self.pipeline.order if any(self.optimizer.owes(r.param) for r in s.unit.trainable)]
+            if owing:
+                self.pipeline.begin(owing)
+                for unit in owing:
+                    self.pipeline.enter(unit)
+                    changed = self._apply_pending_to_unit(unit.trainable)
+                    self.pipeline.exit(unit, changed)
+                self.pipeline.synchronize()
         self.optimizer.flush()
+
+    # -- direct use of engine.module (inference, generate) ------------------------------------------------------------
+    def _before_direct_forward(self, module, args):
+        if self._in_zo_forward:
+            return
+        self.flush()
+        if self.pipeline is not None and self._streaming is None:
+            plain = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline)
+            stack = contextlib.ExitStack()
+            stack.enter_context(dual_forward(self.units, 1, 0, plain))
+            self.pipeline.begin()
+            self._streaming = stack
+
+    def _after_direct_forward(self, module, args, output):
+        if self._streaming is not None:
+            self._streaming.close()
+            self._streaming = None
 
     # -- batches ----------------------------------------------------------------------------------------------------
     def _to_device(self, batch) -> dict:
@@ -109,20 +188,20 @@ class ZOEngine(DeepSpeedEngine):
         return out
 
     # -- forwards ---------------------------------------------------------------------------------------------------
-    def _signed_losses(self, batch: dict, signs=(1, -1)) -> list[tuple[float, int]]:
-        """One model forward over len(signs) copies of the batch; per sign, (token loss sum, token count)."""
+    def _slot_losses(self, batch: dict, copies: PerturbedCopies) -> list[tuple[float, int]]:
+        """One model forward over the batch replicated once per slot; per slot, (token loss sum, token count)."""
         rows = batch["input_ids"].shape[0]
+        slots = len(copies.slots)
         labels = default_labels(batch)
         self._in_zo_forward = True
         try:
-            with _eval_mode(self.module), torch.no_grad(), dual_forward(self.units, signs, rows, self.copies):
-                logits = self.module(**self._model_inputs(batch, len(signs)), use_cache=False).logits
+            with _eval_mode(self.module), torch.no_grad(), dual_forward(self.units, slots, rows, copies):
+                if self.pipeline is not None:
+                    self.pipeline.begin()
+                logits = self.module(**self._model_inputs(batch, slots), use_cache=False).logits
         finally:
             self._in_zo_forward = False
-        out = []
-        for i in range(len(signs)):
-            out.append(token_loss_sum(logits[i * rows:(i + 1) * rows], labels))
-        return out
+        return [token_loss_sum(logits[i * rows:(i + 1) * rows], labels) for i in range(slots)]
 
     def train_batch(self, batch: Optional[dict] = None, data_iter: Optional[Iterator] = None) -> float:
         """One ZO step over this rank's share of a global batch; returns (L+ + L−)/2 (mean over perturbations)."""
@@ -131,35 +210,34 @@ class ZOEngine(DeepSpeedEngine):
         seed = step_seed(self.zo_config.seed, step)
         lr = self.optimizer.current_lr()
         q = self.zo_config.num_perturbations
-        grads, losses = [], []
-        for j in range(q):
-            self.copies.set_perturbation(seed, j)
-            plus, minus = [], []
-            for mb in micro:
-                p, m = self._signed_losses(mb)
-                plus.append(p)
-                minus.append(m)
+        # every perturbation's + and − in one forward: each unit is visited (and, offloaded, moved) once per micro-batch
+        slots = [(j, sign) for j in range(q) for sign in (1, -1)]
+        self.copies.set_slots(seed, slots)
+        parts: list[list[tuple[float, int]]] = [[] for _ in slots]
+        for mb in micro:
+            for i, part in enumerate(self._slot_losses(mb, self.copies)):
+                parts[i].append(part)
             # units that did not run in the forward still owe the previous step's update
-            self.optimizer.flush()
-            l_plus, l_minus = mean_loss(plus), mean_loss(minus)
-            grads.append((l_plus - l_minus) / (2 * self.eps))
-            losses.append((l_plus + l_minus) / 2)
+            self.flush()
+        means = [mean_loss(p) for p in parts]
+        grads = [(means[2 * j] - means[2 * j + 1]) / (2 * self.eps) for j in range(q)]
+        losses = [(means[2 * j] + means[2 * j + 1]) / 2 for j in range(q)]
         self.optimizer.record_step(step, seed, grads, lr, self.weight_decay)
         if not self.zo_config.fuse_update:
-            self.optimizer.flush()
+            self.flush()
         self._take_model_step(None)  # DeepSpeed's bookkeeping: lr scheduler, global_steps, global_samples
         self.last_projected_grad = grads[0] if q == 1 else grads
         loss = sum(losses) / q
         self._write_monitor(loss, grads, lr)
         return loss
 
+    @torch.no_grad()
     def eval_batch(self, batch: dict) -> float:
         """The mean token loss at the current parameters (every completed step applied)."""
         self.flush()
         batch = self._to_device(batch)
-        with _eval_mode(self.module), torch.no_grad():
-            logits = self.module(**self._model_inputs(batch, 1), use_cache=False).logits
-        return mean_loss([token_loss_sum(logits, default_labels(batch))])
+        plain = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline)
+        return mean_loss(self._slot_losses(batch, plain))
 
     def _write_monitor(self, loss: float, grads: list[float], lr: float) -> None:
         if self.monitor.enabled and self.global_rank == 0:

@@ -65,7 +65,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
     if model_parameters is not None:
         raise ValueError("model_parameters is not used by ds_zo: choose trainable parameters with "
                          "zero_order.trainable patterns (or requires_grad=False)")
-    ds_config, zo_params, zo = split_config(load_config(config))
+    ds_config, zo_params, zo, offload = split_config(load_config(config))
 
     trainable = resolve_trainable(model, zo.trainable)
     if optimizer is None:
@@ -82,7 +82,8 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         engine = ZOEngine(args=args, model=model, optimizer=optimizer, model_parameters=None,
                           training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
                           dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
-                          config_class=config_class, zo_config=zo, zo_params=zo_params, trainable=trainable)
+                          config_class=config_class, zo_config=zo, zo_params=zo_params, trainable=trainable,
+                          offload=offload)
     finally:
         partition_parameters.restore_init_context()
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -84,6 +84,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.pending: Optional[StepRecord] = None
         self._pending_done: set[int] = set()
         self._buffers = None  # float32 scratch (update, z) reused across parameters
+        self._decay_of: Optional[dict[int, float]] = None
 
     # -- wiring -------------------------------------------------------------------------------------------------
     def attach(self, generator: PerturbationGenerator, keys: dict[int, int]) -> None:
@@ -106,7 +107,9 @@ class ZOSGD(torch.optim.Optimizer):
         return lrs.pop()
 
     def _decays(self) -> dict[int, float]:
-        return {id(p): g["weight_decay"] for g in self.param_groups for p in g["params"]}
+        if self._decay_of is None:
+            self._decay_of = {id(p): g["weight_decay"] for g in self.param_groups for p in g["params"]}
+        return self._decay_of
 
     # -- the update -----------------------------------------------------------------------------------------------
     def record_step(self, step: int, seed: int, grads: list[float], lr: float, weight_decay: float) -> StepRecord:
@@ -125,14 +128,22 @@ class ZOSGD(torch.optim.Optimizer):
         apply_step(param.data, self.keys[id(param)], self.pending, decay != 0.0, self.generator, self._buffers)
         self._pending_done.add(id(param))
 
-    def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Apply the pending update to these parameters (each at most once): the fused path, unit by unit."""
+    def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:
+        """Apply the pending update to these parameters (each at most once): the fused path, unit by unit.
+        Returns whether any parameter changed."""
         if self.pending is None:
-            return
+            return False
         decays = self._decays()
+        changed = False
         for p in params:
             if id(p) in decays and id(p) not in self._pending_done:
                 self._apply_pending_to(p, decays[id(p)])
+                changed = True
+        return changed
+
+    def owes(self, param: torch.nn.Parameter) -> bool:
+        """Whether the pending update still has to be applied to this parameter."""
+        return self.pending is not None and id(param) not in self._pending_done and id(param) in self._decays()
 
     def flush(self) -> None:
         """Make the pending update visible on every parameter; idempotent."""
@@ -152,5 +163,6 @@ class ZOSGD(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         log = state_dict.pop("zo_step_log", [])
         super().load_state_dict(state_dict)
+        self._decay_of = None
         self.step_log = [StepRecord.from_json(r) for r in log]
         self.pending, self._pending_done = None, set()

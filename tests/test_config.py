@@ -42,7 +42,13 @@ def _with(**changes):
     ({"optimizer__type": "AdamW"}, ["optimizer.type", "AdamW", "ZOSGD"]),
     ({"optimizer__extra": 1}, ["optimizer", "extra"]),
     ({"gradient_clipping": 1.0}, ["gradient_clipping", "1.0"]),
-    ({"zero_optimization__stage": 2}, ["zero_optimization.stage", "2"]),
+    ({"zero_optimization__stage": 3}, ["zero_optimization.stage", "3"]),
+    ({"zero_optimization__offload_param": {"device": "nvme"}}, ["zero_optimization.offload_param.device", "nvme"]),
+    ({"zero_optimization__offload_param": {"device": "cpu", "buffer_count": 4}}, ["offload_param", "buffer_count"]),
+    ({"zero_optimization__offload_param": {"device": "cpu", "pin_memory": "yes"}}, ["pin_memory", "yes"]),
+    ({"zero_order__prefetch_depth": 0}, ["zero_order.prefetch_depth", "0"]),
+    ({"zero_order__offload_dtype": "int8"}, ["zero_order.offload_dtype", "int8"]),
+    ({"zero_order__overlap": "sometimes"}, ["zero_order.overlap"]),
     ({"zero_optimization__offload_optimizer": {"device": "cpu"}}, ["zero_optimization.offload_optimizer"]),
 ])
 def test_bad_values_name_the_field(changes, must_mention):
@@ -62,10 +68,20 @@ def test_missing_optimizer_and_wrong_section_types():
 def test_type_is_case_insensitive_and_defaults_apply():
     cfg = ds_config()
     cfg["optimizer"] = {"type": "zosgd"}
-    ds, params, zo = split_config(cfg)
+    ds, params, zo, offload = split_config(cfg)
     assert params.lr == 1e-6 and params.eps == 1e-3 and params.weight_decay == 0.0
     assert zo.seed == 0 and zo.distribution == "gaussian" and zo.num_perturbations == 1 and zo.fuse_update
     assert "optimizer" not in ds and "zero_order" not in ds and ds["gradient_clipping"] == 0.0
+    assert not offload.enabled and zo.prefetch_depth == 1 and zo.overlap and zo.offload_dtype is None
+
+
+def test_offload_is_read_from_deepspeeds_own_keys_at_stages_0_to_2():
+    for stage in (0, 1, 2):
+        cfg = _with(zero_optimization__stage=stage,
+                    zero_optimization__offload_param={"device": "cpu", "pin_memory": False})
+        ds, _, _, offload = split_config(cfg)
+        assert offload.enabled and not offload.pin_memory
+        assert ds["zero_optimization"] == {"stage": 0}  # DeepSpeed's engine never sees it
 
 
 def test_config_files(tmp_path):

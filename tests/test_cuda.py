@@ -29,8 +29,8 @@ def test_cuda_dual_forward_equals_two_forwards_and_update_matches_formula():
     keys = {id(p): param_key(n) for n, p in model.named_parameters()}
     gen = PerturbationGenerator()
     copies = PerturbedCopies(gen, keys, 1e-2)
-    copies.set_perturbation(11, 0)
-    with torch.no_grad(), dual_forward(units, (1, -1), 2, copies):
+    copies.set_slots(11, [(0, 1), (0, -1)])
+    with torch.no_grad(), dual_forward(units, 2, 2, copies):
         dual = model(input_ids=torch.cat([b["input_ids"]] * 2), attention_mask=torch.cat([b["attention_mask"]] * 2),
                      use_cache=False).logits
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from ds_zo.model.dual_forward import dual_forward, merge_halves, split_half
+from ds_zo.model.dual_forward import dual_forward, merge_blocks, split_block
 from ds_zo.model.perturbed_copies import PerturbedCopies
 from ds_zo.model.units import UnitCutError, cut_into_units, resolve_trainable
 from ds_zo.perturb import PerturbationGenerator, param_key
@@ -18,8 +18,8 @@ def test_split_rule():
     cache_position = torch.arange(6)          # 1-D of length 2B: not a batch tensor
     pos = torch.arange(4).view(1, 4)          # batch 1: both halves
     args = (h, cache_position, pos, None, (h, pos), {"m": h})
-    first = split_half(args, 0, rows)
-    second = split_half(args, 1, rows)
+    first = split_block(args, 0, rows, 2)
+    second = split_block(args, 1, rows, 2)
     assert torch.equal(first[0], h[:3]) and torch.equal(second[0], h[3:])
     assert first[1] is cache_position and first[2] is pos and first[3] is None
     assert torch.equal(second[4][0], h[3:]) and second[4][1] is pos
@@ -28,9 +28,9 @@ def test_split_rule():
 
 def test_merge_expands_batch_one_halves():
     a, b = torch.ones(1, 4), torch.zeros(1, 4)
-    merged = merge_halves([a, b], rows=2)
+    merged = merge_blocks([a, b], rows=2)
     assert merged.shape == (4, 4) and merged[:2].eq(1).all() and merged[2:].eq(0).all()
-    merged = merge_halves([(torch.ones(2, 3), None)], rows=2)
+    merged = merge_blocks([(torch.ones(2, 3), None)], rows=2)
     assert merged[0].shape == (2, 3) and merged[1] is None
 
 
@@ -81,10 +81,10 @@ def test_dual_forward_equals_two_forwards(arch, rows, tied):
     keys = {id(p): param_key(n) for n, p in model.named_parameters()}
     eps, seed = 1e-2, 42
     copies = PerturbedCopies(PerturbationGenerator(), keys, eps)
-    copies.set_perturbation(seed, 0)
+    copies.set_slots(seed, [(0, 1), (0, -1)])
     masters = {n: p.detach().clone() for n, p in model.named_parameters()}
     inputs = {"input_ids": torch.cat([b["input_ids"]] * 2), "attention_mask": torch.cat([b["attention_mask"]] * 2)}
-    with torch.no_grad(), dual_forward(units, (1, -1), rows, copies):
+    with torch.no_grad(), dual_forward(units, 2, rows, copies):
         dual = model(**inputs, use_cache=False).logits
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -100,21 +100,30 @@ def test_dual_forward_equals_two_forwards(arch, rows, tied):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_one_sign_runs_the_whole_batch(arch):
-    """Perturbation parallelism runs a single sign over the undoubled batch."""
+def test_any_slot_set_matches_the_dual_forward(arch):
+    """Four slots (q = 2) in one forward; one sign over an unreplicated batch (perturbation parallelism); θ itself."""
     model = tiny_model(arch).eval()
     b = batch(rows=2)
     units = cut_into_units(model, resolve_trainable(model, []))
     keys = {id(p): param_key(n) for n, p in model.named_parameters()}
     copies = PerturbedCopies(PerturbationGenerator(), keys, 1e-2)
-    copies.set_perturbation(5, 0)
     with torch.no_grad():
-        with dual_forward(units, (1, -1), 2, copies):
-            both = model(input_ids=torch.cat([b["input_ids"]] * 2),
-                         attention_mask=torch.cat([b["attention_mask"]] * 2), use_cache=False).logits
-        with dual_forward(units, (-1,), 2, copies):
+        copies.set_slots(5, [(0, 1), (0, -1), (1, 1), (1, -1)])
+        with dual_forward(units, 4, 2, copies):
+            four = model(input_ids=torch.cat([b["input_ids"]] * 4),
+                         attention_mask=torch.cat([b["attention_mask"]] * 4), use_cache=False).logits
+        copies.set_slots(5, [(0, -1)])
+        with dual_forward(units, 1, 2, copies):
             minus = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-    assert torch.equal(both[2:], minus)
+        copies.set_slots(5, [(1, 1)])
+        with dual_forward(units, 1, 2, copies):
+            plus1 = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        copies.set_slots(None, [None])
+        with dual_forward(units, 1, 2, copies):
+            plain = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        unwrapped = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+    assert torch.equal(four[2:4], minus) and torch.equal(four[4:6], plus1)
+    assert torch.equal(plain, unwrapped) and not torch.equal(plain, minus)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -125,18 +134,18 @@ def test_bf16_dual_forward_rounds_each_copy_once(arch):
     keys = {id(p): param_key(n) for n, p in model.named_parameters()}
     eps, seed = 1e-2, 8
     copies = PerturbedCopies(PerturbationGenerator(), keys, eps)
-    copies.set_perturbation(seed, 0)
+    copies.set_slots(seed, [(0, 1), (0, -1)])
     seen = {}
     unit = units[1]
     original_acquire = copies.acquire
 
-    def spy(u, signs):
-        out = original_acquire(u, signs)
+    def spy(u):
+        out = original_acquire(u)
         if u is unit:
             seen["plus"] = [t.clone() for t in out[0]]
         return out
     copies.acquire = spy
-    with torch.no_grad(), dual_forward(units, (1, -1), 2, copies):
+    with torch.no_grad(), dual_forward(units, 2, 2, copies):
         logits = model(input_ids=torch.cat([b["input_ids"]] * 2), attention_mask=torch.cat([b["attention_mask"]] * 2),
                        use_cache=False).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

@@ -1,5 +1,6 @@
-"""Run the model's own forward once over a doubled batch [x; x] so that each unit computes its first half at θ+εz and
-its second half at θ−εz (or, under perturbation parallelism, one sign over the whole batch).
+"""Run the model's own forward once over a replicated batch [x; x; ...] so that each unit computes each block of rows
+("slot") with its own working copy of the parameters: θ+εz on the first block and θ−εz on the second (for each of q
+perturbations), one sign over an unreplicated batch under perturbation parallelism, or θ itself (streaming eval).
 
 Nothing of HF's forward code is copied: HF's top-level forward builds masks and rotary tables for the doubled batch;
 each unit's forward is temporarily replaced on the instance (undone on exit) by a wrapper that splits batch-leading
@@ -16,33 +17,33 @@ import torch
 from .units import Unit
 
 
-class PerturbedParams(Protocol):
-    def acquire(self, unit: Unit, signs: Sequence[int]) -> list[list[torch.Tensor]]:
-        """Per sign, the working copies of unit.trainable (shaped like the parameters)."""
+class SlotParams(Protocol):
+    def acquire(self, unit: Unit) -> list[list[torch.Tensor]]:
+        """Per slot, the tensors unit.trainable point at while the unit computes that slot."""
 
     def release(self, unit: Unit) -> None:
         ...
 
 
-def split_half(obj: Any, half: int, rows: int) -> Any:
-    """The half-th block of `rows` rows of every batch-leading tensor. A tensor is batch-leading only if it has >= 2
-    dims and its first dim is 2*rows: 1-D tensors (cache_position), batch-1 tensors (position_ids (1,T), rotary
-    cos/sin) and non-tensors go to both halves unchanged."""
+def split_block(obj: Any, block: int, rows: int, blocks: int) -> Any:
+    """The block-th group of `rows` rows of every batch-leading tensor. A tensor is batch-leading only if it has >= 2
+    dims and its first dim is blocks*rows: 1-D tensors (cache_position, even of that length), batch-1 tensors
+    (position_ids (1,T), rotary cos/sin) and non-tensors go to every block unchanged."""
     if isinstance(obj, torch.Tensor):
-        if obj.dim() >= 2 and obj.shape[0] == 2 * rows:
-            return obj[half * rows:(half + 1) * rows]
+        if obj.dim() >= 2 and obj.shape[0] == blocks * rows:
+            return obj[block * rows:(block + 1) * rows]
         return obj
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(split_half(o, half, rows) for o in obj)
+        return tuple(split_block(o, block, rows, blocks) for o in obj)
     if isinstance(obj, list):
-        return [split_half(o, half, rows) for o in obj]
+        return [split_block(o, block, rows, blocks) for o in obj]
     if isinstance(obj, dict):
-        return {k: split_half(v, half, rows) for k, v in obj.items()}
+        return {k: split_block(v, block, rows, blocks) for k, v in obj.items()}
     return obj
 
 
-def merge_halves(outs: Sequence[Any], rows: int) -> Any:
-    """Concatenate per-sign outputs back into one doubled batch. A half whose output has batch 1 while rows > 1
+def merge_blocks(outs: Sequence[Any], rows: int) -> Any:
+    """Concatenate per-slot outputs back into one batch. A half whose output has batch 1 while rows > 1
     (GPT-2's wpe on position_ids (1,T)) is expanded to `rows` first."""
     first = outs[0]
     if isinstance(first, torch.Tensor):
@@ -51,12 +52,12 @@ def merge_halves(outs: Sequence[Any], rows: int) -> Any:
         parts = [o.expand(rows, *o.shape[1:]) if o.shape[0] == 1 and rows > 1 else o for o in outs]
         return torch.cat(parts, dim=0)
     if isinstance(first, tuple):
-        merged = [merge_halves([o[i] for o in outs], rows) for i in range(len(first))]
+        merged = [merge_blocks([o[i] for o in outs], rows) for i in range(len(first))]
         return type(first)(*merged) if hasattr(first, "_fields") else tuple(merged)
     if isinstance(first, list):
-        return [merge_halves([o[i] for o in outs], rows) for i in range(len(first))]
+        return [merge_blocks([o[i] for o in outs], rows) for i in range(len(first))]
     if isinstance(first, dict):
-        merged = {k: merge_halves([o[k] for o in outs], rows) for k in first}
+        merged = {k: merge_blocks([o[k] for o in outs], rows) for k in first}
         try:
             return type(first)(**merged)
         except TypeError:
@@ -77,21 +78,21 @@ def pointed_at(params: Sequence[torch.nn.Parameter], tensors: Sequence[torch.Ten
             p.data = m
 
 
-def _unit_wrapper(unit: Unit, original: Callable, signs: Sequence[int], rows: int, provider: PerturbedParams):
+def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provider: SlotParams):
     params = [r.param for r in unit.trainable]
 
     def forward(*args, **kwargs):
-        copies = provider.acquire(unit, signs)
+        copies = provider.acquire(unit)
         try:
+            if slots == 1:
+                with pointed_at(params, copies[0]):
+                    return original(*args, **kwargs)
             outs = []
-            for half, _ in enumerate(signs):
-                if len(signs) == 1:
-                    a, kw = args, kwargs
-                else:
-                    a, kw = split_half(args, half, rows), split_half(kwargs, half, rows)
-                with pointed_at(params, copies[half]):
+            for block in range(slots):
+                a, kw = split_block(args, block, rows, slots), split_block(kwargs, block, rows, slots)
+                with pointed_at(params, copies[block]):
                     outs.append(original(*a, **kw))
-            return outs[0] if len(signs) == 1 else merge_halves(outs, rows)
+            return merge_blocks(outs, rows)
         finally:
             provider.release(unit)
 
@@ -99,17 +100,18 @@ def _unit_wrapper(unit: Unit, original: Callable, signs: Sequence[int], rows: in
 
 
 @contextlib.contextmanager
-def dual_forward(units: Sequence[Unit], signs: Sequence[int], rows: int, provider: PerturbedParams):
-    """While active, calling the model on a batch of len(signs)*rows rows runs sign i on rows [i*rows, (i+1)*rows)."""
-    if len(signs) not in (1, 2):
-        raise ValueError(f"signs must hold one or two entries, got {signs}")
+def dual_forward(units: Sequence[Unit], slots: int, rows: int, provider: SlotParams):
+    """While active, calling the model on a batch of slots*rows rows runs slot i on rows [i*rows, (i+1)*rows) with the
+    parameters the provider gives for slot i."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
     installed = []
     try:
         for unit in units:
             mod = unit.module
             had_instance_forward = "forward" in mod.__dict__
             previous = mod.__dict__.get("forward")
-            mod.forward = _unit_wrapper(unit, mod.forward, signs, rows, provider)
+            mod.forward = _unit_wrapper(unit, mod.forward, slots, rows, provider)
             installed.append((mod, had_instance_forward, previous))
         yield
     finally:

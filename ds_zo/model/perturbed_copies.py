@@ -1,18 +1,23 @@
 """Working copies θ ± εz of one unit at a time, built into reused flat buffers.
 
-For each trainable parameter of the unit being entered: first the optimizer applies the pending (fused) update of the
-previous step to the master, then z is drawn once into a float32 scratch buffer and both signs are formed from it, in
-float32, rounded once into the parameter's dtype. z is thus generated once per step for the perturbation and once more
-(next step) for the update: two draws per element per step (MeZO's in-place loop draws four).
+A forward runs a list of *slots*, one per block of `rows` rows of the batch: (j, +1) and (j, −1) for each perturbation
+j of the step (or a single slot under perturbation parallelism), or `None` for the unperturbed θ (evaluation).
+
+Entering a unit: its parameters are made resident (offload pipeline), the optimizer applies the pending (fused) update
+of the previous step to them, then z_j is drawn once per perturbation into a float32 scratch buffer and both signs are
+formed from it in float32, rounded once into the parameter's dtype. z is thus drawn once per step to perturb and once
+more (next step) to update: two draws per element per step (MeZO's in-place loop draws four).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..perturb import PerturbationGenerator
 from .units import Unit
+
+Slot = Optional[tuple[int, int]]   # (perturbation index, sign) or None for the unperturbed parameters
 
 
 class FlatBuffers:
@@ -32,51 +37,78 @@ class FlatBuffers:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
+class Residency:
+    """Where a unit's parameters live while it computes. The resident case: always there, nothing to move."""
+
+    def enter(self, unit: Unit) -> None:
+        pass
+
+    def exit(self, unit: Unit, dirty: bool) -> None:
+        pass
+
+
 class PerturbedCopies:
-    """Implements dual_forward's PerturbedParams for one perturbation (seed, index) of one step."""
+    """dual_forward's provider: per slot, the tensors a unit's trainable parameters point at while it computes."""
 
-    def __init__(self, generator: PerturbationGenerator, keys: dict[int, int], eps: float, before_perturb=None):
+    def __init__(self, generator: PerturbationGenerator, keys: dict[int, int], eps: float,
+                 residency: Optional[Residency] = None, before_perturb: Optional[Callable[[list], bool]] = None):
         self.generator = generator
-        self.keys = keys                      # id(param) -> perturb.param_key(canonical name)
+        self.keys = keys                          # id(param) -> perturb.param_key(canonical name)
         self.eps = eps
-        self.before_perturb = before_perturb  # callable(list[ParamRef]): applies the pending update first
+        self.residency = residency or Residency()
+        self.before_perturb = before_perturb      # applies the pending update; returns whether it changed anything
         self.buffers = FlatBuffers()
-        self.seed = None
-        self.index = 0
+        self.seed: Optional[int] = None
+        self.slots: list[Slot] = [None]
+        self._dirty: dict[int, bool] = {}
 
-    def set_perturbation(self, seed: int, index: int) -> None:
-        self.seed, self.index = seed, index
+    def set_slots(self, seed: Optional[int], slots: Sequence[Slot]) -> None:
+        if any(s is not None for s in slots) and seed is None:
+            raise ValueError("perturbed slots need a step seed")
+        self.seed, self.slots = seed, list(slots)
 
-    def acquire(self, unit: Unit, signs: Sequence[int]) -> list[list[torch.Tensor]]:
+    def acquire(self, unit: Unit) -> list[list[torch.Tensor]]:
+        self.residency.enter(unit)
         refs = unit.trainable
-        if self.before_perturb is not None:
-            self.before_perturb(refs)
+        dirty = bool(self.before_perturb(refs)) if self.before_perturb is not None else False
+        self._dirty[id(unit)] = dirty
+        if all(s is None for s in self.slots):
+            return [[r.param.data for r in refs] for _ in self.slots]
         sizes: dict[tuple, int] = {}
         for ref in refs:
             k = (ref.param.device, ref.param.dtype)
             sizes[k] = sizes.get(k, 0) + ref.param.numel()
-        # one flat buffer per sign, device and dtype, sized for the whole unit; each parameter's copy is a slice
-        flats = {(i, *k): self.buffers.get(f"sign{i}", n, k[1], k[0]) for i in range(len(signs)) for k, n in sizes.items()}
+        # one flat buffer per slot, device and dtype, sized for the whole unit; each parameter's copy is a slice
+        flats = {(i, *k): self.buffers.get(f"slot{i}", n, k[1], k[0])
+                 for i, s in enumerate(self.slots) if s is not None for k, n in sizes.items()}
         offsets = dict.fromkeys(sizes, 0)
-        copies: list[list[torch.Tensor]] = [[] for _ in signs]
+        copies: list[list[torch.Tensor]] = [[] for _ in self.slots]
+        perturbations = sorted({s[0] for s in self.slots if s is not None})
         for ref in refs:
             p = ref.param.data
             n, k = p.numel(), (p.device, p.dtype)
             off = offsets[k]
             offsets[k] = off + n
-            z = self.buffers.get("z", n, torch.float32, p.device)
-            self.generator.fill(z, self.seed, self.index, self.keys[id(ref.param)], n)
-            z.mul_(self.eps)  # θ ± (εz), rounded as the plain expression `p + eps * z` rounds
             master32 = p.reshape(-1).float()  # no copy for float32 parameters
-            for i, sign in enumerate(signs):
-                out = flats[(i, *k)][off:off + n]
-                op = torch.add if sign > 0 else torch.sub
-                if p.dtype == torch.float32:
-                    op(master32, z, out=out)
-                else:  # compute in float32, round once
-                    out.copy_(op(master32, z))
-                copies[i].append(out.view_as(p))
+            for j in perturbations:
+                z = self.buffers.get("z", n, torch.float32, p.device)
+                self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], n)
+                z.mul_(self.eps)  # θ ± (εz), rounded as the plain expression `p + eps * z` rounds
+                for i, slot in enumerate(self.slots):
+                    if slot is None or slot[0] != j:
+                        continue
+                    out = flats[(i, *k)][off:off + n]
+                    op = torch.add if slot[1] > 0 else torch.sub
+                    if p.dtype == torch.float32:
+                        op(master32, z, out=out)
+                    else:  # compute in float32, round once
+                        out.copy_(op(master32, z))
+                    copies[i].append(out.view_as(p))
+            for i, slot in enumerate(self.slots):
+                if slot is None:
+                    copies[i].append(p)
         return copies
 
     def release(self, unit: Unit) -> None:
-        pass  # buffers are reused by the next unit; the caller finished with them (same stream, in order)
+        # the copy buffers are reused by the next unit: safe, since it computes after this one on the same stream
+        self.residency.exit(unit, self._dirty.pop(id(unit), False))

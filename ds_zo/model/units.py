@@ -29,6 +29,7 @@ class Unit:
     name: str
     module: nn.Module
     params: list[ParamRef] = field(default_factory=list)   # every parameter the unit uses, owned or tied
+    is_layer: bool = False                                  # an element of the decoder-layer list
 
     @property
     def trainable(self) -> list[ParamRef]:
@@ -61,7 +62,7 @@ def cut_into_units(model: nn.Module, trainable_names: set[str]) -> list[Unit]:
         if id(mod) in unit_of_module:
             continue
         if id(mod) in layer_ids:
-            unit = Unit(mod_name, mod)
+            unit = Unit(mod_name, mod, is_layer=True)
             for _, p in mod.named_parameters():
                 unit.params.append(ParamRef(canonical[id(p)], p, canonical[id(p)] in trainable_names))
         elif id(mod) not in inside_layer and any(True for _ in mod.parameters(recurse=False)):

@@ -1,0 +1,164 @@
+"""The ZO2 offload pipeline: stream offloaded units through a small pool of device buffers, one pass per forward.
+
+Per unit k, in execution order:  upload (h2d stream) → [compute stream] wait for the upload, apply the pending update,
+perturb, compute every slot → offload the updated unit (d2h stream, only if the update changed it) → the buffer is
+reused for unit k + depth + 2. Uploads run `prefetch_depth` units ahead, so upload of k+1.., compute of k and offload of
+k−1 overlap; at most depth + 2 units are resident. All ordering is by CUDA events between streams, never by host
+synchronisation; on CPU the same code runs with no-op streams (synchronously, in issue order), so CI covers the logic.
+Each offloaded unit crosses host→device once and device→host at most once per pass.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..model.perturbed_copies import Residency
+from ..model.units import Unit
+from .store import ParameterStore
+from .streams import Streams
+
+
+class OffloadPipeline(Residency):
+    def __init__(self, store: ParameterStore, order: list[Unit], device: torch.device, prefetch_depth: int = 1,
+                 overlap: bool = True):
+        if prefetch_depth < 1:
+            raise ValueError(f"zero_order.prefetch_depth: {prefetch_depth} must be >= 1")
+        self.store = store
+        self.order = [store[u] for u in order]
+        self.index = {id(s.unit): k for k, s in enumerate(self.order)}
+        self.device = torch.device(device)
+        self.depth = prefetch_depth
+        self.streams = Streams(self.device, overlap)
+        dtypes = {s.compute_dtype for s in self.order}
+        if len(dtypes) > 1:
+            raise ValueError(f"offload: offloaded units compute in several dtypes {sorted(map(str, dtypes))}")
+        n_buffers = min(prefetch_depth + 2, len(self.order))
+        largest = max((s.numel for s in self.order), default=0)
+        compute_dtype = dtypes.pop() if dtypes else torch.float32
+        self.buffers = [torch.empty(largest, dtype=compute_dtype, device=self.device) for _ in range(n_buffers)]
+        # device-side buffers in the storage dtype, when units are stored in another dtype than they compute in
+        converts = any(self._converts(s) for s in self.order)
+        storage_dtype = self.order[0].flat.dtype if self.order else compute_dtype
+        self.staging = [torch.empty(largest, dtype=storage_dtype, device=self.device) if converts else None
+                        for _ in range(n_buffers)]
+        self._free = [None] * n_buffers          # event after which buffer b may be overwritten
+        self._occupant: list[Optional[int]] = [None] * n_buffers
+        self._store_ready: dict[int, object] = {}  # unit k -> event of its last offload (the store is being written)
+        self._uploaded: dict[int, object] = {}     # unit k -> event of its upload in this pass
+        self._pass: list[int] = []                 # the units of the current pass, in visiting order
+        self._pos: dict[int, int] = {}
+        self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "uploads": 0, "offloads": 0, "order_misses": 0}
+        self.trace: Optional[list[tuple[str, str]]] = None   # set to [] to record the issue order of operations
+        self.max_resident = 0
+        self._resident: set[int] = set()
+
+    @staticmethod
+    def _converts(stored) -> bool:
+        return stored.flat.dtype != stored.compute_dtype
+
+    def _log(self, op: str, k: int) -> None:
+        if self.trace is not None:
+            self.trace.append((op, self.order[k].unit.name))
+
+    def nbytes_device(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers + [s for s in self.staging if s is not None])
+
+    # -- one pass ---------------------------------------------------------------------------------------------------
+    def begin(self, units: Optional[list[Unit]] = None) -> None:
+        """Start a pass over `units` (default: every offloaded unit, in execution order) and issue its first
+        depth + 1 uploads. Buffers are assigned round-robin by position in the pass."""
+        ks = list(range(len(self.order))) if units is None else [self.index[id(u)] for u in units]
+        self._pass = ks
+        self._pos = {k: i for i, k in enumerate(ks)}
+        self._uploaded = {}
+        self._occupant = [None] * len(self.buffers)
+        for i in range(min(self.depth + 1, len(ks))):
+            self._upload(ks[i])
+
+    def _buffer_of(self, k: int) -> int:
+        return self._pos.get(k, k) % len(self.buffers)
+
+    def _upload(self, k: int) -> None:
+        s, b = self.order[k], self._buffer_of(k)
+        prev = self._occupant[b]
+        if prev is not None and prev != k:
+            self._uploaded.pop(prev, None)       # it was prefetched but never computed: upload it again if needed
+            self._resident.discard(prev)
+        st = self.streams
+        with st.on(st.h2d):
+            if self._free[b] is not None:
+                st.h2d.wait_event(self._free[b])      # the buffer's previous unit is done with it
+            if k in self._store_ready:
+                st.h2d.wait_event(self._store_ready[k])  # this unit's last offload has landed in the store
+            buf = self.buffers[b][:s.numel]
+            if self._converts(s):
+                stage = self.staging[b][:s.numel]
+                stage.copy_(s.flat, non_blocking=True)
+                buf.copy_(stage)
+            else:
+                buf.copy_(s.flat, non_blocking=True)
+            done = st.event()
+            done.record(st.h2d)
+        self._uploaded[k] = done
+        self._occupant[b] = k
+        self._resident.add(k)
+        self.max_resident = max(self.max_resident, len(self._resident))
+        self.stats["h2d_bytes"] += s.nbytes
+        self.stats["uploads"] += 1
+        self._log("upload", k)
+
+    def enter(self, unit: Unit) -> None:
+        k = self.index.get(id(unit))
+        if k is None:
+            return                                    # a resident unit
+        if k not in self._uploaded:                   # not prefetched (a unit ran out of the expected order)
+            self.stats["order_misses"] += 1
+            self._upload(k)
+        st = self.streams
+        st.compute.wait_event(self._uploaded[k])
+        s = self.order[k]
+        s.point_at(self.buffers[self._buffer_of(k)][:s.numel])
+        self._log("compute_begin", k)
+
+    def exit(self, unit: Unit, dirty: bool) -> None:
+        k = self.index.get(id(unit))
+        if k is None:
+            return
+        s, b = self.order[k], self._buffer_of(k)
+        st = self.streams
+        computed = st.event()
+        computed.record(st.compute)
+        self._log("compute_end", k)
+        if dirty:
+            with st.on(st.d2h):
+                st.d2h.wait_event(computed)
+                buf = self.buffers[b][:s.numel]
+                if self._converts(s):
+                    stage = self.staging[b][:s.numel]
+                    stage.copy_(buf)                      # the update rounds once into the storage dtype
+                    s.flat.copy_(stage, non_blocking=True)
+                else:
+                    s.flat.copy_(buf, non_blocking=True)
+                landed = st.event()
+                landed.record(st.d2h)
+            self._free[b] = landed
+            self._store_ready[k] = landed
+            self.stats["d2h_bytes"] += s.nbytes
+            self.stats["offloads"] += 1
+            self._log("offload", k)
+        else:
+            self._free[b] = computed
+        s.point_at(s.flat)
+        self._uploaded.pop(k, None)
+        self._occupant[b] = None
+        self._resident.discard(k)
+        pos = self._pos.get(k)
+        if pos is not None and pos + self.depth + 1 < len(self._pass):
+            nxt = self._pass[pos + self.depth + 1]
+            if nxt not in self._uploaded:
+                self._upload(nxt)
+
+    def synchronize(self) -> None:
+        """Wait (host) until every offload has landed in the store: only for host-side readers of the store."""
+        self.streams.d2h.synchronize()

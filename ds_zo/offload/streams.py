@@ -1,0 +1,46 @@
+"""Streams and events for the offload pipeline: CUDA streams ordered by events, or no-op stand-ins with the same
+interface so the same scheduler runs (synchronously, in issue order) on CPU-only machines and in CI."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class _NoOpEvent:
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _NoOpStream:
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class Streams:
+    """h2d (uploads), d2h (offloads) and compute. With overlap=False, or without CUDA, every operation runs on one
+    stream in issue order (on CPU: synchronously)."""
+
+    def __init__(self, device: torch.device, overlap: bool):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.compute = torch.cuda.current_stream(device)
+            self.h2d = torch.cuda.Stream(device) if overlap else self.compute
+            self.d2h = torch.cuda.Stream(device) if overlap else self.compute
+        else:
+            self.compute = self.h2d = self.d2h = _NoOpStream()
+
+    def event(self):
+        return torch.cuda.Event() if self.cuda else _NoOpEvent()
+
+    def on(self, stream):
+        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
