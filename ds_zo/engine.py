@@ -9,6 +9,7 @@ With parameter offload, units stream through the ZO2 pipeline (ds_zo/offload) du
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Iterator, Optional
 
@@ -83,8 +84,8 @@ class ZOEngine(DeepSpeedEngine):
             offloaded = [u for u in self.units if id(u) in layer_units]
         else:
             offloaded = [u for u in self.units if not any(fnmatchcase(u.name, pat) for pat in zo.resident_units)]
-        shared = {id(r.param) for u in self.units for r in u.params if sum(r.param is q.param for v in self.units
-                                                                              for q in v.params) > 1}
+        uses = Counter(id(r.param) for u in self.units for r in u.params)
+        shared = {i for i, n in uses.items() if n > 1}
         for u in offloaded:
             if any(id(r.param) in shared for r in u.params):
                 raise ValueError(f"offload: unit '{u.name}' holds a weight tied to another unit; keep it resident "

@@ -1,7 +1,9 @@
 import os
 import sys
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch  # noqa: E402
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

@@ -46,3 +46,74 @@ def test_cuda_dual_forward_equals_two_forwards_and_update_matches_formula():
     apply_step(p.data, keys[id(p)], rec, True, gen)
     z = gen.z(11, 0, keys[id(p)], p.numel(), device="cuda").view_as(p)
     torch.testing.assert_close(p.detach(), before - 1e-2 * (0.5 * z), rtol=0, atol=0)
+
+
+def _pipeline_on_cuda(depth=1, overlap=True, storage=None):
+    from ds_zo.offload import OffloadPipeline, ParameterStore
+    model = tiny_model("llama").eval()
+    units = cut_into_units(model, resolve_trainable(model, []))
+    layers = [u for u in units if u.is_layer]
+    store = ParameterStore(layers, storage, pin=True)
+    stored = {id(p) for s in store.units.values() for p in s.params}
+    for p in model.parameters():
+        if id(p) not in stored:
+            p.data = p.data.cuda()
+    for m in model.modules():
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = b.cuda()
+    pipe = OffloadPipeline(store, layers, torch.device("cuda"), depth, overlap)
+    return model, units, store, pipe
+
+
+def _streamed_logits(model, units, pipe, seed=3):
+    keys = {id(p): param_key(n) for n, p in model.named_parameters()}
+    copies = PerturbedCopies(PerturbationGenerator(), keys, 1e-2, residency=pipe)
+    copies.set_slots(seed, [(0, 1), (0, -1)])
+    b = {k: v.cuda() for k, v in batch().items()}
+    with torch.no_grad(), dual_forward(units, 2, 2, copies):
+        pipe.begin()
+        return model(input_ids=torch.cat([b["input_ids"]] * 2), attention_mask=torch.cat([b["attention_mask"]] * 2),
+                     use_cache=False).logits
+
+
+@cuda
+def test_cuda_store_is_pinned_and_streams_are_separate():
+    model, units, store, pipe = _pipeline_on_cuda()
+    assert all(s.flat.is_pinned() and s.flat.device.type == "cpu" for s in store.units.values())
+    assert all(b.device.type == "cuda" for b in pipe.buffers)
+    st = pipe.streams
+    assert st.h2d != st.compute and st.d2h != st.compute and st.h2d != st.d2h
+
+
+@cuda
+@pytest.mark.parametrize("depth, overlap", [(1, True), (2, True), (1, False)])
+def test_cuda_offload_equals_resident(depth, overlap):
+    model, units, store, pipe = _pipeline_on_cuda(depth, overlap)
+    streamed = _streamed_logits(model, units, pipe)
+    resident = tiny_model("llama").eval().cuda()
+    r_units = cut_into_units(resident, resolve_trainable(resident, []))
+    keys = {id(p): param_key(n) for n, p in resident.named_parameters()}
+    copies = PerturbedCopies(PerturbationGenerator(), keys, 1e-2)
+    copies.set_slots(3, [(0, 1), (0, -1)])
+    b = {k: v.cuda() for k, v in batch().items()}
+    with torch.no_grad(), dual_forward(r_units, 2, 2, copies):
+        ref = resident(input_ids=torch.cat([b["input_ids"]] * 2), attention_mask=torch.cat([b["attention_mask"]] * 2),
+                       use_cache=False).logits
+    assert torch.equal(streamed, ref)
+
+
+@cuda
+def test_cuda_steady_state_loop_never_synchronizes_the_host(monkeypatch):
+    model, units, store, pipe = _pipeline_on_cuda(depth=2)
+    _streamed_logits(model, units, pipe)  # warm-up: allocations, cuBLAS handles
+
+    def forbidden(*_a, **_k):
+        raise AssertionError("host synchronisation inside the offload pipeline")
+    monkeypatch.setattr(torch.cuda, "synchronize", forbidden)
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", forbidden)
+    monkeypatch.setattr(torch.cuda.Stream, "synchronize", forbidden)
+    monkeypatch.setattr(torch.cuda.Event, "wait", forbidden)   # only stream-side waits are allowed
+    pipe.trace = []
+    _streamed_logits(model, units, pipe, seed=4)
+    assert [op for op, _ in pipe.trace].count("upload") == 2

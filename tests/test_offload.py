@@ -1,0 +1,187 @@
+"""The ZO2 offload pipeline, run on CPU with no-op streams (the same scheduler as on CUDA)."""
+import copy
+
+import pytest
+import torch
+
+import ds_zo
+from conftest import ds_config
+from models import VOCAB, batch, tiny_model
+from reference import MeZOReference
+
+STEPS = 3
+
+
+def offload_config(depth=1, overlap=True, dtype=None, resident=None, wd=0.1, **kw):
+    zo = dict(seed=3, prefetch_depth=depth, overlap=overlap, **kw)
+    if dtype:
+        zo["offload_dtype"] = dtype
+    if resident is not None:
+        zo["resident_units"] = resident
+    cfg = ds_config(lr=1e-2, eps=1e-3, wd=wd, **zo)
+    cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
+    return cfg
+
+
+def _run(model, cfg, steps=STEPS, micro_rows=2):
+    engine, *_ = ds_zo.initialize(model=model, config=cfg)
+    losses = [engine.train_batch(batch(seed=t)) for t in range(steps)]
+    return engine, losses
+
+
+def _layer_bytes(engine):
+    return sum(s.nbytes for s in engine.pipeline.order)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_offload_matches_resident_and_reference(arch):
+    base = tiny_model(arch)
+    resident, l_res = _run(copy.deepcopy(base), ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3))
+    offloaded, l_off = _run(copy.deepcopy(base), offload_config())
+    ref = MeZOReference(base, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    l_ref = [ref.step(batch(seed=t))[0] for t in range(STEPS)]
+    assert l_off == l_res == pytest.approx(l_ref, rel=1e-5)
+    a, b = resident.module_state_dict(), offloaded.module_state_dict()
+    for n, p in ref.params().items():
+        assert torch.equal(a[n], b[n]), n
+        torch.testing.assert_close(b[n], p, rtol=1e-5, atol=0)
+    assert offloaded.pipeline is not None and resident.pipeline is None
+    assert len(offloaded.pipeline.order) == 2  # the two decoder layers; embeddings, norm and head stay resident
+
+
+@pytest.mark.parametrize("depth, overlap", [(1, True), (1, False), (2, True), (3, True)])
+def test_prefetch_depth_and_overlap_do_not_change_results(depth, overlap):
+    base = tiny_model("qwen2")
+    ref_engine, _ = _run(copy.deepcopy(base), offload_config(depth=1))
+    engine, _ = _run(copy.deepcopy(base), offload_config(depth=depth, overlap=overlap, resident=["*embed*", "lm_head"]))
+    a, b = ref_engine.module_state_dict(), engine.module_state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert engine.pipeline.stats["order_misses"] == 0
+
+
+def _deep_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=6,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_schedule_trace_shows_overlap_window_and_once_up_once_down(depth):
+    engine, *_ = ds_zo.initialize(model=_deep_model(), config=offload_config(depth=depth))
+    engine.train_batch(batch(seed=0))
+    trace = engine.pipeline.trace = []
+    engine.train_batch(batch(seed=1))           # a steady-state step: the previous step's update is pending
+    names = [s.unit.name for s in engine.pipeline.order]
+    assert len(names) == 6
+    pos = {(op, name): i for i, (op, name) in enumerate(trace)}
+    for name in names:                          # once up, once down, in the order upload < compute < offload
+        assert [op for op, n in trace if n == name] == ["upload", "compute_begin", "compute_end", "offload"]
+    for i in range(len(names) - 1):             # the next upload is issued before this compute completes
+        assert pos[("upload", names[i + 1])] < pos[("compute_end", names[i])]
+    for i in range(len(names) - depth):         # and runs `depth` units ahead
+        assert pos[("upload", names[i + depth])] < pos[("compute_begin", names[i])]
+    resident, peak = set(), 0                   # never more than depth + 2 units hold a device buffer
+    for op, name in trace:
+        if op == "upload":
+            resident.add(name)
+        elif op == "offload":
+            resident.discard(name)
+        peak = max(peak, len(resident))
+    assert peak <= depth + 2
+    assert len(engine.pipeline.buffers) == min(depth + 2, 6)
+
+
+def test_comm_stats_equal_the_analytic_count():
+    engine, *_ = ds_zo.initialize(model=_deep_model(), config=offload_config(depth=2))
+    U = _layer_bytes(engine)
+    assert U == sum(p.numel() * 4 for n, p in engine.module.named_parameters() if ".layers." in n)
+    assert engine.comm_stats() == {"h2d_bytes": 0, "d2h_bytes": 0}
+    k = 4
+    for t in range(k):
+        engine.train_batch(batch(seed=t))
+    # one upload per unit per step; one offload per unit per step that applied a pending update (not step 0)
+    assert engine.comm_stats() == {"h2d_bytes": k * U, "d2h_bytes": (k - 1) * U}
+    engine.module_state_dict()                  # the flush streams the last update through: one more up and down
+    assert engine.comm_stats() == {"h2d_bytes": (k + 1) * U, "d2h_bytes": k * U}
+    engine.module_state_dict()                  # nothing pending: no traffic
+    assert engine.comm_stats() == {"h2d_bytes": (k + 1) * U, "d2h_bytes": k * U}
+    engine.eval_batch(batch())                  # evaluation streams every unit up, nothing down
+    assert engine.comm_stats() == {"h2d_bytes": (k + 2) * U, "d2h_bytes": k * U}
+
+
+def test_store_is_the_only_copy_of_offloaded_parameters():
+    engine, *_ = ds_zo.initialize(model=_deep_model(), config=offload_config(depth=1))
+    store = engine.pipeline.store
+    for s in store.units.values():
+        lo = s.flat.data_ptr()
+        hi = lo + s.nbytes
+        for p in s.params:
+            assert lo <= p.data_ptr() < hi        # the module's parameters are views of the flat store
+    # host memory for parameters: the store plus the resident units, i.e. one copy of the model
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in engine.module.parameters()}
+    model_bytes = sum(p.numel() * p.element_size() for p in engine.module.parameters())
+    assert sum(storages.values()) == model_bytes
+    # device-side working set: depth + 2 unit buffers
+    assert engine.pipeline.nbytes_device() == 3 * max(s.nbytes for s in store.units.values())
+
+
+def test_eval_direct_forward_and_generate_stream_the_units():
+    base = tiny_model("llama")
+    resident, _ = _run(copy.deepcopy(base), ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3))
+    offloaded, _ = _run(copy.deepcopy(base), offload_config())
+    b = batch()
+    assert offloaded.eval_batch(b) == resident.eval_batch(b)
+    before = offloaded.comm_stats()["h2d_bytes"]
+    with torch.no_grad():
+        out_off = offloaded.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        out_res = resident.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    assert torch.equal(out_off, out_res)
+    assert offloaded.comm_stats()["h2d_bytes"] == before + _layer_bytes(offloaded)
+    assert all("forward" not in u.module.__dict__ for u in offloaded.units)  # streaming wrappers removed
+    gen_off = offloaded.module.generate(b["input_ids"][:1], max_new_tokens=5, do_sample=False)
+    gen_res = resident.module.generate(b["input_ids"][:1], max_new_tokens=5, do_sample=False)
+    assert torch.equal(gen_off, gen_res)
+
+
+def test_n_spsa_and_micro_batches_under_offload():
+    base = tiny_model("llama")
+    a, _ = _run(copy.deepcopy(base), ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, num_perturbations=2))
+    b, _ = _run(copy.deepcopy(base), offload_config(num_perturbations=2))
+    sa, sb = a.module_state_dict(), b.module_state_dict()
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    # all four slots run in one forward: still one upload per unit per step
+    assert b.pipeline.stats["uploads"] == (STEPS + 1) * 2  # + the flush of module_state_dict
+
+
+def test_bf16_storage_rounds_the_fp32_update_once():
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=offload_config(dtype="bf16", wd=0.0))
+    store = engine.pipeline.store
+    flats0 = {id(s): s.flat.clone() for s in store.units.values()}
+    assert all(s.flat.dtype == torch.bfloat16 for s in store.units.values())
+    engine.train_batch(batch(seed=0))
+    engine.flush()
+    rec = engine.step_log[0]
+    from ds_zo.perturb import PerturbationGenerator
+    gen = PerturbationGenerator()
+    for s in store.units.values():
+        for p, o in zip(s.params, s.offsets):
+            n = p.numel()
+            z = gen.z(rec.seed, 0, engine.param_keys[id(p)], n)
+            theta = flats0[id(s)][o:o + n].float()
+            expected = (theta - rec.lr * (rec.g[0] * z)).bfloat16()
+            assert torch.equal(s.flat[o:o + n], expected)
+    # resident units keep the model dtype and are exact
+    assert engine.module.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_offload_refuses_tied_weights_and_empty_sets():
+    with pytest.raises(ValueError, match="tied"):
+        ds_zo.initialize(model=tiny_model("llama", tied=True), config=offload_config(resident=[]))
+    with pytest.raises(ValueError, match="no unit is offloaded"):
+        ds_zo.initialize(model=tiny_model("llama"), config=offload_config(resident=["*"]))
+    # untied: everything may be offloaded, embeddings and head included
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama", tied=False), config=offload_config(resident=[]))
+    assert len(engine.pipeline.order) == len(engine.units)
+    engine.train_batch(batch())
