@@ -121,9 +121,9 @@ class ZOEngine(DeepSpeedEngine):
         if not self._in_zo_forward:
             self.flush()
 
-    def flush(self) -> None:
-        """Apply any pending (fused) update so the stored parameters include every completed step. Offloaded units
-        are streamed through the pipeline, so z is drawn on the same device as it was for the perturbation."""
+    def _apply_remaining_pending(self) -> None:
+        """Apply the pending update wherever it is still owed, without a host sync. Offloaded units are streamed
+        through the pipeline, so z is drawn on the same device as it was for the perturbation."""
         if self.optimizer.pending is None:
             return
         if self.pipeline is not None:
@@ -134,8 +134,13 @@ class ZOEngine(DeepSpeedEngine):
                     self.pipeline.enter(unit)
                     changed = self._apply_pending_to_unit(unit.trainable)
                     self.pipeline.exit(unit, changed)
-                self.pipeline.synchronize()
         self.optimizer.flush()
+
+    def flush(self) -> None:
+        """Make every completed step visible in the stored parameters (host-side readers may read them after)."""
+        self._apply_remaining_pending()
+        if self.pipeline is not None:
+            self.pipeline.synchronize()
 
     # -- direct use of engine.module (inference, generate) ------------------------------------------------------------
     def _before_direct_forward(self, module, args):
@@ -219,13 +224,13 @@ class ZOEngine(DeepSpeedEngine):
             for i, part in enumerate(self._slot_losses(mb, self.copies)):
                 parts[i].append(part)
             # units that did not run in the forward still owe the previous step's update
-            self.flush()
+            self._apply_remaining_pending()
         means = [mean_loss(p) for p in parts]
         grads = [(means[2 * j] - means[2 * j + 1]) / (2 * self.eps) for j in range(q)]
         losses = [(means[2 * j] + means[2 * j + 1]) / 2 for j in range(q)]
         self.optimizer.record_step(step, seed, grads, lr, self.weight_decay)
         if not self.zo_config.fuse_update:
-            self.flush()
+            self._apply_remaining_pending()
         self._take_model_step(None)  # DeepSpeed's bookkeeping: lr scheduler, global_steps, global_samples
         self.last_projected_grad = grads[0] if q == 1 else grads
         loss = sum(losses) / q

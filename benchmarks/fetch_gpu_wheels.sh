@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with registry access) before a GPU check: the GPU machine has torch, transformers and mpi4py
+# but no deepspeed (nor pydantic/hjson) and no registry. Saves the missing wheels to .whl/ (git-ignored via
+# .git/info/exclude), to be carried with `carry: [".whl"]`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+mkdir -p .whl
+PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+PYV=${GPU_PYTHON_VERSION:-3.12}
+python3 -m pip download -q --no-deps -d .whl deepspeed==0.19.8 hjson==3.1.0 annotated-types==0.8.0 \
+    typing-inspection==0.4.5 pydantic==2.14.4
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp $PLAT \
+    -d .whl pydantic_core==2.50.5
+ls -la .whl
