@@ -40,12 +40,17 @@ class ZeroOrderConfig(DeepSpeedConfigModel):
     offload_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None  # storage dtype of offloaded units; None = model's
     resident_units: Optional[list[str]] = None          # fnmatch patterns of unit names kept on device;
                                                         # None = every unit except the decoder layers
+    # DistZO2 parallelism
+    perturbation_parallel: int = Field(1, ge=1, le=2)   # ranks sharing one data shard, one sign each
+    partition_group_size: Optional[int] = Field(None, ge=1)  # ZeRO-3 reslicing group; None = the ranks of a node
+    collective_timeout_s: float = Field(600.0, gt=0)    # a dead or hung peer fails every collective after this
 
 
 @dataclass(frozen=True)
 class OffloadConfig:
     enabled: bool = False
     pin_memory: bool = True
+    partitioned: bool = False     # ZeRO-3: each rank's CPU master is its shard; units are resliced
 
 
 def _pydantic_error(section: str, err: ValidationError) -> ConfigError:
@@ -113,14 +118,17 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, Offl
     if not isinstance(zero, dict):
         raise ConfigError(f"zero_optimization: must be an object, got {type(zero).__name__}")
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2):
-        raise ConfigError(f"zero_optimization.stage: {stage!r} is not supported yet; allowed: 0, 1, 2 (ZO keeps no "
-                          "gradients or optimizer state, so stages 1 and 2 partition nothing and run as stage 0)")
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage: {stage!r} is not allowed; use 0, 1, 2 (ZO keeps no gradients or "
+                          "optimizer state, so 1 and 2 partition nothing and run as 0) or 3 (partitioned parameters)")
     opt_off = zero.get("offload_optimizer") or {}
     if opt_off.get("device", "none") != "none":
         raise ConfigError(f"zero_optimization.offload_optimizer.device: {opt_off.get('device')!r} has no meaning "
                           "for ZO (there is no optimizer state); use zero_optimization.offload_param")
-    offload = _offload_param(zero)
+    offload = _offload_param(zero, partitioned=stage == 3)
+    if stage == 3 and not offload.enabled:
+        raise ConfigError("zero_optimization.stage: 3 needs zero_optimization.offload_param.device = 'cpu' (each rank "
+                          "keeps its shard of the parameters in CPU memory and reslices units through the device)")
     # ds_zo runs the offload itself and ZeRO's gradient/optimizer-state wrappers have nothing to manage: DeepSpeed's
     # engine is built at stage 0 and never sees offload_param
     if zero:
@@ -132,7 +140,7 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, Offl
     return ds, params, zo, offload
 
 
-def _offload_param(zero: dict) -> OffloadConfig:
+def _offload_param(zero: dict, partitioned: bool) -> OffloadConfig:
     off = zero.get("offload_param")
     if off is None:
         return OffloadConfig()
@@ -148,4 +156,4 @@ def _offload_param(zero: dict) -> OffloadConfig:
     pin = off.get("pin_memory", True)
     if not isinstance(pin, bool):
         raise ConfigError(f"zero_optimization.offload_param.pin_memory: {pin!r} must be true or false")
-    return OffloadConfig(enabled=device == "cpu", pin_memory=pin)
+    return OffloadConfig(enabled=device == "cpu", pin_memory=pin, partitioned=partitioned)

@@ -22,7 +22,9 @@ from .model.dual_forward import dual_forward
 from .model.perturbed_copies import PerturbedCopies
 from .model.units import Unit, cut_into_units
 from .offload import OffloadPipeline, ParameterStore
+from .offload.sharded import ShardedOffloadPipeline, ShardedStore, ShardedUnit
 from .optimizer import ZOSGD
+from .parallel import Communicator, ParallelDims
 from .perturb import PerturbationGenerator, param_key, step_seed
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
@@ -42,10 +44,12 @@ def _eval_mode(module: torch.nn.Module):
 
 class ZOEngine(DeepSpeedEngine):
     def __init__(self, *args, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str],
-                 offload: OffloadConfig = OffloadConfig(), **kwargs):
+                 offload: OffloadConfig, dims: ParallelDims, communicator: Communicator, **kwargs):
         # With offload the model must stay in host memory: DeepSpeed would move all of it to the device.
         super().__init__(*args, dont_change_device=offload.enabled, **kwargs)
         self.zo_config = zo_config
+        self.dims = dims
+        self.comm = communicator
         self.eps = zo_params.eps
         self.weight_decay = zo_params.weight_decay
         self.trainable_names = trainable
@@ -94,7 +98,11 @@ class ZOEngine(DeepSpeedEngine):
             raise ValueError("offload: no unit is offloaded (zero_order.resident_units matches every unit)")
         pin = offload.pin_memory and self.device.type == "cuda"
         storage = STORAGE_DTYPES[zo.offload_dtype] if zo.offload_dtype else None
-        store = ParameterStore(offloaded, storage, pin)
+        if offload.partitioned:
+            self._materialize_resident([u for u in self.units if u not in offloaded])
+            store = ShardedStore(offloaded, self.dims.partition_rank, self.dims.partition, storage, pin)
+        else:
+            store = ParameterStore(offloaded, storage, pin)
         # everything else lives on the device: resident units' parameters and every buffer
         stored = {id(p) for s in store.units.values() for p in s.params}
         for p in self.module.parameters():
@@ -104,14 +112,53 @@ class ZOEngine(DeepSpeedEngine):
             for name, buf in mod._buffers.items():
                 if buf is not None:
                     mod._buffers[name] = buf.to(self.device)
+        if offload.partitioned:
+            return ShardedOffloadPipeline(store, offloaded, self.device, self.comm, self._update_shard,
+                                          zo.prefetch_depth, zo.overlap)
         return OffloadPipeline(store, offloaded, self.device, zo.prefetch_depth, zo.overlap)
 
+    def _materialize_resident(self, units: list[Unit]) -> None:
+        """ZeRO-3: resident units (embeddings, norm, head by default) are gathered once, whole, onto every rank's
+        device and stay there; that replica is their master (every rank applies the same update to it) and the CPU
+        shard is released."""
+        for u in units:
+            for r in u.params:
+                p = r.param
+                if not hasattr(p, "ds_tensor") or p.ds_tensor.numel() == 0:
+                    continue
+                shard = p.ds_tensor.data.to(self.device)
+                gathered = torch.empty(self.dims.partition * shard.numel(), dtype=shard.dtype, device=self.device)
+                self.comm.all_gather_shards(gathered, shard)
+                p.data = gathered[:p.ds_numel].view(p.ds_shape).clone()
+                p.ds_tensor.data = torch.empty(0, dtype=shard.dtype)
+        self.comm.stats["allgather_bytes"] = 0  # start-up traffic is not per-step traffic
+
+    def _update_shard(self, su: ShardedUnit, shard: torch.Tensor) -> bool:
+        """The fused update on this rank's device shard of a resliced unit (z drawn for the shard's slice only)."""
+        opt = self.optimizer
+        changed = False
+        for i, p in enumerate(su.params):
+            if opt.owes(p):
+                o = su.shard_offsets[i]
+                opt.apply_pending_to_slice(p, shard[o:o + su.valid(i)], su.rank * su.shard_numels[i],
+                                           su.full_numels[i])
+                changed = True
+        return changed
+
     def comm_stats(self) -> dict:
-        """Cumulative bytes moved by this rank: host→device and device→host parameter traffic."""
+        """Cumulative bytes moved by this rank: host→device and device→host parameter traffic, bytes received by
+        the shard all-gathers, and bytes of the per-step scalar all-reduce."""
         stats = {"h2d_bytes": 0, "d2h_bytes": 0}
         if self.pipeline is not None:
             stats.update({k: self.pipeline.stats[k] for k in ("h2d_bytes", "d2h_bytes")})
+        stats["allgather_bytes"] = self.comm.stats["allgather_bytes"]
+        stats["allreduce_bytes"] = self.comm.stats["allreduce_bytes"]
         return stats
+
+    @property
+    def dp_rank(self) -> int:
+        """Which shard of the global batch this rank feeds to train_batch (perturbation-parallel peers share one)."""
+        return self.dims.dp_rank
 
     # -- the pending update -----------------------------------------------------------------------------------------
     def _apply_pending_to_unit(self, refs) -> bool:
@@ -129,7 +176,7 @@ class ZOEngine(DeepSpeedEngine):
         if self.pipeline is not None:
             owing = [s.unit for s in self.pipeline.order if any(self.optimizer.owes(r.param) for r in s.unit.trainable)]
             if owing:
-                self.pipeline.begin(owing)
+                self.pipeline.begin(owing, compute=False)
                 for unit in owing:
                     self.pipeline.enter(unit)
                     changed = self._apply_pending_to_unit(unit.trainable)
@@ -210,22 +257,28 @@ class ZOEngine(DeepSpeedEngine):
         return [token_loss_sum(logits[i * rows:(i + 1) * rows], labels) for i in range(slots)]
 
     def train_batch(self, batch: Optional[dict] = None, data_iter: Optional[Iterator] = None) -> float:
-        """One ZO step over this rank's share of a global batch; returns (L+ + L−)/2 (mean over perturbations)."""
+        """One ZO step over this rank's share of a global batch (shard `dp_rank` of `dp_world_size`); returns the
+        mean over perturbations of (L+ + L−)/2 on the whole global batch."""
         micro = self._micro_batches(batch, data_iter)
         step = self.global_steps
         seed = step_seed(self.zo_config.seed, step)
         lr = self.optimizer.current_lr()
         q = self.zo_config.num_perturbations
-        # every perturbation's + and − in one forward: each unit is visited (and, offloaded, moved) once per micro-batch
-        slots = [(j, sign) for j in range(q) for sign in (1, -1)]
-        self.copies.set_slots(seed, slots)
-        parts: list[list[tuple[float, int]]] = [[] for _ in slots]
+        # every perturbation's + and − as slots of one forward (each unit is visited, and moved, once per micro-batch);
+        # under perturbation parallelism each rank of a pair runs one sign
+        all_slots = [(j, sign) for j in range(q) for sign in (1, -1)]
+        mine = [i for i, (_, sign) in enumerate(all_slots) if self.dims.pertp == 1 or (sign == 1) == (self.dims.pert_rank == 0)]
+        self.copies.set_slots(seed, [all_slots[i] for i in mine])
+        # [sum of token losses per slot..., token count per slot...]: the one collective of the step
+        totals = torch.zeros(2 * len(all_slots), dtype=torch.float64)
         for mb in micro:
-            for i, part in enumerate(self._slot_losses(mb, self.copies)):
-                parts[i].append(part)
+            for i, (loss_sum, count) in zip(mine, self._slot_losses(mb, self.copies)):
+                totals[i] += loss_sum
+                totals[len(all_slots) + i] += count
             # units that did not run in the forward still owe the previous step's update
             self._apply_remaining_pending()
-        means = [mean_loss(p) for p in parts]
+        self.comm.all_reduce_sum(totals)
+        means = [mean_loss([(totals[i].item(), int(totals[len(all_slots) + i].item()))]) for i in range(len(all_slots))]
         grads = [(means[2 * j] - means[2 * j + 1]) / (2 * self.eps) for j in range(q)]
         losses = [(means[2 * j] + means[2 * j + 1]) / 2 for j in range(q)]
         self.optimizer.record_step(step, seed, grads, lr, self.weight_decay)
@@ -239,11 +292,14 @@ class ZOEngine(DeepSpeedEngine):
 
     @torch.no_grad()
     def eval_batch(self, batch: dict) -> float:
-        """The mean token loss at the current parameters (every completed step applied)."""
+        """The mean token loss at the current parameters (every completed step applied) over the global batch: each
+        data-parallel rank passes its shard (a collective: every rank calls it)."""
         self.flush()
         batch = self._to_device(batch)
         plain = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline)
-        return mean_loss(self._slot_losses(batch, plain))
+        (loss_sum, count), = self._slot_losses(batch, plain)
+        totals = self.comm.all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64), group="dp")
+        return mean_loss([(totals[0].item(), int(totals[1].item()))])
 
     def _write_monitor(self, loss: float, grads: list[float], lr: float) -> None:
         if self.monitor.enabled and self.global_rank == 0:
@@ -254,9 +310,35 @@ class ZOEngine(DeepSpeedEngine):
             self.monitor.write_events(events)
 
     # -- state ------------------------------------------------------------------------------------------------------
-    def module_state_dict(self, *args, **kwargs):
+    def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        """The full parameters with every completed step applied, on every rank (resliced units are gathered)."""
         self.flush()
-        return super().module_state_dict(*args, **kwargs)
+        sd = super().module_state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars,
+                                       exclude_frozen_parameters=exclude_frozen_parameters)
+        if isinstance(self.pipeline, ShardedOffloadPipeline):
+            full = self._gather_resliced()
+            names = {}
+            for n, p in self.module.named_parameters(remove_duplicate=False):
+                names.setdefault(id(p), []).append(prefix + n)
+            for pid, tensor in full.items():
+                for n in names.get(pid, []):
+                    if n in sd:
+                        sd[n] = tensor
+        return sd
+
+    def _gather_resliced(self) -> dict[int, torch.Tensor]:
+        """id(param) -> full CPU tensor for every resliced parameter (a pass of all-gathers; every rank calls it)."""
+        out = {}
+        pipe = self.pipeline
+        pipe.begin()
+        for su in pipe.order:
+            pipe.enter(su.unit)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+            for p in su.params:
+                out[id(p)] = p.data.detach().to("cpu", copy=True)
+            pipe.exit(su.unit, False)
+        return out
 
     @property
     def step_log(self):

@@ -10,6 +10,10 @@ from torch import nn
 from .config import ConfigError, load_config, split_config
 from .model.units import is_decayed, resolve_trainable
 from .optimizer import ZOSGD
+from .parallel import Communicator, ParallelDims
+from .parallel.dims import default_partition_size
+from .parallel.mpu import ZOParallelMPU
+from .parallel.partition import partition_model, replicate_from_rank0
 
 
 def _free_port() -> int:
@@ -38,7 +42,7 @@ def build_optimizer(model: nn.Module, trainable: set[str], lr: float, eps: float
     if not named:
         raise ConfigError("zero_order.trainable: no parameter of the model matches; nothing would be trained")
     groups = [{"params": [p for _, p in named if is_decayed(p)], "weight_decay": weight_decay},
-              {"params": [p for _, p in named if not is_decayed(p)], "weight_decay": 0.0}]
+              {"params": [p for _, p in named if not is_decayed(p)], "weight_decay": 0.0}]  # (ZeRO-3: by ds_shape)
     return ZOSGD([g for g in groups if g["params"]], lr=lr, eps=eps, weight_decay=weight_decay)
 
 
@@ -68,22 +72,38 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
     ds_config, zo_params, zo, offload = split_config(load_config(config))
 
     trainable = resolve_trainable(model, zo.trainable)
-    if optimizer is None:
-        optimizer = build_optimizer(model, trainable, zo_params.lr, zo_params.eps, zo_params.weight_decay)
-    elif not isinstance(optimizer, ZOSGD):
+    if not trainable:
+        raise ConfigError("zero_order.trainable: no parameter of the model matches; nothing would be trained")
+    if optimizer is not None and not isinstance(optimizer, ZOSGD):
         raise TypeError(f"ds_zo.initialize: optimizer must be a ds_zo.ZOSGD (or None), got {type(optimizer).__name__}")
 
+    if mpu is not None:
+        raise ValueError("mpu is not used by ds_zo: its parallel layout comes from zero_order.perturbation_parallel "
+                         "and the world size")
     _default_single_process_env()
     partition_parameters.shutdown_init_context()
     try:
+        from datetime import timedelta
         dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                              dist_init_required=dist_init_required)
-        config_class = DeepSpeedConfig(ds_config, mpu)
+                              dist_init_required=dist_init_required, timeout=timedelta(seconds=zo.collective_timeout_s))
+        world, rank = dist.get_world_size(), dist.get_rank()
+        partition = default_partition_size(world, zo.partition_group_size) if offload.partitioned else 1
+        dims = ParallelDims(world=world, rank=rank, pertp=zo.perturbation_parallel, partition=partition)
+        dims.build_groups(zo.collective_timeout_s)
+        comm = Communicator(dims, zo.collective_timeout_s)
+        if offload.partitioned:
+            partition_model(model, comm, ds_config)
+        elif world > 1:
+            replicate_from_rank0(model, comm)
+        if optimizer is None:
+            optimizer = build_optimizer(model, trainable, zo_params.lr, zo_params.eps, zo_params.weight_decay)
+        zo_mpu = ZOParallelMPU(dims)
+        config_class = DeepSpeedConfig(ds_config, zo_mpu)
         engine = ZOEngine(args=args, model=model, optimizer=optimizer, model_parameters=None,
-                          training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
+                          training_data=training_data, lr_scheduler=lr_scheduler, mpu=zo_mpu,
                           dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
                           config_class=config_class, zo_config=zo, zo_params=zo_params, trainable=trainable,
-                          offload=offload)
+                          offload=offload, dims=dims, communicator=comm)
     finally:
         partition_parameters.restore_init_context()
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

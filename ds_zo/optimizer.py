@@ -141,6 +141,17 @@ class ZOSGD(torch.optim.Optimizer):
                 changed = True
         return changed
 
+    def apply_pending_to_slice(self, param: torch.nn.Parameter, flat: torch.Tensor, start: int, numel: int) -> None:
+        """Apply the pending update to `flat`, the elements [start, start + flat.numel()) of `param` (a ZeRO-3 shard
+        of a parameter of `numel` elements), and count the parameter as updated."""
+        n = flat.numel()
+        if n:
+            if self._buffers is None or self._buffers[0].numel() < n or self._buffers[0].device != flat.device:
+                self._buffers = tuple(torch.empty(n, dtype=torch.float32, device=flat.device) for _ in range(2))
+            apply_step(flat, self.keys[id(param)], self.pending, self._decays()[id(param)] != 0.0, self.generator,
+                       self._buffers, start=start, numel=numel)
+        self._pending_done.add(id(param))
+
     def owes(self, param: torch.nn.Parameter) -> bool:
         """Whether the pending update still has to be applied to this parameter."""
         return self.pending is not None and id(param) not in self._pending_done and id(param) in self._decays()

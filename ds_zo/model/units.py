@@ -40,7 +40,7 @@ def _largest_module_list(model: nn.Module) -> tuple[str, nn.ModuleList] | tuple[
     best, best_name, best_count = None, None, 0
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            count = sum(p.numel() for p in mod.parameters())
+            count = sum(full_numel(p) for p in mod.parameters())
             if count > best_count:
                 best, best_name, best_count = mod, name, count
     return best_name, best
@@ -108,6 +108,11 @@ def resolve_trainable(model: nn.Module, patterns: list[str]) -> set[str]:
     return names
 
 
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, also for a ZeRO-3 placeholder (whose own shape is (0,))."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def is_decayed(param: torch.Tensor) -> bool:
-    """nanoGPT's rule: matrices and embeddings decay; 1-D biases and norm weights do not."""
-    return param.dim() >= 2
+    """nanoGPT's rule: matrices and embeddings decay; 1-D biases and norm weights do not (ZeRO-3: by ds_shape)."""
+    return len(getattr(param, "ds_shape", param.shape)) >= 2

@@ -48,6 +48,7 @@ class OffloadPipeline(Residency):
         self._uploaded: dict[int, object] = {}     # unit k -> event of its upload in this pass
         self._pass: list[int] = []                 # the units of the current pass, in visiting order
         self._pos: dict[int, int] = {}
+        self._computing = True
         self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "uploads": 0, "offloads": 0, "order_misses": 0}
         self.trace: Optional[list[tuple[str, str]]] = None   # set to [] to record the issue order of operations
         self.max_resident = 0
@@ -65,14 +66,16 @@ class OffloadPipeline(Residency):
         return sum(b.numel() * b.element_size() for b in self.buffers + [s for s in self.staging if s is not None])
 
     # -- one pass ---------------------------------------------------------------------------------------------------
-    def begin(self, units: Optional[list[Unit]] = None) -> None:
+    def begin(self, units: Optional[list[Unit]] = None, compute: bool = True) -> None:
         """Start a pass over `units` (default: every offloaded unit, in execution order) and issue its first
-        depth + 1 uploads. Buffers are assigned round-robin by position in the pass."""
+        depth + 1 uploads. Buffers are assigned round-robin by position in the pass. compute=False: a pass that only
+        updates the stored units (flush), with nothing to assemble for a forward."""
         ks = list(range(len(self.order))) if units is None else [self.index[id(u)] for u in units]
         self._pass = ks
         self._pos = {k: i for i, k in enumerate(ks)}
         self._uploaded = {}
         self._occupant = [None] * len(self.buffers)
+        self._computing = compute
         for i in range(min(self.depth + 1, len(ks))):
             self._upload(ks[i])
 
@@ -80,7 +83,7 @@ class OffloadPipeline(Residency):
         return self._pos.get(k, k) % len(self.buffers)
 
     def _upload(self, k: int) -> None:
-        s, b = self.order[k], self._buffer_of(k)
+        b = self._buffer_of(k)
         prev = self._occupant[b]
         if prev is not None and prev != k:
             self._uploaded.pop(prev, None)       # it was prefetched but never computed: upload it again if needed
@@ -91,22 +94,57 @@ class OffloadPipeline(Residency):
                 st.h2d.wait_event(self._free[b])      # the buffer's previous unit is done with it
             if k in self._store_ready:
                 st.h2d.wait_event(self._store_ready[k])  # this unit's last offload has landed in the store
-            buf = self.buffers[b][:s.numel]
-            if self._converts(s):
-                stage = self.staging[b][:s.numel]
-                stage.copy_(s.flat, non_blocking=True)
-                buf.copy_(stage)
-            else:
-                buf.copy_(s.flat, non_blocking=True)
-            done = st.event()
-            done.record(st.h2d)
-        self._uploaded[k] = done
+        self._uploaded[k] = self._load(k, b)
         self._occupant[b] = k
         self._resident.add(k)
         self.max_resident = max(self.max_resident, len(self._resident))
-        self.stats["h2d_bytes"] += s.nbytes
         self.stats["uploads"] += 1
         self._log("upload", k)
+
+    def _copy_in(self, dst: torch.Tensor, src: torch.Tensor, stage: Optional[torch.Tensor]) -> None:
+        """Host → device (on the current stream), converting from the storage dtype on the device if needed."""
+        if stage is not None and src.dtype != dst.dtype:
+            stage.copy_(src, non_blocking=True)
+            dst.copy_(stage)
+        else:
+            dst.copy_(src, non_blocking=True)
+        self.stats["h2d_bytes"] += src.numel() * src.element_size()
+
+    def _copy_out(self, dst: torch.Tensor, src: torch.Tensor, stage: Optional[torch.Tensor]) -> None:
+        """Device → host (on the current stream); an update rounds once into the storage dtype."""
+        if stage is not None and src.dtype != dst.dtype:
+            stage.copy_(src)
+            dst.copy_(stage, non_blocking=True)
+        else:
+            dst.copy_(src, non_blocking=True)
+        self.stats["d2h_bytes"] += dst.numel() * dst.element_size()
+
+    def _load(self, k: int, b: int):
+        """Bring unit k into buffer b on the h2d stream; returns the event after which it can be computed."""
+        s, st = self.order[k], self.streams
+        with st.on(st.h2d):
+            stage = self.staging[b][:s.numel] if self.staging[b] is not None else None
+            self._copy_in(self.buffers[b][:s.numel], s.flat, stage)
+            done = st.event()
+            done.record(st.h2d)
+        return done
+
+    def _point(self, k: int, b: int) -> None:
+        s = self.order[k]
+        s.point_at(self.buffers[b][:s.numel])
+
+    def _store(self, k: int, b: int) -> None:
+        """Write unit k back from buffer b into the store (on the current stream, the d2h stream)."""
+        s = self.order[k]
+        stage = self.staging[b][:s.numel] if self.staging[b] is not None else None
+        self._copy_out(s.flat, self.buffers[b][:s.numel], stage)
+
+    def _unpoint(self, k: int) -> None:
+        s = self.order[k]
+        s.point_at(s.flat)
+
+    def _written_back(self, k: int, dirty: bool) -> bool:
+        return dirty
 
     def enter(self, unit: Unit) -> None:
         k = self.index.get(id(unit))
@@ -117,39 +155,31 @@ class OffloadPipeline(Residency):
             self._upload(k)
         st = self.streams
         st.compute.wait_event(self._uploaded[k])
-        s = self.order[k]
-        s.point_at(self.buffers[self._buffer_of(k)][:s.numel])
+        self._point(k, self._buffer_of(k))
         self._log("compute_begin", k)
 
     def exit(self, unit: Unit, dirty: bool) -> None:
         k = self.index.get(id(unit))
         if k is None:
             return
-        s, b = self.order[k], self._buffer_of(k)
+        b = self._buffer_of(k)
         st = self.streams
         computed = st.event()
         computed.record(st.compute)
         self._log("compute_end", k)
-        if dirty:
+        if self._written_back(k, dirty):
             with st.on(st.d2h):
                 st.d2h.wait_event(computed)
-                buf = self.buffers[b][:s.numel]
-                if self._converts(s):
-                    stage = self.staging[b][:s.numel]
-                    stage.copy_(buf)                      # the update rounds once into the storage dtype
-                    s.flat.copy_(stage, non_blocking=True)
-                else:
-                    s.flat.copy_(buf, non_blocking=True)
+                self._store(k, b)
                 landed = st.event()
                 landed.record(st.d2h)
             self._free[b] = landed
             self._store_ready[k] = landed
-            self.stats["d2h_bytes"] += s.nbytes
             self.stats["offloads"] += 1
             self._log("offload", k)
         else:
             self._free[b] = computed
-        s.point_at(s.flat)
+        self._unpoint(k)
         self._uploaded.pop(k, None)
         self._occupant[b] = None
         self._resident.discard(k)

@@ -1,0 +1,104 @@
+"""Reading the user's own data files (CSV or JSONL) into plain dicts, with errors that point at the bad row.
+
+Every error names the file, the row and the problem, because a typo on row 7,412 of someone's CSV is otherwise a
+needle in a haystack. CSV rows are numbered as data rows (the header is not counted) together with their line in the
+file (a quoted field may span lines); JSONL rows are numbered by line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as given; the message names the file, the row and the problem."""
+
+
+def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yields (where, row) for each record of a .csv/.tsv or .jsonl/.json file; `where` is "file, row N (line L)"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        yield from _csv_rows(path, delimiter="\t" if suffix == ".tsv" else ",")
+    elif suffix in (".jsonl", ".json"):
+        yield from _jsonl_rows(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl (one JSON object a line)")
+
+
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:   # -sig: spreadsheet exports often start with a BOM
+        reader = csv.DictReader(f, delimiter=delimiter)
+        if not reader.fieldnames:
+            raise DataError(f"{path}: empty file (expected a header row)")
+        start = reader.line_num + 1
+        for number, row in enumerate(reader, start=1):
+            where = f"{path}, row {number} (line {start})"
+            if None in row:   # csv puts surplus fields under the key None
+                raise DataError(f"{where}: {len(reader.fieldnames) + len(row[None])} fields but the header has "
+                                f"{len(reader.fieldnames)}")
+            yield where, row
+            start = reader.line_num + 1
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: invalid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def field(where: str, row: dict, column: str, allow_empty: bool = False) -> str:
+    """The row's value for `column` as a string; a DataError if the column is missing (or the value empty)."""
+    if column not in row:
+        raise DataError(f"{where}: missing column {column!r} (has {sorted(k for k in row if k is not None)})")
+    if row[column] is None:   # a short CSV row, or JSON null
+        raise DataError(f"{where}: no value for column {column!r}")
+    value = row[column]
+    value = value if isinstance(value, str) else json.dumps(value)
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: empty {column!r}")
+    return value
+
+
+def read_labelled(path: str | os.PathLike, text_column: str = "text", label_column: str = "label",
+                  label_values: Sequence[str] = ("0", "1")) -> list[dict]:
+    """[{"text", "label"}] from a CSV/JSONL file; `label` is the index of the row's value in `label_values`.
+
+    Values compare as stripped strings, so a CSV's "1" and a JSONL's 1 both match "1"; pass e.g.
+    ("negative", "positive") for named labels.
+    """
+    allowed = [str(v).strip() for v in label_values]
+    examples = []
+    for where, row in iter_rows(path):
+        text = field(where, row, text_column)
+        value = field(where, row, label_column).strip()
+        if value not in allowed:
+            raise DataError(f"{where}: label {value!r} is not one of {allowed}")
+        examples.append({"text": text, "label": allowed.index(value)})
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples
+
+
+def read_prompt_completion(path: str | os.PathLike, prompt_column: str = "prompt",
+                           completion_column: str = "completion") -> list[dict]:
+    """[{"prompt", "completion"}] from a JSONL (or CSV) file; the prompt may be empty, the completion may not."""
+    examples = [{"prompt": field(where, row, prompt_column, allow_empty=True),
+                 "completion": field(where, row, completion_column)} for where, row in iter_rows(path)]
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples

@@ -1,0 +1,66 @@
+"""ds_zo's collectives: the per-step scalar all-reduce (losses and token counts), the coalesced all-gather of a unit's
+shards within a partition group, and the one-time model broadcast. Every collective runs on ds_zo's own groups,
+created with `zero_order.collective_timeout_s`, and a failure (a dead or hung peer) becomes a CollectiveError that
+names the rank, the collective and the timeout instead of a hang. Bytes are counted per rank."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .dims import ParallelDims
+
+
+class CollectiveError(RuntimeError):
+    pass
+
+
+class Communicator:
+    def __init__(self, dims: ParallelDims, timeout_s: float):
+        self.dims = dims
+        self.timeout_s = timeout_s
+        self.stats = {"allreduce_bytes": 0, "allgather_bytes": 0, "allreduce_calls": 0, "allgather_calls": 0}
+
+    def _fail(self, what: str, group: str, err: Exception) -> CollectiveError:
+        return CollectiveError(
+            f"rank {self.dims.rank}/{self.dims.world}: {what} over the {group} group failed (timeout "
+            f"{self.timeout_s:g} s; zero_order.collective_timeout_s): a peer rank probably died or stopped "
+            f"responding. Cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+    def all_reduce_sum(self, values: torch.Tensor, group: str = "world") -> torch.Tensor:
+        """Sum a small float64 vector over every rank of a group (over the world: the only per-step collective of ZO
+        data/perturbation parallelism). In place; returns it."""
+        if self.dims.world == 1:
+            return values
+        try:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.dims.groups[group])
+        except Exception as e:  # gloo raises RuntimeError, NCCL DistBackendError; both mean the same here
+            raise self._fail("scalar all-reduce", group, e) from e
+        self.stats["allreduce_bytes"] += values.numel() * values.element_size()
+        self.stats["allreduce_calls"] += 1
+        return values
+
+    def all_gather_shards(self, out: torch.Tensor, shard: torch.Tensor) -> None:
+        """One coalesced all-gather of a unit's flat shard within this rank's partition group: out = (k * S,)."""
+        try:
+            dist.all_gather_into_tensor(out, shard, group=self.dims.groups["partition"])
+        except Exception as e:
+            raise self._fail("shard all-gather", "partition", e) from e
+        self.stats["allgather_bytes"] += (self.dims.partition - 1) * shard.numel() * shard.element_size()
+        self.stats["allgather_calls"] += 1
+
+    def broadcast_from_rank0(self, tensors) -> None:
+        """Make every rank's replica identical to rank 0's (once, at start-up)."""
+        if self.dims.world == 1:
+            return
+        try:
+            for t in tensors:
+                dist.broadcast(t, src=0, group=self.dims.groups["world"])
+        except Exception as e:
+            raise self._fail("model broadcast", "world", e) from e
+
+    def barrier(self) -> None:
+        if self.dims.world > 1:
+            try:
+                dist.barrier(group=self.dims.groups["world"])
+            except Exception as e:
+                raise self._fail("barrier", "world", e) from e
