@@ -1,8 +1,6 @@
 """ds_zo.initialize: the ZO counterpart of deepspeed.initialize, with the same arguments and return values."""
 from __future__ import annotations
 
-import os
-import socket
 from typing import Any, Optional
 
 from torch import nn
@@ -12,28 +10,9 @@ from .model.units import is_decayed, resolve_trainable
 from .optimizer import ZOSGD
 from .parallel import Communicator, ParallelDims
 from .parallel.dims import default_partition_size
+from .parallel.launch_env import ensure_launch_env
 from .parallel.mpu import ZOParallelMPU
 from .parallel.partition import partition_model, replicate_from_rank0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _default_single_process_env() -> None:
-    """Outside any launcher, run as a single local rank on loopback. Without this DeepSpeed tries MPI discovery and
-    takes MASTER_ADDR from `hostname -I` (a non-loopback address)."""
-    launched = any(k in os.environ for k in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"))
-    if launched:
-        return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def build_optimizer(model: nn.Module, trainable: set[str], lr: float, eps: float, weight_decay: float) -> ZOSGD:
@@ -80,7 +59,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
     if mpu is not None:
         raise ValueError("mpu is not used by ds_zo: its parallel layout comes from zero_order.perturbation_parallel "
                          "and the world size")
-    _default_single_process_env()
+    ensure_launch_env()
     partition_parameters.shutdown_init_context()
     try:
         from datetime import timedelta

@@ -119,5 +119,7 @@ def tiny_model_and_tokenizer(seed: int = 0, dtype: torch.dtype = torch.float32):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).to(dtype).eval(), tokenizer
+    with torch.random.fork_rng(devices=[]):   # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval(), tokenizer

@@ -42,13 +42,17 @@ def _with(**changes):
     ({"optimizer__type": "AdamW"}, ["optimizer.type", "AdamW", "ZOSGD"]),
     ({"optimizer__extra": 1}, ["optimizer", "extra"]),
     ({"gradient_clipping": 1.0}, ["gradient_clipping", "1.0"]),
-    ({"zero_optimization__stage": 3}, ["zero_optimization.stage", "3"]),
+    ({"zero_optimization__stage": 4}, ["zero_optimization.stage", "4"]),
     ({"zero_optimization__offload_param": {"device": "nvme"}}, ["zero_optimization.offload_param.device", "nvme"]),
     ({"zero_optimization__offload_param": {"device": "cpu", "buffer_count": 4}}, ["offload_param", "buffer_count"]),
     ({"zero_optimization__offload_param": {"device": "cpu", "pin_memory": "yes"}}, ["pin_memory", "yes"]),
     ({"zero_order__prefetch_depth": 0}, ["zero_order.prefetch_depth", "0"]),
     ({"zero_order__offload_dtype": "int8"}, ["zero_order.offload_dtype", "int8"]),
     ({"zero_order__overlap": "sometimes"}, ["zero_order.overlap"]),
+    ({"zero_order__perturbation_parallel": 3}, ["zero_order.perturbation_parallel", "3"]),
+    ({"zero_order__partition_group_size": 0}, ["zero_order.partition_group_size", "0"]),
+    ({"zero_order__collective_timeout_s": 0}, ["zero_order.collective_timeout_s", "0"]),
+    ({"zero_optimization__stage": 3}, ["zero_optimization.stage", "offload_param"]),
     ({"zero_optimization__offload_optimizer": {"device": "cpu"}}, ["zero_optimization.offload_optimizer"]),
 ])
 def test_bad_values_name_the_field(changes, must_mention):
@@ -115,3 +119,26 @@ def test_initialize_rejects_bad_arguments_before_touching_the_model():
     with pytest.raises(TypeError, match="ZOSGD"):
         ds_zo.initialize(model=model, config=ds_config(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_parallel_degrees_must_divide_the_world():
+    from ds_zo.parallel.dims import ParallelDims
+    with pytest.raises(ConfigError, match="perturbation_parallel: 2 does not divide the world size 3"):
+        ParallelDims(world=3, rank=0, pertp=2)
+    with pytest.raises(ConfigError, match="partition_group_size: 3 does not divide the world size 4"):
+        ParallelDims(world=4, rank=0, partition=3)
+    dims = ParallelDims(world=4, rank=3, pertp=2, partition=2)
+    assert (dims.dp, dims.dp_rank, dims.pert_rank, dims.partition_rank) == (2, 1, 1, 1)
+    assert dims.pertp_ranks(1) == [2, 3] and dims.dp_ranks(0) == [0, 2] and dims.partition_ranks(1) == [2, 3]
+    # one process cannot hold a perturbation-parallel pair
+    with pytest.raises(ConfigError, match="perturbation_parallel"):
+        ds_zo.initialize(model=tiny_model("llama"), config=ds_config(perturbation_parallel=2))
+
+
+def test_partition_group_must_divide_the_node(monkeypatch):
+    from ds_zo.parallel.dims import default_partition_size
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_partition_size(8, None) == 4
+    assert default_partition_size(8, 2) == 2
+    with pytest.raises(ConfigError, match="does not divide the ranks of a node"):
+        default_partition_size(8, 3)

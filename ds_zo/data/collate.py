@@ -1,9 +1,9 @@
 """Padding variable-length examples into a batch of input_ids / attention_mask / labels tensors.
 
-Right padding is the default: real tokens keep positions 0..n-1, so a padded row gives exactly the logits it would
-alone, whatever the model. Left padding (real tokens at the end of every row) suits generation, but models that
-number positions without looking at the attention mask (Llama, Qwen, Mistral in transformers 5) then see the real
-tokens at shifted positions, so their logits change slightly. Padded positions always get label -100 (no loss).
+Right padding is the default: real tokens keep positions 0..n-1, so a padded row gives the logits it would alone,
+whatever the model. Left padding (real tokens at the end of every row) suits generation; rotary models (Llama, Qwen,
+Mistral) and OPT are unaffected by it up to rounding, but GPT-2 numbers positions without looking at the attention
+mask and gives different logits. Padded positions always get label -100 (no loss).
 """
 from __future__ import annotations
 

@@ -11,7 +11,10 @@ from datetime import timedelta
 from typing import Optional
 
 
-class ParallelConfigError(ValueError):
+from ..config import ConfigError
+
+
+class ParallelConfigError(ConfigError):
     pass
 
 

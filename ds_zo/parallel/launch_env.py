@@ -1,0 +1,54 @@
+"""Rank discovery for the launchers ds_zo supports.
+
+`deepspeed` and `torchrun` export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under `mpirun`
+(Open MPI, MPICH, Slurm's PMI) only the MPI runtime knows the layout: ds_zo asks it through mpi4py and exports the same
+variables before DeepSpeed initialises, because DeepSpeed's own MPI discovery takes MASTER_ADDR from `hostname -I`,
+which is never the loopback address a single-node run should use. A plain `python` run is one rank on loopback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mpi_env() -> None:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    single_node = comm.allreduce(1 if local_size == size else 0, op=MPI.MIN) == 1
+    if "MASTER_ADDR" in os.environ:
+        addr = os.environ["MASTER_ADDR"]
+    elif single_node:
+        addr = "127.0.0.1"
+    else:
+        addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
+    port = os.environ.get("MASTER_PORT") or str(comm.bcast(_free_port() if rank == 0 else None, root=0))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR=addr, MASTER_PORT=port)
+    if single_node:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def ensure_launch_env() -> None:
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT describe this process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if "LOCAL_WORLD_SIZE" not in os.environ and os.environ["WORLD_SIZE"] == "1":
+            os.environ["LOCAL_WORLD_SIZE"] = "1"
+        return
+    if any(v in os.environ for v in _MPI_SIZE_VARS):
+        _mpi_env()
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))

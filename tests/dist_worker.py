@@ -1,0 +1,96 @@
+"""One rank of a multi-process test run: runs each case of a JSON spec (a layout of the same ZO fine-tune) and writes
+its final parameters, losses, projected gradients and per-rank byte counts to the output folder.
+
+    python tests/dist_worker.py SPEC.json          (under torchrun, deepspeed, mpirun, or tests/launch_ranks)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+import ds_zo  # noqa: E402
+from models import batch, tiny_model  # noqa: E402
+
+GLOBAL_ROWS = 4
+
+
+def case_config(case: dict) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = world // case.get("pertp", 1)
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_ROWS // dp, "gradient_accumulation_steps": 1,
+           "steps_per_print": 10**9,
+           "optimizer": {"type": "ZOSGD", "params": {"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.1}},
+           "zero_order": {"seed": 5, "perturbation_parallel": case.get("pertp", 1),
+                          "num_perturbations": case.get("q", 1),
+                          "collective_timeout_s": case.get("timeout", 120)}}
+    if case.get("offload") or case.get("stage", 0) == 3:
+        cfg["zero_optimization"] = {"stage": case.get("stage", 0),
+                                    "offload_param": {"device": "cpu", "pin_memory": False}}
+    if case.get("partition"):
+        cfg["zero_order"]["partition_group_size"] = case["partition"]
+    return cfg
+
+
+def run_case(case: dict, out_dir: str) -> dict:
+    engine, *_ = ds_zo.initialize(model=tiny_model(case.get("arch", "llama"), case.get("tied", False)),
+                                  config=case_config(case))
+    rank = engine.global_rank
+    rows = GLOBAL_ROWS // engine.dp_world_size
+    shard = slice(engine.dp_rank * rows, (engine.dp_rank + 1) * rows)
+    losses, grads = [], []
+    for t in range(case.get("steps", 3)):
+        if case.get("kill_rank") == rank and case.get("kill_at") == t:
+            os.kill(os.getpid(), signal.SIGKILL)     # a rank dying mid-run
+        global_batch = batch(rows=GLOBAL_ROWS, seed=100 + t)
+        losses.append(engine.train_batch({k: v[shard] for k, v in global_batch.items()}))
+        grads.append(engine.last_projected_grad)
+    stats = engine.comm_stats()
+    eval_batch = batch(rows=GLOBAL_ROWS, seed=999)
+    eval_loss = engine.eval_batch({k: v[shard] for k, v in eval_batch.items()})
+    state = {k: v.detach().cpu().clone() for k, v in engine.module_state_dict().items()}
+    result = {"losses": losses, "grads": grads, "stats": stats, "eval": eval_loss, "rank": rank,
+              "world": engine.dims.world, "dp": engine.dp_world_size, "dp_rank": engine.dp_rank,
+              "pertp": engine.dims.pertp, "partition": engine.dims.partition,
+              "offloaded": [s.unit.name for s in engine.pipeline.order] if engine.pipeline else []}
+    if out_dir:
+        name = f"{case['name']}.rank{rank}"
+        torch.save(state, os.path.join(out_dir, name + ".pt"))
+        with open(os.path.join(out_dir, name + ".json"), "w") as f:
+            json.dump(result, f)
+    engine.comm.barrier()
+    return {"state": state, **result}
+
+
+def main() -> int:
+    from ds_zo.parallel.launch_env import ensure_launch_env
+    ensure_launch_env()   # under mpirun, RANK/WORLD_SIZE come from MPI: needed before case_config reads them
+    parser = argparse.ArgumentParser()
+    parser.add_argument("spec")
+    args, _ = parser.parse_known_args()   # the deepspeed launcher adds --local_rank
+    with open(args.spec) as f:
+        spec = json.load(f)
+    for case in spec["cases"]:
+        run_case(case, spec["out"])
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception as e:  # a clear one-line reason for the test (and the user) on stderr, non-zero exit
+        print(f"dist_worker rank {os.environ.get('RANK')}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)

@@ -1,0 +1,157 @@
+"""DistZO2 layouts with real processes (gloo over 127.0.0.1): every layout trains exactly like one process."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_worker import run_case
+from launch_ranks import ROOT, free_port, loopback_env, run_ranks
+from models import tiny_model
+
+pytestmark = pytest.mark.multiprocess
+WORKER = os.path.join("tests", "dist_worker.py")
+STEPS = 3
+
+
+def _launch(tmp_path, world, cases, timeout=280, local_world=None):
+    spec = tmp_path / f"spec{world}.json"
+    out = tmp_path / f"out{world}"
+    out.mkdir()
+    spec.write_text(json.dumps({"out": str(out), "cases": cases}))
+    results = run_ranks(world, [WORKER, str(spec)], timeout=timeout, local_world=local_world)
+    for r, res in enumerate(results):
+        assert res["rc"] == 0, f"rank {r} failed:\n{res['err'][-3000:]}"
+    return out
+
+
+def _load(out, name, rank):
+    state = torch.load(out / f"{name}.rank{rank}.pt", weights_only=True)
+    with open(out / f"{name}.rank{rank}.json") as f:
+        return state, json.load(f)
+
+
+def _layer_bytes(k=1):
+    """Bytes of the decoder layers' parameters as one rank holds them with partition size k (each parameter padded
+    to ceil(n / k), as ZeRO-3 pads it)."""
+    model = tiny_model("llama", tied=False)
+    return sum(math.ceil(p.numel() / k) * 4 for n, p in model.named_parameters() if ".layers." in n)
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return run_case({"name": "base", "steps": STEPS}, out_dir=None)
+
+
+def _assert_same(baseline, state, info, name):
+    assert info["losses"] == pytest.approx(baseline["losses"], rel=1e-9), name
+    assert info["grads"] == pytest.approx(baseline["grads"], rel=1e-6), name
+    assert info["eval"] == pytest.approx(baseline["eval"], rel=1e-6), name
+    for n, p in baseline["state"].items():
+        torch.testing.assert_close(state[n], p, rtol=1e-5, atol=0, msg=lambda m: f"{name} {n}: {m}")
+
+
+WORLD2 = [
+    {"name": "pertp2", "pertp": 2},
+    {"name": "dp2", "pertp": 1},
+    {"name": "pertp2_offload", "pertp": 2, "offload": True},
+    {"name": "dp2_offload_naive", "offload": True},
+    {"name": "zero3_partition2", "stage": 3, "partition": 2},
+    {"name": "zero3_partition1", "stage": 3, "partition": 1},
+    {"name": "zero3_pertp2_node", "stage": 3, "pertp": 2},            # partition group = the node (2 ranks)
+]
+WORLD4 = [
+    {"name": "dp2xpertp2", "pertp": 2},
+    {"name": "dp4", "pertp": 1},
+    {"name": "dp2xpertp2_offload", "pertp": 2, "offload": True},
+    {"name": "zero3_partition4", "stage": 3, "partition": 4},
+    {"name": "zero3_partition2_2d", "stage": 3, "partition": 2, "pertp": 2},
+]
+
+
+@pytest.mark.timeout(600)
+def test_world_2_and_4_layouts_equal_one_process(tmp_path, baseline):
+    for world, cases in ((2, WORLD2), (4, WORLD4)):
+        out = _launch(tmp_path, world, [dict(c, steps=STEPS) for c in cases])
+        for case in cases:
+            for rank in range(world):
+                state, info = _load(out, case["name"], rank)
+                _assert_same(baseline, state, info, f"{case['name']} rank {rank}")
+                assert info["pertp"] == case.get("pertp", 1) and info["dp"] == world // info["pertp"]
+                _check_bytes(case, info, world)
+
+
+def _check_bytes(case, info, world):
+    """Per-rank transfer and collective bytes against the analytic formulas (3 steps; the first has no pending
+    update to write back)."""
+    stats = info["stats"]
+    slots = 2 * case.get("q", 1)
+    assert stats["allreduce_bytes"] == (STEPS * 2 * slots * 8 if world > 1 else 0)  # sums + counts, float64
+    if case.get("stage") == 3:
+        k = info["partition"]
+        shard = _layer_bytes(k)
+        assert stats["h2d_bytes"] == STEPS * shard                   # each rank uploads only its shard
+        assert stats["d2h_bytes"] == (STEPS - 1) * shard             # and offloads only its shard
+        assert stats["allgather_bytes"] == STEPS * (k - 1) * shard   # receives the other k - 1 shards
+    elif case.get("offload"):
+        assert stats["h2d_bytes"] == STEPS * _layer_bytes()
+        assert stats["d2h_bytes"] == (STEPS - 1) * _layer_bytes()
+        assert stats["allgather_bytes"] == 0
+    else:
+        assert stats["h2d_bytes"] == stats["d2h_bytes"] == stats["allgather_bytes"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_rank_makes_the_others_fail_clearly(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"out": str(tmp_path), "cases": [
+        {"name": "kill", "pertp": 1, "steps": 50, "kill_rank": 1, "kill_at": 2, "timeout": 20}]}))
+    results = run_ranks(2, [WORKER, str(spec)], timeout=200)
+    assert results[1]["rc"] == -9                           # SIGKILLed
+    assert results[0]["rc"] not in (0, None)
+    assert "peer rank probably died" in results[0]["err"], results[0]["err"][-2000:]
+    assert results[0]["seconds"] < 20 + 60                  # within the collective timeout (plus start-up)
+
+
+def _two_rank_launcher_run(tmp_path, cmd, env):
+    spec = tmp_path / "spec.json"
+    out = tmp_path / "out"
+    out.mkdir()
+    spec.write_text(json.dumps({"out": str(out), "cases": [{"name": "pertp2", "pertp": 2, "steps": STEPS}]}))
+    proc = subprocess.run([*cmd, WORKER, str(spec)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_launch(tmp_path, baseline):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = _two_rank_launcher_run(tmp_path, [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                                            "--master_port", str(free_port())], loopback_env())
+    for rank in range(2):
+        _assert_same(baseline, *_load(out, "pertp2", rank), f"torchrun rank {rank}")
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_launcher(tmp_path, baseline):
+    ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    out = _two_rank_launcher_run(tmp_path, [ds, "--num_gpus", "2", "--master_addr", "127.0.0.1",
+                                            "--master_port", str(free_port())], loopback_env())
+    for rank in range(2):
+        _assert_same(baseline, *_load(out, "pertp2", rank), f"deepspeed rank {rank}")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI is not installed (launch/setup_env.sh installs it)")
+def test_mpirun_launch_with_mpi4py_discovery(tmp_path, baseline):
+    env = loopback_env()
+    env.pop("MASTER_ADDR")                                  # discovered through mpi4py: loopback on one node
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "DS_ACCELERATOR", "-x", "PYTHONPATH",
+           "-x", "OMP_NUM_THREADS", "-x", "GLOO_SOCKET_IFNAME", sys.executable]
+    out = _two_rank_launcher_run(tmp_path, cmd, env)
+    for rank in range(2):
+        _assert_same(baseline, *_load(out, "pertp2", rank), f"mpirun rank {rank}")
