@@ -48,21 +48,30 @@ def main(argv=None) -> dict:
     model = tiny_llama()
     engine, _, _, _ = ds_zo.initialize(args=args, model=model)
     rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps()
+    global_rows = rows * engine.dp_world_size
+    shard = slice(engine.dp_rank * rows, (engine.dp_rank + 1) * rows)  # this rank's share of each global batch
     vocab = model.config.vocab_size
-    data = torch.Generator().manual_seed(1234)
+    data = torch.Generator().manual_seed(1234)                          # same stream on every rank
     held_out = counting_batch(64, args.seq, vocab, torch.Generator().manual_seed(99))
+    held_out = {k: v[engine.dp_rank::engine.dp_world_size] for k, v in held_out.items()}
     first = engine.eval_batch(held_out)
     if engine.global_rank == 0:
         print(f"step 0: held-out loss {first:.4f}", flush=True)
     t0 = time.time()
     for step in range(1, args.steps + 1):
-        loss = engine.train_batch(counting_batch(rows, args.seq, vocab, data))
-        if engine.global_rank == 0 and (step % args.eval_interval == 0 or step == args.steps):
-            print(f"step {step}: train loss {loss:.4f}, held-out loss {engine.eval_batch(held_out):.4f}, "
-                  f"g {engine.last_projected_grad:+.3f}, {(time.time() - t0) / step * 1000:.1f} ms/step", flush=True)
+        global_batch = counting_batch(global_rows, args.seq, vocab, data)
+        loss = engine.train_batch({k: v[shard] for k, v in global_batch.items()})
+        if step % args.eval_interval == 0 or step == args.steps:
+            held = engine.eval_batch(held_out)   # a collective: every rank evaluates its shard
+            if engine.global_rank == 0:
+                print(f"step {step}: train loss {loss:.4f}, held-out loss {held:.4f}, "
+                      f"g {engine.last_projected_grad:+.3f}, {(time.time() - t0) / step * 1000:.1f} ms/step", flush=True)
     last = engine.eval_batch(held_out)
     if engine.global_rank == 0:
         print(f"held-out loss: {first:.4f} -> {last:.4f}", flush=True)
+    engine.comm.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()   # without it ranks often abort at exit
     return {"before": first, "after": last}
 
 
