@@ -247,6 +247,7 @@ def test_collate_pads_right_or_left():
     with pytest.raises(ValueError, match="side"):
         collate(examples, 0, side="middle")
     assert [b["input_ids"].shape for b in batches(examples * 3, 4, 0)] == [(4, 3), (2, 3)]
+    assert [b["input_ids"].shape for b in batches(examples * 3, 3, 0, by_length=True)] == [(3, 1), (3, 3)]
 
 
 def test_pad_token_falls_back_to_eos(tok):

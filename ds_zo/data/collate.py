@@ -47,7 +47,13 @@ def collate(examples: Sequence[dict], pad_id: int, side: str = "right") -> dict[
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def batches(examples: Sequence[dict], batch_size: int, pad_id: int, side: str = "right"):
-    """Consecutive padded batches of `batch_size` examples (the last may be smaller), in order."""
+def batches(examples: Sequence[dict], batch_size: int, pad_id: int, side: str = "right", by_length: bool = False):
+    """Padded batches of `batch_size` examples (the last may be smaller), in order.
+
+    by_length=True groups examples of similar length (a stable sort by length first), which cuts padding, and so
+    compute, when the order does not matter (evaluation).
+    """
+    if by_length:
+        examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     for start in range(0, len(examples), batch_size):
         yield collate(examples[start:start + batch_size], pad_id, side)
