@@ -97,10 +97,12 @@ def _check_bytes(case, info, world):
         assert stats["h2d_bytes"] == STEPS * shard                   # each rank uploads only its shard
         assert stats["d2h_bytes"] == (STEPS - 1) * shard             # and offloads only its shard
         assert stats["allgather_bytes"] == STEPS * (k - 1) * shard   # receives the other k - 1 shards
+        assert info["store_bytes"] == shard                          # CPU master of the layers: 1/k of them
     elif case.get("offload"):
         assert stats["h2d_bytes"] == STEPS * _layer_bytes()
         assert stats["d2h_bytes"] == (STEPS - 1) * _layer_bytes()
         assert stats["allgather_bytes"] == 0
+        assert info["store_bytes"] == _layer_bytes()                 # naive: every rank holds whole units
     else:
         assert stats["h2d_bytes"] == stats["d2h_bytes"] == stats["allgather_bytes"] == 0
 

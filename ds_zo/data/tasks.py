@@ -48,7 +48,7 @@ def single_token_id(tokenizer, word: str) -> int:
         raise ValueError(f"label word {word!r} is {len(ids)} tokens {ids} for this tokenizer; label words must be "
                          f"single tokens (a leading space often helps, e.g. ' great')")
     if ids[0] == getattr(tokenizer, "unk_token_id", None):
-        raise ValueError(f"label word {word!r} is the unknown token for this tokenizer; choose a word in its vocabulary")
+        raise ValueError(f"label word {word!r} is the unknown token for this tokenizer; choose one in its vocabulary")
     return ids[0]
 
 
