@@ -33,6 +33,7 @@ class ZeroOrderConfig(DeepSpeedConfigModel):
     distribution: Literal["gaussian", "rademacher"] = "gaussian"
     num_perturbations: int = Field(1, ge=1)
     trainable: list[str] = Field(default_factory=list)   # fnmatch patterns on parameter names; empty = all
+    trainable_rows: dict[str, list[int]] = Field(default_factory=dict)  # pattern -> rows: train only those rows
     fuse_update: bool = True                            # apply step t's update inside step t+1's forward
     # offload (active with zero_optimization.offload_param.device = "cpu")
     prefetch_depth: int = Field(1, ge=1)                # uploads run this many units ahead of compute

@@ -44,7 +44,8 @@ def _eval_mode(module: torch.nn.Module):
 
 class ZOEngine(DeepSpeedEngine):
     def __init__(self, *args, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str],
-                 offload: OffloadConfig, dims: ParallelDims, communicator: Communicator, **kwargs):
+                 offload: OffloadConfig, dims: ParallelDims, communicator: Communicator,
+                 rows: Optional[dict[str, torch.Tensor]] = None, **kwargs):
         # With offload the model must stay in host memory: DeepSpeed would move all of it to the device.
         super().__init__(*args, dont_change_device=offload.enabled, **kwargs)
         self.zo_config = zo_config
@@ -53,10 +54,15 @@ class ZOEngine(DeepSpeedEngine):
         self.eps = zo_params.eps
         self.weight_decay = zo_params.weight_decay
         self.trainable_names = trainable
-        self.units: list[Unit] = cut_into_units(self.module, trainable)
+        self.trainable_rows = rows or {}
+        self.units: list[Unit] = cut_into_units(self.module, trainable, self.trainable_rows)
         self.param_keys = {id(p): param_key(n) for n, p in self.module.named_parameters() if n in trainable}
         self.perturbations = PerturbationGenerator(zo_config.distribution)
-        self.optimizer.attach(self.perturbations, self.param_keys)
+        params = dict(self.module.named_parameters())
+        self.optimizer.attach(self.perturbations, self.param_keys,
+                              {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()})
+        if self.trainable_rows and offload.enabled:
+            raise ValueError("zero_order.trainable_rows cannot be combined with offload_param yet")
         self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
         self.copies = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline,
                                       before_perturb=self._apply_pending_to_unit)

@@ -6,7 +6,7 @@ from typing import Any, Optional
 from torch import nn
 
 from .config import ConfigError, load_config, split_config
-from .model.units import is_decayed, resolve_trainable
+from .model.units import is_decayed, resolve_rows, resolve_trainable
 from .optimizer import ZOSGD
 from .parallel import Communicator, ParallelDims
 from .parallel.dims import default_partition_size
@@ -50,7 +50,12 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
                          "zero_order.trainable patterns (or requires_grad=False)")
     ds_config, zo_params, zo, offload = split_config(load_config(config))
 
-    trainable = resolve_trainable(model, zo.trainable)
+    try:
+        rows = resolve_rows(model, zo.trainable_rows)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # rows alone: only those rows are trained; with patterns too: the patterns' parameters plus the rows
+    trainable = set(rows) if rows and not zo.trainable else resolve_trainable(model, zo.trainable) | set(rows)
     if not trainable:
         raise ConfigError("zero_order.trainable: no parameter of the model matches; nothing would be trained")
     if optimizer is not None and not isinstance(optimizer, ZOSGD):
@@ -82,7 +87,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
                           training_data=training_data, lr_scheduler=lr_scheduler, mpu=zo_mpu,
                           dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
                           config_class=config_class, zo_config=zo, zo_params=zo_params, trainable=trainable,
-                          offload=offload, dims=dims, communicator=comm)
+                          offload=offload, dims=dims, communicator=comm, rows=rows)
     finally:
         partition_parameters.restore_init_context()
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

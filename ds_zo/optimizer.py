@@ -80,6 +80,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.eps = eps
         self.generator: Optional[PerturbationGenerator] = None
         self.keys: dict[int, int] = {}
+        self.rows: dict[int, torch.Tensor] = {}
         self.step_log: list[StepRecord] = []
         self.pending: Optional[StepRecord] = None
         self._pending_done: set[int] = set()
@@ -87,8 +88,10 @@ class ZOSGD(torch.optim.Optimizer):
         self._decay_of: Optional[dict[int, float]] = None
 
     # -- wiring -------------------------------------------------------------------------------------------------
-    def attach(self, generator: PerturbationGenerator, keys: dict[int, int]) -> None:
-        self.generator, self.keys = generator, keys
+    def attach(self, generator: PerturbationGenerator, keys: dict[int, int],
+               rows: Optional[dict[int, torch.Tensor]] = None) -> None:
+        """keys: id(param) -> perturbation key; rows: id(param) -> the rows (dim 0) trained, for row subsets."""
+        self.generator, self.keys, self.rows = generator, keys, rows or {}
         missing = [p for g in self.param_groups for p in g["params"] if id(p) not in keys]
         if missing:
             raise ValueError(f"{len(missing)} optimizer parameters are not parameters of the engine's model")
@@ -122,10 +125,14 @@ class ZOSGD(torch.optim.Optimizer):
         return record
 
     def _apply_pending_to(self, param: torch.nn.Parameter, decay: float) -> None:
-        n = param.numel()
+        rows = self.rows.get(id(param))
+        target = param.data if rows is None else param.data[rows]   # a row subset: update a gathered copy
+        n = target.numel()
         if self._buffers is None or self._buffers[0].numel() < n or self._buffers[0].device != param.device:
             self._buffers = tuple(torch.empty(n, dtype=torch.float32, device=param.device) for _ in range(2))
-        apply_step(param.data, self.keys[id(param)], self.pending, decay != 0.0, self.generator, self._buffers)
+        apply_step(target, self.keys[id(param)], self.pending, decay != 0.0, self.generator, self._buffers)
+        if rows is not None:
+            param.data[rows] = target
         self._pending_done.add(id(param))
 
     def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:

@@ -36,9 +36,10 @@ def write_step_log(path: str, records: Iterable[StepRecord]) -> None:
 
 @torch.no_grad()
 def replay(model: torch.nn.Module, records: Iterable[StepRecord], trainable: Optional[Iterable[str]] = None,
-           distribution: str = "gaussian") -> torch.nn.Module:
+           distribution: str = "gaussian", rows: Optional[dict[str, torch.Tensor]] = None) -> torch.nn.Module:
     """Apply the recorded steps to `model` (the base weights) in place and return it. `trainable` holds the canonical
-    parameter names that were trained (default: every parameter with requires_grad)."""
+    parameter names that were trained (default: every parameter with requires_grad); `rows` the row subsets."""
+    rows = rows or {}
     names = set(trainable) if trainable is not None else resolve_trainable(model, [])
     generator = PerturbationGenerator(distribution)
     params = [(n, p) for n, p in model.named_parameters() if n in names]
@@ -51,5 +52,10 @@ def replay(model: torch.nn.Module, records: Iterable[StepRecord], trainable: Opt
             raise ValueError(f"replay: step log jumps from step {previous} to {rec.step}")
         previous = rec.step
         for n, p in params:
-            apply_step(p.data, param_key(n), rec, is_decayed(p), generator)
+            if n in rows:
+                target = p.data[rows[n]]
+                apply_step(target, param_key(n), rec, is_decayed(p), generator)
+                p.data[rows[n]] = target
+            else:
+                apply_step(p.data, param_key(n), rec, is_decayed(p), generator)
     return model

@@ -14,20 +14,29 @@ from ds_zo.perturb import PerturbationGenerator, param_key, step_seed
 
 
 class MeZOReference:
-    def __init__(self, model, lr, eps, wd=0.0, seed=0, q=1, distribution="gaussian", trainable=None):
+    def __init__(self, model, lr, eps, wd=0.0, seed=0, q=1, distribution="gaussian", trainable=None, rows=None):
         self.model = copy.deepcopy(model).eval()
         self.lr, self.eps, self.wd, self.seed, self.q = lr, eps, wd, seed, q
         self.gen = PerturbationGenerator(distribution)
         names = [n for n, _ in self.model.named_parameters()]
         self.trainable = names if trainable is None else [n for n in names if n in trainable]
+        self.rows = rows or {}       # name -> rows: only those rows are perturbed and updated
+        if rows:
+            self.trainable = [n for n in names if n in rows or (trainable is not None and n in trainable)]
         self.step_count = 0
 
     def params(self) -> dict:
         return dict(self.model.named_parameters())
 
     def z(self, seed, j, name):
+        """z as a full-shaped tensor (zero outside the trained rows of a row subset)."""
         p = self.params()[name]
-        return self.gen.z(seed, j, param_key(name), p.numel()).view_as(p)
+        if name not in self.rows:
+            return self.gen.z(seed, j, param_key(name), p.numel()).view_as(p)
+        r = self.rows[name]
+        out = torch.zeros_like(p)
+        out[r] = self.gen.z(seed, j, param_key(name), len(r) * p[0].numel()).view(len(r), *p.shape[1:])
+        return out
 
     @torch.no_grad()
     def loss(self, batch, shifts=None) -> float:
@@ -56,6 +65,11 @@ class MeZOReference:
         for n in self.trainable:
             p = params[n]
             upd = sum(g * zs[j][n] for j, g in enumerate(grads)) / self.q
+            if n in self.rows:                      # rows only: the others take neither the step nor decay
+                r = self.rows[n]
+                upd = upd[r] + (self.wd * p[r] if p.dim() >= 2 else 0)
+                p[r] = p[r] - self.lr * upd
+                continue
             if p.dim() >= 2:
                 upd = upd + self.wd * p
             p.sub_(self.lr * upd)

@@ -89,17 +89,27 @@ class PerturbedCopies:
             n, k = p.numel(), (p.device, p.dtype)
             off = offsets[k]
             offsets[k] = off + n
-            master32 = p.reshape(-1).float()  # no copy for float32 parameters
+            if ref.rows is not None:                 # only these rows move: z covers them, the rest is copied
+                base = p[ref.rows].reshape(-1)
+                for i, slot in enumerate(self.slots):
+                    if slot is not None:
+                        flats[(i, *k)][off:off + n].copy_(p.reshape(-1))
+            else:
+                base = p.reshape(-1)
+            master32 = base.float()  # no copy for float32 parameters
+            m = base.numel()
             for j in perturbations:
-                z = self.buffers.get("z", n, torch.float32, p.device)
-                self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], n)
+                z = self.buffers.get("z", m, torch.float32, p.device)
+                self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], m)
                 z.mul_(self.eps)  # θ ± (εz), rounded as the plain expression `p + eps * z` rounds
                 for i, slot in enumerate(self.slots):
                     if slot is None or slot[0] != j:
                         continue
                     out = flats[(i, *k)][off:off + n]
                     op = torch.add if slot[1] > 0 else torch.sub
-                    if p.dtype == torch.float32:
+                    if ref.rows is not None:
+                        out.view_as(p)[ref.rows] = op(master32, z).to(p.dtype).view(-1, *p.shape[1:])
+                    elif p.dtype == torch.float32:
                         op(master32, z, out=out)
                     else:  # compute in float32, round once
                         out.copy_(op(master32, z))

@@ -8,6 +8,7 @@ by two units (embedding and head): it gets one z and one update, keyed by its ca
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ class ParamRef:
     name: str             # canonical name: the first name model.named_parameters() gives this Parameter
     param: nn.Parameter
     trainable: bool
+    rows: Optional[torch.Tensor] = None   # trainable rows (dim 0) only, e.g. label-word rows of an embedding
 
 
 @dataclass
@@ -46,8 +48,10 @@ def _largest_module_list(model: nn.Module) -> tuple[str, nn.ModuleList] | tuple[
     return best_name, best
 
 
-def cut_into_units(model: nn.Module, trainable_names: set[str]) -> list[Unit]:
+def cut_into_units(model: nn.Module, trainable_names: set[str],
+                   rows: Optional[dict[str, torch.Tensor]] = None) -> list[Unit]:
     """Units in module-registration order (which HF models also execute in), each with its parameters."""
+    rows = rows or {}
     canonical = {id(p): n for n, p in model.named_parameters()}
     _, layers = _largest_module_list(model)
     layer_ids = {id(m) for m in layers} if layers is not None else set()
@@ -64,11 +68,13 @@ def cut_into_units(model: nn.Module, trainable_names: set[str]) -> list[Unit]:
         if id(mod) in layer_ids:
             unit = Unit(mod_name, mod, is_layer=True)
             for _, p in mod.named_parameters():
-                unit.params.append(ParamRef(canonical[id(p)], p, canonical[id(p)] in trainable_names))
+                unit.params.append(ParamRef(canonical[id(p)], p, canonical[id(p)] in trainable_names,
+                                            rows.get(canonical[id(p)])))
         elif id(mod) not in inside_layer and any(True for _ in mod.parameters(recurse=False)):
             unit = Unit(mod_name, mod)
             for _, p in mod.named_parameters(recurse=False):
-                unit.params.append(ParamRef(canonical[id(p)], p, canonical[id(p)] in trainable_names))
+                unit.params.append(ParamRef(canonical[id(p)], p, canonical[id(p)] in trainable_names,
+                                            rows.get(canonical[id(p)])))
         else:
             continue
         units.append(unit)
@@ -106,6 +112,32 @@ def resolve_trainable(model: nn.Module, patterns: list[str]) -> set[str]:
         if not patterns or any(fnmatchcase(a, pat) for a in aliases[id(p)] for pat in patterns):
             names.add(n)
     return names
+
+
+def resolve_rows(model: nn.Module, mapping: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """{canonical name: sorted unique row indices} from {fnmatch pattern: rows}: only those rows (dim 0) of the
+    matched parameters are trained, e.g. the label-word rows of a (tied) embedding."""
+    from fnmatch import fnmatchcase
+
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    for pattern, rows in mapping.items():
+        matched = [(n, p) for n, p in model.named_parameters() if any(fnmatchcase(a, pattern) for a in aliases[id(p)])]
+        if not matched:
+            raise ValueError(f"zero_order.trainable_rows: pattern {pattern!r} matches no parameter")
+        for n, p in matched:
+            size = len(getattr(p, "ds_shape", p.shape)) and getattr(p, "ds_shape", p.shape)[0]
+            bad = [r for r in rows if not 0 <= r < size]
+            if bad or not rows:
+                raise ValueError(f"zero_order.trainable_rows[{pattern!r}]: rows {bad or rows} are not rows of "
+                                 f"{n} (0 <= row < {size}, at least one)")
+            idx = torch.tensor(sorted(set(rows)), dtype=torch.long)
+            if n in out and not torch.equal(out[n], idx):
+                raise ValueError(f"zero_order.trainable_rows: {n} is matched by two patterns with different rows")
+            out[n] = idx
+    return out
 
 
 def full_numel(param: torch.Tensor) -> int:
