@@ -350,10 +350,18 @@ class ZOEngine(DeepSpeedEngine):
     def step_log(self):
         return self.optimizer.step_log
 
-    def save_checkpoint(self, *args, **kwargs):
-        self.flush()
-        return super().save_checkpoint(*args, **kwargs)
+    def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = True) -> bool:
+        """Save this run's state in dir/<tag> (default tag global_step<N>) and point dir/latest at it, atomically.
+        Every rank calls it. Only trainable parameters are stored (the rest is the base model)."""
+        from . import checkpoint
+        if not save_latest or not exclude_frozen_parameters:
+            raise ValueError("ds_zo checkpoints always update 'latest' and store trainable parameters only")
+        checkpoint.save(self, save_dir, tag, client_state)
+        return True
 
-    def load_checkpoint(self, *args, **kwargs):
-        self.flush()
-        return super().load_checkpoint(*args, **kwargs)
+    def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, **_deepspeed_options):
+        """Restore parameters, step log, counters and lr schedule from dir/<tag> (default: dir/latest); returns
+        (path, client_state) like DeepSpeed. Training then continues exactly as the saved run would have."""
+        from . import checkpoint
+        return checkpoint.load(self, load_dir, tag)

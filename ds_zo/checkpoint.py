@@ -1,0 +1,247 @@
+"""ZO checkpoints: engine.save_checkpoint(dir, tag) / engine.load_checkpoint(dir[, tag]), laid out as DeepSpeed lays
+them out (a folder per tag, per-rank files, a `latest` file), but written safely and atomically:
+
+    dir/latest                          the newest complete tag (written last, by rename)
+    dir/<tag>/zo_state.json             counters, lr scheduler, layout, trainable set, file checksums (rank 0)
+    dir/<tag>/steps.jsonl               the step log (step, seed, g, lr, wd): replays the whole fine-tune
+    dir/<tag>/zo_rank_00000.safetensors trainable parameters this rank is the master of: all of them on rank 0 for
+                                        replicated models; under ZeRO-3 reslicing each rank's own shards
+
+Tensors are safetensors and metadata is JSON: nothing read back is unpickled or executed. Every rank writes into
+`<tag>.partial/`; after a barrier rank 0 renames it to `<tag>` and then rewrites `latest` through a temporary file,
+each step fsynced, so a process killed at any point leaves the previous checkpoint and `latest` intact. Loading
+verifies the checksums, the model's parameter names/shapes/dtypes and the parallel layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from .optimizer import StepRecord
+
+FORMAT = "ds_zo-checkpoint-1"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _safe_tag(tag: str) -> str:
+    tag = str(tag)
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or tag.endswith(".partial"):
+        raise CheckpointError(f"checkpoint tag {tag!r} must be a plain folder name")
+    return tag
+
+
+def model_fingerprint(engine) -> list:
+    return [[n, list(getattr(p, "ds_shape", p.shape)), str(p.dtype)] for n, p in engine.module.named_parameters()]
+
+
+def _rank_tensors(engine) -> dict[str, torch.Tensor]:
+    """What this rank is the master of, as CPU tensors keyed by name."""
+    from .offload.sharded import ShardedOffloadPipeline
+    out = {}
+    sharded = {}
+    if isinstance(engine.pipeline, ShardedOffloadPipeline):
+        for su in engine.pipeline.order:
+            if any(r.trainable for r in su.unit.params):
+                sharded.update({id(p): (su, i) for i, p in enumerate(su.params)})
+    for n, p in engine.module.named_parameters():
+        if n not in engine.trainable_names:
+            continue
+        if id(p) in sharded:
+            su, i = sharded[id(p)]
+            o = su.shard_offsets[i]
+            out[f"{n}@shard"] = su.flat[o:o + su.shard_numels[i]].detach().cpu().clone()
+        elif engine.global_rank == 0:
+            out[n] = p.detach().cpu().clone().contiguous()
+    return out
+
+
+def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None) -> str:
+    from safetensors.torch import save_file
+
+    engine.flush()
+    tag = _safe_tag(tag if tag is not None else f"global_step{engine.global_steps}")
+    rank, comm = engine.global_rank, engine.comm
+    save_dir = os.path.abspath(save_dir)
+    partial = os.path.join(save_dir, tag + ".partial")
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)   # leftovers of an interrupted save
+        os.makedirs(partial)
+    comm.barrier()
+    name = f"zo_rank_{rank:05d}.safetensors"
+    tensors = _rank_tensors(engine)
+    path = os.path.join(partial, name)
+    save_file(tensors, path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = torch.zeros(engine.dims.world, 32, dtype=torch.float64)   # share per-rank checksums (as byte values)
+    digest[rank] = torch.tensor(list(bytes.fromhex(_sha256(path))), dtype=torch.float64)
+    comm.all_reduce_sum(digest)
+    if rank == 0:
+        with open(os.path.join(partial, "steps.jsonl"), "w") as f:
+            for r in engine.step_log:
+                f.write(json.dumps(r.to_json()) + "\n")
+        state = {
+            "format": FORMAT, "tag": tag,
+            "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+            "skipped_steps": engine.skipped_steps,
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
+            "layout": {"world": engine.dims.world, "pertp": engine.dims.pertp, "partition": engine.dims.partition,
+                       "resliced": type(engine.pipeline).__name__ == "ShardedOffloadPipeline"},
+            "trainable": sorted(engine.trainable_names),
+            "trainable_rows": {n: r.tolist() for n, r in engine.trainable_rows.items()},
+            "distribution": engine.zo_config.distribution,
+            "model": model_fingerprint(engine),
+            "files": {f"zo_rank_{r:05d}.safetensors": bytes(int(x) for x in digest[r].tolist()).hex()
+                      for r in range(engine.dims.world)},
+            "steps_sha256": _sha256(os.path.join(partial, "steps.jsonl")),
+            "client_state": client_state or {},
+        }
+        _write_atomic(os.path.join(partial, "zo_state.json"), json.dumps(state, indent=1).encode())
+        _fsync_dir(partial)
+        final = os.path.join(save_dir, tag)
+        if os.path.exists(final):                    # replacing a tag: move the old one aside first
+            old = final + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        _fsync_dir(save_dir)
+        _write_atomic(os.path.join(save_dir, "latest"), tag.encode())
+    comm.barrier()
+    return os.path.join(save_dir, tag)
+
+
+def read_state(load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
+    """(checkpoint folder, its verified zo_state.json)."""
+    load_dir = os.path.abspath(load_dir)
+    if tag is None:
+        latest = os.path.join(load_dir, "latest")
+        if not os.path.isfile(latest):
+            raise CheckpointError(f"no checkpoint in {load_dir!r}: the file 'latest' is missing")
+        with open(latest) as f:
+            tag = f.read().strip()
+    folder = os.path.join(load_dir, _safe_tag(tag))
+    state_path = os.path.join(folder, "zo_state.json")
+    if not os.path.isfile(state_path):
+        raise CheckpointError(f"checkpoint {folder!r} is incomplete: zo_state.json is missing")
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {folder!r}: zo_state.json is corrupt ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {folder!r} is not a {FORMAT} checkpoint")
+    steps = os.path.join(folder, "steps.jsonl")
+    if not os.path.isfile(steps) or _sha256(steps) != state["steps_sha256"]:
+        raise CheckpointError(f"checkpoint {folder!r}: steps.jsonl is missing or does not match its checksum")
+    return folder, state
+
+
+def read_steps(folder: str) -> list[StepRecord]:
+    from .replay import read_step_log
+    return read_step_log(os.path.join(folder, "steps.jsonl"))
+
+
+def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
+    from safetensors.torch import load_file
+
+    engine.flush()
+    folder, state = read_state(load_dir, tag)
+    if state["model"] != model_fingerprint(engine):
+        raise CheckpointError(f"checkpoint {folder!r} was saved from a different model (parameter names, shapes or "
+                              "dtypes differ)")
+    layout = state["layout"]
+    resliced = type(engine.pipeline).__name__ == "ShardedOffloadPipeline"
+    if layout["resliced"] != resliced or (resliced and (layout["world"], layout["partition"]) !=
+                                          (engine.dims.world, engine.dims.partition)):
+        raise CheckpointError(f"checkpoint {folder!r} holds ZeRO-3 shards for world {layout['world']} / partition "
+                              f"{layout['partition']}; this run is world {engine.dims.world} / partition "
+                              f"{engine.dims.partition}{'' if resliced else ' without reslicing'}")
+    if sorted(engine.trainable_names) != state["trainable"]:
+        raise CheckpointError(f"checkpoint {folder!r} trained another parameter set (zero_order.trainable)")
+    rank_file = f"zo_rank_{engine.global_rank if resliced else 0:05d}.safetensors"
+    path = os.path.join(folder, rank_file)
+    if not os.path.isfile(path) or _sha256(path) != state["files"].get(rank_file):
+        raise CheckpointError(f"checkpoint {folder!r}: {rank_file} is missing or does not match its checksum")
+    tensors = load_file(path)
+    _restore_tensors(engine, tensors, folder)
+    engine.optimizer.step_log = read_steps(folder)
+    engine.optimizer.pending = None
+    engine.global_steps = state["global_steps"]
+    engine.global_samples = state["global_samples"]
+    engine.skipped_steps = state["skipped_steps"]
+    for group, saved in zip(engine.optimizer.param_groups, state["param_groups"]):
+        group.update(saved)
+    if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    engine.comm.barrier()
+    return folder, state["client_state"]
+
+
+@torch.no_grad()
+def _restore_tensors(engine, tensors: dict[str, torch.Tensor], folder: str) -> None:
+    from .offload.sharded import ShardedOffloadPipeline
+    shards = {}
+    if isinstance(engine.pipeline, ShardedOffloadPipeline):
+        for su in engine.pipeline.order:
+            shards.update({id(p): (su, i) for i, p in enumerate(su.params)})
+    expected = set()
+    for n, p in engine.module.named_parameters():
+        if n not in engine.trainable_names:
+            continue
+        key = f"{n}@shard" if id(p) in shards else n
+        expected.add(key)
+        if key not in tensors:
+            raise CheckpointError(f"checkpoint {folder!r} lacks parameter {key!r}")
+        t = tensors[key]
+        if id(p) in shards:
+            su, i = shards[id(p)]
+            o = su.shard_offsets[i]
+            dst = su.flat[o:o + su.shard_numels[i]]
+        else:
+            dst = p.data
+        if t.shape != dst.shape or t.dtype != dst.dtype:
+            raise CheckpointError(f"checkpoint {folder!r}: {key} has shape {tuple(t.shape)} {t.dtype}, the model "
+                                  f"expects {tuple(dst.shape)} {dst.dtype}")
+        dst.copy_(t)
+    extra = set(tensors) - expected
+    if extra:
+        raise CheckpointError(f"checkpoint {folder!r} holds unknown parameters {sorted(extra)[:3]}")

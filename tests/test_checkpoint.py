@@ -1,0 +1,118 @@
+"""Checkpoints: resume equals the uninterrupted run; interrupted saves, tampering and mismatches are caught."""
+import json
+import os
+
+import pytest
+import torch
+
+import ds_zo
+from ds_zo.checkpoint import CheckpointError
+from conftest import ds_config
+from models import batch, tiny_model
+
+
+def _engine(arch="llama", **kw):
+    cfg = ds_config(lr=1e-2, wd=0.1, seed=4, **kw)
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-2,
+                                                       "warmup_num_steps": 5}}
+    engine, *_ = ds_zo.initialize(model=tiny_model(arch, tied=False), config=cfg)
+    return engine
+
+
+def _make(offload: bool):
+    cfg = ds_config(lr=1e-2, wd=0.1, seed=4)
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-2,
+                                                       "warmup_num_steps": 5}}
+    if offload:
+        cfg["zero_optimization"] = {"offload_param": {"device": "cpu"}}
+    return ds_zo.initialize(model=tiny_model("llama", tied=False), config=cfg)[0]
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_resume_equals_uninterrupted(tmp_path, offload):
+    full = _make(offload)
+    full_losses = [full.train_batch(batch(seed=t)) for t in range(6)]
+    first = _make(offload)
+    for t in range(3):
+        first.train_batch(batch(seed=t))
+    assert first.optimizer.pending is not None      # fused: step 2's update is still pending when saving
+    first.save_checkpoint(str(tmp_path), client_state={"epoch": 1})
+    resumed = _make(offload)
+    path, client = resumed.load_checkpoint(str(tmp_path))
+    assert client == {"epoch": 1} and path.endswith("global_step3")
+    assert resumed.global_steps == 3 and len(resumed.step_log) == 3
+    assert [resumed.train_batch(batch(seed=t)) for t in range(3, 6)] == full_losses[3:]
+    a, b = full.module_state_dict(), resumed.module_state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert [(r.seed, r.g, r.lr) for r in full.step_log] == [(r.seed, r.g, r.lr) for r in resumed.step_log]
+
+
+def test_layout_on_disk_and_latest(tmp_path):
+    e = _engine()
+    e.train_batch(batch())
+    e.save_checkpoint(str(tmp_path), tag="first")
+    e.train_batch(batch(seed=1))
+    e.save_checkpoint(str(tmp_path))
+    assert (tmp_path / "latest").read_text() == "global_step2"
+    for tag in ("first", "global_step2"):
+        assert {f.name for f in (tmp_path / tag).iterdir()} == {"zo_state.json", "steps.jsonl",
+                                                                  "zo_rank_00000.safetensors"}
+    assert len((tmp_path / "global_step2" / "steps.jsonl").read_text().splitlines()) == 2
+    state = json.loads((tmp_path / "global_step2" / "zo_state.json").read_text())
+    assert state["global_steps"] == 2 and state["layout"]["world"] == 1
+    fresh = _engine()
+    fresh.load_checkpoint(str(tmp_path), tag="first")
+    assert fresh.global_steps == 1
+
+
+def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    e = _engine()
+    e.train_batch(batch())
+    e.save_checkpoint(str(tmp_path))
+    expected = {n: p.clone() for n, p in e.module_state_dict().items()}
+    e.train_batch(batch(seed=1))
+    import ds_zo.checkpoint as ck
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(ck, "_write_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        e.save_checkpoint(str(tmp_path))
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text() == "global_step1"
+    assert (tmp_path / "global_step2.partial").exists() and not (tmp_path / "global_step2").exists()
+    fresh = _engine()
+    fresh.load_checkpoint(str(tmp_path))
+    got = fresh.module_state_dict()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_tampered_truncated_and_mismatched_checkpoints_are_refused(tmp_path):
+    e = _engine()
+    e.train_batch(batch())
+    e.save_checkpoint(str(tmp_path))
+    folder = tmp_path / "global_step1"
+    weights = folder / "zo_rank_00000.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        _engine().load_checkpoint(str(tmp_path))
+    e.save_checkpoint(str(tmp_path))                       # a good copy again
+    steps = folder / "steps.jsonl"
+    steps.write_text(steps.read_text()[:-10])
+    with pytest.raises(CheckpointError, match="steps.jsonl"):
+        _engine().load_checkpoint(str(tmp_path))
+    e.save_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="different model"):
+        _engine(arch="qwen2").load_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="another parameter set"):
+        _engine(trainable=["*layers.0*"]).load_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="'latest' is missing"):
+        _engine().load_checkpoint(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="plain folder name"):
+        e.save_checkpoint(str(tmp_path), tag="../escape")
+    (folder / "zo_state.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        _engine().load_checkpoint(str(tmp_path))
+    assert not os.path.exists(tmp_path.parent / "escape")
