@@ -31,7 +31,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--scorer", choices=["full", "candidates"], default="full")
     parser.add_argument("--by-length", action="store_true", help="batch similar lengths together (less padding)")
     parser.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (timing only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model)

@@ -9,6 +9,7 @@ With parameter offload, units stream through the ZO2 pipeline (ds_zo/offload) du
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Iterator, Optional
@@ -17,7 +18,7 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 
 from .config import OffloadConfig, ZeroOrderConfig, ZOSGDParams
-from .loss import default_labels, mean_loss, token_loss_sum
+from .loss import IGNORE_INDEX, default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
 from .model.perturbed_copies import PerturbedCopies
 from .model.units import Unit, cut_into_units
@@ -28,6 +29,7 @@ from .parallel import Communicator, ParallelDims
 from .perturb import PerturbationGenerator, param_key, step_seed
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
+MAX_KEPT_POSITIONS = 8
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -67,6 +69,7 @@ class ZOEngine(DeepSpeedEngine):
         self.copies = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline,
                                       before_perturb=self._apply_pending_to_unit)
         self.last_projected_grad: Optional[float | list[float]] = None
+        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self.module.forward).parameters
         self._in_zo_forward = False
         self._data_iterator: Optional[Iterator] = None
         self._streaming: Optional[contextlib.ExitStack] = None
@@ -252,15 +255,33 @@ class ZOEngine(DeepSpeedEngine):
         rows = batch["input_ids"].shape[0]
         slots = len(copies.slots)
         labels = default_labels(batch)
+        extra, labels = self._logits_to_keep(labels)
         self._in_zo_forward = True
         try:
             with _eval_mode(self.module), torch.no_grad(), dual_forward(self.units, slots, rows, copies):
                 if self.pipeline is not None:
                     self.pipeline.begin()
-                logits = self.module(**self._model_inputs(batch, slots), use_cache=False).logits
+                logits = self.module(**self._model_inputs(batch, slots), use_cache=False, **extra).logits
         finally:
             self._in_zo_forward = False
         return [token_loss_sum(logits[i * rows:(i + 1) * rows], labels) for i in range(slots)]
+
+    def _logits_to_keep(self, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Only the positions that predict a labelled token need the output layer: with prompt-classification
+        batches (left-padded, label word last) that is one position instead of the whole sequence, which saves the
+        largest matmul of a small model and the logits' memory. Returns (forward kwargs, the labels to score).
+        Used only for short tails (<= MAX_KEPT_POSITIONS and a quarter of the sequence): an output matmul over
+        another number of rows may round differently, so the choice must not flip between layouts that cut the same
+        batch differently."""
+        if not self._accepts_logits_to_keep:
+            return {}, labels
+        length = labels.shape[1]
+        labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+        first = int(labelled.min()) if labelled.numel() else length - 1
+        keep = length - max(first - 1, 0)
+        if keep > MAX_KEPT_POSITIONS or 4 * keep > length:
+            return {}, labels
+        return {"logits_to_keep": keep}, labels[:, length - keep:]
 
     def train_batch(self, batch: Optional[dict] = None, data_iter: Optional[Iterator] = None) -> float:
         """One ZO step over this rank's share of a global batch (shard `dp_rank` of `dp_world_size`); returns the

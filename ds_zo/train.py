@@ -1,78 +1,278 @@
-"""The fine-tuning job: `python -m ds_zo.train --deepspeed_config configs/zo_sgd_tiny.json`.
+"""The ZO fine-tuning job.
 
-For now it fine-tunes a tiny random-init Llama on an embedded synthetic language (counting sequences modulo the
-vocabulary) and prints the held-out loss before and after; the real SmolLM2/IMDB job replaces the default later.
-Runs under `python`, `deepspeed`, `torchrun` and `mpirun` like any DeepSpeed program.
+    python -m ds_zo.train [--deepspeed_config configs/smollm2_imdb.json] [--model smollm2] [--task imdb] ...
+
+Runs under `python`, `deepspeed`, `torchrun` and `mpirun` like any DeepSpeed program (see launch/). Default: the
+built-in SmolLM2-135M-Instruct on the built-in IMDB sentiment task, prompt "<review> It was" with label words
+" terrible" / " great", ZO on the label-word rows of the tied embedding. It evaluates zero-shot first, every
+--eval_interval steps and at the end; writes checkpoints (resumable, exactly), the final model (save_pretrained,
+safetensors), the step log, a PNG plot, DeepSpeed monitor CSVs and a summary JSON into --output_dir.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
+import sys
 import time
 
-import deepspeed
 import torch
 
-import ds_zo
-
-
-def counting_batch(rows: int, seq: int, vocab: int, generator: torch.Generator) -> dict:
-    start = torch.randint(0, vocab, (rows, 1), generator=generator)
-    ids = (start + torch.arange(seq)) % vocab
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def tiny_llama(vocab: int = 32, seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                              "smollm2_imdb.json")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seq", type=int, default=16)
-    parser.add_argument("--eval_interval", type=int, default=100)
-    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
-    parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
+    import deepspeed
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (built-in SmolLM2-135M-Instruct), 'tiny' (random tiny Llama), a local HF "
+                        "checkpoint directory, or a .gguf file")
+    p.add_argument("--task", default="imdb", choices=["imdb", "classification", "lm"],
+                   help="imdb: built-in sentiment; classification: your CSV/JSONL (text, label); "
+                        "lm: prompt/completion JSONL")
+    p.add_argument("--train_file", help="classification / lm: training data (.csv, .tsv or .jsonl)")
+    p.add_argument("--dev_file", help="evaluated during training (default: a held-out 10%% of --train_file)")
+    p.add_argument("--test_file", help="evaluated zero-shot and at the end (default: the dev set)")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--label_column", default="label")
+    p.add_argument("--label_values", default="0,1", help="comma-separated label values, class order (e.g. 0,1 or "
+                                                          "negative,positive)")
+    p.add_argument("--prompt_column", default="prompt")
+    p.add_argument("--completion_column", default="completion")
+    p.add_argument("--template", default="{text} It was", help="classification prompt; {text} is the input")
+    p.add_argument("--label_words", default='[" terrible", " great"]',
+                   help="JSON list of single-token label words, class order")
+    p.add_argument("--train_examples", type=int, default=1000, help="imdb: training split size")
+    p.add_argument("--dev_examples", type=int, default=200, help="imdb: dev split size")
+    p.add_argument("--test_examples", type=int, default=500, help="imdb: test split size")
+    p.add_argument("--max_chars", type=int, default=600, help="imdb: drop reviews longer than this")
+    p.add_argument("--max_length", type=int, default=256, help="tokens per example (prompts are cut at the front)")
+    p.add_argument("--trainable", default="auto",
+                   help="'auto' (classification: the label-word rows of the input embedding; lm: everything), "
+                        "'all', or comma-separated parameter-name patterns; overrides the config's choice")
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--eval_interval", type=int, default=40)
+    p.add_argument("--eval_batch_size", type=int, default=16)
+    p.add_argument("--save_interval", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
+    p.add_argument("--output_dir", default="outputs/zo_finetune")
+    p.add_argument("--seed", type=int, default=None, help="data order and zero_order.seed (default: the config's)")
+    p.add_argument("--resume", default="auto", help="'auto' (resume from OUTPUT_DIR/checkpoints if present), "
+                                                    "'no', or a checkpoint folder")
+    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
     if not args.deepspeed_config:
-        args.deepspeed_config = os.path.join(os.path.dirname(__file__), "..", "configs", "zo_sgd_tiny.json")
+        args.deepspeed_config = DEFAULT_CONFIG
+    try:
+        args.label_words = json.loads(args.label_words)
+        assert isinstance(args.label_words, list) and all(isinstance(w, str) for w in args.label_words)
+    except (json.JSONDecodeError, AssertionError):
+        p.error(f"--label_words must be a JSON list of strings, e.g. '[\" no\", \" yes\"]', got {args.label_words!r}")
+    if args.task in ("classification", "lm") and not args.train_file:
+        p.error(f"--task {args.task} needs --train_file")
+    for name in ("train_file", "dev_file", "test_file", "deepspeed_config"):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path):
+            p.error(f"--{name} {path!r}: no such file")
+    if args.steps < 0 or args.eval_interval < 0:
+        p.error("--steps and --eval_interval must be >= 0")
     return args
 
 
+# -- data ---------------------------------------------------------------------------------------------------------
+def _split(examples: list, seed: int) -> tuple[list, list]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, len(examples) // 10)
+    return [examples[i] for i in order[cut:]], [examples[i] for i in order[:cut]]
+
+
+def build_data(args, tokenizer, seed: int):
+    """(train, dev, test encoded examples, candidate label ids or None, task description)."""
+    from .data import files, imdb, tasks
+    if args.task == "lm":
+        read = lambda f: files.read_prompt_completion(f, args.prompt_column, args.completion_column)  # noqa: E731
+        train = read(args.train_file)
+        dev = read(args.dev_file) if args.dev_file else None
+        if dev is None:
+            train, dev = _split(train, seed)
+        test = read(args.test_file) if args.test_file else dev
+        enc = lambda ex: tasks.encode_prompt_completion(tokenizer, ex, args.max_length)  # noqa: E731
+        return enc(train), enc(dev), enc(test), None, f"prompt/completion LM on {args.train_file}"
+    task = tasks.PromptClassification(args.template, tuple(args.label_words))
+    if args.task == "imdb":
+        splits = imdb.imdb_splits(args.train_examples, args.dev_examples, args.test_examples, args.max_chars, seed=0)
+        train, dev, test = splits["train"], splits["dev"], splits["test"]
+        what = "IMDB sentiment (built-in)"
+    else:
+        values = [v for v in args.label_values.split(",")]
+        if len(values) != len(args.label_words):
+            raise ValueError(f"--label_values has {len(values)} classes but --label_words has {len(args.label_words)}")
+        read = lambda f: files.read_labelled(f, args.text_column, args.label_column, values)  # noqa: E731
+        train = read(args.train_file)
+        dev = read(args.dev_file) if args.dev_file else None
+        if dev is None:
+            train, dev = _split(train, seed)
+        test = read(args.test_file) if args.test_file else dev
+        what = f"classification on {args.train_file}"
+    enc = lambda ex: task.encode(tokenizer, ex, args.max_length)  # noqa: E731
+    return enc(train), enc(dev), enc(test), task.label_token_ids(tokenizer), what
+
+
+def step_examples(train: list, step: int, global_rows: int, seed: int) -> list:
+    """The examples of global batch `step`: consecutive slices of a per-epoch shuffle (a function of the step alone,
+    so a resumed run sees exactly the batches the uninterrupted one would have)."""
+    per_epoch = max(1, len(train) // global_rows)
+    epoch, index = divmod(step, per_epoch)
+    order = list(range(len(train)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [train[i] for i in order[index * global_rows:(index + 1) * global_rows]]
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+def job_config(args, model, candidate_ids, seed) -> dict:
+    from .config import load_config
+    cfg = load_config(args.deepspeed_config)
+    zo = cfg.setdefault("zero_order", {})
+    if args.seed is not None:
+        zo["seed"] = seed
+    if args.trainable == "auto":
+        if "trainable" not in zo and "trainable_rows" not in zo and candidate_ids is not None:
+            embedding = model.get_input_embeddings().weight
+            name = next(n for n, p in model.named_parameters() if p is embedding)
+            zo["trainable_rows"] = {name: list(candidate_ids)}
+    else:
+        zo.pop("trainable_rows", None)
+        zo["trainable"] = [] if args.trainable == "all" else [s.strip() for s in args.trainable.split(",")]
+    cfg.setdefault("csv_monitor", {"enabled": True, "output_path": os.path.join(args.output_dir, "monitor"),
+                                   "job_name": "zo"})
+    cfg.setdefault("steps_per_print", 10**9)
+    return cfg
+
+
+# -- the job ------------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    model = tiny_llama()
-    engine, _, _, _ = ds_zo.initialize(args=args, model=model)
-    rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps()
-    global_rows = rows * engine.dp_world_size
-    shard = slice(engine.dp_rank * rows, (engine.dp_rank + 1) * rows)  # this rank's share of each global batch
-    vocab = model.config.vocab_size
-    data = torch.Generator().manual_seed(1234)                          # same stream on every rank
-    held_out = counting_batch(64, args.seq, vocab, torch.Generator().manual_seed(99))
-    held_out = {k: v[engine.dp_rank::engine.dp_world_size] for k, v in held_out.items()}
-    first = engine.eval_batch(held_out)
+    from . import initialize
+    from .data.collate import collate, pad_token_id
+    from .evaluation import evaluate
+    from .models import load_model_and_tokenizer
+    from .parallel.launch_env import ensure_launch_env
+    from .report import plot_history, write_summary
+
+    ensure_launch_env()
+    rank0 = os.environ.get("RANK", "0") == "0"
+    log = (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None)
+    t_start = time.time()
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    from .config import load_config
+    seed = args.seed if args.seed is not None else load_config(args.deepspeed_config).get("zero_order", {}).get("seed", 0)
+    train, dev, test, candidates, what = build_data(args, tokenizer, seed)
+    cfg = job_config(args, model, candidates, seed)
+    engine, _, _, _ = initialize(args=argparse.Namespace(local_rank=args.local_rank), model=model, config=cfg)
+    pad = pad_token_id(tokenizer)
+    trained = sum(len(r) * engine.module.get_parameter(n)[0].numel() for n, r in engine.trainable_rows.items())
+    trained += sum(p.numel() for n, p in engine.module.named_parameters()
+                   if n in engine.trainable_names and n not in engine.trainable_rows)
+    global_rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * engine.dp_world_size
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
+    log(f"[ds_zo] {what}: {len(train)} train / {len(dev)} dev / {len(test)} test examples; model {args.model}; "
+        f"{trained:,} trainable parameters; world {engine.dims.world} (dp {engine.dp_world_size} x perturbation "
+        f"parallel {engine.dims.pertp}); global batch {global_rows}")
+
+    history = {"train": [], "eval": []}
+    results = {}
+    resume_from = None
+    if args.resume == "auto" and os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        resume_from = ckpt_dir
+    elif args.resume not in ("auto", "no"):
+        resume_from = args.resume
+    if resume_from:
+        _, client = engine.load_checkpoint(resume_from)
+        history, results = client.get("history", history), client.get("results", results)
+        log(f"[ds_zo] resumed from {resume_from} at step {engine.global_steps}")
+    else:
+        results["zero_shot_test"] = evaluate(engine, test, args.eval_batch_size, pad, candidates)
+        results["zero_shot_dev"] = evaluate(engine, dev, args.eval_batch_size, pad, candidates)
+        history["eval"].append([0, results["zero_shot_dev"]])
+        log(f"[ds_zo] zero-shot: test {_fmt(results['zero_shot_test'])}, dev {_fmt(results['zero_shot_dev'])}")
+
+    shard = slice(engine.dp_rank * (global_rows // engine.dp_world_size),
+                  (engine.dp_rank + 1) * (global_rows // engine.dp_world_size))
+    bar = None
+    if rank0 and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=engine.global_steps, desc="ZO fine-tune", file=sys.stdout,
+                   dynamic_ncols=True)
+    tokens, t_train = 0, time.time()
+    while engine.global_steps < args.steps:
+        step = engine.global_steps
+        examples = step_examples(train, step, global_rows, seed)
+        batch = collate(examples[shard], pad, side="left")   # label words last: logits for one position only
+        loss = engine.train_batch(batch)
+        tokens += 2 * sum(len(e["input_ids"]) for e in examples)    # both perturbed forwards
+        history["train"].append([step + 1, loss])
+        done = engine.global_steps
+        if args.eval_interval and done % args.eval_interval == 0 and done < args.steps:
+            history["eval"].append([done, evaluate(engine, dev, args.eval_batch_size, pad, candidates)])
+        if args.save_interval and done % args.save_interval == 0 and done < args.steps:
+            engine.save_checkpoint(ckpt_dir, client_state={"history": history, "results": results})
+        if bar is not None:
+            last = history["eval"][-1][1]
+            post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens / (time.time() - t_train):.0f}"}
+            if "accuracy" in last:
+                post["dev_acc"] = f"{100 * last['accuracy']:.1f}%"
+            bar.set_postfix(post)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    train_seconds = time.time() - t_train
+
+    results["final_dev"] = evaluate(engine, dev, args.eval_batch_size, pad, candidates)
+    results["final_test"] = evaluate(engine, test, args.eval_batch_size, pad, candidates)
+    if not history["eval"] or history["eval"][-1][0] != engine.global_steps:
+        history["eval"].append([engine.global_steps, results["final_dev"]])
+    engine.save_checkpoint(ckpt_dir, client_state={"history": history, "results": results})
+    state = engine.module_state_dict()          # full parameters on every rank (a collective under ZeRO-3)
+    final_dir = os.path.join(args.output_dir, "final")
+    summary = {
+        "task": what, "model": args.model, "steps": engine.global_steps, "trainable_parameters": trained,
+        "world": engine.dims.world, "perturbation_parallel": engine.dims.pertp, "dp": engine.dp_world_size,
+        "global_batch": global_rows, "results": results, "train_seconds": train_seconds,
+        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,
+        "total_seconds": time.time() - t_start, "deepspeed_config": cfg,
+        "outputs": {"final_model": final_dir, "checkpoints": ckpt_dir, "plot": os.path.join(args.output_dir,
+                                                                                             "training.png")},
+    }
     if engine.global_rank == 0:
-        print(f"step 0: held-out loss {first:.4f}", flush=True)
-    t0 = time.time()
-    for step in range(1, args.steps + 1):
-        global_batch = counting_batch(global_rows, args.seq, vocab, data)
-        loss = engine.train_batch({k: v[shard] for k, v in global_batch.items()})
-        if step % args.eval_interval == 0 or step == args.steps:
-            held = engine.eval_batch(held_out)   # a collective: every rank evaluates its shard
-            if engine.global_rank == 0:
-                print(f"step {step}: train loss {loss:.4f}, held-out loss {held:.4f}, "
-                      f"g {engine.last_projected_grad:+.3f}, {(time.time() - t0) / step * 1000:.1f} ms/step", flush=True)
-    last = engine.eval_batch(held_out)
-    if engine.global_rank == 0:
-        print(f"held-out loss: {first:.4f} -> {last:.4f}", flush=True)
+        module = engine.module
+        module.save_pretrained(final_dir, state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()},
+                               safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+        with open(os.path.join(args.output_dir, "steps.jsonl"), "w") as f:
+            for r in engine.step_log:
+                f.write(json.dumps(r.to_json()) + "\n")
+        plot_history(os.path.join(args.output_dir, "training.png"), history, f"ZO fine-tune: {what}")
+        write_summary(os.path.join(args.output_dir, "summary.json"), summary)
+        log(f"[ds_zo] zero-shot test {_fmt(results.get('zero_shot_test'))} -> fine-tuned test "
+            f"{_fmt(results['final_test'])} after {engine.global_steps} steps ({train_seconds:.0f} s training)")
+        log(f"[ds_zo] wrote {final_dir}, {ckpt_dir}, {args.output_dir}/summary.json and training.png")
     engine.comm.barrier()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()   # without it ranks often abort at exit
-    return {"before": first, "after": last}
+    return summary
+
+
+def _fmt(result) -> str:
+    if not result:
+        return "n/a"
+    if "accuracy" in result:
+        return f"accuracy {100 * result['accuracy']:.1f}% (loss {result['loss']:.4f})"
+    return f"loss {result['loss']:.4f}"
 
 
 if __name__ == "__main__":

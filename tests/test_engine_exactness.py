@@ -264,3 +264,24 @@ def test_trainable_rows_errors():
         ds_zo.initialize(model=tiny_model("llama"), config=ds_config(trainable_rows={"nope.*": [1]}))
     with pytest.raises(ConfigError, match="not rows of"):
         ds_zo.initialize(model=tiny_model("llama"), config=ds_config(trainable_rows={"*embed_tokens*": [1000]}))
+
+
+def test_classification_batches_score_only_the_label_position():
+    """Left-padded prompt-classification batches (one labelled token, last) use logits_to_keep; the loss, g and
+    parameters still match the reference, which computes every position's logits."""
+    b = batch(rows=3, seq=12)
+    b["labels"] = torch.full_like(b["input_ids"], -100)
+    b["labels"][:, -1] = b["input_ids"][:, -1]
+    model = tiny_model("llama")
+    ref = MeZOReference(model, lr=1e-2, eps=1e-2, seed=2)
+    engine = _engine(model, lr=1e-2, eps=1e-2, seed=2, micro=3)
+    assert engine._logits_to_keep(b["labels"])[0] == {"logits_to_keep": 2}
+    for _ in range(STEPS):
+        loss = engine.train_batch(b)
+        ref_loss, ref_g = ref.step(b)
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-4)
+    # the output matmul over 2 positions rounds differently from the one over 12 (last bits, magnified by 1/2ε)
+    sd = engine.module_state_dict()
+    for n, p in ref.params().items():
+        torch.testing.assert_close(sd[n], p, rtol=1e-5, atol=1e-6)

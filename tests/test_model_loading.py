@@ -63,6 +63,19 @@ def test_bad_specs_give_clear_errors(tmp_path, monkeypatch):
         load_model_and_tokenizer("smollm2")
 
 
+def test_specs_dispatch_to_the_right_loader(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(models, "load_gguf", lambda path, dtype: calls.append(("gguf", path)))
+    monkeypatch.setattr(models, "load_hf_dir", lambda path, dtype: calls.append(("hf", path)))
+    gguf = tmp_path / "m.GGUF"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: "builtin")
+    for spec in (None, "smollm2", str(gguf), tmp_path):
+        load_model_and_tokenizer(spec)
+    assert calls == [("gguf", "builtin"), ("gguf", "builtin"), ("gguf", gguf), ("hf", tmp_path)]
+
+
 # ---------------------------------------------------------------- the real SmolLM2-135M-Instruct
 
 REVIEWS = [("An absolute masterpiece. The acting was superb and I loved every minute of it.", 1),

@@ -1,0 +1,45 @@
+"""Evaluation of prompt-based classification (accuracy over label words, label-word loss) and of plain LM loss,
+sharded over every rank and summed with one all-reduce."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .data.collate import collate
+from .data.tasks import count_correct
+from .loss import token_loss_sum
+
+
+@torch.no_grad()
+def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
+             candidate_ids: Sequence[int] | None = None) -> dict:
+    """{"loss", "accuracy" (classification), "examples"} over `examples` at the current parameters. Every rank
+    calls it; rank r evaluates examples r, r + world, ... (perturbation-parallel peers split the work too)."""
+    rank, world = engine.dims.rank, engine.dims.world
+    mine = list(examples[rank::world])
+    totals = torch.zeros(4, dtype=torch.float64)    # loss sum, tokens, correct, rows
+    engine.flush()
+    was_training = engine.module.training
+    engine.module.eval()
+    try:
+        for i in range(0, len(mine), batch_size):
+            # left padding puts every label word last, so only the final positions need logits
+            batch = {k: v.to(engine.device) for k, v in collate(mine[i:i + batch_size], pad_id, side="left").items()}
+            extra, labels = engine._logits_to_keep(batch["labels"])
+            logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   use_cache=False, **extra).logits
+            loss_sum, tokens = token_loss_sum(logits, labels)
+            totals[0] += loss_sum
+            totals[1] += tokens
+            if candidate_ids is not None:
+                correct, rows = count_correct(logits, labels, candidate_ids)
+                totals[2] += correct
+                totals[3] += rows
+    finally:
+        engine.module.train(was_training)
+    engine.comm.all_reduce_sum(totals)
+    out = {"loss": (totals[0] / totals[1]).item() if totals[1] else float("nan"), "examples": len(examples)}
+    if candidate_ids is not None:
+        out["accuracy"] = (totals[2] / totals[3]).item() if totals[3] else float("nan")
+    return out
