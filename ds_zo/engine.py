@@ -47,10 +47,12 @@ def _eval_mode(module: torch.nn.Module):
 class ZOEngine(DeepSpeedEngine):
     def __init__(self, *args, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str],
                  offload: OffloadConfig, dims: ParallelDims, communicator: Communicator,
-                 rows: Optional[dict[str, torch.Tensor]] = None, **kwargs):
+                 rows: Optional[dict[str, torch.Tensor]] = None, loss_fn=None, **kwargs):
         # With offload the model must stay in host memory: DeepSpeed would move all of it to the device.
         super().__init__(*args, dont_change_device=offload.enabled, **kwargs)
         self.zo_config = zo_config
+        # (logits, labels) -> (float64 sum of per-item losses, item count); default: HF's token cross-entropy
+        self.loss_fn = loss_fn or token_loss_sum
         self.dims = dims
         self.comm = communicator
         self.eps = zo_params.eps
@@ -264,7 +266,7 @@ class ZOEngine(DeepSpeedEngine):
                 logits = self.module(**self._model_inputs(batch, slots), use_cache=False, **extra).logits
         finally:
             self._in_zo_forward = False
-        return [token_loss_sum(logits[i * rows:(i + 1) * rows], labels) for i in range(slots)]
+        return [self.loss_fn(logits[i * rows:(i + 1) * rows], labels) for i in range(slots)]
 
     def _logits_to_keep(self, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Only the positions that predict a labelled token need the output layer: with prompt-classification

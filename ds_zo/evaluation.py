@@ -6,9 +6,8 @@ from typing import Sequence
 
 import torch
 
-from .data.collate import collate
+from .data.collate import batches
 from .data.tasks import count_correct
-from .loss import token_loss_sum
 
 
 @torch.no_grad()
@@ -23,13 +22,14 @@ def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
     was_training = engine.module.training
     engine.module.eval()
     try:
-        for i in range(0, len(mine), batch_size):
-            # left padding puts every label word last, so only the final positions need logits
-            batch = {k: v.to(engine.device) for k, v in collate(mine[i:i + batch_size], pad_id, side="left").items()}
+        # left padding puts every label word last, so only the final positions need logits; batches of similar
+        # lengths pad less (order does not matter for a sum)
+        for padded in batches(mine, batch_size, pad_id, side="left", by_length=True):
+            batch = {k: v.to(engine.device) for k, v in padded.items()}
             extra, labels = engine._logits_to_keep(batch["labels"])
             logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    use_cache=False, **extra).logits
-            loss_sum, tokens = token_loss_sum(logits, labels)
+            loss_sum, tokens = engine.loss_fn(logits, labels)
             totals[0] += loss_sum
             totals[1] += tokens
             if candidate_ids is not None:

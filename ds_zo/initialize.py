@@ -28,8 +28,10 @@ def build_optimizer(model: nn.Module, trainable: set[str], lr: float, eps: float
 def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: Optional[ZOSGD] = None,
                model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
                mpu: Any = None, dist_init_required: Optional[bool] = None, collate_fn: Any = None,
-               config: Any = None, config_params: Any = None):
-    """Build a ZOEngine. Returns (engine, optimizer, training_dataloader, lr_scheduler) like deepspeed.initialize."""
+               config: Any = None, config_params: Any = None, loss_fn: Any = None):
+    """Build a ZOEngine. Returns (engine, optimizer, training_dataloader, lr_scheduler) like deepspeed.initialize.
+    loss_fn (optional): (logits, labels) -> (sum of per-item losses, item count), e.g. ds_zo.loss.LabelWordLoss;
+    default: the model's mean token cross-entropy over labels != -100."""
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.config import DeepSpeedConfig
@@ -87,7 +89,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
                           training_data=training_data, lr_scheduler=lr_scheduler, mpu=zo_mpu,
                           dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
                           config_class=config_class, zo_config=zo, zo_params=zo_params, trainable=trainable,
-                          offload=offload, dims=dims, communicator=comm, rows=rows)
+                          offload=offload, dims=dims, communicator=comm, rows=rows, loss_fn=loss_fn)
     finally:
         partition_parameters.restore_init_context()
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

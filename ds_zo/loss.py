@@ -43,3 +43,18 @@ def mean_loss(parts: Sequence[tuple[float, int]]) -> float:
     if total == 0:
         raise ValueError("no target tokens in the batch (every label is -100)")
     return sum(s for s, _ in parts) / total
+
+
+class LabelWordLoss:
+    """Prompt-classification loss (MeZO's): cross-entropy over the candidate label words only, at the position before
+    each row's label word. Unlike the full-vocabulary token loss it is discriminative: it moves the gold word up
+    relative to the other label words, not all label words up relative to the rest of the vocabulary."""
+
+    def __init__(self, candidate_ids):
+        self.candidate_ids = list(candidate_ids)
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        from .data.tasks import candidate_scores
+        scores, gold = candidate_scores(logits, labels.to(logits.device), self.candidate_ids)
+        per_row = F.cross_entropy(scores.float(), gold, reduction="none")
+        return float(per_row.double().sum()), int(gold.numel())

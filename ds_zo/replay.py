@@ -6,6 +6,7 @@ each record's update to the base weights, in order, reproduces the fine-tuned pa
 from __future__ import annotations
 
 import json
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -59,3 +60,39 @@ def replay(model: torch.nn.Module, records: Iterable[StepRecord], trainable: Opt
             else:
                 apply_step(p.data, param_key(n), rec, is_decayed(p), generator)
     return model
+
+
+def main(argv=None) -> None:
+    """python -m ds_zo.replay --checkpoint OUT/checkpoints [--tag T] --model smollm2 --output DIR
+
+    Rebuilds the fine-tuned weights from the base model and the checkpoint's step log alone (its tensors are not
+    read), and saves them with save_pretrained (safetensors)."""
+    import argparse
+
+    from .checkpoint import read_state, read_steps
+    from .models import load_model_and_tokenizer
+
+    p = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (with 'latest') or one tag's folder")
+    p.add_argument("--tag", default=None)
+    p.add_argument("--model", default="smollm2", help="the base model the run started from (as for ds_zo.train)")
+    p.add_argument("--output", required=True)
+    args = p.parse_args(argv)
+    ckpt = os.path.abspath(args.checkpoint)
+    if args.tag is None and not os.path.isfile(os.path.join(ckpt, "latest")):
+        ckpt, args.tag = os.path.dirname(ckpt), os.path.basename(ckpt)   # a tag folder was given
+    folder, state = read_state(ckpt, args.tag)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    names = [n for n, _, _ in state["model"]]
+    if [n for n, _ in model.named_parameters()] != names:
+        raise SystemExit(f"replay: {args.model!r} is not the model this run started from (parameter names differ)")
+    rows = {n: torch.tensor(r, dtype=torch.long) for n, r in state["trainable_rows"].items()}
+    records = read_steps(folder)
+    replay(model, records, state["trainable"], state["distribution"], rows)
+    model.save_pretrained(args.output, safe_serialization=True)
+    tokenizer.save_pretrained(args.output)
+    print(f"replayed {len(records)} steps from {folder} onto {args.model}; saved to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train_examples", type=int, default=1000, help="imdb: training split size")
     p.add_argument("--dev_examples", type=int, default=200, help="imdb: dev split size")
     p.add_argument("--test_examples", type=int, default=500, help="imdb: test split size")
-    p.add_argument("--max_chars", type=int, default=600, help="imdb: drop reviews longer than this")
+    p.add_argument("--max_chars", type=int, default=400, help="imdb: drop reviews longer than this")
     p.add_argument("--max_length", type=int, default=256, help="tokens per example (prompts are cut at the front)")
     p.add_argument("--trainable", default="auto",
                    help="'auto' (classification: the label-word rows of the input embedding; lm: everything), "
@@ -172,7 +172,9 @@ def main(argv=None) -> dict:
     seed = args.seed if args.seed is not None else load_config(args.deepspeed_config).get("zero_order", {}).get("seed", 0)
     train, dev, test, candidates, what = build_data(args, tokenizer, seed)
     cfg = job_config(args, model, candidates, seed)
-    engine, _, _, _ = initialize(args=argparse.Namespace(local_rank=args.local_rank), model=model, config=cfg)
+    from .loss import LabelWordLoss
+    engine, _, _, _ = initialize(args=argparse.Namespace(local_rank=args.local_rank), model=model, config=cfg,
+                                 loss_fn=LabelWordLoss(candidates) if candidates is not None else None)
     pad = pad_token_id(tokenizer)
     trained = sum(len(r) * engine.module.get_parameter(n)[0].numel() for n, r in engine.trainable_rows.items())
     trained += sum(p.numel() for n, p in engine.module.named_parameters()

@@ -285,3 +285,20 @@ def test_classification_batches_score_only_the_label_position():
     sd = engine.module_state_dict()
     for n, p in ref.params().items():
         torch.testing.assert_close(sd[n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_label_word_loss_is_cross_entropy_over_candidates():
+    from ds_zo.loss import LabelWordLoss
+    b = batch(rows=3, seq=12)
+    b["labels"] = torch.full_like(b["input_ids"], -100)
+    b["labels"][:, -1] = torch.tensor([5, 9, 5])
+    candidates = [5, 9]
+    model = tiny_model("llama")
+    engine, *_ = ds_zo.initialize(model=model, config=ds_config(lr=0.0, eps=1e-2, seed=2, micro=3),
+                                  loss_fn=LabelWordLoss(candidates))
+    with torch.no_grad():
+        logits = copy.deepcopy(model)(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, -2][:, candidates], torch.tensor([0, 1, 0]))
+    assert engine.eval_batch(b) == pytest.approx(expected.item(), rel=1e-6)
+    engine.train_batch(b)   # a ZO step with the custom loss runs (g finite)
+    assert engine.last_projected_grad == engine.last_projected_grad
