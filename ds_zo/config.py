@@ -45,6 +45,7 @@ class ZeroOrderConfig(DeepSpeedConfigModel):
     perturbation_parallel: int = Field(1, ge=1, le=2)   # ranks sharing one data shard, one sign each
     partition_group_size: Optional[int] = Field(None, ge=1)  # ZeRO-3 reslicing group; None = the ranks of a node
     collective_timeout_s: float = Field(600.0, gt=0)    # a dead or hung peer fails every collective after this
+    max_consecutive_skips: int = Field(10, ge=1)        # steps with a non-finite loss in a row before aborting
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Iterator, Optional
@@ -44,6 +45,10 @@ def _eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
 class ZOEngine(DeepSpeedEngine):
     def __init__(self, *args, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str],
                  offload: OffloadConfig, dims: ParallelDims, communicator: Communicator,
@@ -73,6 +78,7 @@ class ZOEngine(DeepSpeedEngine):
         self.last_projected_grad: Optional[float | list[float]] = None
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self.module.forward).parameters
         self._in_zo_forward = False
+        self._consecutive_skips = 0
         self._data_iterator: Optional[Iterator] = None
         self._streaming: Optional[contextlib.ExitStack] = None
         # Make a pending update visible to anyone who runs or reads the model directly, and stream offloaded units
@@ -310,14 +316,37 @@ class ZOEngine(DeepSpeedEngine):
         means = [mean_loss([(totals[i].item(), int(totals[len(all_slots) + i].item()))]) for i in range(len(all_slots))]
         grads = [(means[2 * j] - means[2 * j + 1]) / (2 * self.eps) for j in range(q)]
         losses = [(means[2 * j] + means[2 * j + 1]) / 2 for j in range(q)]
+        loss = sum(losses) / q
+        if not all(math.isfinite(x) for x in means):   # identical on every rank: the means were all-reduced
+            return self._skip_step(step, means)
+        self._consecutive_skips = 0
         self.optimizer.record_step(step, seed, grads, lr, self.weight_decay)
         if not self.zo_config.fuse_update:
             self._apply_remaining_pending()
         self._take_model_step(None)  # DeepSpeed's bookkeeping: lr scheduler, global_steps, global_samples
         self.last_projected_grad = grads[0] if q == 1 else grads
-        loss = sum(losses) / q
         self._write_monitor(loss, grads, lr)
         return loss
+
+    def _skip_step(self, step: int, means: list[float]) -> float:
+        """A non-finite L+ or L−: no update, nothing in the step log, the lr schedule does not advance; the step
+        number does (so the next step draws a fresh z). Too many in a row abort the run."""
+        self._consecutive_skips += 1
+        self.skipped_steps += 1
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        self.last_projected_grad = float("nan") if self.zo_config.num_perturbations == 1 else \
+            [float("nan")] * self.zo_config.num_perturbations
+        limit = self.zo_config.max_consecutive_skips
+        if self.global_rank == 0:
+            print(f"[ds_zo] step {step}: non-finite loss {means}; update skipped "
+                  f"({self._consecutive_skips} in a row, {self.skipped_steps} in total)", flush=True)
+        if self._consecutive_skips >= limit:
+            raise NonFiniteLossError(
+                f"{self._consecutive_skips} consecutive ZO steps (up to step {step}) had non-finite losses "
+                f"({means}); stopping (zero_order.max_consecutive_skips = {limit}). The parameters hold the last good "
+                "step and no checkpoint was written after it: lower the lr or eps, or check the data")
+        return float("nan")
 
     @torch.no_grad()
     def eval_batch(self, batch: dict) -> float:

@@ -1,0 +1,53 @@
+"""Numerical faults: a non-finite L+ or L- skips the update; too many in a row abort clearly."""
+import copy
+import math
+
+import pytest
+import torch
+
+import ds_zo
+from ds_zo.engine import NonFiniteLossError
+from ds_zo.replay import replay
+from conftest import ds_config
+from models import batch, tiny_model
+
+
+class _Poison:
+    """Makes the model's logits NaN on chosen calls (a stand-in for an overflow in a real run)."""
+
+    def __init__(self, model, bad_calls):
+        self.calls, self.bad = 0, set(bad_calls)
+        model.lm_head.register_forward_hook(self)
+
+    def __call__(self, module, args, out):
+        self.calls += 1
+        return out * float("nan") if self.calls in self.bad else out
+
+
+def test_non_finite_loss_skips_the_update_and_replay_still_matches():
+    model = tiny_model("llama", tied=False)
+    base = copy.deepcopy(model)
+    engine, *_ = ds_zo.initialize(model=model, config=ds_config(lr=1e-2, wd=0.1, seed=1, max_consecutive_skips=3))
+    poison = _Poison(engine.module, bad_calls={2})           # the second step's forward
+    losses = [engine.train_batch(batch(seed=t)) for t in range(4)]
+    assert math.isnan(losses[1]) and all(math.isfinite(x) for x in losses[:1] + losses[2:])
+    assert engine.skipped_steps == 1 and engine.global_steps == 4
+    assert [r.step for r in engine.step_log] == [0, 2, 3]
+    rebuilt = replay(copy.deepcopy(base), engine.step_log)
+    sd = engine.module_state_dict()
+    assert all(torch.equal(p, sd[n]) for n, p in rebuilt.named_parameters())
+    assert poison.calls == 4
+
+
+def test_consecutive_non_finite_losses_abort_with_a_clear_message():
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(seed=1, max_consecutive_skips=3))
+    engine.train_batch(batch())
+    good = {n: p.clone() for n, p in engine.module_state_dict().items()}
+    _Poison(engine.module, bad_calls=range(1, 100))
+    engine.train_batch(batch())
+    engine.train_batch(batch())
+    with pytest.raises(NonFiniteLossError, match="3 consecutive ZO steps.*max_consecutive_skips = 3"):
+        engine.train_batch(batch())
+    sd = engine.module_state_dict()  # the last good step (its fused update included) and nothing else
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert len(engine.step_log) == 1 and all(torch.equal(sd[n], good[n]) for n in good)
