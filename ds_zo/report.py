@@ -21,7 +21,7 @@ def plot_history(path: str, history: dict, title: str) -> None:
     fig, ax_loss = plt.subplots(figsize=(8, 4.5), dpi=110)
     if history["train"]:
         steps, losses = zip(*history["train"])
-        window = max(1, len(losses) // 25)
+        window = max(1, len(losses) // 8)
         smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
                   for i in range(len(losses))]
         ax_loss.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
@@ -32,7 +32,7 @@ def plot_history(path: str, history: dict, title: str) -> None:
     if evals:
         ax_acc = ax_loss.twinx()
         ax_acc.plot([s for s, _ in evals], [100 * e["accuracy"] for _, e in evals], "o-", color="tab:red",
-                    label="eval accuracy (%)")
+                    label="dev accuracy (%)")
         ax_acc.set_ylabel("accuracy (%)", color="tab:red")
         ax_acc.legend(loc="upper right")
     ax_loss.legend(loc="upper left")

@@ -1,0 +1,468 @@
+"""A discrete-event performance model of ds_zo's ZO step: one rank's per-unit pipeline, streams as resources.
+
+What is simulated (per rank, several consecutive steps, steady state reported):
+
+    host ─ issue unit k (Python, z-chunk seeding)            ┐ per step: the ops below for every unit in model order,
+    h2d  ─ upload unit k (or its 1/k shard)                  │ then the loss sync (+ the scalar all-reduce) on the
+    comm ─ shard update → all-gather → reassemble (reslice)  │ host, after which the next step starts
+    compute ─ pending update → perturb (z, θ±εz) → forward   │
+    d2h  ─ offload unit k (or its shard)                     ┘
+
+Each resource is a FIFO server, as a CUDA stream is: its ops run one at a time in issue order, each when all its
+dependencies (events) have finished. The dependencies are the ones ds_zo's pipeline records: an upload needs a free
+device buffer (a pool of depth + 2, round robin by position in the pass) and the unit's previous offload (the store is
+not read while being written), and may run at most `prefetch_depth` units ahead of compute (depth 0: only after the
+previous unit computed); compute needs the upload (and, resliced, the all-gather); the offload needs the compute.
+With `Hardware.overlap = False` every op runs on one resource, in issue order: a CPU "device" without streams, or
+CUDA with overlap off. The event loop itself (`Simulator`) knows nothing of ZO.
+
+Costs per op come from the model shape (units with parameter counts and forward FLOPs per token), the tokens a rank
+computes, and the hardware rates: forward FLOPs / `flops`; z draws / `rng_rate`; element-wise passes (bytes counted
+from ds_zo's own kernels, below) / `elem_bw`; host↔device bytes / the per-GPU PCIe rate, capped by the node's host
+memory bandwidth shared by every GPU that moves data at once; all-gathers ((k−1)·shard bytes received per rank) /
+`link_bw` (NVLink) plus a latency; `host_chunk_s` per 2^20-element z chunk (seeding + launch, issued by Python).
+
+Layouts (`Layout.kind`): "resident" (everything on the device; ZO-DDP / PertP without offload), "zo2" (one GPU,
+decoder layers stream over PCIe), "naive" (DistZO2 without reslicing: every GPU moves whole units over its own
+link), "reslice" (each GPU uploads 1/k of a unit, all-gathers over NVLink, offloads only its shard; k = the GPUs of
+a node, replicated across nodes). `pertp` = 2 runs one sign per rank (perturbation parallelism); data parallel degree
+dp = gpus / pertp, each rank computing ceil(rows / dp) rows (strong scaling: the global batch is fixed).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+CHUNK = 1 << 20          # ds_zo.perturb.CHUNK_ELEMENTS (kept in sync by a test)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the event loop
+
+
+@dataclass
+class Op:
+    name: str
+    resource: str
+    duration: float
+    deps: tuple[int, ...]
+    start: Optional[float] = None
+    end: Optional[float] = None
+
+
+class DeadlockError(RuntimeError):
+    pass
+
+
+class Simulator:
+    """Resources are FIFO servers; an op starts when it heads its resource's queue, the resource is idle, and every
+    op it depends on has ended. `run()` returns the time the last op ends."""
+
+    def __init__(self):
+        self.ops: list[Op] = []
+        self.queues: dict[str, list[int]] = {}
+
+    def add(self, name: str, resource: str, duration: float, deps: Sequence[Optional[int]] = ()) -> int:
+        if duration < 0 or math.isnan(duration):
+            raise ValueError(f"op {name}: duration {duration}")
+        i = len(self.ops)
+        self.ops.append(Op(name, resource, float(duration), tuple(d for d in deps if d is not None)))
+        self.queues.setdefault(resource, []).append(i)
+        return i
+
+    def run(self) -> float:
+        now = 0.0
+        head = dict.fromkeys(self.queues, 0)
+        busy = dict.fromkeys(self.queues, False)
+        running: list[tuple[float, int]] = []     # (end, op) of the ops in progress
+        finished = 0
+        while finished < len(self.ops):
+            progress = True
+            while progress:           # zero-length ops may end at `now` and unlock others at the same instant
+                progress = False
+                while running and running[0][0] <= now:
+                    end, i = heapq.heappop(running)
+                    self.ops[i].end = end
+                    busy[self.ops[i].resource] = False
+                    finished += 1
+                    progress = True
+                for res, q in self.queues.items():
+                    if busy[res] or head[res] == len(q):
+                        continue
+                    op = self.ops[q[head[res]]]
+                    if all(self.ops[d].end is not None for d in op.deps):
+                        op.start = now
+                        heapq.heappush(running, (now + op.duration, q[head[res]]))
+                        head[res] += 1
+                        busy[res] = True
+                        progress = True
+            if finished == len(self.ops):
+                break
+            if not running:
+                stuck = [self.ops[q[head[r]]].name for r, q in self.queues.items() if head[r] < len(q)]
+                raise DeadlockError(f"no op can start at t={now}: waiting at the head of a queue: {stuck}")
+            now = running[0][0]
+        return max((op.end for op in self.ops), default=0.0)
+
+    def busy(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for op in self.ops:
+            out[op.resource] = out.get(op.resource, 0.0) + op.duration
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model shapes
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    name: str
+    params: int              # elements perturbed when the unit runs (a tied weight counts in both of its units)
+    owned: int               # elements the unit stores and updates (0 for the head tied to the embedding)
+    flops_per_token: float   # forward FLOPs of one slot per token
+    out_width: int           # output features per token (the slots' outputs are concatenated)
+    is_layer: bool           # a decoder layer: offloaded by default
+    tensors: int = 1         # parameter tensors (z is drawn per tensor, in chunks of 2^20 elements)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    units: tuple[UnitSpec, ...]
+    hidden: int
+
+    @property
+    def params(self) -> int:
+        return sum(u.owned for u in self.units)
+
+    def layer_params(self) -> int:
+        return sum(u.owned for u in self.units if u.is_layer)
+
+
+def decoder(name: str, family: str, hidden: int, layers: int, ffn: int, vocab: int, seq: int, heads: int = 1,
+            kv_heads: Optional[int] = None, tied: bool = True, max_positions: int = 2048) -> ModelSpec:
+    """The units ds_zo cuts a Llama- or OPT-style decoder into, with parameter counts and FLOPs per token at `seq`."""
+    h = hidden
+    attn = 2 * seq * h            # QKᵀ and AV per token, causal (half of the full 4·seq·h)
+    if family == "llama":
+        kv = h * (kv_heads or heads) // heads
+        layer = 2 * h * h + 2 * h * kv + 3 * h * ffn + 2 * h           # q, o, k, v, gate/up/down, two RMSNorms
+        matmul = 2 * h * h + 2 * h * kv + 3 * h * ffn
+        embed = [UnitSpec("embed_tokens", vocab * h, vocab * h, 0.0, h, False)]
+        final = [UnitSpec("norm", h, h, 0.0, h, False)]
+        tensors = 9
+    elif family == "opt":
+        layer = 4 * (h * h + h) + 2 * h * ffn + ffn + h + 4 * h          # attention with biases, fc1/fc2, 2 LayerNorms
+        matmul = 4 * h * h + 2 * h * ffn
+        embed = [UnitSpec("embed_tokens", vocab * h, vocab * h, 0.0, h, False),
+                 UnitSpec("embed_positions", (max_positions + 2) * h, (max_positions + 2) * h, 0.0, h, False)]
+        final = [UnitSpec("final_layer_norm", 2 * h, 2 * h, 0.0, h, False, 2)]
+        tensors = 16
+    else:
+        raise ValueError(f"family {family!r}")
+    units = embed + [UnitSpec(f"layers.{i}", layer, layer, 2.0 * matmul + attn, h, True, tensors)
+                     for i in range(layers)]
+    units += final + [UnitSpec("lm_head", vocab * h, 0 if tied else vocab * h, 2.0 * vocab * h, vocab, False)]
+    return ModelSpec(name, tuple(units), h)
+
+
+SHAPES = {   # name: (family, hidden, layers, ffn, vocab, heads, kv_heads, tied)
+    "tiny": ("llama", 64, 4, 128, 256, 4, 1, True),
+    "small": ("llama", 256, 8, 768, 8192, 4, 1, True),
+    "smollm2-135m": ("llama", 576, 30, 1536, 49152, 9, 3, True),
+    "opt-1.3b": ("opt", 2048, 24, 8192, 50272, 32, 32, True),
+    "opt-6.7b": ("opt", 4096, 32, 16384, 50272, 32, 32, True),
+    "opt-175b": ("opt", 12288, 96, 49152, 50272, 96, 96, True),
+}
+
+
+def shape(name: str, seq: int) -> ModelSpec:
+    family, h, layers, ffn, vocab, heads, kv, tied = SHAPES[name]
+    return decoder(name, family, h, layers, ffn, vocab, seq, heads, kv, tied)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hardware, layout, workload
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    flops: float                  # achieved forward FLOP/s on the model's matmuls
+    rng_rate: float               # z elements drawn per second (float32 normal)
+    elem_bw: float                # device memory bandwidth seen by element-wise passes, bytes/s
+    h2d_bw: float                 # host→device bytes/s of one GPU's link (pinned)
+    d2h_bw: float                 # device→host bytes/s
+    link_bw: float = float("inf")     # GPU↔GPU all-gather bytes received per second per GPU (NVLink, one direction)
+    host_bw: float = float("inf")     # a node's host memory bandwidth shared by all its GPUs' DMA (both directions)
+    gpus_per_node: int = 8
+    overlap: bool = True              # separate streams for h2d / d2h / comm / compute / host
+    host_chunk_s: float = 0.0         # host time per z chunk (key mixing, generator seeding, kernel launch)
+    unit_host_s: float = 0.0          # host time per unit visit (wrappers, HF module code)
+    collective_latency_s: float = 0.0     # per all-gather / all-reduce call
+    dtype_bytes: int = 2              # bytes per stored and computed element (2: bf16/fp16, 4: fp32)
+    fused: bool = False               # what-if: one kernel per tensor draws z in registers and writes θ±εz (or the
+                                      # update) directly: b bytes read + b per output, one launch per tensor
+
+
+# H100 SXM, DESIGN.md §6: PCIe Gen5 x16 ≈ 55 GB/s pinned, NVLink 4 ≈ 450 GB/s per direction, ≈ 790 TFLOP/s bf16
+# measured. Assumptions (not measured here, no GPU): HBM3 ≈ 3.0 TB/s achieved by element-wise kernels; torch's
+# Philox normal ≈ 5e11 float32 values/s; 12 µs of host time per z chunk (blake2b key, Generator.manual_seed, normal_
+# launch) and 1 ms per unit visit; a DGX-H100-class node with 2 sockets × 8 DDR5-4800 channels (614 GB/s peak), of
+# which ≈ 450 GB/s is taken to be available to the GPUs' DMA in both directions together; 20 µs per collective.
+H100 = Hardware("H100-SXM (8 per node)", flops=790e12, rng_rate=5e11, elem_bw=3.0e12, h2d_bw=55e9, d2h_bw=55e9,
+                link_bw=450e9, host_bw=450e9, gpus_per_node=8, overlap=True, host_chunk_s=12e-6, unit_host_s=1e-3,
+                collective_latency_s=20e-6, dtype_bytes=2)
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str = "zo2"             # "resident" | "zo2" | "naive" | "reslice"
+    gpus: int = 1
+    pertp: int = 1
+    prefetch_depth: int = 1
+    partition: Optional[int] = None   # reslicing group size k (default: the GPUs of one node)
+
+    def __post_init__(self):
+        if self.kind not in ("resident", "zo2", "naive", "reslice"):
+            raise ValueError(f"layout kind {self.kind!r}")
+        if self.pertp not in (1, 2) or self.gpus % self.pertp:
+            raise ValueError(f"pertp {self.pertp} with {self.gpus} GPUs")
+        if self.kind == "zo2" and self.gpus != 1:
+            raise ValueError("zo2 is the one-GPU layout; use naive or reslice for several")
+        if self.prefetch_depth < 0:
+            raise ValueError("prefetch_depth >= 0")
+
+    @property
+    def dp(self) -> int:
+        return self.gpus // self.pertp
+
+    @property
+    def offload(self) -> bool:
+        return self.kind != "resident"
+
+    def k(self, hw: Hardware) -> int:
+        if self.kind != "reslice":
+            return 1
+        return self.partition or min(self.gpus, hw.gpus_per_node)
+
+
+@dataclass(frozen=True)
+class Workload:
+    rows: int                     # global batch rows per step
+    seq: int
+    q: int = 1                    # perturbations per step
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq
+
+
+# element-wise traffic of ds_zo's kernels, bytes per element (b = bytes of the stored/computed dtype):
+#   perturb (model/perturbed_copies.py): z.mul_(ε) r4+w4 once per perturbation; per sign torch.add/sub(θ, εz, out)
+#     r b + r4 + w b (16-bit: computed in fp32 then rounded: r b + r4 + w4 + r4 + w b)
+#   update (optimizer.apply_step, q = 1): u.mul_(g) 8, u.mul_(lr) 8, θ.sub_(u) r4 r4 w4 (16-bit: θ.float() r b w4,
+#     then the copy back r4 w b)
+def perturb_bytes(b: int, signs: int, fused: bool = False) -> float:
+    if fused:
+        return b + signs * b
+    per_sign = 2 * b + 4 if b == 4 else 2 * b + 12
+    return 8 + signs * per_sign
+
+
+def update_bytes(b: int, q: int = 1, fused: bool = False) -> float:
+    if fused:
+        return 2 * b
+    base = 16 * q + 12
+    return base if b == 4 else base + 2 * (b + 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one rank's program
+
+
+@dataclass
+class Result:
+    step_s: float                 # steady-state step time (end of the last step minus end of the one before)
+    first_step_s: float           # the first step (no pending update: nothing to offload)
+    busy: dict[str, float]        # seconds each resource is busy per steady step
+    bottleneck: str
+    bytes_per_step: dict[str, float]    # this rank, steady state: h2d, d2h, allgather (received), allreduce
+    tokens_per_s: float           # global tokens per second
+    layout: Layout
+    per_rank_rows: int
+
+
+def _chunks(n: float, tensors: int = 1) -> int:
+    """z chunks drawn for n elements spread over `tensors` tensors (each tensor starts a new chunk)."""
+    return int(math.ceil(n / CHUNK)) + tensors - 1 if n > 0 else 0
+
+
+def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, steps: int = 3,
+             offloaded: Optional[Sequence[str]] = None) -> Result:
+    """Simulate `steps` consecutive ZO steps of one rank (ranks are symmetric) and return the steady state."""
+    if steps < 2:
+        raise ValueError("steps >= 2 (the first step has no pending update)")
+    b = hw.dtype_bytes
+    dp, k = layout.dp, layout.k(hw)
+    rows = math.ceil(work.rows / dp)
+    tokens = rows * work.seq
+    slots = 2 * work.q // layout.pertp                  # slots this rank computes per unit visit
+    signs = 2 // layout.pertp                           # signs per perturbation on this rank
+    off_names = set(offloaded) if offloaded is not None else {u.name for u in model.units if u.is_layer}
+    units = list(model.units)
+    is_off = [layout.offload and u.name in off_names for u in units]
+    # per-GPU host link rate: the node's host memory is shared by every GPU moving data at once (both directions)
+    movers = min(layout.gpus, hw.gpus_per_node) if layout.offload else 1
+    h2d_bw = min(hw.h2d_bw, hw.host_bw / (2 * movers))
+    d2h_bw = min(hw.d2h_bw, hw.host_bw / (2 * movers))
+
+    def res(name: str) -> str:
+        return name if hw.overlap else "device"
+
+    def t_update(n: float) -> float:
+        return n * work.q / hw.rng_rate + n * update_bytes(b, work.q, hw.fused) / hw.elem_bw
+
+    def t_perturb(u: UnitSpec) -> float:
+        return (u.params * work.q / hw.rng_rate
+                + u.params * work.q * perturb_bytes(b, signs, hw.fused) / hw.elem_bw)
+
+    def t_forward(u: UnitSpec) -> float:
+        t = slots * tokens * u.flops_per_token / hw.flops
+        if slots > 1:                                   # merge: the slots' outputs are concatenated (read + write)
+            t += 2 * slots * tokens * u.out_width * b / hw.elem_bw
+        return t
+
+    def t_host(u: UnitSpec, update_elems: float) -> float:
+        if hw.fused:                                   # one launch per tensor and pass
+            launches = u.tensors * (1 + (update_elems > 0))
+        else:
+            launches = _chunks(u.params, u.tensors) + _chunks(update_elems, u.tensors)
+        return hw.unit_host_s + hw.host_chunk_s * work.q * launches
+
+    sim = Simulator()
+    depth = layout.prefetch_depth
+    off_idx = [i for i, o in enumerate(is_off) if o]
+    nbuf = max(1, min(depth + 2, len(off_idx)))
+    shard = [math.ceil(units[i].owned / k) for i in range(len(units))]
+    unit_bytes = [(shard[i] if layout.kind == "reslice" else units[i].owned) * b for i in range(len(units))]
+    prev_free: dict[int, int] = {}        # buffer -> op that frees it (the previous pass)
+    prev_offload: dict[int, int] = {}     # unit -> its last offload op
+    step_end: list[int] = []
+    sync = None
+    bytes_step = {"h2d": 0.0, "d2h": 0.0, "allgather": 0.0,
+                  "allreduce": 8.0 * 4 * work.q if layout.gpus > 1 else 0.0}
+    for s in range(steps):
+        pending = s > 0
+        compute_of: dict[int, int] = {}   # position in the offloaded pass -> compute op
+        free_of: dict[int, int] = {}
+        ready_of: dict[int, int] = {}
+        last_compute = None
+
+        def issue_upload(p: int) -> None:
+            i = off_idx[p]
+            buf = p % nbuf
+            deps = [sync, compute_of.get(p - depth - 1), prev_offload.get(i)]
+            deps.append(free_of[p - nbuf] if p >= nbuf else prev_free.get(buf))
+            up = sim.add(f"s{s} up {units[i].name}", res("h2d"), unit_bytes[i] / h2d_bw, deps)
+            if s == steps - 1:
+                bytes_step["h2d"] += unit_bytes[i]
+            ready = up
+            if layout.kind == "reslice":
+                n_shard = shard[i]
+                if pending:
+                    ready = sim.add(f"s{s} shard-update {units[i].name}", res("comm"), t_update(n_shard), [ready])
+                gathered = (k - 1) * n_shard * b
+                t_ag = (gathered / hw.link_bw + hw.collective_latency_s if k > 1 else 0.0)
+                t_ag += 2 * units[i].owned * b / hw.elem_bw            # reassemble the full unit, trimming padding
+                ready = sim.add(f"s{s} all-gather {units[i].name}", res("comm"), t_ag, [ready])
+                if s == steps - 1:
+                    bytes_step["allgather"] += gathered
+            ready_of[p] = ready
+
+        for p in range(min(depth + 1, len(off_idx))):
+            issue_upload(p)
+        for i, u in enumerate(units):
+            resliced = is_off[i] and layout.kind == "reslice"
+            upd = u.owned if (pending and not resliced) else 0
+            host = sim.add(f"s{s} issue {u.name}", res("host"),
+                           t_host(u, upd if not resliced else (shard[i] if pending else 0)), [sync])
+            dur = (t_update(upd) if upd else 0.0) + t_perturb(u) + t_forward(u)
+            if is_off[i]:
+                p = off_idx.index(i)
+                if p not in ready_of:
+                    issue_upload(p)
+                c = sim.add(f"s{s} compute {u.name}", res("compute"), dur, [host, ready_of[p]])
+                compute_of[p] = c
+                if pending:
+                    o = sim.add(f"s{s} offload {u.name}", res("d2h"), unit_bytes[i] / d2h_bw, [c])
+                    prev_offload[i] = o
+                    free_of[p] = o
+                    if s == steps - 1:
+                        bytes_step["d2h"] += unit_bytes[i]
+                else:
+                    free_of[p] = c
+                nxt = p + depth + 1
+                if nxt < len(off_idx) and nxt not in ready_of:
+                    issue_upload(nxt)
+            else:
+                c = sim.add(f"s{s} compute {u.name}", res("compute"), dur, [host])
+            last_compute = c
+        allreduce = hw.collective_latency_s if layout.gpus > 1 else 0.0
+        sync = sim.add(f"s{s} loss sync", res("host"), allreduce, [last_compute])
+        step_end.append(sync)
+        for p, op in free_of.items():
+            prev_free[p % nbuf] = op
+    sim.run()
+    ends = [sim.ops[i].end for i in step_end]
+    step_s = ends[-1] - ends[-2]
+    first = ends[0]
+    busy: dict[str, float] = {}
+    for op in sim.ops:
+        if op.name.startswith(f"s{steps - 1} "):
+            busy[op.resource] = busy.get(op.resource, 0.0) + op.duration
+    bottleneck = max(busy, key=busy.get) if busy else "none"
+    return Result(step_s, first, busy, bottleneck, bytes_step, work.tokens / step_s if step_s > 0 else float("inf"),
+                  layout, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scaling studies
+
+
+def scaling(model: ModelSpec, hw: Hardware, work: Workload, gpus: Sequence[int] = tuple(range(1, 17)),
+            kinds: Sequence[tuple[str, int]] = (("naive", 1), ("reslice", 1), ("reslice", 2))) -> dict:
+    """Speedup over ZO2 on one GPU at the same global batch (so the same training trajectory), per layout
+    (kind, pertp) and GPU count. At one GPU every offloading layout is ZO2."""
+    base = simulate(model, hw, Layout("zo2", 1), work)
+    out = {"zo2_step_s": base.step_s, "zo2_bottleneck": base.bottleneck, "zo2_busy": base.busy, "curves": {}}
+    for kind, pertp in kinds:
+        name = kind + (f"+pertp{pertp}" if pertp > 1 else "")
+        curve = []
+        for n in gpus:
+            if n % pertp:
+                continue
+            r = simulate(model, hw, Layout(kind, n, pertp), work)
+            curve.append({"gpus": n, "step_s": r.step_s, "speedup": base.step_s / r.step_s,
+                          "bottleneck": r.bottleneck, "busy": r.busy, "rows_per_rank": r.per_rank_rows})
+        out["curves"][name] = curve
+    return out
+
+
+def saturation(curve: list[dict], fraction: float = 0.9) -> Optional[int]:
+    """The smallest GPU count reaching `fraction` of the curve's best speedup (where adding GPUs stops paying)."""
+    if not curve:
+        return None
+    best = max(c["speedup"] for c in curve)
+    return next(c["gpus"] for c in curve if c["speedup"] >= fraction * best)
+
+
+def with_(hw: Hardware, **changes) -> Hardware:
+    return replace(hw, **changes)
+
+
+__all__ = ["Simulator", "DeadlockError", "UnitSpec", "ModelSpec", "decoder", "shape", "SHAPES", "Hardware", "H100",
+           "Layout", "Workload", "Result", "simulate", "scaling", "saturation", "with_", "perturb_bytes",
+           "update_bytes", "CHUNK"]
