@@ -116,3 +116,22 @@ def test_tampered_truncated_and_mismatched_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt"):
         _engine().load_checkpoint(str(tmp_path))
     assert not os.path.exists(tmp_path.parent / "escape")
+
+
+@pytest.mark.parametrize("stage", ["state", "latest"])
+def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, stage):
+    import subprocess
+    import sys
+    from launch_ranks import ROOT, loopback_env
+    proc = subprocess.run([sys.executable, os.path.join("tests", "save_victim.py"), str(tmp_path), stage], cwd=ROOT,
+                          env=loopback_env(), capture_output=True, text=True, timeout=200)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "latest").read_text() == "global_step1"
+    fresh = _engine()
+    path, _ = fresh.load_checkpoint(str(tmp_path))
+    assert path.endswith("global_step1") and fresh.global_steps == 1
+    # the interrupted save's leftovers are cleaned up by the next save of that tag
+    assert fresh.train_batch(batch(seed=1)) > 0
+    fresh.save_checkpoint(str(tmp_path))
+    assert (tmp_path / "latest").read_text() == "global_step2"
+    assert not (tmp_path / "global_step2.partial").exists()
