@@ -24,11 +24,21 @@ def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
     try:
         # left padding puts every label word last, so only the final positions need logits; batches of similar
         # lengths pad less (order does not matter for a sum)
-        for padded in batches(mine, batch_size, pad_id, side="left", by_length=True):
+        todo = list(batches(mine, batch_size, pad_id, side="left", by_length=True))
+        counted = len(todo)
+        if engine.pipeline is not None and engine.dims.partition > 1 and examples:
+            # resliced forwards all-gather inside the partition group: every rank must run as many forwards as the
+            # busiest one (the extra ones repeat a batch and are not counted)
+            needed = -(-(-(-len(examples) // world)) // batch_size)
+            filler = todo[-1:] or list(batches(list(examples[:1]), batch_size, pad_id, side="left"))
+            todo += filler * (needed - counted)
+        for index, padded in enumerate(todo):
             batch = {k: v.to(engine.device) for k, v in padded.items()}
             extra, labels = engine._logits_to_keep(batch["labels"])
             logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    use_cache=False, **extra).logits
+            if index >= counted:
+                continue
             loss_sum, tokens = engine.loss_fn(logits, labels)
             totals[0] += loss_sum
             totals[1] += tokens

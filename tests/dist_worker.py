@@ -55,6 +55,12 @@ def run_case(case: dict, out_dir: str) -> dict:
         losses.append(engine.train_batch({k: v[shard] for k, v in global_batch.items()}))
         grads.append(engine.last_projected_grad)
     stats = engine.comm_stats()
+    if case.get("uneven_eval"):
+        from ds_zo.evaluation import evaluate
+        ids = batch(rows=5, seed=7)["input_ids"]   # 5 examples over the ranks: uneven shards
+        examples = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+        result_eval = evaluate(engine, examples, batch_size=1, pad_id=0)
+        assert result_eval["examples"] == 5
     eval_batch = batch(rows=GLOBAL_ROWS, seed=999)
     eval_loss = engine.eval_batch({k: v[shard] for k, v in eval_batch.items()})
     state = {k: v.detach().cpu().clone() for k, v in engine.module_state_dict().items()}

@@ -60,7 +60,7 @@ WORLD2 = [
     {"name": "dp2", "pertp": 1},
     {"name": "pertp2_offload", "pertp": 2, "offload": True},
     {"name": "dp2_offload_naive", "offload": True},
-    {"name": "zero3_partition2", "stage": 3, "partition": 2},
+    {"name": "zero3_partition2", "stage": 3, "partition": 2, "uneven_eval": True},
     {"name": "zero3_partition1", "stage": 3, "partition": 1},
     {"name": "zero3_pertp2_node", "stage": 3, "pertp": 2},            # partition group = the node (2 ranks)
 ]
