@@ -263,7 +263,7 @@ class ZOEngine(DeepSpeedEngine):
         rows = batch["input_ids"].shape[0]
         slots = len(copies.slots)
         labels = default_labels(batch)
-        extra, labels = self._logits_to_keep(labels)
+        extra, labels = self.scored_positions(labels)
         self._in_zo_forward = True
         try:
             with _eval_mode(self.module), torch.no_grad(), dual_forward(self.units, slots, rows, copies):
@@ -274,7 +274,7 @@ class ZOEngine(DeepSpeedEngine):
             self._in_zo_forward = False
         return [self.loss_fn(logits[i * rows:(i + 1) * rows], labels) for i in range(slots)]
 
-    def _logits_to_keep(self, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    def scored_positions(self, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Only the positions that predict a labelled token need the output layer: with prompt-classification
         batches (left-padded, label word last) that is one position instead of the whole sequence, which saves the
         largest matmul of a small model and the logits' memory. Returns (forward kwargs, the labels to score).

@@ -34,7 +34,7 @@ def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
             todo += filler * (needed - counted)
         for index, padded in enumerate(todo):
             batch = {k: v.to(engine.device) for k, v in padded.items()}
-            extra, labels = engine._logits_to_keep(batch["labels"])
+            extra, labels = engine.scored_positions(batch["labels"])
             logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    use_cache=False, **extra).logits
             if index >= counted:

@@ -275,7 +275,7 @@ def test_classification_batches_score_only_the_label_position():
     model = tiny_model("llama")
     ref = MeZOReference(model, lr=1e-2, eps=1e-2, seed=2)
     engine = _engine(model, lr=1e-2, eps=1e-2, seed=2, micro=3)
-    assert engine._logits_to_keep(b["labels"])[0] == {"logits_to_keep": 2}
+    assert engine.scored_positions(b["labels"])[0] == {"logits_to_keep": 2}
     for _ in range(STEPS):
         loss = engine.train_batch(b)
         ref_loss, ref_g = ref.step(b)

@@ -18,7 +18,7 @@ class UnitCutError(ValueError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)   # identity semantics: fields hold tensors and modules
 class ParamRef:
     name: str             # canonical name: the first name model.named_parameters() gives this Parameter
     param: nn.Parameter
@@ -26,7 +26,7 @@ class ParamRef:
     rows: Optional[torch.Tensor] = None   # trainable rows (dim 0) only, e.g. label-word rows of an embedding
 
 
-@dataclass
+@dataclass(eq=False)
 class Unit:
     name: str
     module: nn.Module
