@@ -6,6 +6,7 @@ import torch
 # name: (family, hidden, layers, heads, ffn, vocab)
 SHAPES = {
     "tiny": ("llama", 64, 4, 4, 128, 256),
+    "small": ("llama", 256, 8, 4, 768, 8192),             # 8.1M parameters: multi-rank runs on a shared 2-core CPU
     "smollm2-135m": ("llama", 576, 30, 9, 1536, 49152),   # SmolLM2-135M's shape: tied 49152-token embedding
     "opt-1.3b": ("opt", 2048, 24, 32, 8192, 50272),
     "opt-6.7b": ("opt", 4096, 32, 32, 16384, 50272),

@@ -203,6 +203,8 @@ class Hardware:
     unit_host_s: float = 0.0          # host time per unit visit (wrappers, HF module code)
     collective_latency_s: float = 0.0     # per all-gather / all-reduce call
     dtype_bytes: int = 2              # bytes per stored and computed element (2: bf16/fp16, 4: fp32)
+    merge_bw: Optional[float] = None  # bytes/s written by the slot concatenation (torch.cat into a new tensor);
+                                      # None: elem_bw / 2 (a read and a write)
     fused: bool = False               # what-if: one kernel per tensor draws z in registers and writes θ±εz (or the
                                       # update) directly: b bytes read + b per output, one launch per tensor
 
@@ -331,8 +333,8 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
 
     def t_forward(u: UnitSpec) -> float:
         t = slots * tokens * u.flops_per_token / hw.flops
-        if slots > 1:                                   # merge: the slots' outputs are concatenated (read + write)
-            t += 2 * slots * tokens * u.out_width * b / hw.elem_bw
+        if slots > 1:                                   # merge: the slots' outputs are concatenated
+            t += slots * tokens * u.out_width * b / (hw.merge_bw or hw.elem_bw / 2)
         return t
 
     def t_host(u: UnitSpec, update_elems: float) -> float:
@@ -432,10 +434,11 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
 # scaling studies
 
 
-def scaling(model: ModelSpec, hw: Hardware, work: Workload, gpus: Sequence[int] = tuple(range(1, 17)),
+def scaling(model: ModelSpec, hw: Hardware, work: Workload, gpus: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8, 16),
             kinds: Sequence[tuple[str, int]] = (("naive", 1), ("reslice", 1), ("reslice", 2))) -> dict:
     """Speedup over ZO2 on one GPU at the same global batch (so the same training trajectory), per layout
-    (kind, pertp) and GPU count. At one GPU every offloading layout is ZO2."""
+    (kind, pertp) and GPU count. At one GPU every curve is ZO2 itself. Beyond one node, GPU counts should be whole
+    nodes (reslicing groups are the GPUs of a node, replicated across nodes)."""
     base = simulate(model, hw, Layout("zo2", 1), work)
     out = {"zo2_step_s": base.step_s, "zo2_bottleneck": base.bottleneck, "zo2_busy": base.busy, "curves": {}}
     for kind, pertp in kinds:
@@ -444,7 +447,7 @@ def scaling(model: ModelSpec, hw: Hardware, work: Workload, gpus: Sequence[int] 
         for n in gpus:
             if n % pertp:
                 continue
-            r = simulate(model, hw, Layout(kind, n, pertp), work)
+            r = simulate(model, hw, Layout(kind, n, pertp) if n > 1 else Layout("zo2"), work)
             curve.append({"gpus": n, "step_s": r.step_s, "speedup": base.step_s / r.step_s,
                           "bottleneck": r.bottleneck, "busy": r.busy, "rows_per_rank": r.per_rank_rows})
         out["curves"][name] = curve

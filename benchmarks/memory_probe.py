@@ -1,0 +1,102 @@
+"""Peak host memory of one training/inference mode, measured in a fresh process (run once per mode).
+
+    python -m benchmarks.memory_probe --mode dszo --shape smollm2-135m --rows 4 --seq 64
+
+How it measures (Linux): every mode imports the same libraries (torch, transformers, ds_zo → deepspeed) and builds the
+same random-init model; then the kernel's resident-set high-water mark is reset to the current RSS
+(`echo 5 > /proc/self/clear_refs`), the mode is set up (engine / optimizer) and runs `--steps` steps, and VmHWM is
+read from /proc/self/status. So `peak_rss` is the true peak resident memory of the process while the mode runs (model,
+libraries, buffers, activations, allocator slack), unaffected by the transient peak of model initialisation, and
+`working = peak_rss − rss_after_build` is what the mode adds on top of the model. Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+MODES = ("inference", "dszo", "dszo_offload", "mezo", "adamw")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--shape", default="smollm2-135m")
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2)
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers  # noqa: F401  (every mode pays the same imports)
+
+    import ds_zo
+    from benchmarks.baselines import AdamWStep, InferenceForward, MeZOLoop, make_batch, zo_config
+    from benchmarks.models import build
+
+    torch.set_num_threads(1)
+    model = build(args.shape)
+    batch = make_batch(model.config.vocab_size, args.rows, args.seq)
+    gc.collect()
+    rss_after_build = _status_kb("VmRSS")
+    exact = reset_peak()
+    if args.mode == "inference":
+        runner = InferenceForward(model).step
+    elif args.mode in ("dszo", "dszo_offload"):
+        cfg = zo_config(args.rows)
+        if args.mode == "dszo_offload":
+            cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+        engine, *_ = ds_zo.initialize(model=model, config=cfg)
+        runner = engine.train_batch
+    elif args.mode == "mezo":
+        runner = MeZOLoop(model).step
+    else:
+        runner = AdamWStep(model).step
+    del model
+    for _ in range(args.steps):
+        runner(batch)
+    gc.collect()
+    out = {"mode": args.mode, "shape": args.shape, "rows": args.rows, "seq": args.seq, "steps": args.steps,
+           "rss_after_build": rss_after_build, "peak_rss": _status_kb("VmHWM"),
+           "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "hwm_reset": exact}
+    out["working"] = out["peak_rss"] - rss_after_build
+    if args.mode.startswith("dszo"):
+        # where ds_zo's working memory sits: the grow-only copy buffers (θ±εz per slot and z, sized by the largest
+        # unit) and the optimizer's float32 update scratch (sized by the largest parameter)
+        opt = engine.optimizer
+        out["dszo_buffers"] = {
+            "perturbed_copies": engine.copies.buffers.nbytes(),
+            "update_scratch": sum(t.numel() * t.element_size() for t in (getattr(opt, "_buffers", None) or ())),
+            "z_chunk_scratch": sum(t.numel() * t.element_size()
+                                   for t in getattr(engine.perturbations, "_scratch", {}).values()),
+            "offload_device_buffers": engine.pipeline.nbytes_device() if engine.pipeline is not None else 0,
+            "largest_parameter_elements": max(p.numel() for p in engine.module.parameters()),
+        }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

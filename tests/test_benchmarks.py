@@ -1,0 +1,146 @@
+"""The benchmark baselines compute what the published algorithms say, and the runner's pieces work end to end on a
+tiny model."""
+import copy
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch.func import functional_call
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.baselines import AdamWStep, InferenceForward, MeZOLoop, make_batch  # noqa: E402
+from benchmarks.models import build  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return build("tiny", dtype=torch.float64)
+
+
+def direct_spsa(model, seed, batch, lr, eps, wd):
+    """MeZO's step written out: z from torch.manual_seed(seed), parameter by parameter in named_parameters() order;
+    L± at θ ± εz through functional_call; g = (L+ − L−)/2ε; θ − lr·(g·z + wd·θ), no decay for 1-D tensors."""
+    params = dict(model.named_parameters())
+    torch.manual_seed(seed)
+    z = {n: torch.normal(0.0, 1.0, size=p.shape, dtype=p.dtype) for n, p in params.items()}
+
+    def loss(sign):
+        shifted = {n: p.detach() + sign * eps * z[n] for n, p in params.items()}
+        return functional_call(model, shifted, args=(), kwargs=dict(batch, use_cache=False)).loss.item()
+
+    with torch.no_grad():
+        lp, lm = loss(+1), loss(-1)
+        g = (lp - lm) / (2 * eps)
+        new = {n: p.detach() - lr * (g * z[n] + (wd * p.detach() if p.dim() >= 2 else 0)) for n, p in params.items()}
+    return lp, g, new
+
+
+@pytest.mark.parametrize("style", ["inplace", "published"])
+def test_mezo_loop_is_the_spsa_step(tiny64, style):
+    batch = make_batch(256, rows=2, seq=8, seed=3)
+    lr, eps, wd = 1e-2, 1e-3, 0.1
+    loop = MeZOLoop(copy.deepcopy(tiny64), lr=lr, eps=eps, weight_decay=wd, seed=7, style=style)
+    loss_plus, g = loop.step(batch)
+    lp, g_ref, new = direct_spsa(copy.deepcopy(tiny64), loop.step_seed, batch, lr, eps, wd)
+    # HF's .loss is reduced in float32 even for a float64 model, so the in-place θ+εz−2εz and the direct θ−εz may
+    # round L− one float32 ulp apart: g agrees to ~1e-7 relative, the parameters to lr·Δg·|z|
+    assert loss_plus == pytest.approx(lp, rel=1e-7)
+    assert g == pytest.approx(g_ref, rel=1e-5)
+    assert abs(g) > 1e-2                                    # a real gradient signal, not a degenerate zero
+    for n, p in loop.model.named_parameters():
+        # a wrong z, sign or decay would be off by ~lr·|g| ≈ 1e-2 · |g|
+        torch.testing.assert_close(p.detach(), new[n], rtol=1e-9, atol=1e-7 * lr * abs(g) * 10)
+    n_params = sum(p.numel() for p in tiny64.parameters())
+    assert loop.elements_drawn == 4 * n_params             # +1, −2, +1 and the update each regenerate z
+    changed = sum(not torch.equal(p, q) for p, q in zip(loop.model.parameters(), tiny64.parameters()))
+    assert changed == len(list(tiny64.parameters()))
+
+
+def test_mezo_loop_restores_theta_before_the_update(tiny64):
+    """lr = 0: +εz, −2εz, +εz must leave θ where it was (to rounding) and the update must not move it."""
+    loop = MeZOLoop(copy.deepcopy(tiny64), lr=0.0, eps=1e-3, seed=1)
+    loop.step(make_batch(256, 2, 8))
+    for p, q in zip(loop.model.parameters(), tiny64.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
+
+
+def test_adamw_step_and_inference_forward(tiny64):
+    batch = make_batch(256, 2, 8)
+    model = copy.deepcopy(tiny64)
+    with torch.no_grad():
+        before = model(**batch).loss.item()
+    assert InferenceForward(model).step(batch) == pytest.approx(before)
+    step = AdamWStep(model, lr=1e-3)
+    assert step.step(batch) == pytest.approx(before)
+    assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none) after the update
+    state = step.optimizer.state
+    assert len(state) == len(list(model.parameters())) and all("exp_avg_sq" in s for s in state.values())
+    after = InferenceForward(model).step(batch)
+    assert after < before                                   # one AdamW step on the same batch lowers its loss
+
+
+def test_perfmodel_shapes_match_the_benchmark_models():
+    from ds_zo import perfmodel as pm
+    for name in ("tiny", "small"):
+        model = build(name)
+        spec = pm.shape(name, 16)
+        assert spec.params == sum(p.numel() for p in model.parameters())
+        assert spec.layer_params() == sum(p.numel() for p in model.model.layers.parameters())
+        assert sum(u.is_layer for u in spec.units) == len(model.model.layers)
+
+
+def test_analytic_bytes_formulas():
+    from benchmarks.dist_bench import analytic_bytes
+    model = build("tiny")
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers.parameters())
+    assert analytic_bytes(model, {}, 1) == {"h2d_bytes": 0, "d2h_bytes": 0, "allgather_bytes": 0,
+                                            "allreduce_bytes": 0}
+    assert analytic_bytes(model, {"offload": True}, 2)["h2d_bytes"] == layer_bytes
+    shard = sum(math.ceil(p.numel() / 2) * 4 for p in model.model.layers.parameters())
+    resliced = analytic_bytes(model, {"offload": True, "stage": 3}, 2)
+    assert resliced == {"h2d_bytes": shard, "d2h_bytes": shard, "allgather_bytes": shard, "allreduce_bytes": 32}
+
+
+def test_step_benchmark_smoke():
+    """The step section on the tiny shape: every side runs, ratios and z counts are reported."""
+    from benchmarks.run import bench_step
+    res = bench_step("tiny", rows=2, seq=8, reps=1, full=False)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    assert set(res["cpu"]) == {"dszo", "dszo_offload", "mezo", "inference"}
+    assert res["z_per_param"]["mezo"] == pytest.approx(4.0)
+    # ds_zo draws z once to perturb and once to update; the tied embedding is drawn once more for the head unit
+    tied = 256 * 64 / res["params"]
+    assert res["z_per_param"]["dszo"] == pytest.approx(2.0 + tied)
+    assert res["ratio_dszo_over_mezo_cpu"]["median"] > 0
+    groups = res["profile"]["mezo"]["groups"]
+    assert groups.get("z draws (normal_)", 0) > 0 and groups.get("forward (HF modules)", 0) > 0
+
+
+def test_calibrated_cpu_hardware_predicts_a_step():
+    from benchmarks.calibrate import cpu_hardware
+    from ds_zo import perfmodel as pm
+    micro = {"rng_rate": 1e8, "host_chunk_s": 1e-5, "elem_bw": 1e10, "copy_bw": 5e9}
+    hw = cpu_hardware(micro, {"flops": 1e10})
+    assert not hw.overlap and hw.dtype_bytes == 4
+    r = pm.simulate(pm.shape("tiny", 8), hw, pm.Layout("zo2"), pm.Workload(2, 8))
+    assert r.busy == {"device": pytest.approx(r.step_s)}    # no overlap on a CPU "device": the sum of every op
+
+
+@pytest.mark.slow
+def test_memory_probe_runs_in_a_fresh_process():
+    import json
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR",
+                                                                "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", "--mode", "dszo", "--shape", "tiny",
+                          "--rows", "2", "--seq", "8"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["hwm_reset"] and res["peak_rss"] >= res["rss_after_build"] > 0
+    assert res["dszo_buffers"]["perturbed_copies"] > 0

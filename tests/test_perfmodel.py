@@ -1,0 +1,187 @@
+"""ds_zo.perfmodel: the event loop and the per-unit pipeline in cases whose answer is known in closed form."""
+import pytest
+
+from ds_zo import perfmodel as pm
+
+INF = float("inf")
+
+
+def toy(layers=6, params=1_000_000, flops_per_token=1e6, head=False):
+    """Equal decoder layers (offloaded), optionally a resident head; no embedding."""
+    units = [pm.UnitSpec(f"layers.{i}", params, params, flops_per_token, 8, True) for i in range(layers)]
+    if head:
+        units.append(pm.UnitSpec("lm_head", params, params, flops_per_token, 8, False))
+    return pm.ModelSpec("toy", tuple(units), 8)
+
+
+def hw(**kw):
+    """Everything infinitely fast unless given: each test turns on only the costs it reasons about."""
+    base = dict(name="toy", flops=INF, rng_rate=INF, elem_bw=INF, h2d_bw=INF, d2h_bw=INF, link_bw=INF, host_bw=INF,
+                gpus_per_node=8, overlap=True, host_chunk_s=0.0, unit_host_s=0.0, collective_latency_s=0.0,
+                dtype_bytes=4)
+    base.update(kw)
+    return pm.Hardware(**base)
+
+
+WORK = pm.Workload(rows=2, seq=5)     # 10 tokens; 2 slots per unit => 20 token-forwards per unit
+
+
+# -- the event loop ---------------------------------------------------------------------------------------------------
+
+def test_simulator_fifo_and_dependencies():
+    sim = pm.Simulator()
+    a = sim.add("a", "x", 2.0)
+    b = sim.add("b", "y", 1.0, [a])          # waits for a on another resource
+    c = sim.add("c", "x", 1.0)               # FIFO behind a on x
+    d = sim.add("d", "y", 0.5)               # FIFO behind b on y, even though it is ready at t=0
+    assert sim.run() == pytest.approx(3.5)
+    ops = sim.ops
+    assert (ops[b].start, ops[c].start, ops[d].start) == (2.0, 2.0, 3.0)
+    assert sim.busy() == {"x": 3.0, "y": 1.5}
+
+
+def test_simulator_zero_length_chain_and_deadlock():
+    sim = pm.Simulator()
+    a = sim.add("a", "x", 0.0)
+    b = sim.add("b", "y", 0.0, [a])
+    sim.add("c", "x", 1.0, [b])
+    assert sim.run() == 1.0
+    sim = pm.Simulator()
+    later = 1
+    sim.add("waits for a later op on its own queue", "x", 1.0, [later])
+    sim.add("later", "x", 1.0)
+    with pytest.raises(pm.DeadlockError):
+        sim.run()
+
+
+# -- the pipeline -----------------------------------------------------------------------------------------------------
+
+def test_compute_bound_step_is_the_compute_sum():
+    model = toy(head=True)
+    h = hw(flops=1e9, h2d_bw=1e15, d2h_bw=1e15)           # transfers negligible (1e-11 s per unit)
+    r = pm.simulate(model, h, pm.Layout("zo2"), WORK)
+    compute = sum(2 * WORK.tokens * u.flops_per_token for u in model.units) / 1e9
+    assert r.step_s == pytest.approx(compute, rel=1e-6)
+    assert r.bottleneck == "compute"
+
+
+def test_transfer_bound_step_is_the_upload_sum():
+    model = toy(layers=6, params=1000)
+    h = hw(h2d_bw=4000.0, d2h_bw=8000.0)                  # 1 s per upload, 0.5 s per offload, compute free
+    r = pm.simulate(model, h, pm.Layout("zo2"), WORK)
+    assert r.step_s == pytest.approx(6.0)
+    assert r.busy["h2d"] == pytest.approx(6.0) and r.busy["d2h"] == pytest.approx(3.0)
+    assert r.bottleneck == "h2d"
+    assert r.bytes_per_step["h2d"] == r.bytes_per_step["d2h"] == 6 * 1000 * 4
+
+
+def test_overlap_is_bounded_by_max_and_sum_and_no_overlap_is_the_sum():
+    model = toy(layers=8, params=1000)
+    kw = dict(flops=2 * WORK.tokens * 1e6 / 1.0, h2d_bw=4000 / 0.8, d2h_bw=4000 / 0.6)   # c=1, up=0.8, off=0.6
+    over = pm.simulate(model, hw(**kw), pm.Layout("zo2"), WORK)
+    serial = pm.simulate(model, hw(overlap=False, **kw), pm.Layout("zo2"), WORK)
+    assert serial.step_s == pytest.approx(8 * (1.0 + 0.8 + 0.6))
+    assert max(8 * 1.0, 8 * 0.8, 8 * 0.6) <= over.step_s + 1e-9
+    assert over.step_s < serial.step_s
+    assert over.step_s == pytest.approx(8 * 1.0 + 0.8)     # only the first upload of the step is exposed
+
+
+@pytest.mark.parametrize("depth,expected", [(0, 2 * 6), (1, 6 + 1), (2, 6 + 1)])
+def test_prefetch_depth(depth, expected):
+    """Upload = compute = offload = 1 s per unit: depth 0 serialises upload and compute (2L), depth >= 1 hides all
+    uploads but the step's first (L + 1)."""
+    model = toy(layers=6, params=1000)
+    h = hw(flops=2 * WORK.tokens * 1e6, h2d_bw=4000.0, d2h_bw=4000.0)
+    r = pm.simulate(model, h, pm.Layout("zo2", prefetch_depth=depth), WORK)
+    assert r.step_s == pytest.approx(expected)
+
+
+def test_pass_boundary_buffer_reuse():
+    """Buffers are assigned by position in the pass (ds_zo's pipeline): when the previous pass's last unit used buffer
+    0, the next pass's first upload waits for that unit's offload, exposing one more transfer per step."""
+    model = toy(layers=6, params=1000)
+    h = hw(flops=2 * WORK.tokens * 1e6, h2d_bw=4000.0, d2h_bw=4000.0)
+    r = pm.simulate(model, h, pm.Layout("zo2", prefetch_depth=3), WORK)   # 5 buffers: unit 5 used buffer 0
+    assert r.step_s == pytest.approx(6 + 2)
+
+
+def test_reslicing_divides_pcie_time_by_n_and_gathers_the_rest():
+    model = toy(layers=4, params=1200)
+    h = hw(h2d_bw=1000.0, d2h_bw=1000.0, link_bw=1e6)
+    naive = pm.simulate(model, h, pm.Layout("naive", 4), pm.Workload(8, 5))
+    resliced = pm.simulate(model, h, pm.Layout("reslice", 4), pm.Workload(8, 5))
+    assert resliced.busy["h2d"] == pytest.approx(naive.busy["h2d"] / 4)
+    assert resliced.busy["d2h"] == pytest.approx(naive.busy["d2h"] / 4)
+    assert resliced.bytes_per_step["h2d"] == naive.bytes_per_step["h2d"] / 4
+    assert resliced.bytes_per_step["allgather"] == 3 * naive.bytes_per_step["h2d"] / 4
+    assert resliced.step_s < naive.step_s / 3
+
+
+def test_shared_host_memory_caps_naive_but_not_zo2():
+    model = toy(layers=6, params=1000)
+    h = hw(h2d_bw=4000.0, d2h_bw=4000.0, host_bw=16000.0, gpus_per_node=8)   # 16000 / (2 dirs x 8 GPUs) = 1000
+    one = pm.simulate(model, h, pm.Layout("zo2"), pm.Workload(8, 5))
+    eight = pm.simulate(model, h, pm.Layout("naive", 8), pm.Workload(8, 5))
+    assert one.step_s == pytest.approx(6 * 1.0)                 # own link: 1 s per unit
+    assert eight.step_s == pytest.approx(6 * 4.0)               # a quarter of the link: 4 s per unit
+
+
+def test_data_parallel_splits_rows_and_pertp_splits_slots():
+    model = toy(layers=2, head=True)
+    h = hw(flops=1e9)
+    one = pm.simulate(model, h, pm.Layout("resident"), pm.Workload(4, 5))
+    ddp = pm.simulate(model, h, pm.Layout("resident", 2), pm.Workload(4, 5))
+    pertp = pm.simulate(model, h, pm.Layout("resident", 2, pertp=2), pm.Workload(4, 5))
+    odd = pm.simulate(model, h, pm.Layout("resident", 4), pm.Workload(3, 5))  # ceil(3/4) = 1 row on the slowest rank
+    assert ddp.step_s == pytest.approx(one.step_s / 2)
+    assert pertp.step_s == pytest.approx(one.step_s / 2)
+    assert odd.per_rank_rows == 1 and odd.step_s == pytest.approx(one.step_s / 4)
+    assert ddp.bytes_per_step["allreduce"] == 4 * 8 and one.bytes_per_step["allreduce"] == 0
+
+
+def test_zo_work_is_replicated_not_divided_by_data_parallelism():
+    """z draws and θ±εz are per rank, whatever the batch split: the floor of strong scaling."""
+    model = toy(layers=2)
+    h = hw(rng_rate=1e6)                     # only z draws cost: (perturb + update) x 1e6 elements = 2 s per unit
+    one = pm.simulate(model, h, pm.Layout("resident"), WORK)
+    four = pm.simulate(model, h, pm.Layout("resident", 4), pm.Workload(8, 5))
+    assert one.step_s == pytest.approx(2 * 2.0) == four.step_s
+
+
+def test_first_step_has_no_offload_and_steady_state_needs_two_steps():
+    model = toy(layers=3, params=1000)
+    h = hw(h2d_bw=1e9, d2h_bw=4000.0, overlap=False)
+    r = pm.simulate(model, h, pm.Layout("zo2"), WORK)
+    assert r.first_step_s == pytest.approx(3 * 4e-6)           # uploads only
+    assert r.step_s == pytest.approx(3 * 4e-6 + 3 * 1.0)       # + one offload per unit
+    with pytest.raises(ValueError):
+        pm.simulate(model, h, pm.Layout("zo2"), WORK, steps=1)
+
+
+def test_layout_validation():
+    with pytest.raises(ValueError):
+        pm.Layout("zo2", 2)
+    with pytest.raises(ValueError):
+        pm.Layout("reslice", 3, pertp=2)
+    with pytest.raises(ValueError):
+        pm.Layout("sideways")
+    assert pm.Layout("reslice", 16).k(pm.H100) == 8 and pm.Layout("reslice", 4).k(pm.H100) == 4
+
+
+def test_shapes_and_constants_agree_with_ds_zo():
+    from ds_zo.perturb import CHUNK_ELEMENTS
+    assert pm.CHUNK == CHUNK_ELEMENTS
+    opt = pm.shape("opt-175b", 2048)
+    assert 174e9 < opt.params < 176e9                          # OPT-175B
+    assert opt.layer_params() * 2 / 1e9 == pytest.approx(348, rel=0.01)   # ≈ 350 GB in 16-bit (DESIGN.md §6)
+    smol = pm.shape("smollm2-135m", 64)
+    assert smol.params == 134_515_008                          # SmolLM2-135M, tied embedding counted once
+
+
+def test_opt175b_zo2_on_one_h100_is_pcie_bound_when_zo_kernels_are_fused():
+    """DESIGN.md §6: 350 GB each way over 55 GB/s ⇒ ZO2 is PCIe-bound at ≥ 6.4 s/step."""
+    r = pm.simulate(pm.shape("opt-175b", 256), pm.with_(pm.H100, fused=True), pm.Layout("zo2"),
+                    pm.Workload(16, 256))
+    assert r.bottleneck == "h2d"
+    assert 6.3 <= r.step_s <= 6.6
+    assert r.bytes_per_step["h2d"] / 55e9 == pytest.approx(r.step_s, rel=0.03)
