@@ -84,7 +84,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.step_log: list[StepRecord] = []
         self.pending: Optional[StepRecord] = None
         self._pending_done: set[int] = set()
-        self._buffers = None  # float32 scratch (update, z) reused across parameters
+        self._buffers = None  # float32 scratch (update, z), one z chunk each, reused across parameters
         self._decay_of: Optional[dict[int, float]] = None
 
     # -- wiring -------------------------------------------------------------------------------------------------
@@ -127,13 +127,24 @@ class ZOSGD(torch.optim.Optimizer):
     def _apply_pending_to(self, param: torch.nn.Parameter, decay: float) -> None:
         rows = self.rows.get(id(param))
         target = param.data if rows is None else param.data[rows]   # a row subset: update a gathered copy
-        n = target.numel()
-        if self._buffers is None or self._buffers[0].numel() < n or self._buffers[0].device != param.device:
-            self._buffers = tuple(torch.empty(n, dtype=torch.float32, device=param.device) for _ in range(2))
-        apply_step(target, self.keys[id(param)], self.pending, decay != 0.0, self.generator, self._buffers)
+        self._apply_in_chunks(param, target.view(-1), 0, target.numel(), decay != 0.0)
         if rows is not None:
             param.data[rows] = target
         self._pending_done.add(id(param))
+
+    def _apply_in_chunks(self, param, flat: torch.Tensor, start: int, numel: int, decays: bool) -> None:
+        """Apply the pending step to `flat` = elements [start, start + flat.numel()) of a parameter of `numel`
+        elements, one z chunk at a time: the float32 scratch stays two chunks, not two copies of the largest
+        parameter (the update is elementwise, so the result is the same bit for bit)."""
+        c = self.generator.chunk
+        if self._buffers is None or self._buffers[0].device != flat.device:
+            self._buffers = tuple(torch.empty(c, dtype=torch.float32, device=flat.device) for _ in range(2))
+        lo = start
+        while lo < start + flat.numel():
+            hi = min((lo // c + 1) * c, start + flat.numel())   # never straddle a z chunk
+            apply_step(flat[lo - start:hi - start], self.keys[id(param)], self.pending, decays, self.generator,
+                       self._buffers, start=lo, numel=numel)
+            lo = hi
 
     def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:
         """Apply the pending update to these parameters (each at most once): the fused path, unit by unit.
@@ -151,12 +162,8 @@ class ZOSGD(torch.optim.Optimizer):
     def apply_pending_to_slice(self, param: torch.nn.Parameter, flat: torch.Tensor, start: int, numel: int) -> None:
         """Apply the pending update to `flat`, the elements [start, start + flat.numel()) of `param` (a ZeRO-3 shard
         of a parameter of `numel` elements), and count the parameter as updated."""
-        n = flat.numel()
-        if n:
-            if self._buffers is None or self._buffers[0].numel() < n or self._buffers[0].device != flat.device:
-                self._buffers = tuple(torch.empty(n, dtype=torch.float32, device=flat.device) for _ in range(2))
-            apply_step(flat, self.keys[id(param)], self.pending, self._decays()[id(param)] != 0.0, self.generator,
-                       self._buffers, start=start, numel=numel)
+        if flat.numel():
+            self._apply_in_chunks(param, flat, start, numel, self._decays()[id(param)] != 0.0)
         self._pending_done.add(id(param))
 
     def owes(self, param: torch.nn.Parameter) -> bool:

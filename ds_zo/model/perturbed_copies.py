@@ -96,24 +96,30 @@ class PerturbedCopies:
                         flats[(i, *k)][off:off + n].copy_(p.reshape(-1))
             else:
                 base = p.reshape(-1)
-            master32 = base.float()  # no copy for float32 parameters
             m = base.numel()
+            outs = {i: flats[(i, *k)][off:off + n] for i, s in enumerate(self.slots) if s is not None}
             for j in perturbations:
-                z = self.buffers.get("z", m, torch.float32, p.device)
-                self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], m)
-                z.mul_(self.eps)  # θ ± (εz), rounded as the plain expression `p + eps * z` rounds
-                for i, slot in enumerate(self.slots):
-                    if slot is None or slot[0] != j:
-                        continue
-                    out = flats[(i, *k)][off:off + n]
-                    op = torch.add if slot[1] > 0 else torch.sub
-                    if ref.rows is not None:
-                        out.view_as(p)[ref.rows] = op(master32, z).to(p.dtype).view(-1, *p.shape[1:])
-                    elif p.dtype == torch.float32:
-                        op(master32, z, out=out)
-                    else:  # compute in float32, round once
-                        out.copy_(op(master32, z))
-                    copies[i].append(out.view_as(p))
+                # z_j one chunk at a time: the scratch is one chunk, not a copy of the largest parameter
+                for lo in range(0, m, self.generator.chunk):
+                    hi = min(lo + self.generator.chunk, m)
+                    z = self.buffers.get("z", hi - lo, torch.float32, p.device)
+                    self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], m, start=lo)
+                    z.mul_(self.eps)  # θ ± (εz), rounded as the plain expression `p + eps * z` rounds
+                    master32 = base[lo:hi].float()  # no copy for float32 parameters
+                    for i, slot in enumerate(self.slots):
+                        if slot is None or slot[0] != j:
+                            continue
+                        op = torch.add if slot[1] > 0 else torch.sub
+                        if ref.rows is not None:
+                            gathered = outs[i].view_as(p)[ref.rows].view(-1)   # (a copy: written back below)
+                            gathered[lo:hi] = op(master32, z).to(p.dtype)
+                            outs[i].view_as(p)[ref.rows] = gathered.view(-1, *p.shape[1:])
+                        elif p.dtype == torch.float32:
+                            op(master32, z, out=outs[i][lo:hi])
+                        else:  # compute in float32, round once
+                            outs[i][lo:hi].copy_(op(master32, z))
+            for i in outs:
+                copies[i].append(outs[i].view_as(p))
             for i, slot in enumerate(self.slots):
                 if slot is None:
                     copies[i].append(p)
