@@ -130,21 +130,13 @@ def _two_rank_launcher_run(tmp_path, cmd, env):
 
 
 @pytest.mark.timeout(300)
-def test_torchrun_launch(tmp_path, baseline):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    out = _two_rank_launcher_run(tmp_path, [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+@pytest.mark.parametrize("launcher, ranks_flag", [("torchrun", "--nproc_per_node"), ("deepspeed", "--num_gpus")])
+def test_torchrun_and_deepspeed_launchers(tmp_path, baseline, launcher, ranks_flag):
+    exe = os.path.join(os.path.dirname(sys.executable), launcher)
+    out = _two_rank_launcher_run(tmp_path, [exe, ranks_flag, "2", "--master_addr", "127.0.0.1",
                                             "--master_port", str(free_port())], loopback_env())
     for rank in range(2):
-        _assert_same(baseline, *_load(out, "pertp2", rank), f"torchrun rank {rank}")
-
-
-@pytest.mark.timeout(300)
-def test_deepspeed_launcher(tmp_path, baseline):
-    ds = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    out = _two_rank_launcher_run(tmp_path, [ds, "--num_gpus", "2", "--master_addr", "127.0.0.1",
-                                            "--master_port", str(free_port())], loopback_env())
-    for rank in range(2):
-        _assert_same(baseline, *_load(out, "pertp2", rank), f"deepspeed rank {rank}")
+        _assert_same(baseline, *_load(out, "pertp2", rank), f"{launcher} rank {rank}")
 
 
 @pytest.mark.timeout(300)

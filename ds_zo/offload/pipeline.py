@@ -51,8 +51,6 @@ class OffloadPipeline(Residency):
         self._computing = True
         self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "uploads": 0, "offloads": 0, "order_misses": 0}
         self.trace: Optional[list[tuple[str, str]]] = None   # set to [] to record the issue order of operations
-        self.max_resident = 0
-        self._resident: set[int] = set()
 
     @staticmethod
     def _converts(stored) -> bool:
@@ -87,7 +85,6 @@ class OffloadPipeline(Residency):
         prev = self._occupant[b]
         if prev is not None and prev != k:
             self._uploaded.pop(prev, None)       # it was prefetched but never computed: upload it again if needed
-            self._resident.discard(prev)
         st = self.streams
         with st.on(st.h2d):
             if self._free[b] is not None:
@@ -96,8 +93,6 @@ class OffloadPipeline(Residency):
                 st.h2d.wait_event(self._store_ready[k])  # this unit's last offload has landed in the store
         self._uploaded[k] = self._load(k, b)
         self._occupant[b] = k
-        self._resident.add(k)
-        self.max_resident = max(self.max_resident, len(self._resident))
         self.stats["uploads"] += 1
         self._log("upload", k)
 
@@ -182,7 +177,6 @@ class OffloadPipeline(Residency):
         self._unpoint(k)
         self._uploaded.pop(k, None)
         self._occupant[b] = None
-        self._resident.discard(k)
         pos = self._pos.get(k)
         if pos is not None and pos + self.depth + 1 < len(self._pass):
             nxt = self._pass[pos + self.depth + 1]
