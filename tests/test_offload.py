@@ -191,3 +191,16 @@ def test_offload_refuses_tied_weights_and_empty_sets():
     engine, *_ = ds_zo.initialize(model=tiny_model("llama", tied=False), config=offload_config(resident=[]))
     assert len(engine.pipeline.order) == len(engine.units)
     engine.train_batch(batch())
+
+
+def test_next_pass_does_not_start_in_the_buffer_being_offloaded():
+    """Round-robin continues across passes, so the first upload of a pass never targets the buffer that the previous
+    pass's last unit is still being offloaded from (on a GPU that would serialise the two passes)."""
+    engine, *_ = ds_zo.initialize(model=_deep_model(), config=offload_config(depth=1))   # 6 units, 3 buffers
+    pipe = engine.pipeline
+    engine.train_batch(batch(seed=0))
+    last_unit = pipe.order[-1].unit
+    last_buffer = pipe._buffer_of(pipe.index[id(last_unit)])
+    pipe.begin()
+    assert pipe._buffer_of(0) != last_buffer
+    assert pipe._buffer_of(0) == (last_buffer + 1) % len(pipe.buffers)

@@ -48,6 +48,7 @@ class OffloadPipeline(Residency):
         self._uploaded: dict[int, object] = {}     # unit k -> event of its upload in this pass
         self._pass: list[int] = []                 # the units of the current pass, in visiting order
         self._pos: dict[int, int] = {}
+        self._base = self._cursor = 0              # buffer of the pass's first unit; where the next pass starts
         self._computing = True
         self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "uploads": 0, "offloads": 0, "order_misses": 0}
         self.trace: Optional[list[tuple[str, str]]] = None   # set to [] to record the issue order of operations
@@ -70,6 +71,10 @@ class OffloadPipeline(Residency):
         updates the stored units (flush), with nothing to assemble for a forward."""
         ks = list(range(len(self.order))) if units is None else [self.index[id(u)] for u in units]
         self._pass = ks
+        # round-robin continues across passes: the first upload of this pass goes to the buffer freed longest ago,
+        # not to the one the previous pass's last unit may still be offloading from
+        self._base = self._cursor
+        self._cursor = (self._cursor + len(ks)) % max(1, len(self.buffers))
         self._pos = {k: i for i, k in enumerate(ks)}
         self._uploaded = {}
         self._occupant = [None] * len(self.buffers)
@@ -78,7 +83,7 @@ class OffloadPipeline(Residency):
             self._upload(ks[i])
 
     def _buffer_of(self, k: int) -> int:
-        return self._pos.get(k, k) % len(self.buffers)
+        return (self._base + self._pos.get(k, k)) % len(self.buffers)
 
     def _upload(self, k: int) -> None:
         b = self._buffer_of(k)
