@@ -196,7 +196,8 @@ def test_offload_refuses_tied_weights_and_empty_sets():
 def test_next_pass_does_not_start_in_the_buffer_being_offloaded():
     """Round-robin continues across passes, so the first upload of a pass never targets the buffer that the previous
     pass's last unit is still being offloaded from (on a GPU that would serialise the two passes)."""
-    engine, *_ = ds_zo.initialize(model=_deep_model(), config=offload_config(depth=1))   # 6 units, 3 buffers
+    # 6 units, 5 buffers: a pass restarting at buffer 0 would land on the previous pass's last buffer (5 % 5 == 0)
+    engine, *_ = ds_zo.initialize(model=_deep_model(), config=offload_config(depth=3))
     pipe = engine.pipeline
     engine.train_batch(batch(seed=0))
     last_unit = pipe.order[-1].unit
