@@ -20,14 +20,12 @@ import argparse
 import json
 import math
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ds_zo.parallel.local_ranks import run_ranks
 
 CASES = {
     1: [("single", {}, 1), ("single_2b", {}, 2), ("zo2", {"offload": True}, 1)],
@@ -38,12 +36,6 @@ CASES = {
 
 # -- launcher ---------------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world: int, spec: dict, timeout: float = 600) -> dict:
     """Run the worker as `world` ranks; returns rank 0's result (raises with the ranks' stderr on failure)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,27 +43,9 @@ def run_world(world: int, spec: dict, timeout: float = 600) -> dict:
         path = os.path.join(tmp, "spec.json")
         with open(path, "w") as f:
             json.dump(spec, f)
-        port = _free_port()
-        procs = []
-        for r in range(world):
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-            env.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-                       OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RANK=str(r), WORLD_SIZE=str(world),
-                       LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
-                       PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-            procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.dist_bench", "--worker", path], env=env,
-                                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        start, errs = time.time(), []
-        for p in procs:
-            try:
-                _, err = p.communicate(timeout=max(1.0, timeout - (time.time() - start)))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                _, err = p.communicate()
-                err += "\n[dist_bench] timed out"
-            errs.append((p.returncode, err))
+        start = time.time()
+        ranks = run_ranks(world, ["-m", "benchmarks.dist_bench", "--worker", path], timeout=timeout)
+        errs = [(r["rc"], r["err"]) for r in ranks]
         if any(rc != 0 for rc, _ in errs):
             tail = "\n".join(f"rank {i} rc={rc}: {err.strip()[-1500:]}" for i, (rc, err) in enumerate(errs))
             raise RuntimeError(f"world {world} failed:\n{tail}")

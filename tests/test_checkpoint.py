@@ -122,7 +122,7 @@ def test_tampered_truncated_and_mismatched_checkpoints_are_refused(tmp_path):
 def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, stage):
     import subprocess
     import sys
-    from launch_ranks import ROOT, loopback_env
+    from ds_zo.parallel.local_ranks import ROOT, loopback_env
     proc = subprocess.run([sys.executable, os.path.join("tests", "save_victim.py"), str(tmp_path), stage], cwd=ROOT,
                           env=loopback_env(), capture_output=True, text=True, timeout=200)
     assert proc.returncode == -9, proc.stderr[-2000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_worker import run_case
-from launch_ranks import ROOT, free_port, loopback_env, run_ranks
+from ds_zo.parallel.local_ranks import ROOT, free_port, loopback_env, run_ranks
 from models import tiny_model
 
 pytestmark = pytest.mark.multiprocess

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from launch_ranks import ROOT, free_port, loopback_env
+from ds_zo.parallel.local_ranks import ROOT, free_port, loopback_env
 
 pytestmark = pytest.mark.multiprocess
 GOOD = "good great fine nice best love well".split()

@@ -10,13 +10,9 @@ from __future__ import annotations
 import os
 import socket
 
+from .local_ranks import free_port
+
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mpi_env() -> None:
@@ -33,7 +29,7 @@ def _mpi_env() -> None:
         addr = "127.0.0.1"
     else:
         addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
-    port = os.environ.get("MASTER_PORT") or str(comm.bcast(_free_port() if rank == 0 else None, root=0))
+    port = os.environ.get("MASTER_PORT") or str(comm.bcast(free_port() if rank == 0 else None, root=0))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR=addr, MASTER_PORT=port)
     if single_node:
@@ -51,4 +47,4 @@ def ensure_launch_env() -> None:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))

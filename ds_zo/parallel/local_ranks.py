@@ -1,4 +1,5 @@
-"""Start N real ranks of a script on 127.0.0.1 (gloo over loopback), as torchrun would, and collect them."""
+"""Start N real ranks of a Python program on 127.0.0.1 (gloo over loopback), as torchrun would, and collect their
+exit codes and output: the one launcher the multi-process tests and benchmarks share."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the source checkout
 
 
 def free_port() -> int:
@@ -43,6 +44,6 @@ def run_ranks(world: int, argv: list[str], timeout: float = 240, local_world: in
             for q in procs:
                 q.kill()
             out, err = p.communicate()
-            err += "\n[launch_ranks] timed out"
+            err += "\n[local_ranks] timed out"
         results.append({"rc": p.returncode, "out": out, "err": err, "seconds": time.time() - start})
     return results
