@@ -1,7 +1,7 @@
 """One rank of a multi-process test run: runs each case of a JSON spec (a layout of the same ZO fine-tune) and writes
 its final parameters, losses, projected gradients and per-rank byte counts to the output folder.
 
-    python tests/dist_worker.py SPEC.json          (under torchrun, deepspeed, mpirun, or tests/launch_ranks)
+    python tests/dist_worker.py SPEC.json          (under torchrun, deepspeed, mpirun, or ds_zo.parallel.local_ranks.run_ranks)
 """
 from __future__ import annotations
 
