@@ -28,13 +28,28 @@ def default_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
+LOSS_BLOCK_ELEMENTS = 1 << 22   # logits per cross-entropy call: bounds the float32 log-softmax scratch (16 MB)
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """(sum of the part's token cross-entropies in float64, number of target tokens); position i predicts labels[i+1]."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                ignore_index=IGNORE_INDEX, reduction="none")
-    return float(per_token.double().sum()), int((shift_labels != IGNORE_INDEX).sum())
+    """(sum of the part's token cross-entropies in float64, number of target tokens); position i predicts labels[i+1].
+
+    The cross-entropies are taken a block of positions at a time from a view of the logits, so the scratch is one
+    block instead of a shifted copy and a log-softmax of the whole logits (each position's value is computed alone,
+    so blocking does not change it)."""
+    rows, length, vocab = logits.shape[0], logits.shape[1], logits.shape[-1]
+    targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX).reshape(-1)
+    flat = logits.reshape(-1, vocab)
+    per_token = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    step = max(1, LOSS_BLOCK_ELEMENTS // vocab)
+    for a in range(0, flat.shape[0], step):
+        per_token[a:a + step] = F.cross_entropy(flat[a:a + step].float(), targets[a:a + step],
+                                                ignore_index=IGNORE_INDEX, reduction="none")
+    # the last position of each row predicts nothing: summing positions [0, T-1) in row order keeps the float64 sum's
+    # terms and order those of the unblocked form
+    shifted = per_token.view(rows, length)[:, :-1]
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return float(shifted.reshape(-1).double().sum()), count
 
 
 def mean_loss(parts: Sequence[tuple[float, int]]) -> float:

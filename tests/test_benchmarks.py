@@ -111,9 +111,11 @@ def test_step_benchmark_smoke():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     assert set(res["cpu"]) == {"dszo", "dszo_offload", "mezo", "inference"}
     assert res["z_per_param"]["mezo"] == pytest.approx(4.0)
-    # ds_zo draws z once to perturb and once to update; the tied embedding is drawn once more for the head unit
-    tied = 256 * 64 / res["params"]
-    assert res["z_per_param"]["dszo"] == pytest.approx(2.0 + tied)
+    # ds_zo draws z once to perturb and once to update. The tied 256 x 64 embedding is one z chunk: the head unit
+    # finds it in the two cached ε·z chunks the embedding left, so it is not drawn again (a tied weight of more
+    # than two chunks is: SmolLM2's 27-chunk embedding gives 2.2, see docs/performance.md)
+    assert 256 * 64 <= 2 ** 20
+    assert res["z_per_param"]["dszo"] == pytest.approx(2.0)
     assert res["ratio_dszo_over_mezo_cpu"]["median"] > 0
     groups = res["profile"]["mezo"]["groups"]
     assert groups.get("z draws (normal_)", 0) > 0 and groups.get("forward (HF modules)", 0) > 0

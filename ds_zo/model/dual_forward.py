@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from .streamed import streamed_forward, streamed_kind
 from .units import Unit
 
 
@@ -80,8 +81,13 @@ def pointed_at(params: Sequence[torch.nn.Parameter], tensors: Sequence[torch.Ten
 
 def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provider: SlotParams):
     params = [r.param for r in unit.trainable]
+    kind = streamed_kind(unit) if hasattr(provider, "working_rows") else None
 
     def forward(*args, **kwargs):
+        if kind is not None and provider.perturbs():
+            out = streamed_forward(unit, kind, provider, args, kwargs, slots, rows, split_block, merge_blocks)
+            if out is not None:
+                return out
         copies = provider.acquire(unit)
         try:
             if slots == 1:

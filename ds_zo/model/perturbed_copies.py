@@ -61,17 +61,79 @@ class PerturbedCopies:
         self.seed: Optional[int] = None
         self.slots: list[Slot] = [None]
         self._dirty: dict[int, bool] = {}
+        self._ez_cache: list[tuple[tuple, torch.Tensor, str]] = []
 
     def set_slots(self, seed: Optional[int], slots: Sequence[Slot]) -> None:
         if any(s is not None for s in slots) and seed is None:
             raise ValueError("perturbed slots need a step seed")
         self.seed, self.slots = seed, list(slots)
+        self._ez_cache.clear()
+
+    def _scaled_z(self, ref, j: int, chunk: int) -> torch.Tensor:
+        """ε·z_j of one whole z chunk of `ref`'s parameter, kept for the next call (the row blocks of a parameter are
+        visited in order and a chunk can straddle two blocks: two cached chunks mean each is drawn once)."""
+        k = (self.seed, j, self.keys[id(ref.param)], chunk)
+        for key, t, _ in self._ez_cache:
+            if key == k:
+                return t
+        p = ref.param
+        c, m = self.generator.chunk, p.numel()
+        n = min(c, m - chunk * c)
+        # two scratch roles used alternately; the evicted entry's buffer is the one refilled
+        role = f"ez{len(self._ez_cache) % 2}" if len(self._ez_cache) < 2 else self._ez_cache.pop(0)[2]
+        z = self.buffers.get(role, n, torch.float32, p.device)
+        self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], m, start=chunk * c)
+        z.mul_(self.eps)
+        self._ez_cache.append((k, z, role))
+        return z
+
+    def block_rows(self, ref) -> int:
+        """Rows per block of `working_rows`: about one z chunk, and a multiple of 64. On CPU a matmul over a block of
+        output features rounds like the whole matmul only when blocks start at multiples of 16 (measured: other
+        offsets differ for inputs of <= 5 rows)."""
+        rows = self.generator.chunk // max(1, ref.param[0].numel())
+        return max(64, rows // 64 * 64)
+
+    def perturbs(self) -> bool:
+        return any(s is not None for s in self.slots)
+
+    def working_rows(self, ref, r0: int, r1: int) -> list[torch.Tensor]:
+        """Rows [r0, r1) (dim 0) of every slot's working copy of `ref`'s parameter, formed chunk by chunk into
+        block-sized buffers: the values are those `acquire` puts in a whole copy, bit for bit. The unperturbed slot
+        gets a view of the master."""
+        p = ref.param.data
+        d = p[0].numel()
+        a, b = r0 * d, r1 * d
+        flat = p.reshape(-1)
+        c = self.generator.chunk
+        out = []
+        for i, slot in enumerate(self.slots):
+            if slot is None:
+                out.append(p[r0:r1])
+                continue
+            j, sign = slot
+            op = torch.add if sign > 0 else torch.sub
+            buf = self.buffers.get(f"rows{i}", b - a, p.dtype, p.device)
+            for k in range(a // c, (b - 1) // c + 1):
+                lo, hi = max(a, k * c), min(b, (k + 1) * c)
+                ez = self._scaled_z(ref, j, k)[lo - k * c:hi - k * c]
+                master32 = flat[lo:hi].float()
+                if p.dtype == torch.float32:
+                    op(master32, ez, out=buf[lo - a:hi - a])
+                else:
+                    buf[lo - a:hi - a].copy_(op(master32, ez))
+            out.append(buf.view(r1 - r0, *p.shape[1:]))
+        return out
+
+    def enter(self, unit: Unit) -> None:
+        """Make the unit's parameters resident and apply their pending update (before any working copy is formed)."""
+        self.residency.enter(unit)
+        dirty = bool(self.before_perturb(unit.trainable)) if self.before_perturb is not None else False
+        self._dirty[id(unit)] = dirty
 
     def acquire(self, unit: Unit) -> list[list[torch.Tensor]]:
-        self.residency.enter(unit)
+        self.enter(unit)
         refs = unit.trainable
-        dirty = bool(self.before_perturb(refs)) if self.before_perturb is not None else False
-        self._dirty[id(unit)] = dirty
         if all(s is None for s in self.slots):
             return [[r.param.data for r in refs] for _ in self.slots]
         sizes: dict[tuple, int] = {}

@@ -1,0 +1,123 @@
+"""Embedding and output-layer units computed from row blocks of their working copies, never from whole copies.
+
+A vocabulary-sized weight (49152 × 576 in SmolLM2, tied between the input embedding and the output layer) is the
+largest unit of a small model; whole copies θ+εz and θ−εz of it would be most of the ZO step's working memory. These
+two module types only ever need rows of the weight:
+- `nn.Embedding` looks up the rows of the token ids: the working copies are formed block by block and only the rows
+  the batch uses are kept;
+- `nn.Linear` (no bias) computes output features block by block: logits[..., r0:r1] = x · W[r0:r1]ᵀ, written into
+  one output tensor for all slots (no per-slot logits concatenated afterwards).
+The values are the ones whole copies give, bit for bit (the working rows are formed by the same element-wise
+expressions; an output-feature block of a matmul rounds like the whole matmul on CPU, which the exactness tests
+pin). A row block spans about one z chunk so each chunk is drawn once per perturbation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .units import Unit
+
+
+class RowSource(Protocol):
+    slots: Sequence
+
+    def enter(self, unit: Unit) -> None:
+        ...
+
+    def release(self, unit: Unit) -> None:
+        ...
+
+    def working_rows(self, ref, r0: int, r1: int) -> list[torch.Tensor]:
+        """Per slot, rows [r0, r1) of that slot's working copy of ref's parameter."""
+
+    def block_rows(self, ref) -> int:
+        """Rows per block for this parameter."""
+
+
+def streamed_kind(unit: Unit) -> Optional[str]:
+    """'embedding' or 'linear' when the unit is a plain module of that type whose only trainable parameter is its
+    whole weight; None otherwise (the unit then computes from whole working copies)."""
+    refs = unit.trainable
+    if len(refs) != 1 or refs[0].rows is not None:
+        return None
+    mod, p = unit.module, refs[0].param
+    if type(mod) is nn.Embedding and mod.weight is p and mod.max_norm is None:
+        return "embedding"
+    if type(mod) is nn.Linear and mod.weight is p and mod.bias is None:
+        return "linear"
+    return None
+
+
+def _only_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if not args and set(kwargs) == {"input"} and isinstance(kwargs["input"], torch.Tensor):
+        return kwargs["input"]
+    return None
+
+
+def _blocks(n: int, size: int):
+    for r0 in range(0, n, size):
+        yield r0, min(n, r0 + size)
+
+
+def embedding_forward(unit: Unit, source: RowSource, ids: torch.Tensor, slots: int, rows: int,
+                      split: Callable, merge: Callable) -> torch.Tensor:
+    """Each slot's lookup of its ids in its working copy, from the rows the batch uses only."""
+    ref = unit.trainable[0]
+    weight = ref.param
+    parts = [split(ids, s, rows, slots) for s in range(slots)]
+    needed = torch.unique(torch.cat([p.reshape(-1) for p in parts]))   # sorted
+    if needed.numel() and (int(needed[0]) < 0 or int(needed[-1]) >= weight.shape[0]):
+        raise IndexError(f"{unit.name}: token id out of range [0, {weight.shape[0]}): "
+                         f"{int(needed[0])}..{int(needed[-1])}")
+    gathered = [weight.new_empty(needed.numel(), *weight.shape[1:]) for _ in range(slots)]
+    bounds = torch.searchsorted(needed, torch.arange(0, weight.shape[0] + 1, source.block_rows(ref),
+                                                     device=needed.device)).tolist()
+    if bounds[-1] != needed.numel():
+        bounds.append(needed.numel())
+    for b, (r0, r1) in enumerate(_blocks(weight.shape[0], source.block_rows(ref))):
+        a, e = bounds[b], bounds[b + 1]
+        if a == e:          # no id of the batch in this block: its z chunks are not even drawn
+            continue
+        local = needed[a:e] - r0
+        for s, block in enumerate(source.working_rows(ref, r0, r1)):
+            gathered[s][a:e] = block[local]
+    outs = []
+    for s, part in enumerate(parts):
+        # ids -> positions in `needed`; an embedding of those positions copies the same rows the full lookup would
+        outs.append(F.embedding(torch.searchsorted(needed, part), gathered[s]))
+    return merge(outs, rows)
+
+
+def linear_forward(unit: Unit, source: RowSource, x: torch.Tensor, slots: int, rows: int) -> torch.Tensor:
+    """x · W_sᵀ for each slot's rows of x, computed one block of output features at a time into one output."""
+    ref = unit.trainable[0]
+    weight = ref.param
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    for r0, r1 in _blocks(weight.shape[0], source.block_rows(ref)):
+        for s, block in enumerate(source.working_rows(ref, r0, r1)):
+            out[s * rows:(s + 1) * rows, ..., r0:r1] = F.linear(x[s * rows:(s + 1) * rows], block)
+    return out
+
+
+def streamed_forward(unit: Unit, kind: str, source: RowSource, args: tuple, kwargs: dict, slots: int, rows: int,
+                     split: Callable, merge: Callable) -> Any:
+    """The unit's forward from row blocks, or None when the call is not the plain single-tensor form (the caller
+    then falls back to whole working copies)."""
+    x = _only_input(args, kwargs)
+    if x is None:
+        return None
+    if kind == "linear" and (x.dim() < 2 or x.shape[0] != slots * rows):
+        return None
+    source.enter(unit)
+    try:
+        if kind == "embedding":
+            return embedding_forward(unit, source, x, slots, rows, split, merge)
+        return linear_forward(unit, source, x, slots, rows)
+    finally:
+        source.release(unit)
