@@ -28,7 +28,7 @@ def default_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
-LOSS_BLOCK_ELEMENTS = 1 << 22   # logits per cross-entropy call: bounds the float32 log-softmax scratch (16 MB)
+LOSS_BLOCK_ELEMENTS = 1 << 20   # logits per cross-entropy call: bounds the float32 log-softmax scratch (4 MB)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:

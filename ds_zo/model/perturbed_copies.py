@@ -33,6 +33,11 @@ class FlatBuffers:
             buf = self._bufs[k] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
 
+    def drop(self, prefix: str) -> None:
+        """Free the buffers of the roles starting with prefix (they are re-allocated when next asked for)."""
+        for k in [k for k in self._bufs if k[0].startswith(prefix)]:
+            del self._bufs[k]
+
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
@@ -97,6 +102,11 @@ class PerturbedCopies:
     def perturbs(self) -> bool:
         return any(s is not None for s in self.slots)
 
+    def drop_whole_copies(self) -> None:
+        """Free the whole-unit slot buffers: called when a row-block unit (embedding, output layer) computes, whose
+        peak (the logits) then does not stack on buffers sized by the largest decoder layer."""
+        self.buffers.drop("slot")
+
     def working_rows(self, ref, r0: int, r1: int) -> list[torch.Tensor]:
         """Rows [r0, r1) (dim 0) of every slot's working copy of `ref`'s parameter, formed chunk by chunk into
         block-sized buffers: the values are those `acquire` puts in a whole copy, bit for bit. The unperturbed slot
@@ -106,24 +116,22 @@ class PerturbedCopies:
         a, b = r0 * d, r1 * d
         flat = p.reshape(-1)
         c = self.generator.chunk
-        out = []
-        for i, slot in enumerate(self.slots):
-            if slot is None:
-                out.append(p[r0:r1])
-                continue
-            j, sign = slot
-            op = torch.add if sign > 0 else torch.sub
-            buf = self.buffers.get(f"rows{i}", b - a, p.dtype, p.device)
-            for k in range(a // c, (b - 1) // c + 1):
-                lo, hi = max(a, k * c), min(b, (k + 1) * c)
+        out: list[torch.Tensor] = [p[r0:r1] if slot is None else self.buffers.get(f"rows{i}", b - a, p.dtype, p.device)
+                                   for i, slot in enumerate(self.slots)]
+        for k in range(a // c, (b - 1) // c + 1):   # chunk by chunk, every slot of a perturbation from one ε·z
+            lo, hi = max(a, k * c), min(b, (k + 1) * c)
+            master32 = flat[lo:hi].float()
+            for i, slot in enumerate(self.slots):
+                if slot is None:
+                    continue
+                j, sign = slot
                 ez = self._scaled_z(ref, j, k)[lo - k * c:hi - k * c]
-                master32 = flat[lo:hi].float()
+                op = torch.add if sign > 0 else torch.sub
                 if p.dtype == torch.float32:
-                    op(master32, ez, out=buf[lo - a:hi - a])
+                    op(master32, ez, out=out[i][lo - a:hi - a])
                 else:
-                    buf[lo - a:hi - a].copy_(op(master32, ez))
-            out.append(buf.view(r1 - r0, *p.shape[1:]))
-        return out
+                    out[i][lo - a:hi - a].copy_(op(master32, ez))
+        return [o if slot is None else o.view(r1 - r0, *p.shape[1:]) for o, slot in zip(out, self.slots)]
 
     def enter(self, unit: Unit) -> None:
         """Make the unit's parameters resident and apply their pending update (before any working copy is formed)."""

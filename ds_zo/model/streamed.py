@@ -37,6 +37,9 @@ class RowSource(Protocol):
     def block_rows(self, ref) -> int:
         """Rows per block for this parameter."""
 
+    def drop_whole_copies(self) -> None:
+        ...
+
 
 def streamed_kind(unit: Unit) -> Optional[str]:
     """'embedding' or 'linear' when the unit is a plain module of that type whose only trainable parameter is its
@@ -76,11 +79,11 @@ def embedding_forward(unit: Unit, source: RowSource, ids: torch.Tensor, slots: i
         raise IndexError(f"{unit.name}: token id out of range [0, {weight.shape[0]}): "
                          f"{int(needed[0])}..{int(needed[-1])}")
     gathered = [weight.new_empty(needed.numel(), *weight.shape[1:]) for _ in range(slots)]
-    bounds = torch.searchsorted(needed, torch.arange(0, weight.shape[0] + 1, source.block_rows(ref),
+    blocks = list(_blocks(weight.shape[0], source.block_rows(ref)))
+    # needed[bounds[b]:bounds[b+1]] are the ids in block b
+    bounds = torch.searchsorted(needed, torch.tensor([r0 for r0, _ in blocks] + [weight.shape[0]],
                                                      device=needed.device)).tolist()
-    if bounds[-1] != needed.numel():
-        bounds.append(needed.numel())
-    for b, (r0, r1) in enumerate(_blocks(weight.shape[0], source.block_rows(ref))):
+    for b, (r0, r1) in enumerate(blocks):
         a, e = bounds[b], bounds[b + 1]
         if a == e:          # no id of the batch in this block: its z chunks are not even drawn
             continue
@@ -115,6 +118,7 @@ def streamed_forward(unit: Unit, kind: str, source: RowSource, args: tuple, kwar
     if kind == "linear" and (x.dim() < 2 or x.shape[0] != slots * rows):
         return None
     source.enter(unit)
+    source.drop_whole_copies()
     try:
         if kind == "embedding":
             return embedding_forward(unit, source, x, slots, rows, split, merge)

@@ -1,0 +1,116 @@
+"""Embedding and output-layer units computed from row blocks: the same values as whole working copies, bit for bit,
+with block-sized scratch, and each z chunk drawn once per unit."""
+import pytest
+import torch
+from torch import nn
+
+from ds_zo.model.dual_forward import dual_forward, merge_blocks, split_block
+from ds_zo.model.perturbed_copies import PerturbedCopies
+from ds_zo.model.streamed import embedding_forward, linear_forward, streamed_kind
+from ds_zo.model.units import ParamRef, Unit, cut_into_units, resolve_trainable
+from ds_zo.perturb import PerturbationGenerator, param_key
+from models import batch, tiny_model
+
+SLOTS = [(0, 1), (0, -1)]
+
+
+def _copies(params: dict, chunk: int, slots=SLOTS, eps=1e-2, seed=5) -> PerturbedCopies:
+    gen = PerturbationGenerator(chunk_elements=chunk)
+    c = PerturbedCopies(gen, {id(p): param_key(n) for n, p in params.items()}, eps)
+    c.set_slots(seed, slots)
+    return c
+
+
+def _unit(name: str, mod: nn.Module) -> Unit:
+    return Unit(name, mod, [ParamRef(name + ".weight", mod.weight, True)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [100, 2 ** 20])
+def test_working_rows_equal_whole_copies(dtype, chunk):
+    emb = nn.Embedding(300, 24).to(dtype)
+    unit = _unit("emb", emb)
+    whole = _copies({"emb.weight": emb.weight}, chunk).acquire(unit)
+    rows = _copies({"emb.weight": emb.weight}, chunk)
+    ref = unit.trainable[0]
+    size = rows.block_rows(ref)
+    assert size % 64 == 0
+    for r0, r1 in [(0, 64), (64, 128), (128, 300), (7, 9), (0, 300)]:
+        for s, block in enumerate(rows.working_rows(ref, r0, r1)):
+            assert block.dtype == dtype and torch.equal(block, whole[s][0][r0:r1])
+    rows.set_slots(None, [None])
+    assert rows.working_rows(ref, 3, 5)[0].data_ptr() == emb.weight[3:5].data_ptr()   # the master itself
+
+
+def test_each_chunk_drawn_once_per_unit_and_skipped_when_unused():
+    """A 300 x 24 weight in 100-element chunks (72 chunks): the head's blocks draw every chunk once; an embedding
+    lookup draws only the chunks of the blocks that hold a looked-up id."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(300, 24)
+    head = nn.Linear(24, 300, bias=False)
+    head.weight = emb.weight
+    units = [_unit("emb", emb), _unit("head", head)]
+    copies = _copies({"emb.weight": emb.weight}, chunk=100)
+    gen = copies.generator
+    ids = torch.tensor([[1, 2, 3, 70]])        # rows 0..63 and 64..127: the first two 64-row blocks
+    x = torch.randn(2, 5, 24)
+    before = gen.elements_drawn
+    embedding_forward(units[0], copies, torch.cat([ids, ids]), 2, 1, split_block, merge_blocks)
+    drawn_embedding = gen.elements_drawn - before
+    assert drawn_embedding == 128 * 24 // 100 * 100 + 100      # chunks 0..30 (row 127 ends in chunk 30)
+    before = gen.elements_drawn
+    linear_forward(units[1], copies, x, 2, 1)
+    # all 72 chunks, minus the last two the embedding left cached (29 and 30 are not the head's first chunks)
+    assert gen.elements_drawn - before == 300 * 24
+    whole = _copies({"emb.weight": emb.weight}, chunk=100).acquire(units[1])
+    assert torch.equal(linear_forward(units[1], copies, x, 2, 1)[:1], x[:1] @ whole[0][0].T)
+    assert torch.equal(linear_forward(units[1], copies, x, 2, 1)[1:], x[1:] @ whole[1][0].T)
+
+
+def test_embedding_lookup_equals_whole_copy_lookup_and_names_bad_ids():
+    emb = nn.Embedding(500, 16)
+    unit = _unit("emb", emb)
+    ids = torch.tensor([[0, 63, 64, 499, 63], [128, 127, 0, 1, 2]])
+    whole = _copies({"emb.weight": emb.weight}, chunk=100).acquire(unit)
+    got = embedding_forward(unit, _copies({"emb.weight": emb.weight}, chunk=100), torch.cat([ids, ids]), 2, 2,
+                            split_block, merge_blocks)
+    assert torch.equal(got[:2], nn.functional.embedding(ids, whole[0][0]))
+    assert torch.equal(got[2:], nn.functional.embedding(ids, whole[1][0]))
+    with pytest.raises(IndexError, match=r"emb: token id out of range \[0, 500\)"):
+        embedding_forward(unit, _copies({"emb.weight": emb.weight}, chunk=100), torch.tensor([[3], [500]]), 2, 1,
+                          split_block, merge_blocks)
+
+
+def test_which_units_stream():
+    model = tiny_model("gpt2", tied=True)
+    units = cut_into_units(model, resolve_trainable(model, []))
+    kinds = {u.name: streamed_kind(u) for u in units}
+    assert kinds["transformer.wte"] == "embedding" and kinds["transformer.wpe"] == "embedding"
+    assert kinds["lm_head"] == "linear"
+    assert all(k is None for n, k in kinds.items() if ".h." in n or n.endswith("ln_f"))
+    # a frozen weight, a bias or a row subset: formed whole (or not at all)
+    lin = nn.Linear(4, 4)
+    assert streamed_kind(_unit("lin", lin)) is None
+    emb = nn.Embedding(10, 4)
+    assert streamed_kind(Unit("e", emb, [ParamRef("e.weight", emb.weight, True, rows=torch.tensor([1]))])) is None
+    assert streamed_kind(Unit("e", emb, [ParamRef("e.weight", emb.weight, False)])) is None
+
+
+def test_dual_forward_with_small_chunks_matches_two_plain_forwards():
+    """The whole model with 100-element chunks (blocks straddle many chunks; the embedding and the tied head share
+    cached chunks): the doubled-batch forward equals two forwards on whole copies."""
+    model = tiny_model("llama", tied=True).eval()
+    b = batch(rows=2)
+    units = cut_into_units(model, resolve_trainable(model, []))
+    params = dict(model.named_parameters())
+    copies = _copies(params, chunk=100)
+    inputs = {"input_ids": torch.cat([b["input_ids"]] * 2), "attention_mask": torch.cat([b["attention_mask"]] * 2)}
+    with torch.no_grad(), dual_forward(units, 2, 2, copies):
+        both = model(**inputs, use_cache=False).logits
+    gen = PerturbationGenerator(chunk_elements=100)
+    for s, sign in enumerate((1, -1)):
+        with torch.no_grad():
+            shifted = {n: p + sign * (1e-2 * gen.z(5, 0, param_key(n), p.numel()).view_as(p)) for n, p in params.items()}
+            plain = torch.func.functional_call(model, shifted, args=(), kwargs=dict(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)).logits
+        assert torch.equal(both[2 * s:2 * s + 2], plain)
