@@ -42,6 +42,24 @@ def test_working_rows_equal_whole_copies(dtype, chunk):
     assert rows.working_rows(ref, 3, 5)[0].data_ptr() == emb.weight[3:5].data_ptr()   # the master itself
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_working_rows_of_a_row_subset_equal_whole_copies(dtype):
+    """Only the trained rows move (z over the gathered rows); blocks with and without trained rows."""
+    emb = nn.Embedding(300, 24).to(dtype)
+    trained = torch.tensor([2, 63, 64, 200, 299])
+    unit = Unit("emb", emb, [ParamRef("emb.weight", emb.weight, True, rows=trained)])
+    whole = _copies({"emb.weight": emb.weight}, 100).acquire(unit)
+    rows = _copies({"emb.weight": emb.weight}, 100)
+    ref = unit.trainable[0]
+    for r0, r1 in [(0, 64), (64, 128), (128, 192), (192, 300), (0, 300), (100, 150)]:
+        for s, block in enumerate(rows.working_rows(ref, r0, r1)):
+            assert torch.equal(block, whole[s][0][r0:r1])
+    assert not torch.equal(whole[0][0][trained], emb.weight[trained])
+    others = torch.ones(300, dtype=torch.bool)
+    others[trained] = False
+    assert torch.equal(whole[0][0][others], emb.weight[others])
+
+
 def test_each_chunk_drawn_once_per_unit_and_skipped_when_unused():
     """A 300 x 24 weight in 100-element chunks (72 chunks): the head's blocks draw every chunk once; an embedding
     lookup draws only the chunks of the blocks that hold a looked-up id."""
@@ -88,11 +106,12 @@ def test_which_units_stream():
     assert kinds["transformer.wte"] == "embedding" and kinds["transformer.wpe"] == "embedding"
     assert kinds["lm_head"] == "linear"
     assert all(k is None for n, k in kinds.items() if ".h." in n or n.endswith("ln_f"))
-    # a frozen weight, a bias or a row subset: formed whole (or not at all)
+    # a bias or a frozen weight: formed whole (or not at all); a row subset streams
     lin = nn.Linear(4, 4)
     assert streamed_kind(_unit("lin", lin)) is None
     emb = nn.Embedding(10, 4)
-    assert streamed_kind(Unit("e", emb, [ParamRef("e.weight", emb.weight, True, rows=torch.tensor([1]))])) is None
+    assert streamed_kind(Unit("e", emb, [ParamRef("e.weight", emb.weight, True, rows=torch.tensor([1]))])) \
+        == "embedding"
     assert streamed_kind(Unit("e", emb, [ParamRef("e.weight", emb.weight, False)])) is None
 
 

@@ -74,20 +74,19 @@ class PerturbedCopies:
         self.seed, self.slots = seed, list(slots)
         self._ez_cache.clear()
 
-    def _scaled_z(self, ref, j: int, chunk: int) -> torch.Tensor:
-        """ε·z_j of one whole z chunk of `ref`'s parameter, kept for the next call (the row blocks of a parameter are
-        visited in order and a chunk can straddle two blocks: two cached chunks mean each is drawn once)."""
+    def _scaled_z(self, ref, j: int, chunk: int, numel: int) -> torch.Tensor:
+        """ε·z_j of one whole z chunk of `ref`'s parameter (z over `numel` elements), kept for the next call: row
+        blocks are visited in order and a chunk can straddle two blocks, so with two cached chunks each is drawn once."""
         k = (self.seed, j, self.keys[id(ref.param)], chunk)
         for key, t, _ in self._ez_cache:
             if key == k:
                 return t
-        p = ref.param
-        c, m = self.generator.chunk, p.numel()
-        n = min(c, m - chunk * c)
+        c = self.generator.chunk
+        n = min(c, numel - chunk * c)
         # two scratch roles used alternately; the evicted entry's buffer is the one refilled
-        role = f"ez{len(self._ez_cache) % 2}" if len(self._ez_cache) < 2 else self._ez_cache.pop(0)[2]
-        z = self.buffers.get(role, n, torch.float32, p.device)
-        self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], m, start=chunk * c)
+        role = f"ez{len(self._ez_cache)}" if len(self._ez_cache) < 2 else self._ez_cache.pop(0)[2]
+        z = self.buffers.get(role, n, torch.float32, ref.param.device)
+        self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], numel, start=chunk * c)
         z.mul_(self.eps)
         self._ez_cache.append((k, z, role))
         return z
@@ -107,31 +106,47 @@ class PerturbedCopies:
         peak (the logits) then does not stack on buffers sized by the largest decoder layer."""
         self.buffers.drop("slot")
 
-    def working_rows(self, ref, r0: int, r1: int) -> list[torch.Tensor]:
-        """Rows [r0, r1) (dim 0) of every slot's working copy of `ref`'s parameter, formed chunk by chunk into
-        block-sized buffers: the values are those `acquire` puts in a whole copy, bit for bit. The unperturbed slot
-        gets a view of the master."""
-        p = ref.param.data
-        d = p[0].numel()
-        a, b = r0 * d, r1 * d
-        flat = p.reshape(-1)
+    def _perturb_range(self, ref, base: torch.Tensor, a: int, b: int, numel: int, outs: list) -> None:
+        """outs[i][:b-a] = base ± ε·z_j over elements [a, b) of a z space of `numel` elements (base holds the master
+        values of those elements), chunk by chunk: every slot of a perturbation from one ε·z chunk."""
         c = self.generator.chunk
-        out: list[torch.Tensor] = [p[r0:r1] if slot is None else self.buffers.get(f"rows{i}", b - a, p.dtype, p.device)
-                                   for i, slot in enumerate(self.slots)]
-        for k in range(a // c, (b - 1) // c + 1):   # chunk by chunk, every slot of a perturbation from one ε·z
+        for k in range(a // c, (b - 1) // c + 1):
             lo, hi = max(a, k * c), min(b, (k + 1) * c)
-            master32 = flat[lo:hi].float()
+            master32 = base[lo - a:hi - a].float()   # no copy for float32
             for i, slot in enumerate(self.slots):
                 if slot is None:
                     continue
                 j, sign = slot
-                ez = self._scaled_z(ref, j, k)[lo - k * c:hi - k * c]
+                ez = self._scaled_z(ref, j, k, numel)[lo - k * c:hi - k * c]
                 op = torch.add if sign > 0 else torch.sub
-                if p.dtype == torch.float32:
-                    op(master32, ez, out=out[i][lo - a:hi - a])
-                else:
-                    out[i][lo - a:hi - a].copy_(op(master32, ez))
-        return [o if slot is None else o.view(r1 - r0, *p.shape[1:]) for o, slot in zip(out, self.slots)]
+                if outs[i].dtype == torch.float32:
+                    op(master32, ez, out=outs[i][lo - a:hi - a])
+                else:   # compute in float32, round once
+                    outs[i][lo - a:hi - a].copy_(op(master32, ez))
+
+    def working_rows(self, ref, r0: int, r1: int) -> list[torch.Tensor]:
+        """Rows [r0, r1) (dim 0) of every slot's working copy of `ref`'s parameter, formed into block-sized buffers:
+        the values `acquire` puts in a whole copy, bit for bit. The unperturbed slot gets a view of the master."""
+        p = ref.param.data
+        d = p[0].numel()
+        shape = (r1 - r0, *p.shape[1:])
+        out = [p[r0:r1] if slot is None else self.buffers.get(f"rows{i}", (r1 - r0) * d, p.dtype, p.device)
+               for i, slot in enumerate(self.slots)]
+        if ref.rows is None:
+            self._perturb_range(ref, p.reshape(-1)[r0 * d:r1 * d], r0 * d, r1 * d, p.numel(), out)
+            return [o if s is None else o.view(shape) for o, s in zip(out, self.slots)]
+        # a row subset: z is defined over the trained rows gathered in order; the other rows are the master's
+        rows = ref.rows.to(p.device)
+        ka, kb = torch.searchsorted(rows, torch.tensor([r0, r1], device=p.device)).tolist()
+        blocks = [o if s is None else o.view(shape).copy_(p[r0:r1]) for o, s in zip(out, self.slots)]
+        if ka < kb:
+            vals = [None if s is None else self.buffers.get(f"subset{i}", (kb - ka) * d, p.dtype, p.device)
+                    for i, s in enumerate(self.slots)]
+            self._perturb_range(ref, p[rows[ka:kb]].reshape(-1), ka * d, kb * d, rows.numel() * d, vals)
+            for blk, v, s in zip(blocks, vals, self.slots):
+                if s is not None:
+                    blk[rows[ka:kb] - r0] = v.view(kb - ka, *p.shape[1:])
+        return blocks
 
     def enter(self, unit: Unit) -> None:
         """Make the unit's parameters resident and apply their pending update (before any working copy is formed)."""

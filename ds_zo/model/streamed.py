@@ -43,9 +43,9 @@ class RowSource(Protocol):
 
 def streamed_kind(unit: Unit) -> Optional[str]:
     """'embedding' or 'linear' when the unit is a plain module of that type whose only trainable parameter is its
-    whole weight; None otherwise (the unit then computes from whole working copies)."""
+    weight (all of it, or a row subset); None otherwise (the unit then computes from whole working copies)."""
     refs = unit.trainable
-    if len(refs) != 1 or refs[0].rows is not None:
+    if len(refs) != 1:
         return None
     mod, p = unit.module, refs[0].param
     if type(mod) is nn.Embedding and mod.weight is p and mod.max_norm is None:
