@@ -36,33 +36,50 @@ class StepRecord:
                    lr=float(d["lr"]), wd=float(d["wd"]))
 
 
+# (flat slice of a parameter, parameter key, index of the slice's first element, parameter numel, weight decay applies)
+Piece = tuple[torch.Tensor, int, int, int, bool]
+
+
 def apply_step(param: torch.Tensor, key: int, record: StepRecord, decays: bool, generator: PerturbationGenerator,
                buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None, start: int = 0,
                numel: Optional[int] = None) -> None:
     """Apply one recorded step to `param` in place: the whole parameter, or (ZeRO shards) the flat slice
-    [start, start + param.numel()) of a parameter of `numel` elements. Evaluated in the order of the plain expression
-    θ − lr·(g·z + wd·θ), so that a reference written that way agrees bit for bit."""
-    numel = param.numel() if numel is None else numel
-    flat = param.view(-1)
-    n = flat.numel()
-    theta = flat if flat.dtype == torch.float32 else flat.float()
+    [start, start + param.numel()) of a parameter of `numel` elements."""
+    apply_step_pieces([(param.view(-1), key, start, param.numel() if numel is None else numel, decays)], record,
+                      generator, buffers)
+
+
+def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: PerturbationGenerator,
+                      buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+    """Apply one recorded step to several parameter slices at once (their z drawn together, in parallel on CPU).
+    Evaluated in the order of the plain expression θ − lr·(g·z + wd·θ), so that a reference written that way agrees
+    bit for bit."""
+    sizes = [flat.numel() for flat, *_ in pieces]
+    total = sum(sizes)
+    device = pieces[0][0].device
     if buffers is None:
-        buffers = (torch.empty(n, device=flat.device), torch.empty(n, device=flat.device))
-    u, z = buffers[0][:n], buffers[1][:n]
+        buffers = (torch.empty(total, device=device), torch.empty(total, device=device))
+    u, z = buffers[0][:total], buffers[1][:total]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     q = len(record.g)
     for j, g in enumerate(record.g):
-        generator.fill(z if j else u, record.seed, j, key, numel, start)
+        target = z if j else u
+        generator.fill_many([(target[o:o + n], record.seed, j, key, numel, start)
+                             for (_, key, start, numel, _), o, n in zip(pieces, offsets, sizes)])
         if j:
             u.add_(z.mul_(g))
         else:
             u.mul_(g)
     if q > 1:
         u.div_(q)
-    if decays and record.wd != 0.0:
-        u.add_(theta * record.wd)
-    theta.sub_(u.mul_(record.lr))
-    if theta is not flat:
-        flat.copy_(theta)  # round once into the stored dtype
+    for (flat, _, _, _, decays), o, n in zip(pieces, offsets, sizes):
+        theta = flat if flat.dtype == torch.float32 else flat.float()
+        step = u[o:o + n]
+        if decays and record.wd != 0.0:
+            step.add_(theta * record.wd)
+        theta.sub_(step.mul_(record.lr))
+        if theta is not flat:
+            flat.copy_(theta)  # round once into the stored dtype
 
 
 class ZOSGD(torch.optim.Optimizer):
@@ -124,27 +141,32 @@ class ZOSGD(torch.optim.Optimizer):
         self.pending, self._pending_done = record, set()
         return record
 
-    def _apply_pending_to(self, param: torch.nn.Parameter, decay: float) -> None:
-        rows = self.rows.get(id(param))
-        target = param.data if rows is None else param.data[rows]   # a row subset: update a gathered copy
-        self._apply_in_chunks(param, target.view(-1), 0, target.numel(), decay != 0.0)
-        if rows is not None:
-            param.data[rows] = target
-        self._pending_done.add(id(param))
-
-    def _apply_in_chunks(self, param, flat: torch.Tensor, start: int, numel: int, decays: bool) -> None:
-        """Apply the pending step to `flat` = elements [start, start + flat.numel()) of a parameter of `numel`
-        elements, one z chunk at a time: the float32 scratch stays two chunks, not two copies of the largest
-        parameter (the update is elementwise, so the result is the same bit for bit)."""
-        c = self.generator.chunk
-        if self._buffers is None or self._buffers[0].device != flat.device:
-            self._buffers = tuple(torch.empty(c, dtype=torch.float32, device=flat.device) for _ in range(2))
-        lo = start
-        while lo < start + flat.numel():
-            hi = min((lo // c + 1) * c, start + flat.numel())   # never straddle a z chunk
-            apply_step(flat[lo - start:hi - start], self.keys[id(param)], self.pending, decays, self.generator,
-                       self._buffers, start=lo, numel=numel)
+    def _pieces(self, param, flat: torch.Tensor, start: int, numel: int, decays: bool) -> list[Piece]:
+        """`flat` (elements [start, start + flat.numel()) of a parameter of `numel` elements) cut at z chunk bounds."""
+        c, out, lo, stop = self.generator.chunk, [], start, start + flat.numel()
+        while lo < stop:
+            hi = min((lo // c + 1) * c, stop)
+            out.append((flat[lo - start:hi - start], self.keys[id(param)], lo, numel, decays))
             lo = hi
+        return out
+
+    def _apply_pieces(self, pieces: list[Piece]) -> None:
+        """The pending step on these pieces, a drawing span at a time: the float32 scratch stays two spans (a few z
+        chunks), not two copies of the largest parameter (the update is elementwise: same result bit for bit)."""
+        if not pieces:
+            return
+        device = pieces[0][0].device
+        span = self.generator.span(device)
+        if self._buffers is None or self._buffers[0].device != device or self._buffers[0].numel() < span:
+            self._buffers = tuple(torch.empty(span, dtype=torch.float32, device=device) for _ in range(2))
+        group, size = [], 0
+        for piece in pieces:          # a piece is at most one chunk <= span
+            if group and size + piece[0].numel() > span:
+                apply_step_pieces(group, self.pending, self.generator, self._buffers)
+                group, size = [], 0
+            group.append(piece)
+            size += piece[0].numel()
+        apply_step_pieces(group, self.pending, self.generator, self._buffers)
 
     def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:
         """Apply the pending update to these parameters (each at most once): the fused path, unit by unit.
@@ -152,18 +174,29 @@ class ZOSGD(torch.optim.Optimizer):
         if self.pending is None:
             return False
         decays = self._decays()
-        changed = False
+        by_device: dict[torch.device, list[Piece]] = {}
+        subsets = []
         for p in params:
-            if id(p) in decays and id(p) not in self._pending_done:
-                self._apply_pending_to(p, decays[id(p)])
-                changed = True
-        return changed
+            if id(p) not in decays or id(p) in self._pending_done:
+                continue
+            rows = self.rows.get(id(p))
+            target = p.data if rows is None else p.data[rows]   # a row subset: update a gathered copy
+            by_device.setdefault(target.device, []).extend(
+                self._pieces(p, target.view(-1), 0, target.numel(), decays[id(p)] != 0.0))
+            if rows is not None:
+                subsets.append((p, rows, target))
+            self._pending_done.add(id(p))
+        for pieces in by_device.values():
+            self._apply_pieces(pieces)
+        for p, rows, target in subsets:
+            p.data[rows] = target
+        return bool(subsets) or any(by_device.values())
 
     def apply_pending_to_slice(self, param: torch.nn.Parameter, flat: torch.Tensor, start: int, numel: int) -> None:
         """Apply the pending update to `flat`, the elements [start, start + flat.numel()) of `param` (a ZeRO-3 shard
         of a parameter of `numel` elements), and count the parameter as updated."""
         if flat.numel():
-            self._apply_in_chunks(param, flat, start, numel, self._decays()[id(param)] != 0.0)
+            self._apply_pieces(self._pieces(param, flat, start, numel, self._decays()[id(param)] != 0.0))
         self._pending_done.add(id(param))
 
     def owes(self, param: torch.nn.Parameter) -> bool:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -20,6 +22,9 @@ import torch
 CHUNK_ELEMENTS = 1 << 20  # large enough that kernel launches stay rare on a GPU, small enough for cheap partial slices
 DISTRIBUTIONS = ("gaussian", "rademacher")
 _MASK63 = (1 << 63) - 1
+# CPU: torch's normal sampler is serial, but chunks have their own seeds, so up to this many are drawn at once on
+# separate threads (each with its own generator); callers size their scratch by `span()` elements
+MAX_PARALLEL_CHUNKS = 4
 
 
 def mix(*values: int) -> int:
@@ -50,7 +55,21 @@ class PerturbationGenerator:
         self.chunk = chunk_elements
         self._generators: dict[torch.device, torch.Generator] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._local = threading.local()       # per worker thread: its own CPU generator
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool_size = 0
         self.elements_drawn = 0  # instrumentation: how many z values were generated (benchmarks report it)
+
+    def parallel_chunks(self, device: torch.device) -> int:
+        """How many whole chunks one `fill` draws at once on this device: the intra-op thread count on CPU (capped),
+        1 on accelerators (whose samplers are parallel already)."""
+        if torch.device(device).type != "cpu":
+            return 1
+        return max(1, min(torch.get_num_threads(), MAX_PARALLEL_CHUNKS))
+
+    def span(self, device: torch.device) -> int:
+        """Elements worth drawing in one `fill` call: chunk-aligned slices of this size use every drawing thread."""
+        return self.chunk * self.parallel_chunks(device)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -58,14 +77,36 @@ class PerturbationGenerator:
             gen = self._generators[device] = torch.Generator(device=device)
         return gen
 
-    def _draw(self, out: torch.Tensor, key: int) -> None:
-        gen = self._generator(out.device)
+    def _draw(self, out: torch.Tensor, key: int, gen: Optional[torch.Generator] = None) -> None:
+        gen = gen or self._generator(out.device)
         gen.manual_seed(key)
         if self.distribution == "gaussian":
             out.normal_(generator=gen)
         else:
             out.bernoulli_(0.5, generator=gen).mul_(2.0).sub_(1.0)
-        self.elements_drawn += out.numel()
+
+    def _draw_on_worker(self, job: tuple[torch.Tensor, int]) -> None:
+        gen = getattr(self._local, "gen", None)
+        if gen is None:
+            gen = self._local.gen = torch.Generator()
+        self._draw(job[0], job[1], gen)
+
+    def _draw_all(self, jobs: list[tuple[torch.Tensor, int]]) -> None:
+        """Draw whole chunks; on CPU several at once (each chunk's values depend only on its key)."""
+        if not jobs:
+            return
+        threads = self.parallel_chunks(jobs[0][0].device)
+        if threads > 1 and len(jobs) > 1:
+            if self._pool is None or self._pool_size < threads:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ds_zo-z")
+                self._pool_size = threads
+            list(self._pool.map(self._draw_on_worker, jobs))
+        else:
+            for out, key in jobs:
+                self._draw(out, key)
+        self.elements_drawn += sum(out.numel() for out, _ in jobs)
 
     def _scratch_chunk(self, device: torch.device) -> torch.Tensor:
         buf = self._scratch.get(device)
@@ -75,23 +116,32 @@ class PerturbationGenerator:
 
     def fill(self, out: torch.Tensor, seed: int, index: int, key: int, numel: int, start: int = 0) -> torch.Tensor:
         """Write z[start : start + out.numel()] of a parameter of `numel` elements into the flat float32 `out`."""
-        if out.dtype != torch.float32 or out.dim() != 1:
-            raise ValueError("z buffers are flat float32 tensors")
-        stop = start + out.numel()
-        if start < 0 or stop > numel:
-            raise ValueError(f"slice [{start}, {stop}) is outside a parameter of {numel} elements")
-        c = self.chunk
-        for k in range(start // c, (stop + c - 1) // c):
-            lo, hi = k * c, min((k + 1) * c, numel)
-            a, b = max(lo, start), min(hi, stop)
-            key_k = mix(seed, index, key, k)
-            if a == lo and b == hi:  # whole chunk: draw straight into the output
-                self._draw(out[a - start:b - start], key_k)
-            else:
-                tmp = self._scratch_chunk(out.device)[:hi - lo]
-                self._draw(tmp, key_k)
-                out[a - start:b - start].copy_(tmp[a - lo:b - lo])
+        self.fill_many([(out, seed, index, key, numel, start)])
         return out
+
+    def fill_many(self, requests: list[tuple[torch.Tensor, int, int, int, int, int]]) -> None:
+        """`fill` for several (out, seed, index, key, numel, start) at once: their whole chunks are drawn together
+        (in parallel on CPU), so many small parameters use every drawing thread too."""
+        whole: list[tuple[torch.Tensor, int]] = []
+        c = self.chunk
+        for out, seed, index, key, numel, start in requests:
+            if out.dtype != torch.float32 or out.dim() != 1:
+                raise ValueError("z buffers are flat float32 tensors")
+            stop = start + out.numel()
+            if start < 0 or stop > numel:
+                raise ValueError(f"slice [{start}, {stop}) is outside a parameter of {numel} elements")
+            for k in range(start // c, (stop + c - 1) // c):
+                lo, hi = k * c, min((k + 1) * c, numel)
+                a, b = max(lo, start), min(hi, stop)
+                key_k = mix(seed, index, key, k)
+                if a == lo and b == hi:  # whole chunk: drawn straight into the output
+                    whole.append((out[a - start:b - start], key_k))
+                else:
+                    tmp = self._scratch_chunk(out.device)[:hi - lo]
+                    self._draw(tmp, key_k)
+                    self.elements_drawn += tmp.numel()
+                    out[a - start:b - start].copy_(tmp[a - lo:b - lo])
+        self._draw_all(whole)
 
     def z(self, seed: int, index: int, key: int, numel: int, start: int = 0, stop: Optional[int] = None,
           device: torch.device | str = "cpu") -> torch.Tensor:

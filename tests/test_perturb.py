@@ -1,7 +1,9 @@
+import threading
+
 import pytest
 import torch
 
-from ds_zo.perturb import PerturbationGenerator, mix, param_key, step_seed
+from ds_zo.perturb import MAX_PARALLEL_CHUNKS, PerturbationGenerator, mix, param_key, step_seed
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
@@ -77,3 +79,27 @@ def test_bad_arguments():
         gen.z(0, 0, 0, 10, 5, 11)
     with pytest.raises(ValueError, match="float32"):
         gen.fill(torch.empty(4, dtype=torch.float64), 0, 0, 0, 4)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_parallel_chunk_draws_equal_serial(distribution):
+    """On CPU a fill of several whole chunks draws them on worker threads (each chunk has its own key and the worker
+    its own generator): the values do not depend on the thread count, and a span is whole chunks."""
+    n = 10 * 1000 + 37
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = PerturbationGenerator(distribution, chunk_elements=1000)
+        assert serial.parallel_chunks(torch.device("cpu")) == 1 and serial.span(torch.device("cpu")) == 1000
+        one = serial.z(3, 1, 7, n)
+        torch.set_num_threads(3)
+        par = PerturbationGenerator(distribution, chunk_elements=1000)
+        assert par.parallel_chunks(torch.device("cpu")) == 3 and par.span(torch.device("cpu")) == 3000
+        assert torch.equal(par.z(3, 1, 7, n), one)
+        assert torch.equal(par.z(3, 1, 7, n, start=1500, stop=9000), one[1500:9000])   # partial ends, whole middle
+        assert par.elements_drawn == n + 8 * 1000
+        assert len({t.name for t in threading.enumerate() if t.name.startswith("ds_zo-z")}) == 3
+        torch.set_num_threads(64)
+        assert par.parallel_chunks(torch.device("cpu")) == MAX_PARALLEL_CHUNKS
+    finally:
+        torch.set_num_threads(before)

@@ -168,47 +168,71 @@ class PerturbedCopies:
                  for i, s in enumerate(self.slots) if s is not None for k, n in sizes.items()}
         offsets = dict.fromkeys(sizes, 0)
         copies: list[list[torch.Tensor]] = [[] for _ in self.slots]
-        perturbations = sorted({s[0] for s in self.slots if s is not None})
+        # whole z chunks of every parameter, in order: (ref, its master values, z length, its copies, lo, hi)
+        pieces = []
         for ref in refs:
             p = ref.param.data
             n, k = p.numel(), (p.device, p.dtype)
             off = offsets[k]
             offsets[k] = off + n
+            outs = {i: flats[(i, *k)][off:off + n] for i, s in enumerate(self.slots) if s is not None}
             if ref.rows is not None:                 # only these rows move: z covers them, the rest is copied
                 base = p[ref.rows].reshape(-1)
-                for i, slot in enumerate(self.slots):
-                    if slot is not None:
-                        flats[(i, *k)][off:off + n].copy_(p.reshape(-1))
+                for out in outs.values():
+                    out.copy_(p.reshape(-1))
             else:
                 base = p.reshape(-1)
             m = base.numel()
-            outs = {i: flats[(i, *k)][off:off + n] for i, s in enumerate(self.slots) if s is not None}
-            for j in perturbations:
-                # z_j one chunk at a time: the scratch is one chunk, not a copy of the largest parameter
-                for lo in range(0, m, self.generator.chunk):
-                    hi = min(lo + self.generator.chunk, m)
-                    z = self.buffers.get("z", hi - lo, torch.float32, p.device)
-                    self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], m, start=lo)
-                    z.mul_(self.eps)  # θ ± (εz), rounded as the plain expression `p + eps * z` rounds
-                    master32 = base[lo:hi].float()  # no copy for float32 parameters
-                    for i, slot in enumerate(self.slots):
-                        if slot is None or slot[0] != j:
-                            continue
-                        op = torch.add if slot[1] > 0 else torch.sub
-                        if ref.rows is not None:
-                            gathered = outs[i].view_as(p)[ref.rows].view(-1)   # (a copy: written back below)
-                            gathered[lo:hi] = op(master32, z).to(p.dtype)
-                            outs[i].view_as(p)[ref.rows] = gathered.view(-1, *p.shape[1:])
-                        elif p.dtype == torch.float32:
-                            op(master32, z, out=outs[i][lo:hi])
-                        else:  # compute in float32, round once
-                            outs[i][lo:hi].copy_(op(master32, z))
-            for i in outs:
-                copies[i].append(outs[i].view_as(p))
+            pieces += [(ref, base, m, outs, lo, min(lo + self.generator.chunk, m))
+                       for lo in range(0, m, self.generator.chunk)]
             for i, slot in enumerate(self.slots):
-                if slot is None:
-                    copies[i].append(p)
+                copies[i].append(p if slot is None else outs[i].view_as(p))
+        for j in sorted({s[0] for s in self.slots if s is not None}):
+            for group in self._groups(pieces):
+                # z_j for a group of chunks drawn at once (in parallel on CPU): the scratch is that group, not a copy
+                # of the largest parameter
+                total = sum(hi - lo for _, _, _, _, lo, hi in group)
+                z = self.buffers.get("z", total, torch.float32, group[0][0].param.device)
+                requests, at = [], 0
+                for ref, _, m, _, lo, hi in group:
+                    requests.append((z[at:at + hi - lo], self.seed, j, self.keys[id(ref.param)], m, lo))
+                    at += hi - lo
+                self.generator.fill_many(requests)
+                z.mul_(self.eps)  # θ ± (εz), rounded as the plain expression `p + eps * z` rounds
+                at = 0
+                for ref, base, _, outs, lo, hi in group:
+                    self._form(ref, base, outs, j, lo, hi, z[at:at + hi - lo])
+                    at += hi - lo
         return copies
+
+    def _groups(self, pieces: list) -> list[list]:
+        """Consecutive pieces (one device) of at most one drawing span in all (a single larger piece stands alone)."""
+        groups, cur, size = [], [], 0
+        for piece in pieces:
+            n, dev = piece[5] - piece[4], piece[0].param.device
+            if cur and (size + n > self.generator.span(dev) or cur[0][0].param.device != dev):
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append(piece)
+            size += n
+        return groups + [cur] if cur else groups
+
+    def _form(self, ref, base: torch.Tensor, outs: dict, j: int, lo: int, hi: int, ez: torch.Tensor) -> None:
+        """Elements [lo, hi) of the copies of perturbation j's slots: master ± ε·z, in float32, rounded once."""
+        p = ref.param.data
+        master32 = base[lo:hi].float()  # no copy for float32 parameters
+        for i, slot in enumerate(self.slots):
+            if slot is None or slot[0] != j:
+                continue
+            op = torch.add if slot[1] > 0 else torch.sub
+            if ref.rows is not None:
+                gathered = outs[i].view_as(p)[ref.rows].view(-1)   # (a copy: written back below)
+                gathered[lo:hi] = op(master32, ez).to(p.dtype)
+                outs[i].view_as(p)[ref.rows] = gathered.view(-1, *p.shape[1:])
+            elif p.dtype == torch.float32:
+                op(master32, ez, out=outs[i][lo:hi])
+            else:  # compute in float32, round once
+                outs[i][lo:hi].copy_(op(master32, ez))
 
     def release(self, unit: Unit) -> None:
         # the copy buffers are reused by the next unit: safe, since it computes after this one on the same stream
