@@ -60,10 +60,10 @@ def memory_tables(res: dict) -> list[str]:
     b = m.get("dszo_buffers")
     if b:
         out.append("")
-        out.append(f"ds_zo's buffers after two steps: perturbed copies (θ+εz, θ−εz and εz, sized by the largest "
-                   f"unit) {_mb(b['perturbed_copies'])} MB, optimizer update scratch (two float32 buffers sized by "
-                   f"the largest parameter, {b['largest_parameter_elements']:,} elements) "
-                   f"{_mb(b['update_scratch'])} MB.")
+        out.append(f"ds_zo's buffers after two steps: perturbed copies (row blocks of the embedding/head copies, "
+                   f"cached ε·z chunks and z scratch; the decoder-layer copies are freed while the head computes) "
+                   f"{_mb(b['perturbed_copies'])} MB, optimizer update scratch (two spans of z chunks; the largest "
+                   f"parameter has {b['largest_parameter_elements']:,} elements) {_mb(b['update_scratch'])} MB.")
     return out
 
 

@@ -12,6 +12,7 @@ Nothing here depends on global RNG state or on call order.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +58,7 @@ class PerturbationGenerator:
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._local = threading.local()       # per worker thread: its own CPU generator
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._pool_size = 0
+        self._pool_size, self._pool_pid = 0, 0
         self.elements_drawn = 0  # instrumentation: how many z values were generated (benchmarks report it)
 
     def parallel_chunks(self, device: torch.device) -> int:
@@ -97,11 +98,12 @@ class PerturbationGenerator:
             return
         threads = self.parallel_chunks(jobs[0][0].device)
         if threads > 1 and len(jobs) > 1:
-            if self._pool is None or self._pool_size < threads:
-                if self._pool is not None:
+            if self._pool is None or self._pool_size < threads or self._pool_pid != os.getpid():
+                if self._pool is not None and self._pool_pid == os.getpid():
                     self._pool.shutdown(wait=True)
+                # (a forked child has the parent's pool object but none of its threads: it makes its own)
                 self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ds_zo-z")
-                self._pool_size = threads
+                self._pool_size, self._pool_pid = threads, os.getpid()
             list(self._pool.map(self._draw_on_worker, jobs))
         else:
             for out, key in jobs:

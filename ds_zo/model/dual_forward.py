@@ -5,7 +5,8 @@ perturbations), one sign over an unreplicated batch under perturbation paralleli
 Nothing of HF's forward code is copied: HF's top-level forward builds masks and rotary tables for the doubled batch;
 each unit's forward is temporarily replaced on the instance (undone on exit) by a wrapper that splits batch-leading
 tensors, runs the original forward once per sign with the unit's parameters pointed at perturbed working copies, and
-concatenates the halves. The master tensors are only pointed away from, never written.
+concatenates the halves. The master tensors are only pointed away from, never written. Plain embedding and
+output-layer units instead compute from row blocks of their working copies (streamed.py).
 """
 from __future__ import annotations
 

@@ -4,9 +4,14 @@ A forward runs a list of *slots*, one per block of `rows` rows of the batch: (j,
 j of the step (or a single slot under perturbation parallelism), or `None` for the unperturbed θ (evaluation).
 
 Entering a unit: its parameters are made resident (offload pipeline), the optimizer applies the pending (fused) update
-of the previous step to them, then z_j is drawn once per perturbation into a float32 scratch buffer and both signs are
+of the previous step to them, then z_j is drawn once per perturbation, a group of whole chunks at a time (several
+parameters' chunks together, drawn on worker threads on CPU), into a float32 scratch buffer, and both signs are
 formed from it in float32, rounded once into the parameter's dtype. z is thus drawn once per step to perturb and once
-more (next step) to update: two draws per element per step (MeZO's in-place loop draws four).
+more (next step) to update: two draws per element per step (MeZO's in-place loop draws four); a tied weight of more
+than two chunks is drawn once more, in its second unit.
+
+`acquire` forms whole copies of a unit (decoder layers); `working_rows` forms any block of rows of one parameter's
+copies (embedding and output-layer units, see streamed.py), so no buffer is ever vocabulary-sized.
 """
 from __future__ import annotations
 
