@@ -101,7 +101,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.step_log: list[StepRecord] = []
         self.pending: Optional[StepRecord] = None
         self._pending_done: set[int] = set()
-        self._buffers = None  # float32 scratch (update, z), one z chunk each, reused across parameters
+        self._buffers = None  # float32 scratch (update, z), one drawing span each, reused across parameters
         self._decay_of: Optional[dict[int, float]] = None
 
     # -- wiring -------------------------------------------------------------------------------------------------

@@ -61,6 +61,16 @@ class PerturbationGenerator:
         self._pool_size, self._pool_pid = 0, 0
         self.elements_drawn = 0  # instrumentation: how many z values were generated (benchmarks report it)
 
+    def __getstate__(self) -> dict:
+        # the worker pool and the per-thread generators belong to this process: a copy makes its own
+        state = dict(self.__dict__)
+        state.update(_local=None, _pool=None, _pool_size=0, _pool_pid=0, _generators={}, _scratch={})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def parallel_chunks(self, device: torch.device) -> int:
         """How many whole chunks one `fill` draws at once on this device: the intra-op thread count on CPU (capped),
         1 on accelerators (whose samplers are parallel already)."""

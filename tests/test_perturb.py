@@ -103,3 +103,17 @@ def test_parallel_chunk_draws_equal_serial(distribution):
         assert par.parallel_chunks(torch.device("cpu")) == MAX_PARALLEL_CHUNKS
     finally:
         torch.set_num_threads(before)
+
+
+def test_generator_copies_make_their_own_pool():
+    import copy
+    import pickle
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gen = PerturbationGenerator(chunk_elements=100)
+        z = gen.z(1, 0, 2, 1000)       # starts the worker pool
+        for twin in (copy.deepcopy(gen), pickle.loads(pickle.dumps(gen))):
+            assert twin._pool is None and torch.equal(twin.z(1, 0, 2, 1000), z)
+    finally:
+        torch.set_num_threads(before)

@@ -133,3 +133,30 @@ def test_dual_forward_with_small_chunks_matches_two_plain_forwards():
             plain = torch.func.functional_call(model, shifted, args=(), kwargs=dict(
                 input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)).logits
         assert torch.equal(both[2 * s:2 * s + 2], plain)
+
+
+def test_each_chunk_drawn_once_with_three_perturbations():
+    """The ε·z cache keeps two chunks per perturbation: with q = 3 (six slots) a straddling chunk is not redrawn."""
+    lin = nn.Linear(16, 500, bias=False)
+    unit = _unit("head", lin)
+    slots = [(j, s) for j in range(3) for s in (1, -1)]
+    copies = _copies({"head.weight": lin.weight}, chunk=100, slots=slots)
+    x = torch.randn(6 * 2, 3, 16)
+    before = copies.generator.elements_drawn
+    out = linear_forward(unit, copies, x, 6, 2)
+    assert copies.generator.elements_drawn - before == 3 * 500 * 16
+    whole = _copies({"head.weight": lin.weight}, chunk=100, slots=slots).acquire(unit)
+    for s in range(6):
+        assert torch.equal(out[2 * s:2 * s + 2], nn.functional.linear(x[2 * s:2 * s + 2], whole[s][0]))
+
+
+def test_blocks_are_the_whole_weight_off_cpu_and_empty_weights_work():
+    copies = _copies({}, chunk=100)
+    off_cpu = ParamRef("w", nn.Parameter(torch.empty(5000, 8, device="meta")), True)
+    assert copies.block_rows(off_cpu) == 5000    # cuBLAS rounds a block differently from the whole matmul
+    on_cpu = ParamRef("w", nn.Parameter(torch.empty(5000, 8)), True)
+    assert copies.block_rows(on_cpu) == 64
+    empty = nn.Embedding(0, 4)
+    out = embedding_forward(_unit("e", empty), _copies({"e.weight": empty.weight}, chunk=100),
+                            torch.zeros(2, 0, dtype=torch.long), 2, 1, split_block, merge_blocks)
+    assert out.shape == (2, 0, 4)

@@ -72,6 +72,7 @@ class PerturbedCopies:
         self.slots: list[Slot] = [None]
         self._dirty: dict[int, bool] = {}
         self._ez_cache: list[tuple[tuple, torch.Tensor, str]] = []
+        self._rows_on_device: dict[int, torch.Tensor] = {}
 
     def set_slots(self, seed: Optional[int], slots: Sequence[Slot]) -> None:
         if any(s is not None for s in slots) and seed is None:
@@ -80,16 +81,18 @@ class PerturbedCopies:
         self._ez_cache.clear()
 
     def _scaled_z(self, ref, j: int, chunk: int, numel: int) -> torch.Tensor:
-        """ε·z_j of one whole z chunk of `ref`'s parameter (z over `numel` elements), kept for the next call: row
-        blocks are visited in order and a chunk can straddle two blocks, so with two cached chunks each is drawn once."""
+        """ε·z_j of one whole z chunk of `ref`'s parameter (z over `numel` elements), kept for later calls: row blocks
+        are visited in order and a chunk can straddle two blocks, so with two cached chunks per perturbation each
+        chunk is drawn once per unit visit."""
         k = (self.seed, j, self.keys[id(ref.param)], chunk)
         for key, t, _ in self._ez_cache:
             if key == k:
                 return t
         c = self.generator.chunk
         n = min(c, numel - chunk * c)
-        # two scratch roles used alternately; the evicted entry's buffer is the one refilled
-        role = f"ez{len(self._ez_cache)}" if len(self._ez_cache) < 2 else self._ez_cache.pop(0)[2]
+        capacity = 2 * max(1, len({s[0] for s in self.slots if s is not None}))
+        # scratch roles reused in turn: the evicted (oldest) entry's buffer is the one refilled
+        role = f"ez{len(self._ez_cache)}" if len(self._ez_cache) < capacity else self._ez_cache.pop(0)[2]
         z = self.buffers.get(role, n, torch.float32, ref.param.device)
         self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], numel, start=chunk * c)
         z.mul_(self.eps)
@@ -97,10 +100,15 @@ class PerturbedCopies:
         return z
 
     def block_rows(self, ref) -> int:
-        """Rows per block of `working_rows`: about one z chunk, and a multiple of 64. On CPU a matmul over a block of
-        output features rounds like the whole matmul only when blocks start at multiples of 16 (measured: other
-        offsets differ for inputs of <= 5 rows)."""
-        rows = self.generator.chunk // max(1, ref.param[0].numel())
+        """Rows per block of `working_rows`. On CPU: about one z chunk, and a multiple of 64 — a matmul over a block
+        of output features rounds like the whole matmul only when blocks start at multiples of 16 (measured: other
+        offsets differ for inputs of <= 5 rows). On other devices: the whole weight — cuBLAS picks a different kernel
+        for a block than for the whole vocabulary (measured on an H200: logits differ by up to 6e-6 in fp32), so
+        blocks would break bit-for-bit agreement with whole copies."""
+        p = ref.param
+        if p.device.type != "cpu":
+            return max(1, p.shape[0])
+        rows = self.generator.chunk // max(1, p.numel() // max(1, p.shape[0]))
         return max(64, rows // 64 * 64)
 
     def perturbs(self) -> bool:
@@ -133,7 +141,7 @@ class PerturbedCopies:
         """Rows [r0, r1) (dim 0) of every slot's working copy of `ref`'s parameter, formed into block-sized buffers:
         the values `acquire` puts in a whole copy, bit for bit. The unperturbed slot gets a view of the master."""
         p = ref.param.data
-        d = p[0].numel()
+        d = p.numel() // max(1, p.shape[0])
         shape = (r1 - r0, *p.shape[1:])
         out = [p[r0:r1] if slot is None else self.buffers.get(f"rows{i}", (r1 - r0) * d, p.dtype, p.device)
                for i, slot in enumerate(self.slots)]
@@ -141,8 +149,9 @@ class PerturbedCopies:
             self._perturb_range(ref, p.reshape(-1)[r0 * d:r1 * d], r0 * d, r1 * d, p.numel(), out)
             return [o if s is None else o.view(shape) for o, s in zip(out, self.slots)]
         # a row subset: z is defined over the trained rows gathered in order; the other rows are the master's
-        rows = ref.rows.to(p.device)
-        ka, kb = torch.searchsorted(rows, torch.tensor([r0, r1], device=p.device)).tolist()
+        # the row list lives on the host (units.resolve_rows): no device sync per block
+        ka, kb = torch.searchsorted(ref.rows, torch.tensor([r0, r1], device=ref.rows.device)).tolist()
+        rows = self._device_rows(ref, p.device)
         blocks = [o if s is None else o.view(shape).copy_(p[r0:r1]) for o, s in zip(out, self.slots)]
         if ka < kb:
             vals = [None if s is None else self.buffers.get(f"subset{i}", (kb - ka) * d, p.dtype, p.device)
@@ -152,6 +161,14 @@ class PerturbedCopies:
                 if s is not None:
                     blk[rows[ka:kb] - r0] = v.view(kb - ka, *p.shape[1:])
         return blocks
+
+    def _device_rows(self, ref, device: torch.device) -> torch.Tensor:
+        if ref.rows.device == device:
+            return ref.rows
+        cached = self._rows_on_device.get(id(ref))
+        if cached is None or cached.device != device:
+            cached = self._rows_on_device[id(ref)] = ref.rows.to(device)
+        return cached
 
     def enter(self, unit: Unit) -> None:
         """Make the unit's parameters resident and apply their pending update (before any working copy is formed)."""
