@@ -92,6 +92,12 @@ class ZOEngine(DeepSpeedEngine):
 
     # DeepSpeed would wrap the optimizer for bf16/fp16/ZeRO: those wrappers exist to manage gradients, which ZO has none
     # of, so the ZO optimizer is used as is.
+    def _broadcast_model(self):
+        """Nothing to do: ds_zo.initialize already made every rank's parameters rank 0's (through the communicator,
+        which also handles CPU-resident offloaded parameters; DeepSpeed's broadcast would hand those to NCCL, which
+        has no CPU backend)."""
+        return None
+
     def _configure_optimizer(self, client_optimizer, model_parameters):
         if not isinstance(client_optimizer, ZOSGD):
             raise TypeError(f"ZOEngine needs a ZOSGD optimizer, got {type(client_optimizer).__name__}")

@@ -48,6 +48,10 @@ def streamed_kind(unit: Unit) -> Optional[str]:
     if len(refs) != 1:
         return None
     mod, p = unit.module, refs[0].param
+    if p.device.type != "cpu":
+        # on a GPU a block is the whole weight anyway (see PerturbedCopies.block_rows) and the id lookup would cost
+        # host synchronisations: whole copies there
+        return None
     if type(mod) is nn.Embedding and mod.weight is p and mod.max_norm is None:
         return "embedding"
     if type(mod) is nn.Linear and mod.weight is p and mod.bias is None:
