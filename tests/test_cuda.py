@@ -117,3 +117,18 @@ def test_cuda_steady_state_loop_never_synchronizes_the_host(monkeypatch):
     pipe.trace = []
     _streamed_logits(model, units, pipe, seed=4)
     assert [op for op, _ in pipe.trace].count("upload") == 2
+
+
+@cuda
+def test_cuda_host_tensors_travel_through_the_staging_device():
+    """NCCL moves device memory only: a host tensor (the float64 loss totals) is staged on the GPU and copied back."""
+    from ds_zo.parallel.communicator import Communicator
+    from ds_zo.parallel.dims import ParallelDims
+    comm = Communicator(ParallelDims(world=2, rank=0), 5.0, staging_device=torch.device("cuda"))
+    seen = []
+    host = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    comm._run_on_device(host, lambda t: (seen.append(t.device.type), t.mul_(3)))
+    assert seen == ["cuda"] and host.tolist() == [3.0, 6.0]
+    dev = torch.ones(2, device="cuda")
+    comm._run_on_device(dev, lambda t: (seen.append(t.data_ptr() == dev.data_ptr()), t.add_(1)))
+    assert seen[-1] is True and dev.tolist() == [2.0, 2.0]     # device tensors go straight to the collective

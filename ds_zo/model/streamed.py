@@ -7,9 +7,13 @@ two module types only ever need rows of the weight:
   the batch uses are kept;
 - `nn.Linear` (no bias) computes output features block by block: logits[..., r0:r1] = x · W[r0:r1]ᵀ, written into
   one output tensor for all slots (no per-slot logits concatenated afterwards).
-The values are the ones whole copies give, bit for bit (the working rows are formed by the same element-wise
-expressions; an output-feature block of a matmul rounds like the whole matmul on CPU, which the exactness tests
-pin). A row block spans about one z chunk so each chunk is drawn once per perturbation.
+The working rows are the values whole copies hold, bit for bit (same element-wise expressions), and so is the
+embedding's output. The output layer's logits are the whole matmul's up to float32 rounding: a block of output
+features (starting at a multiple of 64 rows) rounded like the whole matmul in the exactness tests and in 400 random
+shapes, but MKL's sgemm also depends on operand alignment and layout (with the real SmolLM2 job's non-contiguous
+hidden states the last bit of some logits differs; g by ~2e-6 relative). Only CPU parameters stream: on a GPU the
+whole weight is one block (cuBLAS picks other kernels for blocks). A row block spans about one z chunk so each chunk
+is drawn once per perturbation.
 """
 from __future__ import annotations
 

@@ -15,10 +15,25 @@ class CollectiveError(RuntimeError):
 
 
 class Communicator:
-    def __init__(self, dims: ParallelDims, timeout_s: float):
+    def __init__(self, dims: ParallelDims, timeout_s: float, staging_device: torch.device | None = None):
         self.dims = dims
         self.timeout_s = timeout_s
         self.stats = {"allreduce_bytes": 0, "allgather_bytes": 0, "allreduce_calls": 0, "allgather_calls": 0}
+        # NCCL moves device memory only: host tensors (the float64 loss totals, CPU-resident offloaded parameters at
+        # the start-up broadcast) then travel through this device
+        if staging_device is None and dims.world > 1 and dist.is_initialized() and dist.get_backend() == "nccl":
+            staging_device = torch.device("cuda", torch.cuda.current_device())
+        self.staging_device = staging_device
+
+    def _run_on_device(self, t: torch.Tensor, collective) -> None:
+        """Run `collective(tensor)` on t, through the staging device when t is a host tensor the backend cannot take
+        (copied there and back: a host synchronisation, once per step for the loss totals)."""
+        if self.staging_device is None or t.device.type != "cpu":
+            collective(t)
+            return
+        staged = t.to(self.staging_device)
+        collective(staged)
+        t.copy_(staged.cpu())
 
     def _fail(self, what: str, group: str, err: Exception) -> CollectiveError:
         return CollectiveError(
@@ -32,7 +47,8 @@ class Communicator:
         if self.dims.world == 1:
             return values
         try:
-            dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self.dims.groups[group])
+            self._run_on_device(values, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM,
+                                                                  group=self.dims.groups[group]))
         except Exception as e:  # gloo raises RuntimeError, NCCL DistBackendError; both mean the same here
             raise self._fail("scalar all-reduce", group, e) from e
         self.stats["allreduce_bytes"] += values.numel() * values.element_size()
@@ -54,7 +70,7 @@ class Communicator:
             return
         try:
             for t in tensors:
-                dist.broadcast(t, src=0, group=self.dims.groups["world"])
+                self._run_on_device(t, lambda x: dist.broadcast(x, src=0, group=self.dims.groups["world"]))
         except Exception as e:
             raise self._fail("model broadcast", "world", e) from e
 
