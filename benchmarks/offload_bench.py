@@ -92,10 +92,13 @@ def main(argv=None) -> dict:
         model = base if mode == modes[-1] else copy.deepcopy(base)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()   # what the engines built earlier keep on the GPU
         engines[mode] = make_engine(model, mode == "offload", args)
         engines[mode].train_batch(batch)  # warm-up (allocations, kernels)
         if cuda:
-            result[f"{mode}_peak_gpu_GB"] = torch.cuda.max_memory_allocated() / 1e9
+            # this mode's own peak: the process peak minus what the other engine already held
+            result[f"{mode}_peak_gpu_GB"] = (torch.cuda.max_memory_allocated() - before) / 1e9
+            result[f"{mode}_process_peak_gpu_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del base
     times = {m: [] for m in modes}
     for _ in range(args.reps):                     # interleaved: both modes see the same machine noise
