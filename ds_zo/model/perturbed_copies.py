@@ -25,6 +25,16 @@ from .units import Unit
 Slot = Optional[tuple[int, int]]   # (perturbation index, sign) or None for the unperturbed parameters
 
 
+def _shifted(master32: torch.Tensor, ez: torch.Tensor, sign: int, out: torch.Tensor) -> None:
+    """out = master ± ε·z, computed in float32 and rounded once into out's dtype: the one expression every working
+    copy is formed with (whole copies and row blocks alike, so they agree bit for bit)."""
+    op = torch.add if sign > 0 else torch.sub
+    if out.dtype == torch.float32:
+        op(master32, ez, out=out)
+    else:
+        out.copy_(op(master32, ez))
+
+
 class FlatBuffers:
     """Grow-only flat buffers per (role, device, dtype): no allocation churn once the largest unit has been seen."""
 
@@ -130,12 +140,8 @@ class PerturbedCopies:
                 if slot is None:
                     continue
                 j, sign = slot
-                ez = self._scaled_z(ref, j, k, numel)[lo - k * c:hi - k * c]
-                op = torch.add if sign > 0 else torch.sub
-                if outs[i].dtype == torch.float32:
-                    op(master32, ez, out=outs[i][lo - a:hi - a])
-                else:   # compute in float32, round once
-                    outs[i][lo - a:hi - a].copy_(op(master32, ez))
+                _shifted(master32, self._scaled_z(ref, j, k, numel)[lo - k * c:hi - k * c], sign,
+                         outs[i][lo - a:hi - a])
 
     def working_rows(self, ref, r0: int, r1: int) -> list[torch.Tensor]:
         """Rows [r0, r1) (dim 0) of every slot's working copy of `ref`'s parameter, formed into block-sized buffers:
@@ -246,15 +252,12 @@ class PerturbedCopies:
         for i, slot in enumerate(self.slots):
             if slot is None or slot[0] != j:
                 continue
-            op = torch.add if slot[1] > 0 else torch.sub
             if ref.rows is not None:
                 gathered = outs[i].view_as(p)[ref.rows].view(-1)   # (a copy: written back below)
-                gathered[lo:hi] = op(master32, ez).to(p.dtype)
+                _shifted(master32, ez, slot[1], gathered[lo:hi])
                 outs[i].view_as(p)[ref.rows] = gathered.view(-1, *p.shape[1:])
-            elif p.dtype == torch.float32:
-                op(master32, ez, out=outs[i][lo:hi])
-            else:  # compute in float32, round once
-                outs[i][lo:hi].copy_(op(master32, ez))
+            else:
+                _shifted(master32, ez, slot[1], outs[i][lo:hi])
 
     def release(self, unit: Unit) -> None:
         # the copy buffers are reused by the next unit: safe, since it computes after this one on the same stream
