@@ -2,7 +2,8 @@
 # The GPU check (≤ 8 minutes on one H100/H200). Prepare here with benchmarks/fetch_gpu_wheels.sh, then run on the
 # device machine from the repository root, carrying .whl:  bash benchmarks/gpu_check.sh
 # Prints: the CUDA test results; pinned H2D/D2H GB/s (memcpy baseline); ZO step time offload vs all-resident,
-# peak GPU memory and offload-vs-resident exactness for OPT-1.3B and OPT-6.7B shapes in bf16 at seq 2048.
+# the H2D rate during uploads (timing events) against the baseline, each mode's peak GPU memory and
+# offload-vs-resident exactness for OPT-1.3B and OPT-6.7B shapes in bf16 at seq 2048.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c "import deepspeed" 2>/dev/null; then

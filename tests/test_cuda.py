@@ -132,3 +132,14 @@ def test_cuda_host_tensors_travel_through_the_staging_device():
     dev = torch.ones(2, device="cuda")
     comm._run_on_device(dev, lambda t: (seen.append(t.data_ptr() == dev.data_ptr()), t.add_(1)))
     assert seen[-1] is True and dev.tolist() == [2.0, 2.0]     # device tensors go straight to the collective
+
+
+@cuda
+def test_cuda_upload_timing_events():
+    model, units, store, pipe = _pipeline_on_cuda(depth=2)
+    pipe.time_transfers = True
+    _streamed_logits(model, units, pipe)
+    pipe.time_transfers = False
+    n = len(pipe._transfer_times)
+    rate = pipe.h2d_transfer_rate()
+    assert n == len(pipe.order) and rate is not None and 1e8 < rate < 1e12   # bytes/s of real PCIe copies

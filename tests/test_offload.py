@@ -205,3 +205,19 @@ def test_next_pass_does_not_start_in_the_buffer_being_offloaded():
     pipe.begin()
     assert pipe._buffer_of(0) != last_buffer
     assert pipe._buffer_of(0) == (last_buffer + 1) % len(pipe.buffers)
+
+
+def test_upload_timing_is_opt_in_and_counts_every_timed_upload():
+    """Benchmarks time uploads while they run (CUDA: timing events; CPU: the synchronous copy); off by default."""
+    engine, *_ = ds_zo.initialize(model=_deep_model(), config=offload_config(depth=2))
+    engine.train_batch(batch(seed=0))
+    assert engine.pipeline.h2d_transfer_rate() is None          # nothing timed unless asked
+    engine.pipeline.time_transfers = True
+    engine.train_batch(batch(seed=1))
+    engine.pipeline.time_transfers = False
+    timed = list(engine.pipeline._transfer_times)
+    assert len(timed) == len(engine.pipeline.order)             # one timed upload per offloaded unit
+    assert sum(n for _, _, n in timed) == _layer_bytes(engine)
+    rate = engine.pipeline.h2d_transfer_rate()
+    assert rate is not None and rate > 0
+    assert engine.pipeline.h2d_transfer_rate() is None          # read once, then forgotten

@@ -51,6 +51,10 @@ class OffloadPipeline(Residency):
         self._base = self._cursor = 0              # buffer of the pass's first unit; where the next pass starts
         self._computing = True
         self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "uploads": 0, "offloads": 0, "order_misses": 0}
+        # benchmarks only: time each upload (CUDA: timing events around the copy on the h2d stream; CPU: the
+        # synchronous copy's wall time); off by default, since timing events cost a little on every upload
+        self.time_transfers = False
+        self._transfer_times: list[tuple[object, object, int]] = []
         self.trace: Optional[list[tuple[str, str]]] = None   # set to [] to record the issue order of operations
 
     @staticmethod
@@ -124,10 +128,25 @@ class OffloadPipeline(Residency):
         s, st = self.order[k], self.streams
         with st.on(st.h2d):
             stage = self.staging[b][:s.numel] if self.staging[b] is not None else None
+            start = st.event(timing=True) if self.time_transfers else None
+            if start is not None:
+                start.record(st.h2d)
             self._copy_in(self.buffers[b][:s.numel], s.flat, stage)
-            done = st.event()
+            done = st.event(timing=self.time_transfers)
             done.record(st.h2d)
+        if start is not None:
+            self._transfer_times.append((start, done, s.flat.numel() * s.flat.element_size()))
         return done
+
+    def h2d_transfer_rate(self) -> Optional[float]:
+        """Bytes per second of the timed uploads while they were running (not averaged over the step), then forget
+        them. Waits for them to finish: call it after the timed steps, never inside one."""
+        if not self._transfer_times:
+            return None
+        seconds = sum(self.streams.elapsed_s(start, end) for start, end, _ in self._transfer_times)
+        nbytes = sum(n for _, _, n in self._transfer_times)
+        self._transfer_times = []
+        return nbytes / seconds if seconds > 0 else None
 
     def _point(self, k: int, b: int) -> None:
         s = self.order[k]

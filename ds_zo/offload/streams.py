@@ -3,13 +3,16 @@ interface so the same scheduler runs (synchronously, in issue order) on CPU-only
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
 
 class _NoOpEvent:
+    """On CPU every operation has finished when the next is issued: recording the time is all an event can do."""
+
     def record(self, stream=None):
-        pass
+        self.t = time.perf_counter()
 
     def synchronize(self):
         pass
@@ -39,8 +42,15 @@ class Streams:
         else:
             self.compute = self.h2d = self.d2h = _NoOpStream()
 
-    def event(self):
-        return torch.cuda.Event() if self.cuda else _NoOpEvent()
+    def event(self, timing: bool = False):
+        return torch.cuda.Event(enable_timing=timing) if self.cuda else _NoOpEvent()
+
+    def elapsed_s(self, start, end) -> float:
+        """Seconds between two recorded events (timing events on CUDA; waits for `end`)."""
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+        return end.t - start.t
 
     def on(self, stream):
         return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
