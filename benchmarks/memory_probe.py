@@ -20,7 +20,7 @@ import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-MODES = ("inference", "dszo", "dszo_offload", "mezo", "adamw")
+MODES = ("inference", "dszo", "dszo_offload", "dszo_tied_z", "mezo", "adamw")
 
 
 def _status_kb(field: str) -> int:
@@ -64,8 +64,8 @@ def main(argv=None) -> dict:
     exact = reset_peak()
     if args.mode == "inference":
         runner = InferenceForward(model).step
-    elif args.mode in ("dszo", "dszo_offload"):
-        cfg = zo_config(args.rows)
+    elif args.mode in ("dszo", "dszo_offload", "dszo_tied_z"):
+        cfg = zo_config(args.rows, tied_z_cache=args.mode == "dszo_tied_z")
         if args.mode == "dszo_offload":
             cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
         engine, *_ = ds_zo.initialize(model=model, config=cfg)

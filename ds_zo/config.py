@@ -35,6 +35,8 @@ class ZeroOrderConfig(DeepSpeedConfigModel):
     trainable: list[str] = Field(default_factory=list)   # fnmatch patterns on parameter names; empty = all
     trainable_rows: dict[str, list[int]] = Field(default_factory=dict)  # pattern -> rows: train only those rows
     fuse_update: bool = True                            # apply step t's update inside step t+1's forward
+    tied_z_cache: bool = False                          # keep a tied weight's ε·z from its first unit to its second
+                                                        # (drawn once, not twice; costs one float32 copy of it)
     # offload (active with zero_optimization.offload_param.device = "cpu")
     prefetch_depth: int = Field(1, ge=1)                # uploads run this many units ahead of compute
     overlap: bool = True                                # separate h2d / d2h / compute CUDA streams

@@ -160,3 +160,34 @@ def test_blocks_are_the_whole_weight_off_cpu_and_empty_weights_work():
     out = embedding_forward(_unit("e", empty), _copies({"e.weight": empty.weight}, chunk=100),
                             torch.zeros(2, 0, dtype=torch.long), 2, 1, split_block, merge_blocks)
     assert out.shape == (2, 0, 4)
+
+
+@pytest.mark.parametrize("row_blocks", [True, False])
+def test_tied_z_cache_draws_a_tied_weight_once_and_changes_nothing(row_blocks, monkeypatch):
+    """zero_order.tied_z_cache keeps the tied weight's ε·z from the embedding to the head: with a 100-element chunk
+    the tied 96 x 32 weight spans 31 chunks (more than the two cached ones), so without the option the head draws it
+    again; with it, z drawn per step = 2 per parameter exactly (perturb + update) and the parameters are the same."""
+    import ds_zo
+    import ds_zo.model.dual_forward as dual
+    from models import batch as make_batch
+    if not row_blocks:    # whole copies (as on a GPU): acquire takes the kept ε·z too
+        monkeypatch.setattr(dual, "streamed_kind", lambda unit: None)
+    from test_engine_exactness import ds_config
+
+    def run(keep):
+        model = tiny_model("llama", tied=True)
+        cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
+        cfg["zero_order"]["tied_z_cache"] = keep
+        engine, *_ = ds_zo.initialize(model=model, config=cfg)
+        engine.perturbations.chunk = 100
+        gen = engine.perturbations
+        engine.train_batch(make_batch(seed=0))
+        before = gen.elements_drawn
+        engine.train_batch(make_batch(seed=1))      # a step with the fused update of step 0
+        n = sum(p.numel() for p in {id(p): p for g in engine.optimizer.param_groups for p in g["params"]}.values())
+        return (gen.elements_drawn - before) / n, engine.module_state_dict()
+
+    drawn_off, sd_off = run(False)
+    drawn_on, sd_on = run(True)
+    assert drawn_on == pytest.approx(2.0) and drawn_off > 2.0
+    assert all(torch.equal(sd_off[k], sd_on[k]) for k in sd_off)

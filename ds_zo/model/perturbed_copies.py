@@ -82,6 +82,9 @@ class PerturbedCopies:
         self.slots: list[Slot] = [None]
         self._dirty: dict[int, bool] = {}
         self._ez_cache: list[tuple[tuple, torch.Tensor, str]] = []
+        # tied_z_cache: id(param) of the weights used by two units whose ε·z is kept whole between them
+        self.keep_whole: set[int] = set()
+        self._whole_ez: dict[tuple[int, int], tuple[torch.Tensor, set, Optional[int]]] = {}
         self._rows_on_device: dict[int, torch.Tensor] = {}
 
     def set_slots(self, seed: Optional[int], slots: Sequence[Slot]) -> None:
@@ -94,6 +97,8 @@ class PerturbedCopies:
         """ε·z_j of one whole z chunk of `ref`'s parameter (z over `numel` elements), kept for later calls: row blocks
         are visited in order and a chunk can straddle two blocks, so with two cached chunks per perturbation each
         chunk is drawn once per unit visit."""
+        if id(ref.param) in self.keep_whole:
+            return self._kept_z(ref, j, chunk, numel)
         k = (self.seed, j, self.keys[id(ref.param)], chunk)
         for key, t, _ in self._ez_cache:
             if key == k:
@@ -107,6 +112,23 @@ class PerturbedCopies:
         self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], numel, start=chunk * c)
         z.mul_(self.eps)
         self._ez_cache.append((k, z, role))
+        return z
+
+    def _kept_z(self, ref, j: int, chunk: int, numel: int) -> torch.Tensor:
+        """ε·z_j of a chunk of a tied weight, from a whole-weight buffer filled as its chunks are first drawn in this
+        step: the weight's second unit (the output layer after the embedding) draws nothing."""
+        c = self.generator.chunk
+        buf, filled, seed = self._whole_ez.get((id(ref.param), j), (None, set(), None))
+        if buf is None or buf.numel() != numel:
+            buf = torch.empty(numel, dtype=torch.float32, device=ref.param.device)
+        if seed != self.seed:
+            filled = set()
+        self._whole_ez[(id(ref.param), j)] = (buf, filled, self.seed)
+        z = buf[chunk * c:min(numel, (chunk + 1) * c)]
+        if chunk not in filled:
+            self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], numel, start=chunk * c)
+            z.mul_(self.eps)
+            filled.add(chunk)
         return z
 
     def block_rows(self, ref) -> int:
@@ -215,7 +237,11 @@ class PerturbedCopies:
                        for lo in range(0, m, self.generator.chunk)]
             for i, slot in enumerate(self.slots):
                 copies[i].append(p if slot is None else outs[i].view_as(p))
+        kept = [pc for pc in pieces if id(pc[0].param) in self.keep_whole]
+        pieces = [pc for pc in pieces if id(pc[0].param) not in self.keep_whole]
         for j in sorted({s[0] for s in self.slots if s is not None}):
+            for ref, base, m, outs, lo, hi in kept:      # tied_z_cache: drawn by whichever unit comes first
+                self._form(ref, base, outs, j, lo, hi, self._kept_z(ref, j, lo // self.generator.chunk, m))
             for group in self._groups(pieces):
                 # z_j for a group of chunks drawn at once (in parallel on CPU): the scratch is that group, not a copy
                 # of the largest parameter
