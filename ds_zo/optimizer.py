@@ -9,12 +9,13 @@ visible. The step log [(step, seed, g, lr, wd)] alone reproduces the fine-tune f
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 
-from .perturb import PerturbationGenerator
+from .perturb import PerturbationGenerator, span_groups
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
     if buffers is None:
         buffers = (torch.empty(total, device=device), torch.empty(total, device=device))
     u, z = buffers[0][:total], buffers[1][:total]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
     q = len(record.g)
     for j, g in enumerate(record.g):
         target = z if j else u
@@ -159,14 +160,8 @@ class ZOSGD(torch.optim.Optimizer):
         span = self.generator.span(device)
         if self._buffers is None or self._buffers[0].device != device or self._buffers[0].numel() < span:
             self._buffers = tuple(torch.empty(span, dtype=torch.float32, device=device) for _ in range(2))
-        group, size = [], 0
-        for piece in pieces:          # a piece is at most one chunk <= span
-            if group and size + piece[0].numel() > span:
-                apply_step_pieces(group, self.pending, self.generator, self._buffers)
-                group, size = [], 0
-            group.append(piece)
-            size += piece[0].numel()
-        apply_step_pieces(group, self.pending, self.generator, self._buffers)
+        for group in span_groups(pieces, [piece[0].numel() for piece in pieces], span):   # pieces are <= one chunk
+            apply_step_pieces(group, self.pending, self.generator, self._buffers)
 
     def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:
         """Apply the pending update to these parameters (each at most once): the fused path, unit by unit.

@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,6 +32,19 @@ def mix(*values: int) -> int:
     """A stable 63-bit key from a tuple of integers (blake2b: no Python hash randomisation, no collisions in practice)."""
     data = struct.pack(f"<{len(values)}Q", *[v & 0xFFFFFFFFFFFFFFFF for v in values])
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
+
+
+def span_groups(items: Sequence, sizes: Sequence[int], span: int) -> list[list]:
+    """Consecutive items in groups of at most `span` elements in all (an item larger than `span` stands alone): the
+    batches of whole z chunks that one `fill_many` call draws together."""
+    groups, cur, size = [], [], 0
+    for item, n in zip(items, sizes):
+        if cur and size + n > span:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(item)
+        size += n
+    return groups + [cur] if cur else groups
 
 
 def param_key(name: str) -> int:

@@ -15,11 +15,12 @@ copies (embedding and output-layer units, see streamed.py), so no buffer is ever
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..perturb import PerturbationGenerator
+from ..perturb import PerturbationGenerator, span_groups
 from .units import Unit
 
 Slot = Optional[tuple[int, int]]   # (perturbation index, sign) or None for the unperturbed parameters
@@ -108,11 +109,14 @@ class PerturbedCopies:
         capacity = 2 * max(1, len({s[0] for s in self.slots if s is not None}))
         # scratch roles reused in turn: the evicted (oldest) entry's buffer is the one refilled
         role = f"ez{len(self._ez_cache)}" if len(self._ez_cache) < capacity else self._ez_cache.pop(0)[2]
-        z = self.buffers.get(role, n, torch.float32, ref.param.device)
-        self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], numel, start=chunk * c)
-        z.mul_(self.eps)
+        z = self._fill_scaled(self.buffers.get(role, n, torch.float32, ref.param.device), ref, j, chunk, numel)
         self._ez_cache.append((k, z, role))
         return z
+
+    def _fill_scaled(self, z: torch.Tensor, ref, j: int, chunk: int, numel: int) -> torch.Tensor:
+        """z := ε·z_j of chunk `chunk` of ref's parameter (z over `numel` elements)."""
+        self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], numel, start=chunk * self.generator.chunk)
+        return z.mul_(self.eps)
 
     def _kept_z(self, ref, j: int, chunk: int, numel: int) -> torch.Tensor:
         """ε·z_j of a chunk of a tied weight, from a whole-weight buffer filled as its chunks are first drawn in this
@@ -126,8 +130,7 @@ class PerturbedCopies:
         self._whole_ez[(id(ref.param), j)] = (buf, filled, self.seed)
         z = buf[chunk * c:min(numel, (chunk + 1) * c)]
         if chunk not in filled:
-            self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], numel, start=chunk * c)
-            z.mul_(self.eps)
+            self._fill_scaled(z, ref, j, chunk, numel)
             filled.add(chunk)
         return z
 
@@ -260,16 +263,12 @@ class PerturbedCopies:
         return copies
 
     def _groups(self, pieces: list) -> list[list]:
-        """Consecutive pieces (one device) of at most one drawing span in all (a single larger piece stands alone)."""
-        groups, cur, size = [], [], 0
-        for piece in pieces:
-            n, dev = piece[5] - piece[4], piece[0].param.device
-            if cur and (size + n > self.generator.span(dev) or cur[0][0].param.device != dev):
-                groups.append(cur)
-                cur, size = [], 0
-            cur.append(piece)
-            size += n
-        return groups + [cur] if cur else groups
+        """Consecutive pieces on one device, in groups of at most one drawing span (a larger piece stands alone)."""
+        groups = []
+        for device, run in itertools.groupby(pieces, key=lambda piece: piece[0].param.device):
+            run = list(run)
+            groups += span_groups(run, [hi - lo for *_, lo, hi in run], self.generator.span(device))
+        return groups
 
     def _form(self, ref, base: torch.Tensor, outs: dict, j: int, lo: int, hi: int, ez: torch.Tensor) -> None:
         """Elements [lo, hi) of the copies of perturbation j's slots: master ± ε·z, in float32, rounded once."""
