@@ -47,6 +47,8 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (on CPU ds_zo draws that many z chunks "
+                   "at once, so its scratch grows with them)")
     args = p.parse_args(argv)
 
     import torch
@@ -56,7 +58,7 @@ def main(argv=None) -> dict:
     from benchmarks.baselines import AdamWStep, InferenceForward, MeZOLoop, make_batch, zo_config
     from benchmarks.models import build
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     model = build(args.shape)
     batch = make_batch(model.config.vocab_size, args.rows, args.seq)
     gc.collect()

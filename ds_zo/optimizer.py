@@ -63,22 +63,34 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
     u, z = buffers[0][:total], buffers[1][:total]
     offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
     q = len(record.g)
+    # z·g comes from the sampler as z·|g| (its own pass, no multiply pass): u holds sign · Σ g_j·z_j, and since
+    # rounding is symmetric, adding or subtracting |g_j|·z_j gives the plain expression's values exactly
+    sign = 1.0
     for j, g in enumerate(record.g):
         target = z if j else u
         generator.fill_many([(target[o:o + n], record.seed, j, key, numel, start)
-                             for (_, key, start, numel, _), o, n in zip(pieces, offsets, sizes)])
-        if j:
-            u.add_(z.mul_(g))
+                             for (_, key, start, numel, _), o, n in zip(pieces, offsets, sizes)], scale=abs(g))
+        if not j:
+            sign = -1.0 if g < 0 else 1.0
+        elif (g < 0) == (sign < 0):
+            u.add_(z)
         else:
-            u.mul_(g)
+            u.sub_(z)
     if q > 1:
         u.div_(q)
     for (flat, _, _, _, decays), o, n in zip(pieces, offsets, sizes):
         theta = flat if flat.dtype == torch.float32 else flat.float()
-        step = u[o:o + n]
+        step, down = u[o:o + n], sign > 0       # θ − lr·step with step = ±u
         if decays and record.wd != 0.0:
+            if not down:
+                step.neg_()
+                down = True
             step.add_(theta * record.wd)
-        theta.sub_(step.mul_(record.lr))
+        step.mul_(record.lr)
+        if down:
+            theta.sub_(step)
+        else:
+            theta.add_(step)
         if theta is not flat:
             flat.copy_(theta)  # round once into the stored dtype
 

@@ -122,7 +122,7 @@ class UnitSpec:
     params: int              # elements perturbed when the unit runs (a tied weight counts in both of its units)
     owned: int               # elements the unit stores and updates (0 for the head tied to the embedding)
     flops_per_token: float   # forward FLOPs of one slot per token
-    out_width: int           # output features per token (the slots' outputs are concatenated)
+    out_width: int           # output features per token the slots concatenate (0: written into one output)
     is_layer: bool           # a decoder layer: offloaded by default
     tensors: int = 1         # parameter tensors (z is drawn per tensor, in chunks of 2^20 elements)
 
@@ -164,7 +164,8 @@ def decoder(name: str, family: str, hidden: int, layers: int, ffn: int, vocab: i
         raise ValueError(f"family {family!r}")
     units = embed + [UnitSpec(f"layers.{i}", layer, layer, 2.0 * matmul + attn, h, True, tensors)
                      for i in range(layers)]
-    units += final + [UnitSpec("lm_head", vocab * h, 0 if tied else vocab * h, 2.0 * vocab * h, vocab, False)]
+    # the output layer writes every slot's logits into one tensor (model/streamed.py): nothing to concatenate
+    units += final + [UnitSpec("lm_head", vocab * h, 0 if tied else vocab * h, 2.0 * vocab * h, 0, False)]
     return ModelSpec(name, tuple(units), h)
 
 
@@ -262,22 +263,23 @@ class Workload:
         return self.rows * self.seq
 
 
-# element-wise traffic of ds_zo's kernels, bytes per element (b = bytes of the stored/computed dtype):
-#   perturb (model/perturbed_copies.py): z.mul_(ε) r4+w4 once per perturbation; per sign torch.add/sub(θ, εz, out)
-#     r b + r4 + w b (16-bit: computed in fp32 then rounded: r b + r4 + w4 + r4 + w b)
-#   update (optimizer.apply_step, q = 1): u.mul_(g) 8, u.mul_(lr) 8, θ.sub_(u) r4 r4 w4 (16-bit: θ.float() r b w4,
-#     then the copy back r4 w b)
+# element-wise traffic of ds_zo's kernels, bytes per element (b = bytes of the stored/computed dtype); z is drawn
+# already scaled (ε, |g|: the sampler's own pass, counted at rng_rate):
+#   perturb (model/perturbed_copies.py): per sign torch.add/sub(θ, εz, out) r b + r4 + w b (16-bit: computed in fp32
+#     then rounded: r b + r4 + w4 + r4 + w b)
+#   update (optimizer.apply_step): u.mul_(lr) 8, θ.sub_(u) r4 r4 w4; per further perturbation u.add_(z) 12 and once
+#     u.div_(q) 8 (16-bit: θ.float() r b w4, then the copy back r4 w b)
 def perturb_bytes(b: int, signs: int, fused: bool = False) -> float:
     if fused:
         return b + signs * b
     per_sign = 2 * b + 4 if b == 4 else 2 * b + 12
-    return 8 + signs * per_sign
+    return signs * per_sign
 
 
 def update_bytes(b: int, q: int = 1, fused: bool = False) -> float:
     if fused:
         return 2 * b
-    base = 16 * q + 12
+    base = 20 + 12 * (q - 1) + (8 if q > 1 else 0)
     return base if b == 4 else base + 2 * (b + 4)
 
 

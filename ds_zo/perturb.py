@@ -20,12 +20,17 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import native
+
 CHUNK_ELEMENTS = 1 << 20  # large enough that kernel launches stay rare on a GPU, small enough for cheap partial slices
 DISTRIBUTIONS = ("gaussian", "rademacher")
 _MASK63 = (1 << 63) - 1
 # CPU: torch's normal sampler is serial, but chunks have their own seeds, so up to this many are drawn at once on
 # separate threads (each with its own generator); callers size their scratch by `span()` elements
 MAX_PARALLEL_CHUNKS = 4
+# the smallest chunk whose scaled draw is exactly fl(z * scale): torch's CPU sampler transforms blocks of 16 in float32
+# (z * std + 0, one rounding); shorter tensors take a float64 path that rounds z and z * std separately
+_FOLDED_MIN = 16
 
 
 def mix(*values: int) -> int:
@@ -101,25 +106,43 @@ class PerturbationGenerator:
             gen = self._generators[device] = torch.Generator(device=device)
         return gen
 
-    def _draw(self, out: torch.Tensor, key: int, gen: Optional[torch.Generator] = None) -> None:
+    @staticmethod
+    def _folds(out: torch.Tensor, scale: float) -> bool:
+        """Whether the sampler can apply `scale` itself, giving exactly fl(z * scale) (what `z.mul_(scale)` gives),
+        without a separate pass over the chunk."""
+        return out.numel() >= _FOLDED_MIN and 0.0 < scale < float("inf")
+
+    def _draw(self, out: torch.Tensor, key: int, scale: float = 1.0, gen: Optional[torch.Generator] = None) -> None:
+        """out := z * scale for the chunk of this key (scale applied as one float32 multiply)."""
         gen = gen or self._generator(out.device)
         gen.manual_seed(key)
+        folds = self._folds(out, scale)
         if self.distribution == "gaussian":
-            out.normal_(generator=gen)
-        else:
-            out.bernoulli_(0.5, generator=gen).mul_(2.0).sub_(1.0)
+            out.normal_(0.0, scale if folds else 1.0, generator=gen)
+        else:   # ±scale: b·(2s) − s is exact for b in {0, 1}
+            out.bernoulli_(0.5, generator=gen).mul_(2.0 * scale if folds else 2.0).sub_(scale if folds else 1.0)
+        if not folds and scale != 1.0:
+            out.mul_(scale)
 
-    def _draw_on_worker(self, job: tuple[torch.Tensor, int]) -> None:
+    def _draw_on_worker(self, job: tuple[torch.Tensor, int, float]) -> None:
         gen = getattr(self._local, "gen", None)
         if gen is None:
             gen = self._local.gen = torch.Generator()
-        self._draw(job[0], job[1], gen)
+        self._draw(job[0], job[1], job[2], gen)
 
-    def _draw_all(self, jobs: list[tuple[torch.Tensor, int]]) -> None:
-        """Draw whole chunks; on CPU several at once (each chunk's values depend only on its key)."""
+    def _draw_all(self, jobs: list[tuple[torch.Tensor, int]], scale: float = 1.0) -> None:
+        """Draw whole chunks (times `scale`); on CPU several at once (each chunk's values depend only on its key):
+        on the intra-op threads where the native sampler is available, else on a pool of Python threads."""
         if not jobs:
             return
         threads = self.parallel_chunks(jobs[0][0].device)
+        if threads > 1 and len(jobs) > 1 and all(self._folds(out, scale) for out, _ in jobs):
+            kernels = native.chunk_draws()
+            if kernels is not None:
+                kernels.draw_chunks([out for out, _ in jobs], [key for _, key in jobs], scale,
+                                    self.distribution == "gaussian")
+                self.elements_drawn += sum(out.numel() for out, _ in jobs)
+                return
         if threads > 1 and len(jobs) > 1:
             if self._pool is None or self._pool_size < threads or self._pool_pid != os.getpid():
                 if self._pool is not None and self._pool_pid == os.getpid():
@@ -127,10 +150,10 @@ class PerturbationGenerator:
                 # (a forked child has the parent's pool object but none of its threads: it makes its own)
                 self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ds_zo-z")
                 self._pool_size, self._pool_pid = threads, os.getpid()
-            list(self._pool.map(self._draw_on_worker, jobs))
+            list(self._pool.map(self._draw_on_worker, [(out, key, scale) for out, key in jobs]))
         else:
             for out, key in jobs:
-                self._draw(out, key)
+                self._draw(out, key, scale)
         self.elements_drawn += sum(out.numel() for out, _ in jobs)
 
     def _scratch_chunk(self, device: torch.device) -> torch.Tensor:
@@ -139,12 +162,14 @@ class PerturbationGenerator:
             buf = self._scratch[device] = torch.empty(self.chunk, dtype=torch.float32, device=device)
         return buf
 
-    def fill(self, out: torch.Tensor, seed: int, index: int, key: int, numel: int, start: int = 0) -> torch.Tensor:
-        """Write z[start : start + out.numel()] of a parameter of `numel` elements into the flat float32 `out`."""
-        self.fill_many([(out, seed, index, key, numel, start)])
+    def fill(self, out: torch.Tensor, seed: int, index: int, key: int, numel: int, start: int = 0,
+             scale: float = 1.0) -> torch.Tensor:
+        """Write z[start : start + out.numel()] of a parameter of `numel` elements into the flat float32 `out`,
+        times `scale` (exactly `z.mul_(scale)`, but in the sampler's own pass where it can be)."""
+        self.fill_many([(out, seed, index, key, numel, start)], scale)
         return out
 
-    def fill_many(self, requests: list[tuple[torch.Tensor, int, int, int, int, int]]) -> None:
+    def fill_many(self, requests: list[tuple[torch.Tensor, int, int, int, int, int]], scale: float = 1.0) -> None:
         """`fill` for several (out, seed, index, key, numel, start) at once: their whole chunks are drawn together
         (in parallel on CPU), so many small parameters use every drawing thread too."""
         whole: list[tuple[torch.Tensor, int]] = []
@@ -163,10 +188,10 @@ class PerturbationGenerator:
                     whole.append((out[a - start:b - start], key_k))
                 else:
                     tmp = self._scratch_chunk(out.device)[:hi - lo]
-                    self._draw(tmp, key_k)
+                    self._draw(tmp, key_k, scale)
                     self.elements_drawn += tmp.numel()
                     out[a - start:b - start].copy_(tmp[a - lo:b - lo])
-        self._draw_all(whole)
+        self._draw_all(whole, scale)
 
     def z(self, seed: int, index: int, key: int, numel: int, start: int = 0, stop: Optional[int] = None,
           device: torch.device | str = "cpu") -> torch.Tensor:

@@ -42,3 +42,7 @@ if [ ! -f "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ pyproject.toml -nt
     "$VENV/bin/python" -c "import ds_zo, deepspeed, transformers, torch; print('[setup] ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)"
     touch "$stamp"
 fi
+
+# the native z-chunk sampler (optional: without a compiler ds_zo draws on Python threads, same values), built once
+# here so that no training step waits for the compiler; a no-op when it is built already
+"$VENV/bin/python" -m ds_zo.native 2>&1 | grep -v "Setting accelerator to CPU" || true

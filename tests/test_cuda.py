@@ -22,6 +22,18 @@ def test_cuda_slices_equal_whole_and_are_deterministic():
 
 
 @cuda
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_cuda_scaled_draws_equal_z_times_scale(distribution):
+    """The sampler applies ε (and |g|) itself: on CUDA too, exactly what a separate z.mul_(scale) gives."""
+    gen = PerturbationGenerator(distribution, chunk_elements=4096)
+    z = gen.z(4, 1, 9, 10_000, device="cuda")
+    for s in (1e-3, 0.37, 123.5, 0.0, -2.0):
+        out = torch.empty(10_000, device="cuda")
+        gen.fill(out, 4, 1, 9, 10_000, scale=s)
+        assert torch.equal(out.view(torch.int32), (z * s).view(torch.int32)), s
+
+
+@cuda
 def test_cuda_dual_forward_equals_two_forwards_and_update_matches_formula():
     model = tiny_model("llama").cuda().eval()
     b = {k: v.cuda() for k, v in batch().items()}

@@ -319,16 +319,18 @@ def test_parameters_spanning_many_z_chunks(tied):
     _assert_params_equal(engine, ref, rtol=0)
     # scratch: the update's two z chunks; the copies' one z chunk, two slot buffers of the largest unit formed whole
     # (a decoder layer; freed while the output layer computes, so absent after a step) and, for the embedding and
-    # the head (formed in row blocks), two block buffers and two cached ε·z chunks -- nothing of vocabulary size
+    # the head (formed in row blocks), two block buffers and one span and one chunk of cached ε·z -- nothing of
+    # vocabulary size
     span = engine.perturbations.span(torch.device("cpu"))   # chunks drawn at once: 100 x min(threads, 4)
+    cached = span + 100
     assert span % 100 == 0 and engine.optimizer._buffers[0].numel() == span
     streamed = [u for u in engine.units if streamed_kind(u)]
     assert {streamed_kind(u) for u in streamed} == {"embedding", "linear"}
     block = max(min(engine.copies.block_rows(u.trainable[0]), u.trainable[0].param.shape[0])
                 * u.trainable[0].param.shape[1] for u in streamed)
-    assert engine.copies.buffers.nbytes() == 4 * span + 2 * 4 * block + 2 * 4 * 100
+    assert engine.copies.buffers.nbytes() == 4 * span + 2 * 4 * block + 4 * cached
     largest = max(sum(r.param.numel() for r in u.trainable) for u in engine.units if u not in streamed)
     layer = next(u for u in engine.units if u.is_layer)
     engine.copies.acquire(layer)
     engine.copies.release(layer)
-    assert engine.copies.buffers.nbytes() == 2 * 4 * largest + 4 * span + 2 * 4 * block + 2 * 4 * 100
+    assert engine.copies.buffers.nbytes() == 2 * 4 * largest + 4 * span + 2 * 4 * block + 4 * cached

@@ -3,6 +3,7 @@ import threading
 import pytest
 import torch
 
+from ds_zo import native
 from ds_zo.perturb import MAX_PARALLEL_CHUNKS, PerturbationGenerator, mix, param_key, step_seed
 
 
@@ -82,9 +83,15 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-def test_parallel_chunk_draws_equal_serial(distribution):
-    """On CPU a fill of several whole chunks draws them on worker threads (each chunk has its own key and the worker
-    its own generator): the values do not depend on the thread count, and a span is whole chunks."""
+@pytest.mark.parametrize("sampler", ["native", "python threads"])
+def test_parallel_chunk_draws_equal_serial(distribution, sampler, monkeypatch):
+    """On CPU a fill of several whole chunks draws them at once (each chunk has its own key and generator): on the
+    intra-op threads with the native sampler, else on Python worker threads. The values do not depend on the
+    thread count or the sampler, and a span is whole chunks."""
+    if sampler == "native":
+        assert native.chunk_draws() is not None, f"native sampler not built: {native.unavailable()}"
+    else:
+        monkeypatch.setattr(native, "chunk_draws", lambda: None)
     n = 10 * 1000 + 37
     before = torch.get_num_threads()
     try:
@@ -98,21 +105,42 @@ def test_parallel_chunk_draws_equal_serial(distribution):
         assert torch.equal(par.z(3, 1, 7, n), one)
         assert torch.equal(par.z(3, 1, 7, n, start=1500, stop=9000), one[1500:9000])   # partial ends, whole middle
         assert par.elements_drawn == n + 8 * 1000
-        assert len({t.name for t in threading.enumerate() if t.name.startswith("ds_zo-z")}) == 3
+        scaled = torch.empty(n)
+        par.fill(scaled, 3, 1, 7, n, scale=1e-3)
+        assert torch.equal(scaled, one * 1e-3)
+        if sampler == "native":
+            assert par._pool is None                        # the intra-op threads drew
+        else:
+            assert par._pool_size == 3 and len({t.name for t in threading.enumerate() if t.name.startswith("ds_zo-z")}) >= 3
         torch.set_num_threads(64)
         assert par.parallel_chunks(torch.device("cpu")) == MAX_PARALLEL_CHUNKS
     finally:
         torch.set_num_threads(before)
 
 
-def test_generator_copies_make_their_own_pool():
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("numel", [1, 15, 16, 17, 1000, 4099])
+def test_scaled_draws_equal_z_times_scale(distribution, numel):
+    """fill(scale=s) is z.mul_(s) bit for bit, whether the sampler applies s itself (chunks of >= 16, s > 0 and
+    finite) or the multiply runs after it (tiny chunks, s <= 0, inf, NaN)."""
+    gen = PerturbationGenerator(distribution, chunk_elements=1024)
+    z = gen.z(5, 0, 9, numel)
+    for s in (1.0, 1e-3, 0.37, 123.5, 1e-30, 0.0, -2.5, float("inf"), float("nan")):
+        out = torch.empty(numel)
+        gen.fill(out, 5, 0, 9, numel, scale=s)
+        assert torch.equal(out.view(torch.int32), (z * s).view(torch.int32)), s
+
+
+def test_generator_copies_make_their_own_pool(monkeypatch):
     import copy
     import pickle
+    monkeypatch.setattr(native, "chunk_draws", lambda: None)    # the Python worker pool
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         gen = PerturbationGenerator(chunk_elements=100)
         z = gen.z(1, 0, 2, 1000)       # starts the worker pool
+        assert gen._pool is not None
         for twin in (copy.deepcopy(gen), pickle.loads(pickle.dumps(gen))):
             assert twin._pool is None and torch.equal(twin.z(1, 0, 2, 1000), z)
     finally:

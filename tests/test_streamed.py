@@ -191,3 +191,33 @@ def test_tied_z_cache_draws_a_tied_weight_once_and_changes_nothing(row_blocks, m
     drawn_on, sd_on = run(True)
     assert drawn_on == pytest.approx(2.0) and drawn_off > 2.0
     assert all(torch.equal(sd_off[k], sd_on[k]) for k in sd_off)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("q", [1, 3])
+def test_blocks_draw_their_chunks_together(threads, q):
+    """A block spans about one drawing span (1 chunk per thread): its missing ε·z chunks come from one sampler call
+    (in parallel with 2 threads), every chunk is drawn once per perturbation, and the logits equal whole copies."""
+    before_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        lin = nn.Linear(40, 1000, bias=False)              # 40,000 elements: 10 chunks of 4096, blocks straddle them
+        unit = _unit("head", lin)
+        slots = [(j, s) for j in range(q) for s in (1, -1)]
+        copies = _copies({"head.weight": lin.weight}, chunk=4096, slots=slots)
+        rows = copies.block_rows(unit.trainable[0])
+        assert rows == (102 if threads == 1 else 204) // 64 * 64
+        calls = []
+        fill_many = copies.generator.fill_many
+        copies.generator.fill_many = lambda requests, scale=1.0: (calls.append(len(requests)),
+                                                                   fill_many(requests, scale))
+        x = torch.randn(2 * q * 2, 3, 40)
+        out = linear_forward(unit, copies, x, 2 * q, 2)
+        assert copies.generator.elements_drawn == q * 1000 * 40
+        # each chunk once; a block's missing chunks (all but the one it shares with the block before) at once
+        assert sum(calls) == q * 10 and max(calls) == threads
+        whole = _copies({"head.weight": lin.weight}, chunk=4096, slots=slots).acquire(unit)
+        for s in range(2 * q):
+            assert torch.equal(out[2 * s:2 * s + 2], nn.functional.linear(x[2 * s:2 * s + 2], whole[s][0]))
+    finally:
+        torch.set_num_threads(before_threads)

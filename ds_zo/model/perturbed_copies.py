@@ -95,28 +95,43 @@ class PerturbedCopies:
         self._ez_cache.clear()
 
     def _scaled_z(self, ref, j: int, chunk: int, numel: int) -> torch.Tensor:
-        """ε·z_j of one whole z chunk of `ref`'s parameter (z over `numel` elements), kept for later calls: row blocks
-        are visited in order and a chunk can straddle two blocks, so with two cached chunks per perturbation each
-        chunk is drawn once per unit visit."""
+        """ε·z_j of one whole z chunk of `ref`'s parameter (z over `numel` elements), from the cache `_prefetch`
+        fills (or drawn now)."""
         if id(ref.param) in self.keep_whole:
             return self._kept_z(ref, j, chunk, numel)
         k = (self.seed, j, self.keys[id(ref.param)], chunk)
         for key, t, _ in self._ez_cache:
             if key == k:
                 return t
-        c = self.generator.chunk
-        n = min(c, numel - chunk * c)
-        capacity = 2 * max(1, len({s[0] for s in self.slots if s is not None}))
-        # scratch roles reused in turn: the evicted (oldest) entry's buffer is the one refilled
-        role = f"ez{len(self._ez_cache)}" if len(self._ez_cache) < capacity else self._ez_cache.pop(0)[2]
-        z = self._fill_scaled(self.buffers.get(role, n, torch.float32, ref.param.device), ref, j, chunk, numel)
-        self._ez_cache.append((k, z, role))
-        return z
+        self._prefetch(ref, j, [chunk], numel)
+        return self._ez_cache[-1][1]
+
+    def _prefetch(self, ref, j: int, chunks: list[int], numel: int) -> None:
+        """Draw ε·z_j of these chunks of ref's parameter into the cache, all in one sampler call (in parallel on CPU),
+        skipping those already there. Row blocks are visited in order, a block covers about one drawing span and a
+        chunk can straddle two blocks: with room for one span and one chunk per perturbation, each chunk is drawn once
+        per unit visit."""
+        key = self.keys[id(ref.param)]
+        have = {entry[0] for entry in self._ez_cache}
+        chunks = [k for k in chunks if (self.seed, j, key, k) not in have]
+        room = self.generator.parallel_chunks(ref.param.device) + 1
+        if len(chunks) > room:
+            raise ValueError(f"{len(chunks)} z chunks at once, the ε·z cache holds {room} per perturbation")
+        c, requests = self.generator.chunk, []
+        for k in chunks:
+            mine = [i for i, entry in enumerate(self._ez_cache) if entry[0][1] == j]
+            # each perturbation's chunks in their own scratch, reused in turn: the oldest one is refilled
+            role = f"ez{j}.{len(mine)}" if len(mine) < room else self._ez_cache.pop(mine[0])[2]
+            z = self.buffers.get(role, min(c, numel - k * c), torch.float32, ref.param.device)
+            requests.append((z, self.seed, j, key, numel, k * c))
+            self._ez_cache.append(((self.seed, j, key, k), z, role))
+        if requests:
+            self.generator.fill_many(requests, scale=self.eps)
 
     def _fill_scaled(self, z: torch.Tensor, ref, j: int, chunk: int, numel: int) -> torch.Tensor:
         """z := ε·z_j of chunk `chunk` of ref's parameter (z over `numel` elements)."""
-        self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], numel, start=chunk * self.generator.chunk)
-        return z.mul_(self.eps)
+        return self.generator.fill(z, self.seed, j, self.keys[id(ref.param)], numel, start=chunk * self.generator.chunk,
+                                   scale=self.eps)
 
     def _kept_z(self, ref, j: int, chunk: int, numel: int) -> torch.Tensor:
         """ε·z_j of a chunk of a tied weight, from a whole-weight buffer filled as its chunks are first drawn in this
@@ -135,7 +150,7 @@ class PerturbedCopies:
         return z
 
     def block_rows(self, ref) -> int:
-        """Rows per block of `working_rows`. On CPU: about one z chunk, and a multiple of 64 — measured, a matmul over
+        """Rows per block of `working_rows`. On CPU: about one drawing span (its z chunks drawn at once), a multiple of 64 — measured, a matmul over
         a block of output features differs from the whole matmul whenever a block starts off a multiple of 16 (for
         inputs of <= 5 rows), and matched it in 400 random shapes otherwise. On other devices: the whole weight —
         cuBLAS picks a different kernel for a block than for the whole vocabulary (measured on an H200: logits differ
@@ -143,7 +158,7 @@ class PerturbedCopies:
         p = ref.param
         if p.device.type != "cpu":
             return max(1, p.shape[0])
-        rows = self.generator.chunk // max(1, p.numel() // max(1, p.shape[0]))
+        rows = self.generator.span(p.device) // max(1, p.numel() // max(1, p.shape[0]))
         return max(64, rows // 64 * 64)
 
     def perturbs(self) -> bool:
@@ -158,7 +173,11 @@ class PerturbedCopies:
         """outs[i][:b-a] = base ± ε·z_j over elements [a, b) of a z space of `numel` elements (base holds the master
         values of those elements), chunk by chunk: every slot of a perturbation from one ε·z chunk."""
         c = self.generator.chunk
-        for k in range(a // c, (b - 1) // c + 1):
+        chunks = list(range(a // c, (b - 1) // c + 1))
+        if id(ref.param) not in self.keep_whole and len(chunks) <= self.generator.parallel_chunks(base.device) + 1:
+            for j in sorted({s[0] for s in self.slots if s is not None}):
+                self._prefetch(ref, j, chunks, numel)     # the range's chunks drawn at once
+        for k in chunks:
             lo, hi = max(a, k * c), min(b, (k + 1) * c)
             master32 = base[lo - a:hi - a].float()   # no copy for float32
             for i, slot in enumerate(self.slots):
@@ -254,8 +273,8 @@ class PerturbedCopies:
                 for ref, _, m, _, lo, hi in group:
                     requests.append((z[at:at + hi - lo], self.seed, j, self.keys[id(ref.param)], m, lo))
                     at += hi - lo
-                self.generator.fill_many(requests)
-                z.mul_(self.eps)  # θ ± (εz), rounded as the plain expression `p + eps * z` rounds
+                # ε·z straight from the sampler: θ ± (εz), rounded as the plain expression `p + eps * z` rounds
+                self.generator.fill_many(requests, scale=self.eps)
                 at = 0
                 for ref, base, _, outs, lo, hi in group:
                     self._form(ref, base, outs, j, lo, hi, z[at:at + hi - lo])

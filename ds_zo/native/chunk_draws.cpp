@@ -1,0 +1,57 @@
+// Draws many independent z chunks at once on the intra-op (OpenMP) threads.
+//
+// Why native: torch's CPU normal sampler is serial, and chunks have their own seeds, so chunks can be drawn in
+// parallel. Python worker threads can do that, but they compete with the OpenMP team that every parallel torch op
+// leaves spinning behind it (libgomp spins for a while before sleeping; on a VM the spin takes far longer), so on a
+// 2-core machine they hardly run in parallel. Here the OpenMP team itself draws.
+//
+// Each chunk gets a fresh CPU generator seeded with its key and is filled by the same ATen sampler that
+// `torch.Generator().manual_seed(key)` + `out.normal_(0, scale, generator=g)` runs (Bernoulli ±scale for
+// Rademacher), so the values are those of the Python path bit for bit.
+#include <torch/extension.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+void draw_chunks(const std::vector<at::Tensor>& outs, const std::vector<int64_t>& keys, double scale,
+                 bool gaussian) {
+  TORCH_CHECK(outs.size() == keys.size(), "draw_chunks: ", outs.size(), " buffers but ", keys.size(), " keys");
+  TORCH_CHECK(scale > 0, "draw_chunks: scale must be > 0, got ", scale);
+  for (const auto& out : outs) {
+    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= 16,
+                "draw_chunks: buffers must be contiguous float32 CPU tensors of at least 16 elements");
+  }
+  const int64_t n = static_cast<int64_t>(outs.size());
+  // largest first, claimed one at a time by whichever thread is free: balanced even for mixed chunk sizes
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return outs[a].numel() > outs[b].numel(); });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) {
+      const at::Tensor& out = outs[order[i]];
+      at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(keys[order[i]]));
+      if (gaussian) {
+        out.normal_(0.0, scale, gen);
+      } else {
+        out.bernoulli_(0.5, gen).mul_(2.0 * scale).sub_(scale);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("draw_chunks", &draw_chunks, "fill each buffer with z * scale from a generator seeded with its key",
+        pybind11::arg("outs"), pybind11::arg("keys"), pybind11::arg("scale"), pybind11::arg("gaussian"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}
