@@ -111,7 +111,8 @@ def test_parallel_chunk_draws_equal_serial(distribution, sampler, monkeypatch):
         if sampler == "native":
             assert par._pool is None                        # the intra-op threads drew
         else:
-            assert par._pool_size == 3 and len({t.name for t in threading.enumerate() if t.name.startswith("ds_zo-z")}) >= 3
+            workers = {t.name for t in threading.enumerate() if t.name.startswith("ds_zo-z")}
+            assert par._pool_size == 3 and len(workers) >= 3
         torch.set_num_threads(64)
         assert par.parallel_chunks(torch.device("cpu")) == MAX_PARALLEL_CHUNKS
     finally:

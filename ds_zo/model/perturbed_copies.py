@@ -150,11 +150,11 @@ class PerturbedCopies:
         return z
 
     def block_rows(self, ref) -> int:
-        """Rows per block of `working_rows`. On CPU: about one drawing span (its z chunks drawn at once), a multiple of 64 — measured, a matmul over
-        a block of output features differs from the whole matmul whenever a block starts off a multiple of 16 (for
-        inputs of <= 5 rows), and matched it in 400 random shapes otherwise. On other devices: the whole weight —
-        cuBLAS picks a different kernel for a block than for the whole vocabulary (measured on an H200: logits differ
-        by up to 6e-6 in fp32)."""
+        """Rows per block of `working_rows`. On CPU: about one drawing span (its z chunks are drawn at once), and a
+        multiple of 64 — measured, a matmul over a block of output features differs from the whole matmul whenever a
+        block starts off a multiple of 16 (for inputs of <= 5 rows), and matched it in 400 random shapes otherwise.
+        On other devices: the whole weight — cuBLAS picks a different kernel for a block than for the whole vocabulary
+        (measured on an H200: logits differ by up to 6e-6 in fp32)."""
         p = ref.param
         if p.device.type != "cpu":
             return max(1, p.shape[0])
