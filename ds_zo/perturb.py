@@ -124,11 +124,13 @@ class PerturbationGenerator:
         if not folds and scale != 1.0:
             out.mul_(scale)
 
-    def _draw_on_worker(self, job: tuple[torch.Tensor, int, float]) -> None:
+    def _draw_on_worker(self, job: tuple[torch.Tensor, int, float, bool]) -> None:
         gen = getattr(self._local, "gen", None)
         if gen is None:
             gen = self._local.gen = torch.Generator()
-        self._draw(job[0], job[1], job[2], gen)
+        out, key, scale, inference = job
+        with torch.inference_mode(inference):   # the caller's: its buffers may be inference tensors
+            self._draw(out, key, scale, gen)
 
     def _draw_all(self, jobs: list[tuple[torch.Tensor, int]], scale: float = 1.0) -> None:
         """Draw whole chunks (times `scale`); on CPU several at once (each chunk's values depend only on its key):
@@ -150,7 +152,8 @@ class PerturbationGenerator:
                 # (a forked child has the parent's pool object but none of its threads: it makes its own)
                 self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ds_zo-z")
                 self._pool_size, self._pool_pid = threads, os.getpid()
-            list(self._pool.map(self._draw_on_worker, [(out, key, scale) for out, key in jobs]))
+            inference = torch.is_inference_mode_enabled()
+            list(self._pool.map(self._draw_on_worker, [(out, key, scale, inference) for out, key in jobs]))
         else:
             for out, key in jobs:
                 self._draw(out, key, scale)

@@ -119,6 +119,23 @@ def test_parallel_chunk_draws_equal_serial(distribution, sampler, monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("sampler", ["native", "python threads"])
+def test_parallel_draws_under_inference_mode(sampler, monkeypatch):
+    """Buffers made under torch.inference_mode are inference tensors, writable only in inference mode: the drawing
+    threads take the caller's mode."""
+    if sampler == "python threads":
+        monkeypatch.setattr(native, "chunk_draws", lambda: None)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = PerturbationGenerator(chunk_elements=1000).z(1, 0, 2, 8000)
+        with torch.inference_mode():
+            got = PerturbationGenerator(chunk_elements=1000).z(1, 0, 2, 8000)
+        assert got.is_inference() and torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("numel", [1, 15, 16, 17, 1000, 4099])
 def test_scaled_draws_equal_z_times_scale(distribution, numel):

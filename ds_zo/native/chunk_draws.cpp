@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <atomic>
@@ -35,7 +36,11 @@ void draw_chunks(const std::vector<at::Tensor>& outs, const std::vector<int64_t>
                    [&](int64_t a, int64_t b) { return outs[a].numel() > outs[b].numel(); });
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  // the caller's grad / inference mode and dispatch state, on every worker (a buffer made under
+  // torch.inference_mode may only be written in inference mode)
+  const at::ThreadLocalState caller;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard state(caller);
     for (int64_t i = next++; i < n; i = next++) {
       const at::Tensor& out = outs[order[i]];
       at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(keys[order[i]]));
