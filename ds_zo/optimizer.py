@@ -10,6 +10,7 @@ visible. The step log [(step, seed, g, lr, wd)] alone reproduces the fine-tune f
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional
 
@@ -54,7 +55,7 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
                       buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """Apply one recorded step to several parameter slices at once (their z drawn together, in parallel on CPU).
     Evaluated in the order of the plain expression θ − lr·(g·z + wd·θ), so that a reference written that way agrees
-    bit for bit."""
+    bit for bit (up to the sign of an exact zero)."""
     sizes = [flat.numel() for flat, *_ in pieces]
     total = sum(sizes)
     device = pieces[0][0].device
@@ -64,15 +65,16 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
     offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
     q = len(record.g)
     # z·g comes from the sampler as z·|g| (its own pass, no multiply pass): u holds sign · Σ g_j·z_j, and since
-    # rounding is symmetric, adding or subtracting |g_j|·z_j gives the plain expression's values exactly
+    # rounding is symmetric, adding or subtracting |g_j|·z_j gives the plain expression's values exactly (as numbers:
+    # an exact zero can come out with the other sign)
     sign = 1.0
     for j, g in enumerate(record.g):
         target = z if j else u
         generator.fill_many([(target[o:o + n], record.seed, j, key, numel, start)
                              for (_, key, start, numel, _), o, n in zip(pieces, offsets, sizes)], scale=abs(g))
         if not j:
-            sign = -1.0 if g < 0 else 1.0
-        elif (g < 0) == (sign < 0):
+            sign = math.copysign(1.0, g)
+        elif math.copysign(1.0, g) == sign:
             u.add_(z)
         else:
             u.sub_(z)

@@ -29,8 +29,11 @@ _MASK63 = (1 << 63) - 1
 # separate threads (each with its own generator); callers size their scratch by `span()` elements
 MAX_PARALLEL_CHUNKS = 4
 # the smallest chunk whose scaled draw is exactly fl(z * scale): torch's CPU sampler transforms blocks of 16 in float32
-# (z * std + 0, one rounding); shorter tensors take a float64 path that rounds z and z * std separately
+# (z * std + 0, one rounding); shorter tensors are sampled in float64 and z * std rounded once from there, which is
+# not the float32 product of the float32 z
 _FOLDED_MIN = 16
+# Rademacher draws ±scale as b * (2 scale) - scale: 2 scale must stay finite in float32
+_RADEMACHER_MAX_SCALE = 1.7e38
 
 
 def mix(*values: int) -> int:
@@ -106,11 +109,11 @@ class PerturbationGenerator:
             gen = self._generators[device] = torch.Generator(device=device)
         return gen
 
-    @staticmethod
-    def _folds(out: torch.Tensor, scale: float) -> bool:
+    def _folds(self, out: torch.Tensor, scale: float) -> bool:
         """Whether the sampler can apply `scale` itself, giving exactly fl(z * scale) (what `z.mul_(scale)` gives),
         without a separate pass over the chunk."""
-        return out.numel() >= _FOLDED_MIN and 0.0 < scale < float("inf")
+        limit = float("inf") if self.distribution == "gaussian" else _RADEMACHER_MAX_SCALE
+        return out.numel() >= _FOLDED_MIN and 0.0 < scale < limit
 
     def _draw(self, out: torch.Tensor, key: int, scale: float = 1.0, gen: Optional[torch.Generator] = None) -> None:
         """out := z * scale for the chunk of this key (scale applied as one float32 multiply)."""
@@ -138,7 +141,7 @@ class PerturbationGenerator:
         if not jobs:
             return
         threads = self.parallel_chunks(jobs[0][0].device)
-        if threads > 1 and len(jobs) > 1 and all(self._folds(out, scale) for out, _ in jobs):
+        if threads > 1 and len(jobs) > 1 and all(self._folds(out, scale) and out.is_contiguous() for out, _ in jobs):
             kernels = native.chunk_draws()
             if kernels is not None:
                 kernels.draw_chunks([out for out, _ in jobs], [key for _, key in jobs], scale,

@@ -112,8 +112,8 @@ def test_step_benchmark_smoke():
     assert set(res["cpu"]) == {"dszo", "dszo_offload", "mezo", "inference"}
     assert res["z_per_param"]["mezo"] == pytest.approx(4.0)
     # ds_zo draws z once to perturb and once to update. The tied 256 x 64 embedding is one z chunk: the head unit
-    # finds it in the two cached ε·z chunks the embedding left, so it is not drawn again (a tied weight of more
-    # than two chunks is: SmolLM2's 27-chunk embedding gives 2.2, see docs/performance.md)
+    # finds it in the cached ε·z chunks the embedding left, so it is not drawn again (a tied weight of more chunks
+    # than the cache holds is: SmolLM2's 27-chunk embedding gives 2.2, see docs/performance.md)
     assert 256 * 64 <= 2 ** 20
     assert res["z_per_param"]["dszo"] == pytest.approx(2.0)
     assert res["ratio_dszo_over_mezo_cpu"]["median"] > 0

@@ -136,7 +136,7 @@ def test_dual_forward_with_small_chunks_matches_two_plain_forwards():
 
 
 def test_each_chunk_drawn_once_with_three_perturbations():
-    """The ε·z cache keeps two chunks per perturbation: with q = 3 (six slots) a straddling chunk is not redrawn."""
+    """The ε·z cache keeps its chunks per perturbation: with q = 3 (six slots) a straddling chunk is not redrawn."""
     lin = nn.Linear(16, 500, bias=False)
     unit = _unit("head", lin)
     slots = [(j, s) for j in range(3) for s in (1, -1)]
@@ -165,7 +165,7 @@ def test_blocks_are_the_whole_weight_off_cpu_and_empty_weights_work():
 @pytest.mark.parametrize("row_blocks", [True, False])
 def test_tied_z_cache_draws_a_tied_weight_once_and_changes_nothing(row_blocks, monkeypatch):
     """zero_order.tied_z_cache keeps the tied weight's ε·z from the embedding to the head: with a 100-element chunk
-    the tied 96 x 32 weight spans 31 chunks (more than the two cached ones), so without the option the head draws it
+    the tied 96 x 32 weight spans 31 chunks (more than the cache holds), so without the option the head draws it
     again; with it, z drawn per step = 2 per parameter exactly (perturb + update) and the parameters are the same."""
     import ds_zo
     import ds_zo.model.dual_forward as dual

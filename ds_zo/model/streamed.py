@@ -12,8 +12,8 @@ embedding's output. The output layer's logits are the whole matmul's up to float
 features (starting at a multiple of 64 rows) rounded like the whole matmul in the exactness tests and in 400 random
 shapes, but MKL's sgemm also depends on operand alignment and layout (with the real SmolLM2 job's non-contiguous
 hidden states the last bit of some logits differs; g by ~2e-6 relative). Only CPU parameters stream: on a GPU the
-whole weight is one block (cuBLAS picks other kernels for blocks). A row block spans about one z chunk so each chunk
-is drawn once per perturbation.
+whole weight is one block (cuBLAS picks other kernels for blocks). A row block spans about one drawing span (one z
+chunk per drawing thread), its missing chunks are drawn at once, and each chunk once per perturbation.
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 values. DS_ZO_NATIVE=0 turns them off; DS_ZO_NATIVE_DIR moves the build (default ~/.cache/ds_zo/native)."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -19,7 +20,7 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chunk_draws.
 # -fopenmp: at::parallel_for is a header-only OpenMP loop; without it the loop runs serially (the process already has
 # torch's libgomp loaded, which the extension then shares). -ffp-contract=off: no fused multiply-adds.
 _CFLAGS = ["-O2", "-fopenmp", "-ffp-contract=off"]
-_STALE_LOCK_S = 600     # a build takes ~30 s: an older lock file is left by a build that was killed
+_BUILD_WAIT_S = 600     # a build takes ~30 s; a process waiting longer for another's build gives up (falls back)
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
 _unavailable: Optional[str] = None
@@ -35,24 +36,45 @@ def build_directory() -> str:
     return os.path.join(root, f"{_NAME}-{digest[:16]}")
 
 
-def _build() -> ModuleType:
-    directory = build_directory()
-    library = os.path.join(directory, _NAME + ".so")
-    if not os.path.exists(library):
-        from torch.utils.cpp_extension import load
-
-        os.makedirs(directory, exist_ok=True)
-        # torch's loader waits for its lock file forever, even when a killed build left it behind
-        lock = os.path.join(directory, "lock")
-        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > _STALE_LOCK_S:
-            os.remove(lock)
-        return load(name=_NAME, sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=directory, verbose=False)
-    # built already: import it directly (no lock file, no compiler needed)
+def _import(library: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(_NAME, library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _build() -> ModuleType:
+    """Import the library if a build completed, else build it. Builders (ranks, processes) take turns on an flock,
+    which the OS releases when a process dies, so a killed build never blocks the next one; the marker file is
+    written only after a complete build, so a half-written library is never imported."""
+    directory = build_directory()
+    library, done = os.path.join(directory, _NAME + ".so"), os.path.join(directory, "complete")
+    if os.path.exists(done):
+        return _import(library)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "build.flock"), "w") as turn:
+        deadline = time.monotonic() + _BUILD_WAIT_S
+        while True:
+            try:
+                fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building {directory} for {_BUILD_WAIT_S} s")
+                time.sleep(0.2)
+        if os.path.exists(done):           # built by whoever held the turn before
+            return _import(library)
+        # torch's own lock file: only a builder that died can have left it (builders take turns above), and torch's
+        # loader would wait for it forever
+        stale = os.path.join(directory, "lock")
+        if os.path.exists(stale):
+            os.remove(stale)
+        from torch.utils.cpp_extension import load
+
+        module = load(name=_NAME, sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                      build_directory=directory, verbose=False)
+        open(done, "w").close()
+        return module
 
 
 def chunk_draws() -> Optional[ModuleType]:
