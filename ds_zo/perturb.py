@@ -141,14 +141,13 @@ class PerturbationGenerator:
         if not jobs:
             return
         threads = self.parallel_chunks(jobs[0][0].device)
-        if threads > 1 and len(jobs) > 1 and all(self._folds(out, scale) and out.is_contiguous() for out, _ in jobs):
-            kernels = native.chunk_draws()
-            if kernels is not None:
-                kernels.draw_chunks([out for out, _ in jobs], [key for _, key in jobs], scale,
-                                    self.distribution == "gaussian")
-                self.elements_drawn += sum(out.numel() for out, _ in jobs)
-                return
-        if threads > 1 and len(jobs) > 1:
+        parallel = threads > 1 and len(jobs) > 1
+        kernels = (native.chunk_draws() if parallel and all(self._folds(out, scale) and out.is_contiguous()
+                                                             for out, _ in jobs) else None)
+        if kernels is not None:
+            kernels.draw_chunks([out for out, _ in jobs], [key for _, key in jobs], scale,
+                                self.distribution == "gaussian")
+        elif parallel:
             if self._pool is None or self._pool_size < threads or self._pool_pid != os.getpid():
                 if self._pool is not None and self._pool_pid == os.getpid():
                     self._pool.shutdown(wait=True)

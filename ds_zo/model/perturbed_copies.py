@@ -114,7 +114,7 @@ class PerturbedCopies:
         key = self.keys[id(ref.param)]
         have = {entry[0] for entry in self._ez_cache}
         chunks = [k for k in chunks if (self.seed, j, key, k) not in have]
-        room = self.generator.parallel_chunks(ref.param.device) + 1
+        room = self._ez_room(ref.param.device)
         if len(chunks) > room:
             raise ValueError(f"{len(chunks)} z chunks at once, the ε·z cache holds {room} per perturbation")
         c, requests = self.generator.chunk, []
@@ -127,6 +127,14 @@ class PerturbedCopies:
             self._ez_cache.append(((self.seed, j, key, k), z, role))
         if requests:
             self.generator.fill_many(requests, scale=self.eps)
+
+    def _ez_room(self, device: torch.device) -> int:
+        """ε·z chunks the cache holds per perturbation: one drawing span and the chunk a block shares with the last."""
+        return self.generator.parallel_chunks(device) + 1
+
+    def _perturbations(self) -> list[int]:
+        """The perturbation indices the current slots use, in order."""
+        return sorted({s[0] for s in self.slots if s is not None})
 
     def _fill_scaled(self, z: torch.Tensor, ref, j: int, chunk: int, numel: int) -> torch.Tensor:
         """z := ε·z_j of chunk `chunk` of ref's parameter (z over `numel` elements)."""
@@ -174,8 +182,8 @@ class PerturbedCopies:
         values of those elements), chunk by chunk: every slot of a perturbation from one ε·z chunk."""
         c = self.generator.chunk
         chunks = list(range(a // c, (b - 1) // c + 1))
-        if id(ref.param) not in self.keep_whole and len(chunks) <= self.generator.parallel_chunks(base.device) + 1:
-            for j in sorted({s[0] for s in self.slots if s is not None}):
+        if id(ref.param) not in self.keep_whole and len(chunks) <= self._ez_room(base.device):
+            for j in self._perturbations():
                 self._prefetch(ref, j, chunks, numel)     # the range's chunks drawn at once
         for k in chunks:
             lo, hi = max(a, k * c), min(b, (k + 1) * c)
@@ -261,7 +269,7 @@ class PerturbedCopies:
                 copies[i].append(p if slot is None else outs[i].view_as(p))
         kept = [pc for pc in pieces if id(pc[0].param) in self.keep_whole]
         pieces = [pc for pc in pieces if id(pc[0].param) not in self.keep_whole]
-        for j in sorted({s[0] for s in self.slots if s is not None}):
+        for j in self._perturbations():
             for ref, base, m, outs, lo, hi in kept:      # tied_z_cache: drawn by whichever unit comes first
                 self._form(ref, base, outs, j, lo, hi, self._kept_z(ref, j, lo // self.generator.chunk, m))
             for group in self._groups(pieces):
