@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check (≤ 8 minutes on one H100/H200). Prepare here with benchmarks/fetch_gpu_wheels.sh, then run on the
-# device machine from the repository root, carrying .whl:  bash benchmarks/gpu_check.sh
-# Prints: the CUDA test results; pinned H2D/D2H GB/s (memcpy baseline); ZO step time offload vs all-resident,
-# the H2D rate during uploads (timing events) against the baseline, each mode's peak GPU memory and
-# offload-vs-resident exactness for OPT-1.3B and OPT-6.7B shapes in bf16 at seq 2048.
+# The GPU check (about 4 minutes on one H100/H200). Prepare here with benchmarks/fetch_gpu_wheels.sh, then run on
+# the device machine from the repository root, carrying .whl:  bash benchmarks/gpu_check.sh
+# Writes its logs and JSON to $OUT (default /tmp/gpu_check) and prints:
+#  - tests/test_cuda.py (CUDA code paths, and the fine-tuning job with ZeRO-3 offload on the GPU);
+#  - for OPT-1.3B and OPT-6.7B shapes in bf16 at seq 2048, batch 1 and 4: pinned H2D/D2H memcpy GB/s, ZO step time
+#    offload vs all-resident, the H2D rate during the uploads (timing events) against memcpy, each mode's peak GPU
+#    memory (batch 1, the setting of ZO2's published figures), offload-vs-resident exactness, the GPU's kernel-busy
+#    fraction of a step (profiler), and ds_zo.perfmodel calibrated on this GPU against the measured steps; each
+#    timed at 1 and 8 z chunks per element-wise pass (ACCELERATOR_SPAN_CHUNKS), interleaved.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c "import deepspeed" 2>/dev/null; then
@@ -11,12 +15,17 @@ if ! python3 -c "import deepspeed" 2>/dev/null; then
         || { echo "cannot install the carried wheels (.whl/)"; exit 2; }
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1
+# DS_ZO_NATIVE=0: the native sampler draws CPU z only; nothing on the GPU path needs it, so don't compile it there
+export PYTHONPATH=$PWD:${PYTHONPATH:-} DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 DS_ZO_NATIVE=0
 OUTDIR=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5
-timeout 150 python3 -m benchmarks.offload_bench --shape opt-1.3b --dtype bf16 --seq 2048 --batch 1 --steps 2 --reps 3 \
-    --out "$OUTDIR/opt-1.3b.json" 2>&1 | grep -v '^\['
-timeout 200 python3 -m benchmarks.offload_bench --shape opt-6.7b --dtype bf16 --seq 2048 --batch 1 --steps 1 --reps 2 \
-    --out "$OUTDIR/opt-6.7b.json" 2>&1 | grep -v '^\['
+python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+timeout 170 python3 -m pytest -q -p no:cacheprovider -m "not multiprocess" tests/test_cuda.py 2>&1 \
+    | tee "$OUTDIR/cuda_tests.log" | tail -8
+for spec in "opt-1.3b 2 150" "opt-6.7b 1 210"; do
+    set -- $spec
+    timeout "$3" python3 -m benchmarks.offload_bench --shape "$1" --dtype bf16 --seq 2048 --batch 1,4 \
+        --span-chunks 1,8 --steps "$2" --reps 3 --calibrate --out "$OUTDIR/$1.json" 2>&1 | grep -v '^\[' | tee "$OUTDIR/$1.log"
+done

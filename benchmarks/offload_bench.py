@@ -1,9 +1,11 @@
 """ZO step time and memory: offload (ZO2 pipeline) vs all-resident, side by side in one process, interleaved.
 
-    python -m benchmarks.offload_bench --shape tiny --seq 64 --batch 2 --steps 3 --reps 3
+    python -m benchmarks.offload_bench --shape tiny --seq 64 --batch 2,4 --steps 3 --reps 3 [--calibrate]
 
-Prints a table and writes JSON (--out). On CUDA it also reports peak GPU memory per mode, a pinned memcpy baseline
-(H2D/D2H GB/s), the H2D rate achieved by the pipeline, and whether offload and resident give the same parameters.
+Prints a table and writes JSON (--out). Each batch size in --batch is timed on the same two engines. On CUDA it also
+reports peak GPU memory per mode (at the first batch size), a pinned memcpy baseline (H2D/D2H GB/s), the H2D rate
+during the pipeline's uploads, and whether offload and resident end with the same parameters. --calibrate calibrates
+ds_zo.perfmodel on this device (benchmarks/device_calibrate.py) and compares its predictions with the timed steps.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 import torch
 
 from benchmarks.models import SHAPES, build
+from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,7 +44,8 @@ def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
 
 def make_engine(model, offload: bool, args):
     import ds_zo
-    cfg = {"train_micro_batch_size_per_gpu": args.batch, "steps_per_print": 10**9,
+    # one micro-batch of up to the largest batch size: each timed batch is a single forward pass per mode
+    cfg = {"train_micro_batch_size_per_gpu": args.micro, "steps_per_print": 10**9,
            "optimizer": {"type": "ZOSGD", "params": {"lr": 1e-6, "eps": 1e-3}},
            "zero_order": {"seed": 0, "prefetch_depth": args.prefetch}}
     if offload:
@@ -50,6 +54,11 @@ def make_engine(model, offload: bool, args):
         cfg["zero_order"].pop("prefetch_depth")
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     return engine
+
+
+def set_span(engines: dict, span_chunks: int) -> None:
+    for engine in engines.values():
+        engine.perturbations.accelerator_span_chunks = span_chunks
 
 
 def timed_steps(engine, batch, steps: int) -> float:
@@ -69,22 +78,36 @@ def main(argv=None) -> dict:
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", default="2", help="rows per step; a comma-separated list times each (the engines are "
+                                                "built and their memory measured at the first)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--modes", default="resident,offload")
+    p.add_argument("--span-chunks", dest="span_chunks", default=str(ACCELERATOR_SPAN_CHUNKS),
+                   help="z chunks per element-wise pass on an accelerator; a comma-separated list times each, "
+                        "interleaved (no effect on CPU)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also calibrate ds_zo.perfmodel on this device and compare its predictions with the steps")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    batches = [int(b) for b in args.batch.split(",")]
+    spans = [int(c) for c in args.span_chunks.split(",")]
+    default_span = ACCELERATOR_SPAN_CHUNKS if ACCELERATOR_SPAN_CHUNKS in spans else spans[0]
+    args.micro = max(batches)
     cuda = torch.cuda.is_available()
+    t0 = time.perf_counter()
     base = build(args.shape, DTYPES[args.dtype])
     vocab = base.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    result = {"shape": args.shape, "dtype": args.dtype, "seq": args.seq, "batch": args.batch,
-              "params": sum(p.numel() for p in base.parameters()), "device": "cuda" if cuda else "cpu"}
+    ids = torch.randint(0, vocab, (max(batches), args.seq), generator=g)
+    batch_of = {b: {"input_ids": ids[:b], "attention_mask": torch.ones_like(ids[:b])} for b in batches}
+    result = {"shape": args.shape, "dtype": args.dtype, "seq": args.seq, "batch": batches[0], "batches": batches,
+              "prefetch": args.prefetch,
+              "params": sum(p.numel() for p in base.parameters()), "device": "cuda" if cuda else "cpu",
+              "build_s": time.perf_counter() - t0}
     if cuda:
+        result["gpu"] = torch.cuda.get_device_name()
         result["memcpy"] = memcpy_baseline()
     modes = args.modes.split(",")
     engines = {}
@@ -94,48 +117,106 @@ def main(argv=None) -> dict:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()   # what the engines built earlier keep on the GPU
         engines[mode] = make_engine(model, mode == "offload", args)
-        engines[mode].train_batch(batch)  # warm-up (allocations, kernels)
+        engines[mode].train_batch(batch_of[batches[0]])  # warm-up (allocations, kernels)
         if cuda:
             # this mode's own peak: the process peak minus what the other engine already held
             result[f"{mode}_peak_gpu_GB"] = (torch.cuda.max_memory_allocated() - before) / 1e9
             result[f"{mode}_process_peak_gpu_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del base
-    times = {m: [] for m in modes}
-    for _ in range(args.reps):                     # interleaved: both modes see the same machine noise
-        for m in modes:
-            times[m].append(timed_steps(engines[m], batch, args.steps))
-    for m in modes:
-        result[f"{m}_step_s_median"] = statistics.median(times[m])
-        result[f"{m}_step_s_spread"] = [min(times[m]), max(times[m])]
+    runs = []
+    for b in batches:
+        for span in spans:
+            run = {"batch": b, "span_chunks": span}
+            set_span(engines, span)
+            if (b, span) != (batches[0], default_span):
+                for m in modes:
+                    engines[m].train_batch(batch_of[b])   # warm-up at this size (scratch sized by the span)
+            times = {m: [] for m in modes}
+            for _ in range(args.reps):                     # interleaved: both modes see the same machine noise
+                for m in modes:
+                    times[m].append(timed_steps(engines[m], batch_of[b], args.steps))
+            for m in modes:
+                run[f"{m}_step_s_median"] = statistics.median(times[m])
+                run[f"{m}_step_s_spread"] = [min(times[m]), max(times[m])]
+            if len(modes) == 2:
+                run["offload_over_resident_throughput"] = (run["resident_step_s_median"]
+                                                           / run["offload_step_s_median"])
+            runs.append(run)
+    set_span(engines, default_span)
+    # the first batch at the default span: its figures at top level
+    first = next(r for r in runs if r["batch"] == batches[0] and r["span_chunks"] == default_span)
+    result.update({k: v for k, v in first.items() if k not in ("batch", "span_chunks")})
+    result["runs"] = runs
     if "offload" in engines:
         eng = engines["offload"]
-        steps_run = 1 + args.reps * args.steps
         unit_bytes = sum(s.nbytes for s in eng.pipeline.order)
         result["offloaded_unit_bytes"] = unit_bytes
-        result["h2d_bytes_per_step"] = eng.comm_stats()["h2d_bytes"] / steps_run
+        result["h2d_bytes_per_step"] = eng.comm_stats()["h2d_bytes"] / eng.global_steps
         result["achieved_h2d_GBps"] = unit_bytes / result["offload_step_s_median"] / 1e9   # averaged over a step
         # the rate while the uploads run (timed after the timed steps: timing events cost a little per upload)
         eng.pipeline.time_transfers = True
         for m in modes:                            # every engine takes this step: the parameters are compared below
-            timed_steps(engines[m], batch, 1)
+            timed_steps(engines[m], batch_of[batches[0]], 1)
         eng.pipeline.time_transfers = False
         rate = eng.pipeline.h2d_transfer_rate()
         result["h2d_during_transfer_GBps"] = rate / 1e9 if rate else None
         if rate and "memcpy" in result:
             result["h2d_during_transfer_over_memcpy"] = rate / 1e9 / result["memcpy"]["h2d_GBps"]
     if len(modes) == 2:
-        result["offload_over_resident_throughput"] = (result["resident_step_s_median"]
-                                                      / result["offload_step_s_median"])
         a, b = (engines[m].module_state_dict() for m in modes)
         result["params_identical"] = all(torch.equal(a[n].cpu(), b[n].cpu()) for n in a)
+    if cuda:
+        for m in modes:
+            result[f"{m}_gpu_busy"] = gpu_busy(engines[m], batch_of[batches[0]])
+    if args.calibrate and "resident" in engines:
+        result["model"] = calibrate_and_predict(engines["resident"], args, batches, result)
     for k, v in result.items():
-        print(f"{k:>36}: {v}")
+        if k not in ("runs", "model"):
+            print(f"{k:>36}: {v}")
+    for run in runs:
+        print("  batch", run["batch"], "span", run["span_chunks"],
+              {k: v for k, v in run.items() if k not in ("batch", "span_chunks")})
+    for case in result.get("model", {}).get("cases", []):
+        print("  model:", case)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     return result
 
+
+def gpu_busy(engine, batch) -> dict | None:
+    """One step under torch.profiler: GPU kernel and copy time against the step's wall time (the profiler adds a
+    little host time, so the fraction is a lower bound). A GPU that is mostly idle means the host is the bound."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            engine.train_batch(batch)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        kernels = memcpy = 0.0
+        for avg in prof.key_averages():            # each kernel / copy is its own key's self device time (µs)
+            us = avg.self_device_time_total
+            if "memcpy" in avg.key.lower() or "memset" in avg.key.lower():
+                memcpy += us
+            else:
+                kernels += us
+        return {"wall_s": wall, "kernel_s": kernels / 1e6, "copy_s": memcpy / 1e6,
+                "kernel_fraction": kernels / 1e6 / wall}
+    except Exception as e:                       # a diagnostic: never lose the benchmark over it
+        return {"error": repr(e)}
+
+
+def calibrate_and_predict(resident, args, batches: list[int], result: dict) -> dict:
+    """ds_zo.perfmodel calibrated here (benchmarks/device_calibrate.py) against the steps timed above."""
+    from benchmarks import device_calibrate as dc
+    device = resident.device
+    micro = dc.micro_rates(device)
+    cal = {"micro": micro, "unit_overhead": dc.unit_overhead(micro, device),
+           "forward": [dc.forward_rate(resident.module, args.shape, 2 * b, args.seq) for b in batches]}
+    return cal | dc.predict(result | {"model": cal})
 
 if __name__ == "__main__":
     main()

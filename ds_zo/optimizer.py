@@ -116,7 +116,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.step_log: list[StepRecord] = []
         self.pending: Optional[StepRecord] = None
         self._pending_done: set[int] = set()
-        self._buffers = None  # float32 scratch (update, z), one drawing span each, reused across parameters
+        self._buffers = None  # float32 scratch (update, z), one span each, reused across parameters
         self._decay_of: Optional[dict[int, float]] = None
 
     # -- wiring -------------------------------------------------------------------------------------------------
@@ -157,8 +157,9 @@ class ZOSGD(torch.optim.Optimizer):
         return record
 
     def _pieces(self, param, flat: torch.Tensor, start: int, numel: int, decays: bool) -> list[Piece]:
-        """`flat` (elements [start, start + flat.numel()) of a parameter of `numel` elements) cut at z chunk bounds."""
-        c, out, lo, stop = self.generator.chunk, [], start, start + flat.numel()
+        """`flat` (elements [start, start + flat.numel()) of a parameter of `numel` elements) cut at span bounds
+        (whole z chunks: no chunk is drawn for two pieces)."""
+        c, out, lo, stop = self.generator.span(flat.device), [], start, start + flat.numel()
         while lo < stop:
             hi = min((lo // c + 1) * c, stop)
             out.append((flat[lo - start:hi - start], self.keys[id(param)], lo, numel, decays))
@@ -166,15 +167,15 @@ class ZOSGD(torch.optim.Optimizer):
         return out
 
     def _apply_pieces(self, pieces: list[Piece]) -> None:
-        """The pending step on these pieces, a drawing span at a time: the float32 scratch stays two spans (a few z
-        chunks), not two copies of the largest parameter (the update is elementwise: same result bit for bit)."""
+        """The pending step on these pieces, a span at a time: the float32 scratch stays two spans (a few z chunks),
+        not two copies of the largest parameter (the update is elementwise: same result bit for bit)."""
         if not pieces:
             return
         device = pieces[0][0].device
         span = self.generator.span(device)
         if self._buffers is None or self._buffers[0].device != device or self._buffers[0].numel() < span:
             self._buffers = tuple(torch.empty(span, dtype=torch.float32, device=device) for _ in range(2))
-        for group in span_groups(pieces, [piece[0].numel() for piece in pieces], span):   # pieces are <= one chunk
+        for group in span_groups(pieces, [piece[0].numel() for piece in pieces], span):   # pieces are <= one span
             apply_step_pieces(group, self.pending, self.generator, self._buffers)
 
     def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:

@@ -20,7 +20,8 @@ Costs per op come from the model shape (units with parameter counts and forward 
 computes, and the hardware rates: forward FLOPs / `flops`; z draws / `rng_rate`; element-wise passes (bytes counted
 from ds_zo's own kernels, below) / `elem_bw`; host↔device bytes / the per-GPU PCIe rate, capped by the node's host
 memory bandwidth shared by every GPU that moves data at once; all-gathers ((k−1)·shard bytes received per rank) /
-`link_bw` (NVLink) plus a latency; `host_chunk_s` per 2^20-element z chunk (seeding + launch, issued by Python).
+`link_bw` (NVLink) plus a latency; on the host, `host_chunk_s` per 2^20-element z chunk (seeding + launch, issued by
+Python) and `host_pass_s` per element-wise op, issued once per piece of `span_chunks` chunks (ds_zo.perturb's span).
 
 Layouts (`Layout.kind`): "resident" (everything on the device; ZO-DDP / PertP without offload), "zo2" (one GPU,
 decoder layers stream over PCIe), "naive" (DistZO2 without reslicing: every GPU moves whole units over its own
@@ -201,6 +202,8 @@ class Hardware:
     gpus_per_node: int = 8
     overlap: bool = True              # separate streams for h2d / d2h / comm / compute / host
     host_chunk_s: float = 0.0         # host time per z chunk (key mixing, generator seeding, kernel launch)
+    host_pass_s: float = 0.0          # host time per element-wise op (θ±εz, the update), one per piece of a span
+    span_chunks: int = 1              # z chunks per element-wise pass (ds_zo.perturb span: ACCELERATOR_SPAN_CHUNKS)
     unit_host_s: float = 0.0          # host time per unit visit (wrappers, HF module code)
     collective_latency_s: float = 0.0     # per all-gather / all-reduce call
     dtype_bytes: int = 2              # bytes per stored and computed element (2: bf16/fp16, 4: fp32)
@@ -208,16 +211,20 @@ class Hardware:
                                       # None: elem_bw / 2 (a read and a write)
     fused: bool = False               # what-if: one kernel per tensor draws z in registers and writes θ±εz (or the
                                       # update) directly: b bytes read + b per output, one launch per tensor
+    fused_rng_rate: float = 5e11      # z values/s drawn inside such a kernel (assumed: Philox in registers)
 
 
-# H100 SXM, DESIGN.md §6: PCIe Gen5 x16 ≈ 55 GB/s pinned, NVLink 4 ≈ 450 GB/s per direction, ≈ 790 TFLOP/s bf16
-# measured. Assumptions (not measured here, no GPU): HBM3 ≈ 3.0 TB/s achieved by element-wise kernels; torch's
-# Philox normal ≈ 5e11 float32 values/s; 12 µs of host time per z chunk (blake2b key, Generator.manual_seed, normal_
-# launch) and 1 ms per unit visit; a DGX-H100-class node with 2 sockets × 8 DDR5-4800 channels (614 GB/s peak), of
-# which ≈ 450 GB/s is taken to be available to the GPUs' DMA in both directions together; 20 µs per collective.
-H100 = Hardware("H100-SXM (8 per node)", flops=790e12, rng_rate=5e11, elem_bw=3.0e12, h2d_bw=55e9, d2h_bw=55e9,
-                link_bw=450e9, host_bw=450e9, gpus_per_node=8, overlap=True, host_chunk_s=12e-6, unit_host_s=1e-3,
-                collective_latency_s=20e-6, dtype_bytes=2)
+# H100 SXM. Measured on this project's H200 machine (benchmarks/results/gpu_h200_2026-11-26c, the same GH100 chip
+# and host software): pinned PCIe ≈ 55 GB/s each way; a model forward at ≈ 600 TFLOP/s of its analytic FLOPs (OPT
+# 1.3B/6.7B, 550–645); torch's normal_ into a 2^20-element chunk ≈ 9e10 values/s (launch-bound, not HBM-bound);
+# host time 22 µs per z chunk (blake2b key, Generator.manual_seed, normal_ launch), 8 µs per element-wise op, 1.7 ms
+# per unit visit; ds_zo's span of 8 chunks. Assumed: HBM3 ≈ 3.0 TB/s achieved by element-wise kernels (the H200
+# reached 4.1 of its 4.8 TB/s); NVLink 4 ≈ 450 GB/s per direction; a DGX-H100-class node with 2 sockets × 8
+# DDR5-4800 channels (614 GB/s peak), of which ≈ 450 GB/s is taken to be available to the GPUs' DMA in both
+# directions together; 20 µs per collective.
+H100 = Hardware("H100-SXM (8 per node)", flops=600e12, rng_rate=9e10, elem_bw=3.0e12, h2d_bw=55e9, d2h_bw=55e9,
+                link_bw=450e9, host_bw=450e9, gpus_per_node=8, overlap=True, host_chunk_s=22e-6, host_pass_s=8e-6,
+                span_chunks=8, unit_host_s=1.7e-3, collective_latency_s=20e-6, dtype_bytes=2)
 
 
 @dataclass(frozen=True)
@@ -269,6 +276,19 @@ class Workload:
 #     then rounded: r b + r4 + w4 + r4 + w b)
 #   update (optimizer.apply_step): u.mul_(lr) 8, θ.sub_(u) r4 r4 w4; per further perturbation u.add_(z) 12 and once
 #     u.div_(q) 8 (16-bit: θ.float() r b w4, then the copy back r4 w b)
+def perturb_passes(b: int, signs: int) -> int:
+    """Element-wise ops issued per piece by the perturbation: per sign torch.add/sub into the copy (16-bit: the
+    master's .float() once, then per sign the op and the rounding copy)."""
+    return signs if b == 4 else 1 + 2 * signs
+
+
+def update_passes(b: int, q: int = 1) -> int:
+    """Element-wise ops issued per piece by the update: u.mul_(lr), θ.sub_(u), per further perturbation u.add_(z)
+    and once u.div_(q) (16-bit: θ.float() and the copy back as well)."""
+    n = 2 + (q - 1) + (1 if q > 1 else 0)
+    return n if b == 4 else n + 2
+
+
 def perturb_bytes(b: int, signs: int, fused: bool = False) -> float:
     if fused:
         return b + signs * b
@@ -299,9 +319,9 @@ class Result:
     per_rank_rows: int
 
 
-def _chunks(n: float, tensors: int = 1) -> int:
-    """z chunks drawn for n elements spread over `tensors` tensors (each tensor starts a new chunk)."""
-    return int(math.ceil(n / CHUNK)) + tensors - 1 if n > 0 else 0
+def _chunks(n: float, tensors: int = 1, size: int = CHUNK) -> int:
+    """Pieces of `size` (default: z chunks) for n elements spread over `tensors` tensors (each starts a new piece)."""
+    return int(math.ceil(n / size)) + tensors - 1 if n > 0 else 0
 
 
 def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, steps: int = 3,
@@ -326,11 +346,13 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
     def res(name: str) -> str:
         return name if hw.overlap else "device"
 
+    rng_rate = hw.fused_rng_rate if hw.fused else hw.rng_rate
+
     def t_update(n: float) -> float:
-        return n * work.q / hw.rng_rate + n * update_bytes(b, work.q, hw.fused) / hw.elem_bw
+        return n * work.q / rng_rate + n * update_bytes(b, work.q, hw.fused) / hw.elem_bw
 
     def t_perturb(u: UnitSpec) -> float:
-        return (u.params * work.q / hw.rng_rate
+        return (u.params * work.q / rng_rate
                 + u.params * work.q * perturb_bytes(b, signs, hw.fused) / hw.elem_bw)
 
     def t_forward(u: UnitSpec) -> float:
@@ -342,9 +364,12 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
     def t_host(u: UnitSpec, update_elems: float) -> float:
         if hw.fused:                                   # one launch per tensor and pass
             launches = u.tensors * (1 + (update_elems > 0))
-        else:
-            launches = _chunks(u.params, u.tensors) + _chunks(update_elems, u.tensors)
-        return hw.unit_host_s + hw.host_chunk_s * work.q * launches
+            return hw.unit_host_s + hw.host_chunk_s * work.q * launches
+        draws = _chunks(u.params, u.tensors) + _chunks(update_elems, u.tensors)
+        span = CHUNK * hw.span_chunks
+        passes = (work.q * perturb_passes(b, signs) * _chunks(u.params, u.tensors, span)
+                  + update_passes(b, work.q) * _chunks(update_elems, u.tensors, span))
+        return hw.unit_host_s + hw.host_chunk_s * work.q * draws + hw.host_pass_s * passes
 
     sim = Simulator()
     depth = layout.prefetch_depth

@@ -129,8 +129,8 @@ class PerturbedCopies:
             self.generator.fill_many(requests, scale=self.eps)
 
     def _ez_room(self, device: torch.device) -> int:
-        """ε·z chunks the cache holds per perturbation: one drawing span and the chunk a block shares with the last."""
-        return self.generator.parallel_chunks(device) + 1
+        """ε·z chunks the cache holds per perturbation: one span and the chunk a block shares with the last."""
+        return self.generator.span(device) // self.generator.chunk + 1
 
     def _perturbations(self) -> list[int]:
         """The perturbation indices the current slots use, in order."""
@@ -179,21 +179,51 @@ class PerturbedCopies:
 
     def _perturb_range(self, ref, base: torch.Tensor, a: int, b: int, numel: int, outs: list) -> None:
         """outs[i][:b-a] = base ± ε·z_j over elements [a, b) of a z space of `numel` elements (base holds the master
-        values of those elements), chunk by chunk: every slot of a perturbation from one ε·z chunk."""
+        values of those elements): every slot of a perturbation from one ε·z draw. A range of up to the ε·z cache's
+        room (a CPU row block) goes chunk by chunk through the cache; a larger one (a whole weight on an accelerator)
+        forms its whole chunks a span at a time and only its partial edge chunks, which a neighbouring block may
+        share, through the cache: either way each chunk is drawn once per unit visit."""
         c = self.generator.chunk
-        chunks = list(range(a // c, (b - 1) // c + 1))
-        if id(ref.param) not in self.keep_whole and len(chunks) <= self._ez_room(base.device):
+        if id(ref.param) in self.keep_whole:
+            self._perturb_chunks(ref, base, a, a, b, numel, outs)
+            return
+        if (b - 1) // c - a // c + 1 <= self._ez_room(base.device):
             for j in self._perturbations():
-                self._prefetch(ref, j, chunks, numel)     # the range's chunks drawn at once
-        for k in chunks:
-            lo, hi = max(a, k * c), min(b, (k + 1) * c)
-            master32 = base[lo - a:hi - a].float()   # no copy for float32
+                self._prefetch(ref, j, list(range(a // c, (b - 1) // c + 1)), numel)   # drawn at once
+            self._perturb_chunks(ref, base, a, a, b, numel, outs)
+            return
+        inner_lo, inner_hi = -(-a // c) * c, b // c * c           # the whole chunks inside [a, b)
+        self._perturb_chunks(ref, base, a, a, inner_lo, numel, outs)
+        self._perturb_spans(ref, base, a, inner_lo, inner_hi, numel, outs)
+        self._perturb_chunks(ref, base, a, inner_hi, b, numel, outs)
+
+    def _perturb_chunks(self, ref, base: torch.Tensor, a: int, lo: int, hi: int, numel: int, outs: list) -> None:
+        """Elements [lo, hi) of a range starting at a, chunk by chunk, each ε·z chunk from the cache."""
+        c = self.generator.chunk
+        for k in range(lo // c, (hi - 1) // c + 1) if lo < hi else ():
+            l, h = max(lo, k * c), min(hi, (k + 1) * c)
+            master32 = base[l - a:h - a].float()   # no copy for float32
             for i, slot in enumerate(self.slots):
                 if slot is None:
                     continue
                 j, sign = slot
-                _shifted(master32, self._scaled_z(ref, j, k, numel)[lo - k * c:hi - k * c], sign,
-                         outs[i][lo - a:hi - a])
+                _shifted(master32, self._scaled_z(ref, j, k, numel)[l - k * c:h - k * c], sign, outs[i][l - a:h - a])
+
+    def _perturb_spans(self, ref, base: torch.Tensor, a: int, lo: int, hi: int, numel: int, outs: list) -> None:
+        """Elements [lo, hi) (whole chunks) of a range starting at a, one span-aligned piece at a time: each piece's
+        ε·z is drawn into scratch (not cached) and every slot of its perturbation is formed from it in one pass."""
+        span = self.generator.span(base.device)
+        key = self.keys[id(ref.param)]
+        while lo < hi:
+            end = min(hi, (lo // span + 1) * span)
+            ez = self.buffers.get("z", end - lo, torch.float32, base.device)
+            master32 = base[lo - a:end - a].float()
+            for j in self._perturbations():
+                self.generator.fill(ez, self.seed, j, key, numel, start=lo, scale=self.eps)
+                for i, slot in enumerate(self.slots):
+                    if slot is not None and slot[0] == j:
+                        _shifted(master32, ez, slot[1], outs[i][lo - a:end - a])
+            lo = end
 
     def working_rows(self, ref, r0: int, r1: int) -> list[torch.Tensor]:
         """Rows [r0, r1) (dim 0) of every slot's working copy of `ref`'s parameter, formed into block-sized buffers:
@@ -263,8 +293,9 @@ class PerturbedCopies:
             else:
                 base = p.reshape(-1)
             m = base.numel()
-            pieces += [(ref, base, m, outs, lo, min(lo + self.generator.chunk, m))
-                       for lo in range(0, m, self.generator.chunk)]
+            # a span per piece (one pass forms it), a chunk for tied weights kept whole (their ε·z is per chunk)
+            step = self.generator.chunk if id(ref.param) in self.keep_whole else self.generator.span(p.device)
+            pieces += [(ref, base, m, outs, lo, min(lo + step, m)) for lo in range(0, m, step)]
             for i, slot in enumerate(self.slots):
                 copies[i].append(p if slot is None else outs[i].view_as(p))
         kept = [pc for pc in pieces if id(pc[0].param) in self.keep_whole]
@@ -290,7 +321,7 @@ class PerturbedCopies:
         return copies
 
     def _groups(self, pieces: list) -> list[list]:
-        """Consecutive pieces on one device, in groups of at most one drawing span (a larger piece stands alone)."""
+        """Consecutive pieces on one device, in groups of at most one span (a larger piece stands alone)."""
         groups = []
         for device, run in itertools.groupby(pieces, key=lambda piece: piece[0].param.device):
             run = list(run)
