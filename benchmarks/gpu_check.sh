@@ -10,16 +10,8 @@
 #    timed at 1 and 8 z chunks per element-wise pass (ACCELERATOR_SPAN_CHUNKS), interleaved.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if ! python3 -c "import deepspeed" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "cannot install the carried wheels (.whl/)"; exit 2; }
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-# DS_ZO_NATIVE=0: the native sampler draws CPU z only; nothing on the GPU path needs it, so don't compile it there
-export PYTHONPATH=$PWD:${PYTHONPATH:-} DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 DS_ZO_NATIVE=0
-OUTDIR=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUTDIR"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source benchmarks/gpu_env.sh
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
 python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1
 timeout 170 python3 -m pytest -q -p no:cacheprovider -m "not multiprocess" tests/test_cuda.py 2>&1 \

@@ -81,20 +81,15 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
     if q > 1:
         u.div_(q)
     for (flat, _, _, _, decays), o, n in zip(pieces, offsets, sizes):
-        theta = flat if flat.dtype == torch.float32 else flat.float()
         step, down = u[o:o + n], sign > 0       # θ − lr·step with step = ±u
         if decays and record.wd != 0.0:
             if not down:
                 step.neg_()
                 down = True
-            step.add_(theta * record.wd)
+            step.add_(flat.float() * record.wd)    # (no copy for float32)
         step.mul_(record.lr)
-        if down:
-            theta.sub_(step)
-        else:
-            theta.add_(step)
-        if theta is not flat:
-            flat.copy_(theta)  # round once into the stored dtype
+        # computed in float32 (a 16-bit θ widens exactly inside the kernel) and rounded once into θ's dtype
+        (torch.sub if down else torch.add)(flat, step, out=flat)
 
 
 class ZOSGD(torch.optim.Optimizer):

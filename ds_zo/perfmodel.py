@@ -271,36 +271,32 @@ class Workload:
 
 
 # element-wise traffic of ds_zo's kernels, bytes per element (b = bytes of the stored/computed dtype); z is drawn
-# already scaled (ε, |g|: the sampler's own pass, counted at rng_rate):
-#   perturb (model/perturbed_copies.py): per sign torch.add/sub(θ, εz, out) r b + r4 + w b (16-bit: computed in fp32
-#     then rounded: r b + r4 + w4 + r4 + w b)
-#   update (optimizer.apply_step): u.mul_(lr) 8, θ.sub_(u) r4 r4 w4; per further perturbation u.add_(z) 12 and once
-#     u.div_(q) 8 (16-bit: θ.float() r b w4, then the copy back r4 w b)
-def perturb_passes(b: int, signs: int) -> int:
-    """Element-wise ops issued per piece by the perturbation: per sign torch.add/sub into the copy (16-bit: the
-    master's .float() once, then per sign the op and the rounding copy)."""
-    return signs if b == 4 else 1 + 2 * signs
+# already scaled (ε, |g|: the sampler's own pass, counted at rng_rate); a 16-bit θ widens inside the kernels (computed
+# in fp32, rounded once on the store):
+#   perturb (model/perturbed_copies.py): per sign torch.add/sub(θ, εz, out) r b + r4 + w b
+#   update (optimizer.apply_step): u.mul_(lr) 8, torch.sub(θ, u, out=θ) r b r4 w b; per further perturbation
+#     u.add_(z) 12 and once u.div_(q) 8
+def perturb_passes(signs: int) -> int:
+    """Element-wise ops issued per piece by the perturbation: per sign torch.add/sub into the copy."""
+    return signs
 
 
-def update_passes(b: int, q: int = 1) -> int:
-    """Element-wise ops issued per piece by the update: u.mul_(lr), θ.sub_(u), per further perturbation u.add_(z)
-    and once u.div_(q) (16-bit: θ.float() and the copy back as well)."""
-    n = 2 + (q - 1) + (1 if q > 1 else 0)
-    return n if b == 4 else n + 2
+def update_passes(q: int = 1) -> int:
+    """Element-wise ops issued per piece by the update: u.mul_(lr), θ −= u, per further perturbation u.add_(z)
+    and once u.div_(q)."""
+    return 2 + (q - 1) + (1 if q > 1 else 0)
 
 
 def perturb_bytes(b: int, signs: int, fused: bool = False) -> float:
     if fused:
         return b + signs * b
-    per_sign = 2 * b + 4 if b == 4 else 2 * b + 12
-    return signs * per_sign
+    return signs * (2 * b + 4)
 
 
 def update_bytes(b: int, q: int = 1, fused: bool = False) -> float:
     if fused:
         return 2 * b
-    base = 20 + 12 * (q - 1) + (8 if q > 1 else 0)
-    return base if b == 4 else base + 2 * (b + 4)
+    return 8 + (2 * b + 4) + 12 * (q - 1) + (8 if q > 1 else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -367,8 +363,8 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
             return hw.unit_host_s + hw.host_chunk_s * work.q * launches
         draws = _chunks(u.params, u.tensors) + _chunks(update_elems, u.tensors)
         span = CHUNK * hw.span_chunks
-        passes = (work.q * perturb_passes(b, signs) * _chunks(u.params, u.tensors, span)
-                  + update_passes(b, work.q) * _chunks(update_elems, u.tensors, span))
+        passes = (work.q * perturb_passes(signs) * _chunks(u.params, u.tensors, span)
+                  + update_passes(work.q) * _chunks(update_elems, u.tensors, span))
         return hw.unit_host_s + hw.host_chunk_s * work.q * draws + hw.host_pass_s * passes
 
     sim = Simulator()

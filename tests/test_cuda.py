@@ -216,3 +216,21 @@ def test_cuda_spans_of_several_chunks_give_the_same_parameters():
     for losses, sd in states[1:]:
         assert losses == states[0][0]
         assert all(torch.equal(sd[n], states[0][1][n]) for n in sd)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_master_widens_inside_the_kernel(device, dtype):
+    """θ ± ε·z and θ −= u on a 16-bit θ are issued as one mixed-dtype op (torch.add(θ16, x32, out=θ16)): the same
+    values as widening θ to float32 first and rounding the float32 result once."""
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(1 << 16, generator=g) * 0.05).to(dtype).to(device)
+    x = (torch.randn(1 << 16, generator=g) * 1e-3).to(device)
+    out = torch.empty_like(base)
+    for op in (torch.add, torch.sub):
+        expected = op(base.float(), x).to(dtype)
+        op(base, x, out=out)
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+        flat = base.clone()
+        op(flat, x, out=flat)                      # in place, as the update writes θ
+        assert torch.equal(flat.view(torch.int16), expected.view(torch.int16))

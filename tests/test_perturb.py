@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ds_zo import native
-from ds_zo.perturb import MAX_PARALLEL_CHUNKS, PerturbationGenerator, mix, param_key, step_seed
+from ds_zo.perturb import chunk_key, MAX_PARALLEL_CHUNKS, PerturbationGenerator, mix, param_key, step_seed
 from test_native import needs_native
 
 
@@ -71,6 +71,8 @@ def test_stable_keys():
     assert step_seed(0, 0) != step_seed(0, 1) != step_seed(1, 0)
     assert mix(1, 2) != mix(2, 1)
     assert 0 <= mix(2**64 - 1, 5) < 2**63
+    for values in [(1, 2, 3, 4), (-1, 2**70 + 5, 0, 2**63), (12345, 0, 987654321987, 17)]:
+        assert chunk_key(*values) == mix(*values)      # the per-chunk fast path defines the same keys
 
 
 def test_bad_arguments():

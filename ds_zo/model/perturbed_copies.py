@@ -26,14 +26,11 @@ from .units import Unit
 Slot = Optional[tuple[int, int]]   # (perturbation index, sign) or None for the unperturbed parameters
 
 
-def _shifted(master32: torch.Tensor, ez: torch.Tensor, sign: int, out: torch.Tensor) -> None:
+def _shifted(master: torch.Tensor, ez: torch.Tensor, sign: int, out: torch.Tensor) -> None:
     """out = master ± ε·z, computed in float32 and rounded once into out's dtype: the one expression every working
-    copy is formed with (whole copies and row blocks alike, so they agree bit for bit)."""
-    op = torch.add if sign > 0 else torch.sub
-    if out.dtype == torch.float32:
-        op(master32, ez, out=out)
-    else:
-        out.copy_(op(master32, ez))
+    copy is formed with (whole copies and row blocks alike, so they agree bit for bit). A 16-bit master widens
+    exactly inside the kernel: one pass per slot, no float32 copy of the master."""
+    (torch.add if sign > 0 else torch.sub)(master, ez, out=out)
 
 
 class FlatBuffers:
@@ -202,12 +199,12 @@ class PerturbedCopies:
         c = self.generator.chunk
         for k in range(lo // c, (hi - 1) // c + 1) if lo < hi else ():
             l, h = max(lo, k * c), min(hi, (k + 1) * c)
-            master32 = base[l - a:h - a].float()   # no copy for float32
+            master = base[l - a:h - a]
             for i, slot in enumerate(self.slots):
                 if slot is None:
                     continue
                 j, sign = slot
-                _shifted(master32, self._scaled_z(ref, j, k, numel)[l - k * c:h - k * c], sign, outs[i][l - a:h - a])
+                _shifted(master, self._scaled_z(ref, j, k, numel)[l - k * c:h - k * c], sign, outs[i][l - a:h - a])
 
     def _perturb_spans(self, ref, base: torch.Tensor, a: int, lo: int, hi: int, numel: int, outs: list) -> None:
         """Elements [lo, hi) (whole chunks) of a range starting at a, one span-aligned piece at a time: each piece's
@@ -217,12 +214,12 @@ class PerturbedCopies:
         while lo < hi:
             end = min(hi, (lo // span + 1) * span)
             ez = self.buffers.get("z", end - lo, torch.float32, base.device)
-            master32 = base[lo - a:end - a].float()
+            master = base[lo - a:end - a]
             for j in self._perturbations():
                 self.generator.fill(ez, self.seed, j, key, numel, start=lo, scale=self.eps)
                 for i, slot in enumerate(self.slots):
                     if slot is not None and slot[0] == j:
-                        _shifted(master32, ez, slot[1], outs[i][lo - a:end - a])
+                        _shifted(master, ez, slot[1], outs[i][lo - a:end - a])
             lo = end
 
     def working_rows(self, ref, r0: int, r1: int) -> list[torch.Tensor]:
@@ -331,16 +328,16 @@ class PerturbedCopies:
     def _form(self, ref, base: torch.Tensor, outs: dict, j: int, lo: int, hi: int, ez: torch.Tensor) -> None:
         """Elements [lo, hi) of the copies of perturbation j's slots: master ± ε·z, in float32, rounded once."""
         p = ref.param.data
-        master32 = base[lo:hi].float()  # no copy for float32 parameters
+        master = base[lo:hi]
         for i, slot in enumerate(self.slots):
             if slot is None or slot[0] != j:
                 continue
             if ref.rows is not None:
                 gathered = outs[i].view_as(p)[ref.rows].view(-1)   # (a copy: written back below)
-                _shifted(master32, ez, slot[1], gathered[lo:hi])
+                _shifted(master, ez, slot[1], gathered[lo:hi])
                 outs[i].view_as(p)[ref.rows] = gathered.view(-1, *p.shape[1:])
             else:
-                _shifted(master32, ez, slot[1], outs[i][lo:hi])
+                _shifted(master, ez, slot[1], outs[i][lo:hi])
 
     def release(self, unit: Unit) -> None:
         # the copy buffers are reused by the next unit: safe, since it computes after this one on the same stream

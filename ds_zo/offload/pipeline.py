@@ -56,6 +56,7 @@ class OffloadPipeline(Residency):
         self.time_transfers = False
         self._transfer_times: list[tuple[object, object, int]] = []
         self.trace: Optional[list[tuple[str, str]]] = None   # set to [] to record the issue order of operations
+        self._view_cache: dict[tuple[int, Optional[int]], list[torch.Tensor]] = {}
 
     @staticmethod
     def _converts(stored) -> bool:
@@ -148,9 +149,17 @@ class OffloadPipeline(Residency):
         self._transfer_times = []
         return nbytes / seconds if seconds > 0 else None
 
+    def _views(self, k: int, b: Optional[int]) -> list[torch.Tensor]:
+        """Unit k's parameter views into device buffer b (None: into its store), made once: the buffers and the
+        store live as long as the pipeline, and re-pointing is a per-unit cost on the host's critical path."""
+        views = self._view_cache.get((k, b))
+        if views is None:
+            s = self.order[k]
+            views = self._view_cache[(k, b)] = s.views(s.flat if b is None else self.buffers[b][:s.numel])
+        return views
+
     def _point(self, k: int, b: int) -> None:
-        s = self.order[k]
-        s.point_at(self.buffers[b][:s.numel])
+        self.order[k].point_views(self._views(k, b))
 
     def _store(self, k: int, b: int) -> None:
         """Write unit k back from buffer b into the store (on the current stream, the d2h stream)."""
@@ -159,8 +168,7 @@ class OffloadPipeline(Residency):
         self._copy_out(s.flat, self.buffers[b][:s.numel], stage)
 
     def _unpoint(self, k: int) -> None:
-        s = self.order[k]
-        s.point_at(s.flat)
+        self.order[k].point_views(self._views(k, None))
 
     def _written_back(self, k: int, dirty: bool) -> bool:
         return dirty
