@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from typing import Optional
@@ -23,6 +24,8 @@ from typing import Optional
 import torch
 
 from .optimizer import StepRecord
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "ds_zo-checkpoint-1"
 
@@ -126,6 +129,7 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
             "trainable": sorted(engine.trainable_names),
             "trainable_rows": {n: r.tolist() for n, r in engine.trainable_rows.items()},
             "distribution": engine.zo_config.distribution,
+            "z_stream": engine.z_stream,          # the sampler z came from: a replay must use the same one
             "model": model_fingerprint(engine),
             "files": {f"zo_rank_{r:05d}.safetensors": bytes(int(x) for x in digest[r].tolist()).hex()
                       for r in range(engine.dims.world)},
@@ -205,6 +209,12 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
     _restore_tensors(engine, tensors, folder)
     engine.optimizer.step_log = read_steps(folder)
     engine.optimizer.pending = None
+    saved_stream = state.get("z_stream", engine.z_stream)
+    if saved_stream != engine.z_stream:
+        # training goes on (z is as random here), but no single device can replay the whole step log any more
+        logger.warning("ds_zo: resuming a run that drew z on %s on %s: its step log now mixes two z streams and "
+                       "ds_zo.replay will refuse it", saved_stream, engine.z_stream)
+        engine.z_stream = f"mixed({saved_stream}, {engine.z_stream})"
     engine.global_steps = state["global_steps"]
     engine.global_samples = state["global_samples"]
     engine.skipped_steps = state["skipped_steps"]

@@ -28,7 +28,7 @@ from .offload import OffloadPipeline, ParameterStore
 from .offload.sharded import ShardedOffloadPipeline, ShardedStore, ShardedUnit
 from .optimizer import ZOSGD
 from .parallel import Communicator, ParallelDims
-from .perturb import PerturbationGenerator, param_key, step_seed
+from .perturb import PerturbationGenerator, param_key, step_seed, z_stream
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
 MAX_KEPT_POSITIONS = 8
@@ -50,6 +50,18 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def agree_on_z_stream(comm: Communicator, mine: str) -> str:
+    """Every rank must draw the same z (perturbation parallelism splits one perturbation's signs over ranks, data
+    parallelism averages one g): refuse to start when their samplers differ (e.g. GPUs with other SM counts)."""
+    streams = comm.gather_strings(mine)
+    if len(set(streams)) > 1:
+        listed = ", ".join(f"rank {r}: {s}" for r, s in enumerate(streams))
+        raise ValueError(f"ranks would draw different perturbations z ({listed}): torch's CUDA sampler depends on the "
+                         "GPU's multiprocessor count, so every rank of a ds_zo run needs the same GPU model (and MIG "
+                         "profile)")
+    return mine
+
+
 class ZOEngine(DeepSpeedEngine):
     def __init__(self, *args, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str],
                  offload: OffloadConfig, dims: ParallelDims, communicator: Communicator,
@@ -68,6 +80,7 @@ class ZOEngine(DeepSpeedEngine):
         self.units: list[Unit] = cut_into_units(self.module, trainable, self.trainable_rows)
         self.param_keys = {id(p): param_key(n) for n, p in self.module.named_parameters() if n in trainable}
         self.perturbations = PerturbationGenerator(zo_config.distribution)
+        self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device))
         params = dict(self.module.named_parameters())
         self.optimizer.attach(self.perturbations, self.param_keys,
                               {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()})

@@ -152,9 +152,9 @@ class ZOSGD(torch.optim.Optimizer):
         return record
 
     def _pieces(self, param, flat: torch.Tensor, start: int, numel: int, decays: bool) -> list[Piece]:
-        """`flat` (elements [start, start + flat.numel()) of a parameter of `numel` elements) cut at span bounds
-        (whole z chunks: no chunk is drawn for two pieces)."""
-        c, out, lo, stop = self.generator.span(flat.device), [], start, start + flat.numel()
+        """`flat` (elements [start, start + flat.numel()) of a parameter of `numel` elements) cut into pieces of one
+        element-wise pass (whole z chunks: no chunk is drawn for two pieces)."""
+        c, out, lo, stop = self.generator.pass_elements(flat.device), [], start, start + flat.numel()
         while lo < stop:
             hi = min((lo // c + 1) * c, stop)
             out.append((flat[lo - start:hi - start], self.keys[id(param)], lo, numel, decays))
@@ -170,7 +170,7 @@ class ZOSGD(torch.optim.Optimizer):
         span = self.generator.span(device)
         if self._buffers is None or self._buffers[0].device != device or self._buffers[0].numel() < span:
             self._buffers = tuple(torch.empty(span, dtype=torch.float32, device=device) for _ in range(2))
-        for group in span_groups(pieces, [piece[0].numel() for piece in pieces], span):   # pieces are <= one span
+        for group in span_groups(pieces, [piece[0].numel() for piece in pieces], span):   # pieces fit in a span
             apply_step_pieces(group, self.pending, self.generator, self._buffers)
 
     def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:

@@ -69,6 +69,19 @@ def span_groups(items: Sequence, sizes: Sequence[int], span: int) -> list[list]:
     return groups + [cur] if cur else groups
 
 
+def z_stream(device: torch.device | str) -> str:
+    """What z depends on besides (seed, index, key, chunk): the device's sampler. On CPU, torch's mt19937 normal_.
+    On CUDA, torch's Philox normal_ strides a tensor's elements over a launch grid of multiProcessorCount ×
+    (maxThreadsPerMultiProcessor / 256) blocks (aten/src/ATen/native/cuda/DistributionTemplates.h), so GPUs with a
+    different SM count — an A100 and an H100, a MIG slice — draw different z from the same seed. Every rank of a run
+    must draw the same z, and a replay must run on the same stream."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"cuda/{props.multi_processor_count}x{getattr(props, 'max_threads_per_multi_processor', 0)}"
+    return device.type
+
+
 def param_key(name: str) -> int:
     """The key of a parameter: its canonical (first) name in the model, stable across processes and layouts."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") & _MASK63
@@ -121,6 +134,12 @@ class PerturbationGenerator:
         if torch.device(device).type == "cpu":
             return self.chunk * self.parallel_chunks(device)
         return self.chunk * self.accelerator_span_chunks
+
+    def pass_elements(self, device: torch.device) -> int:
+        """Elements per element-wise pass of the callers (θ±εz, the update), a whole number of chunks: one chunk on
+        CPU, where a pass costs no launch and a chunk's operands stay in cache (passes over a two-chunk span measured
+        3-5 % slower there); a whole span on accelerators, where every pass costs a launch and its host work."""
+        return self.chunk if torch.device(device).type == "cpu" else self.span(device)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)

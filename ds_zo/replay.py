@@ -13,7 +13,7 @@ import torch
 
 from .model.units import is_decayed, resolve_trainable
 from .optimizer import StepRecord, apply_step
-from .perturb import PerturbationGenerator, param_key
+from .perturb import PerturbationGenerator, param_key, z_stream
 
 
 def read_step_log(path: str) -> list[StepRecord]:
@@ -77,6 +77,9 @@ def main(argv=None) -> None:
     p.add_argument("--tag", default=None)
     p.add_argument("--model", default="smollm2", help="the base model the run started from (as for ds_zo.train)")
     p.add_argument("--output", required=True)
+    p.add_argument("--device", default=None,
+                   help="where to replay (default: the device type the run drew z on, e.g. cuda for a GPU run): z "
+                        "depends on the sampler, so the replay must draw it where the run did")
     args = p.parse_args(argv)
     ckpt = os.path.abspath(args.checkpoint)
     if args.tag is None and not os.path.isfile(os.path.join(ckpt, "latest")):
@@ -88,7 +91,18 @@ def main(argv=None) -> None:
         raise SystemExit(f"replay: {args.model!r} is not the model this run started from (parameter names differ)")
     rows = {n: torch.tensor(r, dtype=torch.long) for n, r in state["trainable_rows"].items()}
     records = read_steps(folder)
-    replay(model, records, state["trainable"], state["distribution"], rows)
+    recorded = state.get("z_stream", "cpu")           # checkpoints before the field were CPU runs or unmarked
+    device = torch.device(args.device or recorded.split("/")[0])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"replay: the run drew z on {recorded}; this machine has no CUDA device (z on another "
+                         "device is another sequence, so a replay here would not rebuild the run)")
+    if z_stream(device) != recorded:
+        raise SystemExit(f"replay: the run drew z on {recorded}, this replay would draw it on {z_stream(device)}: a "
+                         "different sampler gives different z; replay on the same device type (and GPU model)")
+    model.to(device)
+    replay(model, records, state["trainable"], state["distribution"],
+           {n: r.to(device) for n, r in rows.items()})
+    model.to("cpu")
     model.save_pretrained(args.output, safe_serialization=True)
     tokenizer.save_pretrained(args.output)
     print(f"replayed {len(records)} steps from {folder} onto {args.model}; saved to {args.output}")

@@ -135,3 +135,31 @@ def test_sigkill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, s
     fresh.save_checkpoint(str(tmp_path))
     assert (tmp_path / "latest").read_text() == "global_step2"
     assert not (tmp_path / "global_step2.partial").exists()
+
+
+def test_the_z_sampler_is_recorded_and_replay_runs_only_on_it(tmp_path, caplog):
+    """z depends on the device's sampler (on CUDA, on the GPU's SM count): the checkpoint records it, ds_zo.replay
+    replays on it and refuses another one, and resuming on another one marks the step log as mixed."""
+    from ds_zo import replay
+    from ds_zo.models import tiny_model_and_tokenizer
+    model, _ = tiny_model_and_tokenizer()
+    engine, *_ = ds_zo.initialize(model=model, config=ds_config(lr=1e-2, seed=4))
+    engine.train_batch(batch())                               # ids < 96 <= the tiny vocabulary
+    engine.save_checkpoint(str(tmp_path / "ck"))
+    state_path = os.path.join(tmp_path, "ck", "global_step1", "zo_state.json")
+    state = json.loads(open(state_path).read())
+    assert state["z_stream"] == "cpu" == engine.z_stream
+    replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
+    state["z_stream"] = "cuda/132x2048"                       # as if the run had been on an H100
+    with open(state_path, "w") as f:
+        json.dump(state, f)
+    with pytest.raises(SystemExit, match=r"drew z on cuda/132x2048, this replay would draw it on cpu"):
+        replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r"),
+                     "--device", "cpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"drew z on cuda/132x2048; this machine has no CUDA device"):
+            replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
+    with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
+        engine.load_checkpoint(str(tmp_path / "ck"))
+    assert "mixes two z streams" in caplog.text
+    assert engine.z_stream == "mixed(cuda/132x2048, cpu)"

@@ -234,3 +234,11 @@ def test_16bit_master_widens_inside_the_kernel(device, dtype):
         flat = base.clone()
         op(flat, x, out=flat)                      # in place, as the update writes θ
         assert torch.equal(flat.view(torch.int16), expected.view(torch.int16))
+
+
+@cuda
+def test_cuda_z_stream_names_the_sampler_grid():
+    from ds_zo.perturb import z_stream
+    props = torch.cuda.get_device_properties(0)
+    assert z_stream("cuda") == f"cuda/{props.multi_processor_count}x{props.max_threads_per_multi_processor}"
+    assert z_stream("cpu") == "cpu"

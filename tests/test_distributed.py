@@ -119,6 +119,20 @@ def test_a_killed_rank_makes_the_others_fail_clearly(tmp_path):
     assert results[0]["seconds"] < 20 + 60                  # within the collective timeout (plus start-up)
 
 
+@pytest.mark.timeout(300)
+def test_ranks_with_different_z_samplers_refuse_to_start(tmp_path):
+    """Torch's CUDA sampler depends on the GPU's SM count: ranks on different GPU models would draw different z for
+    the same seed, and every rank says so at start-up instead of training on mismatched perturbations."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"out": str(tmp_path), "cases": [
+        {"name": "mixed", "pertp": 2, "z_stream_of_rank": {"1": "cuda/108x2048"}, "timeout": 20}]}))
+    results = run_ranks(2, [WORKER, str(spec)], timeout=200)
+    for r in results:
+        assert r["rc"] not in (0, None)
+        assert "ranks would draw different perturbations z (rank 0: cpu, rank 1: cuda/108x2048)" in r["err"], \
+            r["err"][-2000:]
+
+
 def _two_rank_launcher_run(tmp_path, cmd, env):
     spec = tmp_path / "spec.json"
     out = tmp_path / "out"

@@ -312,6 +312,7 @@ def test_spans_of_several_chunks_change_nothing(monkeypatch, tied, span_chunks):
     row blocks): the same scheduling forced on CPU, with spans of 1, 3 and 8 chunks, reproduces the reference bit for
     bit, and each z chunk is still drawn once per unit visit."""
     monkeypatch.setattr(PerturbationGenerator, "span", lambda self, device: self.chunk * span_chunks)
+    monkeypatch.setattr(PerturbationGenerator, "pass_elements", lambda self, device: self.span(device))
     model = tiny_model("llama", tied)
     ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     ref.gen = PerturbationGenerator(chunk_elements=100)

@@ -290,8 +290,9 @@ class PerturbedCopies:
             else:
                 base = p.reshape(-1)
             m = base.numel()
-            # a span per piece (one pass forms it), a chunk for tied weights kept whole (their ε·z is per chunk)
-            step = self.generator.chunk if id(ref.param) in self.keep_whole else self.generator.span(p.device)
+            # a piece per element-wise pass; a chunk for tied weights kept whole (their ε·z is cached per chunk)
+            step = (self.generator.chunk if id(ref.param) in self.keep_whole
+                    else self.generator.pass_elements(p.device))
             pieces += [(ref, base, m, outs, lo, min(lo + step, m)) for lo in range(0, m, step)]
             for i, slot in enumerate(self.slots):
                 copies[i].append(p if slot is None else outs[i].view_as(p))

@@ -74,6 +74,18 @@ class Communicator:
         except Exception as e:
             raise self._fail("model broadcast", "world", e) from e
 
+    def gather_strings(self, value: str, width: int = 64) -> list[str]:
+        """Every rank's `value` (ASCII, at most `width` bytes), in rank order: for start-up agreement checks."""
+        data = value.encode("ascii")
+        if len(data) > width:
+            raise ValueError(f"gather_strings: {value!r} is longer than {width} bytes")
+        if self.dims.world == 1:
+            return [value]
+        table = torch.zeros(self.dims.world, width, dtype=torch.float64)
+        table[self.dims.rank, :len(data)] = torch.tensor(list(data), dtype=torch.float64)
+        self.all_reduce_sum(table)
+        return [bytes(int(x) for x in row if x).decode("ascii") for row in table.tolist()]
+
     def barrier(self) -> None:
         if self.dims.world > 1:
             try:
