@@ -92,6 +92,9 @@ def main(argv=None) -> None:
     rows = {n: torch.tensor(r, dtype=torch.long) for n, r in state["trainable_rows"].items()}
     records = read_steps(folder)
     recorded = state.get("z_stream", "cpu")           # checkpoints before the field were CPU runs or unmarked
+    if recorded.startswith("mixed("):
+        raise SystemExit(f"replay: the run was resumed on another sampler, its step log mixes two z streams "
+                         f"{recorded[5:]}: no single device can replay it")
     device = torch.device(args.device or recorded.split("/")[0])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"replay: the run drew z on {recorded}; this machine has no CUDA device (z on another "

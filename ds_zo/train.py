@@ -243,7 +243,8 @@ def main(argv=None) -> dict:
     final_dir = os.path.join(args.output_dir, "final")
     summary = {
         "task": what, "model": args.model, "steps": engine.global_steps, "trainable_parameters": trained,
-        "device": engine.device.type, "world": engine.dims.world, "perturbation_parallel": engine.dims.pertp, "dp": engine.dp_world_size,
+        "device": engine.device.type, "world": engine.dims.world, "perturbation_parallel": engine.dims.pertp,
+        "dp": engine.dp_world_size,
         "global_batch": global_rows, "results": results, "train_seconds": train_seconds,
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else None,
         "total_seconds": time.time() - t_start, "deepspeed_config": cfg,

@@ -163,3 +163,7 @@ def test_the_z_sampler_is_recorded_and_replay_runs_only_on_it(tmp_path, caplog):
         engine.load_checkpoint(str(tmp_path / "ck"))
     assert "mixes two z streams" in caplog.text
     assert engine.z_stream == "mixed(cuda/132x2048, cpu)"
+    engine.train_batch(batch(seed=2))
+    engine.save_checkpoint(str(tmp_path / "ck"))
+    with pytest.raises(SystemExit, match=r"mixes two z streams \(cuda/132x2048, cpu\): no single device"):
+        replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
