@@ -46,14 +46,17 @@ class Communicator:
         data/perturbation parallelism). In place; returns it."""
         if self.dims.world == 1:
             return values
+        self._sum(values, group, "scalar all-reduce")
+        self.stats["allreduce_bytes"] += values.numel() * values.element_size()
+        self.stats["allreduce_calls"] += 1
+        return values
+
+    def _sum(self, values: torch.Tensor, group: str, what: str) -> None:
         try:
             self._run_on_device(values, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM,
                                                                   group=self.dims.groups[group]))
         except Exception as e:  # gloo raises RuntimeError, NCCL DistBackendError; both mean the same here
-            raise self._fail("scalar all-reduce", group, e) from e
-        self.stats["allreduce_bytes"] += values.numel() * values.element_size()
-        self.stats["allreduce_calls"] += 1
-        return values
+            raise self._fail(what, group, e) from e
 
     def all_gather_shards(self, out: torch.Tensor, shard: torch.Tensor) -> None:
         """One coalesced all-gather of a unit's flat shard within this rank's partition group: out = (k * S,)."""
@@ -75,7 +78,8 @@ class Communicator:
             raise self._fail("model broadcast", "world", e) from e
 
     def gather_strings(self, value: str, width: int = 64) -> list[str]:
-        """Every rank's `value` (ASCII, at most `width` bytes), in rank order: for start-up agreement checks."""
+        """Every rank's `value` (ASCII, at most `width` bytes), in rank order: for start-up agreement checks (not
+        counted in the per-step traffic `stats`)."""
         data = value.encode("ascii")
         if len(data) > width:
             raise ValueError(f"gather_strings: {value!r} is longer than {width} bytes")
@@ -83,7 +87,7 @@ class Communicator:
             return [value]
         table = torch.zeros(self.dims.world, width, dtype=torch.float64)
         table[self.dims.rank, :len(data)] = torch.tensor(list(data), dtype=torch.float64)
-        self.all_reduce_sum(table)
+        self._sum(table, "world", "start-up agreement check")
         return [bytes(int(x) for x in row if x).decode("ascii") for row in table.tolist()]
 
     def barrier(self) -> None:
