@@ -240,5 +240,7 @@ def test_16bit_master_widens_inside_the_kernel(device, dtype):
 def test_cuda_z_stream_names_the_sampler_grid():
     from ds_zo.perturb import z_stream
     props = torch.cuda.get_device_properties(0)
-    assert z_stream("cuda") == f"cuda/{props.multi_processor_count}x{props.max_threads_per_multi_processor}"
+    threads = getattr(props, "max_threads_per_multi_processor", 0)     # (0 where torch does not expose it)
+    assert z_stream("cuda") == f"cuda/{props.multi_processor_count}x{threads}"
+    assert z_stream(torch.device("cuda", 0)) == z_stream("cuda")
     assert z_stream("cpu") == "cpu"
