@@ -25,19 +25,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
+    from benchmarks.device_calibrate import device_time
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    out = {}
-    for name, (dst, src) in {"h2d": (dev, host), "d2h": (host, dev)}.items():
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src, non_blocking=True)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        out[f"{name}_GBps"] = nbytes / statistics.median(times) / 1e9
+    out = {f"{name}_GBps": nbytes / device_time(lambda: dst.copy_(src, non_blocking=True), dev.device, reps) / 1e9
+           for name, (dst, src) in {"h2d": (dev, host), "d2h": (host, dev)}.items()}
     del host, dev
     return out
 

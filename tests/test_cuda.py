@@ -161,21 +161,13 @@ def offload_job(tmp_path, accelerator: str, steps: int = 4):
     """The fine-tuning job (python -m ds_zo.train) on the tiny model with ZeRO-3 parameter offload, one process."""
     import json
     import os
-    import subprocess
-    import sys
-    from ds_zo.parallel.local_ranks import ROOT, loopback_env
-    from test_job import _write_csv
+    from ds_zo.parallel.local_ranks import ROOT
+    from test_job import _job, _write_csv
     _write_csv(tmp_path / "train.csv", 32, 1)
     _write_csv(tmp_path / "test.csv", 16, 2)
     out = tmp_path / "run"
-    env = loopback_env(DS_ACCELERATOR=accelerator)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))  # keep carried wheels
-    proc = subprocess.run([sys.executable, "-m", "ds_zo.train", "--model", "tiny", "--task", "classification",
-                           "--train_file", str(tmp_path / "train.csv"), "--test_file", str(tmp_path / "test.csv"),
-                           "--label_words", '[" bad", " good"]', "--trainable", "all", "--steps", str(steps),
-                           "--eval_interval", "2", "--output_dir", str(out), "--no_progress", "--deepspeed_config",
-                           os.path.join(ROOT, "configs", "zo_sgd_tiny_zero3_offload.json")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    proc = _job(out, tmp_path, "--trainable", "all", "--deepspeed_config",
+                os.path.join(ROOT, "configs", "zo_sgd_tiny_zero3_offload.json"), steps=steps, accelerator=accelerator)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["device"] == accelerator and summary["steps"] == steps

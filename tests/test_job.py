@@ -36,13 +36,15 @@ def data(tmp_path_factory):
     return d
 
 
-def _job(out, data, *extra, launcher=None, steps=4):
+def _job(out, data, *extra, launcher=None, steps=4, accelerator="cpu"):
     args = ["-m", "ds_zo.train", "--model", "tiny", "--task", "classification",
             "--train_file", str(data / "train.csv"), "--test_file", str(data / "test.csv"),
             "--label_words", '[" bad", " good"]', "--steps", str(steps), "--eval_interval", "2",
             "--output_dir", str(out), "--no_progress", "--deepspeed_config",
             os.path.join(ROOT, "configs", "tiny_classification.json"), *extra]
-    env = loopback_env()
+    env = loopback_env(DS_ACCELERATOR=accelerator)
+    if os.environ.get("PYTHONPATH"):        # packages carried that way (the GPU machine's deepspeed wheels)
+        env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.environ["PYTHONPATH"]])
     if launcher == "torchrun":
         cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
