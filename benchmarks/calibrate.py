@@ -3,8 +3,9 @@ shapes being predicted is timed here, so the steps the model then predicts are a
 
 - flops: an inference forward of the same shape at the rows one slot computes (thread CPU time) ⇒ FLOP/s over the
   shape's analytic forward FLOPs (attention, norms, rotary, the loss and HF's per-module Python are folded in);
-- rng_rate: torch normal_ into a 2^20-element float32 buffer (one ds_zo z chunk);
-- host_chunk_s: ds_zo's PerturbationGenerator.fill of one chunk minus the bare normal_ (key mixing, seeding);
+- rng_rate: ds_zo's sampler (PerturbationGenerator.draw_chunks: the native vectorised mt19937 where it is built)
+  drawing one 2^20-element float32 chunk; torch's own normal_ is recorded beside it (torch_rng_rate);
+- host_chunk_s: ds_zo's PerturbationGenerator.fill of one chunk minus that draw (key mixing, the call's Python);
 - elem_bw: torch.add(x, y, out=o) over 4M float32 elements, 12 bytes per element;
 - merge_bw: torch.cat of two 4M-element tensors into a new one (how the slots' outputs are joined);
 - h2d_bw = d2h_bw: a 4M-element copy_ (the "upload" and "offload" of a CPU device are host memcpys);
@@ -42,11 +43,13 @@ def micro_rates(reps: int = 7) -> dict:
     gen = torch.Generator().manual_seed(0)
     zgen = PerturbationGenerator()
     t_normal = _cpu_time(lambda: chunk.normal_(generator=gen), reps * 3)
+    t_draw = _cpu_time(lambda: zgen.draw_chunks([(chunk, 12345)]), reps * 3)
     t_fill = _cpu_time(lambda: zgen.fill(chunk, 1, 0, 12345, CHUNK_ELEMENTS), reps * 3)
     t_add = _cpu_time(lambda: torch.add(x, y, out=o), reps)
     t_copy = _cpu_time(lambda: o.copy_(x), reps)
     t_cat = _cpu_time(lambda: torch.cat([x, y]), reps)
-    return {"rng_rate": CHUNK_ELEMENTS / t_normal, "host_chunk_s": max(0.0, t_fill - t_normal),
+    return {"rng_rate": CHUNK_ELEMENTS / t_draw, "torch_rng_rate": CHUNK_ELEMENTS / t_normal,
+            "host_chunk_s": max(0.0, t_fill - t_draw),
             "elem_bw": 12 * n / t_add, "copy_bw": 4 * n / t_copy, "merge_bw": 8 * n / t_cat}
 
 

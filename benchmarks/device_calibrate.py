@@ -4,10 +4,11 @@ predicted shape is used to calibrate, so the comparison is a check of the model,
 
 Device rates are timed on the device (CUDA events; wall time after a synchronize on CPU); host rates are the host's
 issue time of many back-to-back calls (on CUDA the kernels queue behind, so issuing is what the host pays):
-- rng_rate: torch normal_ into a 2^20-element float32 buffer (one ds_zo z chunk), device time;
+- rng_rate: drawing a 2^20-element float32 buffer (one ds_zo z chunk), device time: torch normal_ on CUDA, ds_zo's
+  sampler on CPU (PerturbationGenerator.draw_chunks: the native vectorised mt19937 where it is built);
 - host_pass_s: host time to issue one small element-wise op as ds_zo does (torch.add of slices into a slice);
 - host_chunk_s: host time per chunk to issue ds_zo's PerturbationGenerator.fill of a span of 8 chunks (key, seeding,
-  launch; on CPU, where the draw itself runs on the host: one chunk's fill minus a bare normal_);
+  launch; on CPU, where the draw itself runs on the host: one chunk's fill minus the draw);
 - elem_bw: torch.add(x, y, out=o) over 64M float32 elements (12 bytes each); merge_bw: torch.cat of two of them;
 - flops: a plain forward of the benchmark's model at the rows the dual forward computes (2 x batch), over the shape's
   analytic FLOPs (attention, norms, the loss and HF's module code are folded in);
@@ -68,7 +69,10 @@ def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     zgen = PerturbationGenerator()
     chunks = 64
-    t_normal = device_time(lambda: [chunk.normal_(generator=gen) for _ in range(chunks)], device, reps) / chunks
+    if device.type == "cuda":    # bare normal_: issuing it is quicker than the kernel, so the device time is its own
+        t_normal = device_time(lambda: [chunk.normal_(generator=gen) for _ in range(chunks)], device, reps) / chunks
+    else:
+        t_normal = device_time(lambda: [zgen.draw_chunks([(chunk, 12345)]) for _ in range(chunks)], device, reps) / chunks
     key = iter(range(10**9))
     host_fill = host_issue_time(lambda: zgen.fill(chunk, 1, 0, next(key), CHUNK_ELEMENTS), device, 200)
     # as ds_zo draws on accelerators: a span of 8 whole chunks per fill_many call (the call's overhead shared)
@@ -81,7 +85,7 @@ def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
     x, y, o = (torch.randn(n, device=device) for _ in range(3))
     t_add = device_time(lambda: torch.add(x, y, out=o), device, reps)
     t_cat = device_time(lambda: torch.cat([x, y]), device, reps)
-    host_chunk = host_span if device.type == "cuda" else max(0.0, host_fill - host_normal)
+    host_chunk = host_span if device.type == "cuda" else max(0.0, host_fill - t_normal)
     out = {"rng_rate": CHUNK_ELEMENTS / t_normal, "host_chunk_s": host_chunk, "host_fill_s": host_fill,
            "host_fill_in_span_s": host_span,
            "host_normal_s": host_normal, "host_pass_s": host_pass,

@@ -76,7 +76,7 @@ def _time(fn, batch) -> tuple[float, float]:
 
 
 PROFILE_GROUPS = [   # (group, predicate on (function name, caller file)) — first match wins
-    ("z draws (normal_)", lambda f, c: "normal" in f),
+    ("z draws (normal_)", lambda f, c: "normal" in f or "draw_chunks" in f),   # torch's, or ds_zo's native one
     ("ZO element-wise (θ±εz, update)", lambda f, c: any(s in c for s in ("perturbed_copies", "optimizer.py",
                                                                           "perturb.py", "baselines.py"))),
     ("slot split/merge (torch.cat)", lambda f, c: "dual_forward" in c),

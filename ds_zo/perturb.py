@@ -165,6 +165,14 @@ class PerturbationGenerator:
         if not folds and scale != 1.0:
             out.mul_(scale)
 
+    def _native(self, jobs: list[tuple[torch.Tensor, int]], scale: float):
+        """The native sampler for these CPU chunks (same values, drawn on the OpenMP team, Gaussian ones by the
+        vectorised mt19937), or None where it cannot draw them."""
+        if jobs[0][0].device.type != "cpu" or not all(self._folds(out, scale) and out.is_contiguous()
+                                                       for out, _ in jobs):
+            return None
+        return native.chunk_draws()
+
     def _draw_on_worker(self, job: tuple[torch.Tensor, int, float, bool]) -> None:
         gen = getattr(self._local, "gen", None)
         if gen is None:
@@ -173,15 +181,15 @@ class PerturbationGenerator:
         with torch.inference_mode(inference):   # the caller's: its buffers may be inference tensors
             self._draw(out, key, scale, gen)
 
-    def _draw_all(self, jobs: list[tuple[torch.Tensor, int]], scale: float = 1.0) -> None:
-        """Draw whole chunks (times `scale`); on CPU several at once (each chunk's values depend only on its key):
-        on the intra-op threads where the native sampler is available, else on a pool of Python threads."""
+    def draw_chunks(self, jobs: list[tuple[torch.Tensor, int]], scale: float = 1.0) -> None:
+        """The sampler: each (out, chunk key) gets out := z * scale, the chunk's values, which depend on its key only.
+        On CPU by the native sampler where it is available (several chunks at once on the intra-op threads), else on
+        a pool of Python threads; on accelerators one seeded normal_ per chunk."""
         if not jobs:
             return
         threads = self.parallel_chunks(jobs[0][0].device)
         parallel = threads > 1 and len(jobs) > 1
-        kernels = (native.chunk_draws() if parallel and all(self._folds(out, scale) and out.is_contiguous()
-                                                             for out, _ in jobs) else None)
+        kernels = self._native(jobs, scale)
         if kernels is not None:
             kernels.draw_chunks([out for out, _ in jobs], [key for _, key in jobs], scale,
                                 self.distribution == "gaussian")
@@ -231,10 +239,9 @@ class PerturbationGenerator:
                     whole.append((out[a - start:b - start], key_k))
                 else:
                     tmp = self._scratch_chunk(out.device)[:hi - lo]
-                    self._draw(tmp, key_k, scale)
-                    self.elements_drawn += tmp.numel()
+                    self.draw_chunks([(tmp, key_k)], scale)
                     out[a - start:b - start].copy_(tmp[a - lo:b - lo])
-        self._draw_all(whole, scale)
+        self.draw_chunks(whole, scale)
 
     def z(self, seed: int, index: int, key: int, numel: int, start: int = 0, stop: Optional[int] = None,
           device: torch.device | str = "cpu") -> torch.Tensor:

@@ -29,6 +29,7 @@ def fresh(monkeypatch):
     """chunk_draws() as on first use in a new process."""
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_unavailable", None)
+    monkeypatch.setattr(native, "_fast_gaussian_off", None)
 
 
 def test_fallback_when_the_build_fails(fresh, monkeypatch, caplog):
@@ -118,3 +119,57 @@ def test_a_built_library_is_imported_without_the_compiler(monkeypatch):
     assert torch.equal(out, torch.empty(64).normal_(generator=g) * 0.5)
     with pytest.raises(RuntimeError, match="at least 16 elements"):
         module.draw_chunks([torch.empty(8)], [1], 1.0, True)
+
+
+def _has_avx2_fma() -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    return " avx2" in flags and " fma" in flags
+
+
+def test_vectorised_gaussian_draws_are_torchs(monkeypatch):
+    """Where the CPU has AVX2 and FMA the native sampler draws Gaussian chunks with its own vectorised mt19937 and
+    Box-Muller, and they are torch's normal_ values bit for bit: every size class (groups of 16, the redrawn tail,
+    twists of 624 words, the 2^20 chunk), seeds beyond 32 bits, several scales, many chunks at once; and with it
+    turned off, ATen's sampler gives the same values."""
+    needs_native()
+    if not _has_avx2_fma():
+        pytest.skip("the vectorised sampler needs AVX2 and FMA")
+    module = native.chunk_draws()
+    assert module.fast_gaussian() and native.fast_gaussian_off() is None
+    rng = torch.Generator().manual_seed(7)
+    sizes = [16, 17, 47, 623, 624, 625, 640, 1248, 1249, 9999, 2**20, 2**20 + 5]
+    keys = [int(torch.randint(0, 2**62, (1,), generator=rng)) for _ in sizes]
+    for scale in (1.0, 1e-3, 3.7):
+        outs = [torch.empty(n) for n in sizes]
+        module.draw_chunks(outs, keys, scale, True)
+        for out, n, key in zip(outs, sizes, keys):
+            want = torch.empty(n).normal_(0.0, scale, generator=torch.Generator().manual_seed(key))
+            assert torch.equal(out, want), (n, key, scale)
+    try:
+        module.set_fast_gaussian(False)
+        assert not module.fast_gaussian()
+        slow = torch.empty(1000)
+        module.draw_chunks([slow], [keys[0]], 0.5, True)
+    finally:
+        module.set_fast_gaussian(True)
+    fast = torch.empty(1000)
+    module.draw_chunks([fast], [keys[0]], 0.5, True)
+    assert torch.equal(fast, slow)
+
+
+def test_the_vectorised_sampler_is_turned_off_when_it_disagrees(fresh, monkeypatch, caplog):
+    """ds_zo checks the vectorised sampler against torch's normal_ when it loads (another torch version, another CPU
+    dispatch, another compiler could differ) and keeps ATen's sampler if a single value differs."""
+    calls = []
+    wrong = SimpleNamespace(fast_gaussian=lambda: True, set_fast_gaussian=calls.append,
+                            draw_chunks=lambda outs, keys, scale, gaussian: [o.normal_(0.0, scale * 1.0001,
+                                                                                   generator=torch.Generator()
+                                                                                   .manual_seed(k))
+                                                                          for o, k in zip(outs, keys)])
+    monkeypatch.delenv("DS_ZO_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_build", lambda: wrong)
+    with caplog.at_level(logging.WARNING, logger="ds_zo.native"):
+        assert native.chunk_draws() is wrong
+    assert calls == [False]
+    assert "differs from torch's normal_" in native.fast_gaussian_off() and "sampler is off" in caplog.text

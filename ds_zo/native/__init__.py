@@ -16,7 +16,9 @@ from typing import Optional
 
 logger = logging.getLogger(__name__)
 _NAME = "ds_zo_chunk_draws"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chunk_draws.cpp")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCE = os.path.join(_HERE, "chunk_draws.cpp")
+_HEADERS = [os.path.join(_HERE, "mt19937_normal.h")]
 # -fopenmp: at::parallel_for is a header-only OpenMP loop; without it the loop runs serially (the process already has
 # torch's libgomp loaded, which the extension then shares). -ffp-contract=off: no fused multiply-adds.
 _CFLAGS = ["-O2", "-fopenmp", "-ffp-contract=off"]
@@ -24,14 +26,18 @@ _BUILD_WAIT_S = 600     # a build takes ~30 s; a process waiting longer for anot
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
 _unavailable: Optional[str] = None
+_fast_gaussian_off: Optional[str] = None
 
 
 def build_directory() -> str:
     """One directory per source, flags, torch and Python version: a built library there is always the right one."""
     import torch
 
-    with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read() + repr((_CFLAGS, torch.__version__, sys.version)).encode()).hexdigest()
+    text = b""
+    for path in [_SOURCE] + _HEADERS:
+        with open(path, "rb") as f:
+            text += f.read()
+    digest = hashlib.sha256(text + repr((_CFLAGS, torch.__version__, sys.version)).encode()).hexdigest()
     root = os.environ.get("DS_ZO_NATIVE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ds_zo", "native")
     return os.path.join(root, f"{_NAME}-{digest[:16]}")
 
@@ -89,13 +95,44 @@ def chunk_draws() -> Optional[ModuleType]:
                 _unavailable = "turned off (DS_ZO_NATIVE=0)"
             else:
                 try:
-                    _module = _build()
+                    _module = _check_fast_gaussian(_build())
                 except Exception as exc:  # no compiler, no ninja, read-only cache: fall back, say why
                     lines = str(exc).strip().splitlines()
                     _unavailable = f"{type(exc).__name__}: {lines[-1] if lines else ''}"
                     logger.warning("ds_zo: native chunk draws unavailable (%s); z chunks are drawn on Python "
                                    "threads instead (same values, less parallel)", _unavailable)
     return _module
+
+
+def _check_fast_gaussian(module: ModuleType) -> ModuleType:
+    """Keep the vectorised Gaussian sampler only if it gives torch's values here: this torch's normal_ kernel, this
+    CPU's dispatch (ATEN_CPU_CAPABILITY), this compiler's code. Sizes around the 16-value groups and the 624-word
+    twists, several keys and scales; a few milliseconds."""
+    global _fast_gaussian_off
+    import torch
+
+    if not module.fast_gaussian():
+        _fast_gaussian_off = "the CPU lacks AVX2 or FMA"
+        return module
+    cases = [(n, key, scale) for n in (16, 17, 31, 623, 624, 625, 1263, 4111, 70_001)
+             for key, scale in ((0, 1.0), (2**40 + 12_345, 1e-3), (2**63 - 1, 0.37))]
+    for n, key, scale in cases:
+        got = torch.empty(n)
+        module.draw_chunks([got], [key], scale, True)
+        want = torch.empty(n).normal_(0.0, scale, generator=torch.Generator().manual_seed(key))
+        if not torch.equal(got, want):
+            module.set_fast_gaussian(False)
+            _fast_gaussian_off = (f"it differs from torch's normal_ here (n={n}, key={key}, scale={scale}; torch "
+                                  f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()})")
+            logger.warning("ds_zo: the vectorised z sampler is off: %s; z chunks use torch's sampler (same values, "
+                           "slower)", _fast_gaussian_off)
+            break
+    return module
+
+
+def fast_gaussian_off() -> Optional[str]:
+    """Why Gaussian z chunks do not come from the vectorised sampler (None while they do, or before the first use)."""
+    return _fast_gaussian_off
 
 
 def unavailable() -> Optional[str]:

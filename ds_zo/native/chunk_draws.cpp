@@ -5,9 +5,10 @@
 // leaves spinning behind it (libgomp spins for a while before sleeping; on a VM the spin takes far longer), so on a
 // 2-core machine they hardly run in parallel. Here the OpenMP team itself draws.
 //
-// Each chunk gets a fresh CPU generator seeded with its key and is filled by the same ATen sampler that
-// `torch.Generator().manual_seed(key)` + `out.normal_(0, scale, generator=g)` runs (Bernoulli ±scale for
-// Rademacher), so the values are those of the Python path bit for bit.
+// Each chunk's values are those of `torch.Generator().manual_seed(key)` + `out.normal_(0, scale, generator=g)`
+// (Bernoulli ±scale for Rademacher), the Python path's, bit for bit: Gaussian chunks from Mt19937Normal (the same
+// stream, vectorised; used only while it agrees with torch, see mt19937_normal.h), otherwise from ATen's sampler
+// with a fresh CPU generator seeded with the key.
 #include <torch/extension.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -18,7 +19,12 @@
 #include <numeric>
 #include <vector>
 
+#include "mt19937_normal.h"
+
 namespace {
+
+// on where the CPU has AVX2 and FMA; ds_zo.native turns it off if it ever disagrees with torch's normal_
+std::atomic<bool> fast_gaussian{__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")};
 
 void draw_chunks(const std::vector<at::Tensor>& outs, const std::vector<int64_t>& keys, double scale,
                  bool gaussian) {
@@ -43,6 +49,11 @@ void draw_chunks(const std::vector<at::Tensor>& outs, const std::vector<int64_t>
     at::ThreadLocalStateGuard state(caller);
     for (int64_t i = next++; i < n; i = next++) {
       const at::Tensor& out = outs[order[i]];
+      if (gaussian && fast_gaussian.load(std::memory_order_relaxed)) {
+        ds_zo::Mt19937Normal::fill(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(keys[order[i]]),
+                                   static_cast<float>(scale));
+        continue;
+      }
       at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(keys[order[i]]));
       if (gaussian) {
         out.normal_(0.0, scale, gen);
@@ -59,4 +70,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("draw_chunks", &draw_chunks, "fill each buffer with z * scale from a generator seeded with its key",
         pybind11::arg("outs"), pybind11::arg("keys"), pybind11::arg("scale"), pybind11::arg("gaussian"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("fast_gaussian", [] { return fast_gaussian.load(); },
+        "whether Gaussian chunks come from the vectorised mt19937 sampler");
+  m.def("set_fast_gaussian", [](bool on) {
+    fast_gaussian.store(on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+  }, "use the vectorised sampler (where the CPU has AVX2 and FMA) or ATen's", pybind11::arg("on"));
 }
