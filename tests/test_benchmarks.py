@@ -146,3 +146,20 @@ def test_memory_probe_runs_in_a_fresh_process():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["hwm_reset"] and res["peak_rss"] >= res["rss_after_build"] > 0
     assert res["dszo_buffers"]["perturbed_copies"] > 0
+
+
+def test_sampler_benchmark_smoke():
+    """benchmarks.sampler_bench on the tiny shape: the three draws and the three steps are timed, ratios reported."""
+    from test_native import _has_avx2_fma, needs_native
+    needs_native()
+    if not _has_avx2_fma():
+        pytest.skip("the vectorised sampler needs AVX2 and FMA")
+    from benchmarks.sampler_bench import draws, steps
+    d = draws(1)
+    assert set(d) == {"torch normal_", "native, ATen sampler", "native, vectorised"}
+    assert all(v["median"] > 0 for v in d.values())
+    s = steps("tiny", 2, 8, 1)
+    assert set(s["wall"]) == {"dszo, ATen sampler", "dszo, vectorised", "mezo"}
+    assert s["vectorised / ATen"]["median"] > 0
+    from ds_zo import native
+    assert native.chunk_draws().fast_gaussian()     # left on
