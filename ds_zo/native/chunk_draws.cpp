@@ -23,8 +23,13 @@
 
 namespace {
 
+bool cpu_has_avx2_fma() {
+  __builtin_cpu_init();   // may run in a static initialiser, before libgcc's own CPU probe
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
 // on where the CPU has AVX2 and FMA; ds_zo.native turns it off if it ever disagrees with torch's normal_
-std::atomic<bool> fast_gaussian{__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")};
+std::atomic<bool> fast_gaussian{cpu_has_avx2_fma()};
 
 void draw_chunks(const std::vector<at::Tensor>& outs, const std::vector<int64_t>& keys, double scale,
                  bool gaussian) {
@@ -73,6 +78,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fast_gaussian", [] { return fast_gaussian.load(); },
         "whether Gaussian chunks come from the vectorised mt19937 sampler");
   m.def("set_fast_gaussian", [](bool on) {
-    fast_gaussian.store(on && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+    fast_gaussian.store(on && cpu_has_avx2_fma());
   }, "use the vectorised sampler (where the CPU has AVX2 and FMA) or ATen's", pybind11::arg("on"));
 }
