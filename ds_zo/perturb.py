@@ -202,6 +202,18 @@ class PerturbationGenerator:
                 self._pool_size, self._pool_pid = threads, os.getpid()
             inference = torch.is_inference_mode_enabled()
             list(self._pool.map(self._draw_on_worker, [(out, key, scale, inference) for out, key in jobs]))
+        elif self.distribution == "gaussian" and 0.0 < scale:
+            # one seeded normal_ per chunk, nothing else per chunk: on an accelerator this loop is the host's
+            # critical path (every chunk is a launch), so the generator and the scale folding are decided once
+            gen = self._generator(jobs[0][0].device)
+            for out, key in jobs:
+                gen.manual_seed(key)
+                if out.numel() >= _FOLDED_MIN:
+                    out.normal_(0.0, scale, generator=gen)
+                else:
+                    out.normal_(0.0, 1.0, generator=gen)
+                    if scale != 1.0:
+                        out.mul_(scale)
         else:
             for out, key in jobs:
                 self._draw(out, key, scale)
@@ -231,16 +243,23 @@ class PerturbationGenerator:
             stop = start + out.numel()
             if start < 0 or stop > numel:
                 raise ValueError(f"slice [{start}, {stop}) is outside a parameter of {numel} elements")
-            for k in range(start // c, (stop + c - 1) // c):
+            # chunks [w0, w1) lie whole inside [start, stop) (the parameter's last chunk may be short): drawn
+            # straight into views of the output, made by one split; at most the first and the last chunk overlap
+            # the slice partly and are drawn whole into scratch
+            w0 = -(-start // c)
+            w1 = max(w0, -(-stop // c) if stop == numel else stop // c)
+            if w1 > w0:
+                views = out[w0 * c - start:min(w1 * c, numel) - start].split(c)
+                whole.extend(zip(views, [chunk_key(seed, index, key, k) for k in range(w0, w1)]))
+            overlapped = range(start // c, (stop + c - 1) // c)
+            for k in sorted({overlapped[0], overlapped[-1]} if overlapped else ()):
+                if w0 <= k < w1:
+                    continue
                 lo, hi = k * c, min((k + 1) * c, numel)
                 a, b = max(lo, start), min(hi, stop)
-                key_k = chunk_key(seed, index, key, k)
-                if a == lo and b == hi:  # whole chunk: drawn straight into the output
-                    whole.append((out[a - start:b - start], key_k))
-                else:
-                    tmp = self._scratch_chunk(out.device)[:hi - lo]
-                    self.draw_chunks([(tmp, key_k)], scale)
-                    out[a - start:b - start].copy_(tmp[a - lo:b - lo])
+                tmp = self._scratch_chunk(out.device)[:hi - lo]
+                self.draw_chunks([(tmp, chunk_key(seed, index, key, k))], scale)
+                out[a - start:b - start].copy_(tmp[a - lo:b - lo])
         self.draw_chunks(whole, scale)
 
     def z(self, seed: int, index: int, key: int, numel: int, start: int = 0, stop: Optional[int] = None,

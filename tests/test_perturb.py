@@ -21,6 +21,27 @@ def test_slices_equal_whole(distribution, numel):
         assert torch.equal(gen.z(7, 0, 11, numel, a, b), whole[a:b])
 
 
+@pytest.mark.parametrize("numel", [1, 15, 16, 17, 64, 100, 1000])
+def test_z_is_each_chunk_drawn_whole_from_its_key(numel):
+    """The definition, written out independently of fill's bookkeeping: chunk k of a parameter is torch's normal_
+    over the chunk's full length (the last one may be short) from a generator seeded with chunk_key(..., k), times
+    the scale (folded into normal_ from 16 values up); any slice is the matching part of those chunks."""
+    c, scale = 64, 0.25
+    chunks = []
+    for k in range(-(-numel // c)):
+        n = min(c, numel - k * c)
+        g = torch.Generator().manual_seed(chunk_key(7, 2, 11, k))
+        chunks.append(torch.empty(n).normal_(0.0, scale, generator=g) if n >= 16
+                      else torch.empty(n).normal_(generator=g).mul_(scale))
+    want = torch.cat(chunks)
+    gen = PerturbationGenerator(chunk_elements=c)
+    out = torch.empty(numel)
+    assert torch.equal(gen.fill(out, 7, 2, 11, numel, scale=scale), want)
+    for a, b in [(0, numel), (numel // 3, numel), (numel // 2, numel // 2 + 1), (numel, numel), (0, numel // 2)]:
+        part = torch.empty(b - a)
+        assert torch.equal(gen.fill(part, 7, 2, 11, numel, start=a, scale=scale), want[a:b]), (a, b)
+
+
 def test_shards_of_any_partitioning_concatenate_to_whole():
     gen = PerturbationGenerator(chunk_elements=32)
     numel = 1000
