@@ -12,6 +12,7 @@ Nothing here depends on global RNG state or on call order.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 import threading
@@ -165,13 +166,22 @@ class PerturbationGenerator:
         if not folds and scale != 1.0:
             out.mul_(scale)
 
-    def _native(self, jobs: list[tuple[torch.Tensor, int]], scale: float):
-        """The native sampler for these CPU chunks (same values, drawn on the OpenMP team, Gaussian ones by the
-        vectorised mt19937), or None where it cannot draw them."""
-        if jobs[0][0].device.type != "cpu" or not all(self._folds(out, scale) and out.is_contiguous()
-                                                       for out, _ in jobs):
-            return None
-        return native.chunk_draws()
+    def _draw_native(self, jobs: list[tuple[torch.Tensor, int]], scale: float) -> list[tuple[torch.Tensor, int]]:
+        """Draw the CPU chunks the native sampler can (same values, on the OpenMP team, Gaussian ones by the
+        vectorised mt19937: contiguous, ≥ 16 values, scale folded); return the others (all of them where it is not
+        built, or on an accelerator)."""
+        if jobs[0][0].device.type != "cpu":
+            return jobs
+        kernels = native.chunk_draws()
+        if kernels is None:
+            return jobs
+        mine, rest = [], []
+        for job in jobs:
+            (mine if self._folds(job[0], scale) and job[0].is_contiguous() else rest).append(job)
+        if mine:
+            kernels.draw_chunks([out for out, _ in mine], [key for _, key in mine], scale,
+                                self.distribution == "gaussian")
+        return rest
 
     def _draw_on_worker(self, job: tuple[torch.Tensor, int, float, bool]) -> None:
         gen = getattr(self._local, "gen", None)
@@ -187,13 +197,12 @@ class PerturbationGenerator:
         a pool of Python threads; on accelerators one seeded normal_ per chunk."""
         if not jobs:
             return
+        self.elements_drawn += sum(out.numel() for out, _ in jobs)
+        jobs = self._draw_native(jobs, scale)
+        if not jobs:
+            return
         threads = self.parallel_chunks(jobs[0][0].device)
-        parallel = threads > 1 and len(jobs) > 1
-        kernels = self._native(jobs, scale)
-        if kernels is not None:
-            kernels.draw_chunks([out for out, _ in jobs], [key for _, key in jobs], scale,
-                                self.distribution == "gaussian")
-        elif parallel:
+        if threads > 1 and len(jobs) > 1:
             if self._pool is None or self._pool_size < threads or self._pool_pid != os.getpid():
                 if self._pool is not None and self._pool_pid == os.getpid():
                     self._pool.shutdown(wait=True)
@@ -202,7 +211,7 @@ class PerturbationGenerator:
                 self._pool_size, self._pool_pid = threads, os.getpid()
             inference = torch.is_inference_mode_enabled()
             list(self._pool.map(self._draw_on_worker, [(out, key, scale, inference) for out, key in jobs]))
-        elif self.distribution == "gaussian" and 0.0 < scale:
+        elif self.distribution == "gaussian" and 0.0 < scale < math.inf:
             # one seeded normal_ per chunk, nothing else per chunk: on an accelerator this loop is the host's
             # critical path (every chunk is a launch), so the generator and the scale folding are decided once
             gen = self._generator(jobs[0][0].device)
@@ -217,7 +226,6 @@ class PerturbationGenerator:
         else:
             for out, key in jobs:
                 self._draw(out, key, scale)
-        self.elements_drawn += sum(out.numel() for out, _ in jobs)
 
     def _scratch_chunk(self, device: torch.device) -> torch.Tensor:
         buf = self._scratch.get(device)

@@ -21,7 +21,7 @@ def test_slices_equal_whole(distribution, numel):
         assert torch.equal(gen.z(7, 0, 11, numel, a, b), whole[a:b])
 
 
-@pytest.mark.parametrize("numel", [1, 15, 16, 17, 64, 100, 1000])
+@pytest.mark.parametrize("numel", [1, 15, 16, 17, 64, 70, 100, 1000])   # 70: a last chunk of 6 values
 def test_z_is_each_chunk_drawn_whole_from_its_key(numel):
     """The definition, written out independently of fill's bookkeeping: chunk k of a parameter is torch's normal_
     over the chunk's full length (the last one may be short) from a generator seeded with chunk_key(..., k), times
