@@ -4,7 +4,8 @@
 
 Prints a table and writes JSON (--out). Each batch size in --batch is timed on the same two engines. On CUDA it also
 reports peak GPU memory per mode (at the first batch size), a pinned memcpy baseline (H2D/D2H GB/s), the H2D rate
-during the pipeline's uploads, and whether offload and resident end with the same parameters. --calibrate calibrates
+during the pipeline's uploads, and whether offload and resident end with the same parameters; on any device, where
+one step's host time goes per mode (torch.profiler, self CPU time per op). --calibrate calibrates
 ds_zo.perfmodel on this device (benchmarks/device_calibrate.py) and compares its predictions with the timed steps.
 """
 from __future__ import annotations
@@ -160,11 +161,18 @@ def main(argv=None) -> dict:
     if cuda:
         for m in modes:
             result[f"{m}_gpu_busy"] = gpu_busy(engines[m], batch_of[batches[0]])
+    for m in modes:
+        result[f"{m}_host_ops"] = host_ops(engines[m], batch_of[batches[0]])
     if args.calibrate and "resident" in engines:
         result["model"] = calibrate_and_predict(engines["resident"], args, batches, result)
     for k, v in result.items():
-        if k not in ("runs", "model"):
+        if k not in ("runs", "model") and not k.endswith("_host_ops"):
             print(f"{k:>36}: {v}")
+    for m in modes:
+        ops = result[f"{m}_host_ops"]
+        if "top" in ops:
+            print(f"{m} host: {ops['ops']} ops, {ops['op_cpu_s']:.4f} s of op CPU time in a {ops['wall_s']:.4f} s step;"
+                  " top: " + ", ".join(f"{o['op']} {o['count']}x {o['self_cpu_s'] * 1e3:.1f} ms" for o in ops["top"][:8]))
     for run in runs:
         print("  batch", run["batch"], "span", run["span_chunks"],
               {k: v for k, v in run.items() if k not in ("batch", "span_chunks")})
@@ -197,6 +205,32 @@ def gpu_busy(engine, batch) -> dict | None:
                 kernels += us
         return {"wall_s": wall, "kernel_s": kernels / 1e6, "copy_s": memcpy / 1e6,
                 "kernel_fraction": kernels / 1e6 / wall}
+    except Exception as e:                       # a diagnostic: never lose the benchmark over it
+        return {"error": repr(e)}
+
+
+def host_ops(engine, batch, top: int = 15) -> dict:
+    """Where one step's host time goes: torch.profiler's self CPU time per op (aten ops, and on a GPU the CUDA
+    runtime calls: launches, event records, stream waits), the `top` largest, beside the step's wall time, and every
+    op's count. Offload and resident side by side show what the pipeline adds to the host's path (the batch-1 offload gap
+    on a GPU is host-bound)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        cuda = engine.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            t0 = time.perf_counter()
+            engine.train_batch(batch)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        avgs = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
+        largest = sorted(avgs, key=lambda a: -a.self_cpu_time_total)[:top]
+        return {"wall_s": wall, "ops": sum(a.count for a in avgs),
+                "op_cpu_s": sum(a.self_cpu_time_total for a in avgs) / 1e6,
+                "top": [{"op": a.key, "count": a.count, "self_cpu_s": a.self_cpu_time_total / 1e6} for a in largest],
+                "counts": {a.key: a.count for a in avgs}}
     except Exception as e:                       # a diagnostic: never lose the benchmark over it
         return {"error": repr(e)}
 

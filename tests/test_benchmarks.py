@@ -163,3 +163,18 @@ def test_sampler_benchmark_smoke():
     assert s["vectorised / ATen"]["median"] > 0
     from ds_zo import native
     assert native.chunk_draws().fast_gaussian()     # left on
+
+
+def test_offload_benchmark_smoke_on_cpu(tmp_path):
+    """benchmarks.offload_bench on the tiny shape (the GPU check's benchmark, here on CPU): both modes timed, the
+    same parameters at the end, and each mode's host ops profiled, the pipeline's copies visible in the offload one."""
+    import json
+    from benchmarks.offload_bench import main
+    out = tmp_path / "ob.json"
+    res = main(["--shape", "tiny", "--seq", "16", "--batch", "1", "--steps", "1", "--reps", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["params_identical"] is True and res["params_identical"] is True
+    assert res["offload_step_s_median"] > 0 and res["resident_step_s_median"] > 0
+    ops = {m: res[f"{m}_host_ops"] for m in ("resident", "offload")}
+    assert all("top" in o and o["top"] and o["ops"] > 0 for o in ops.values()), ops
+    copies = {m: o["counts"].get("aten::copy_", 0) for m, o in ops.items()}
+    assert ops["offload"]["ops"] > ops["resident"]["ops"] and copies["offload"] > copies["resident"], copies
