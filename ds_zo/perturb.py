@@ -12,7 +12,6 @@ Nothing here depends on global RNG state or on call order.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import struct
 import threading
@@ -39,6 +38,7 @@ ACCELERATOR_SPAN_CHUNKS = 8
 _FOLDED_MIN = 16
 # Rademacher draws ±scale as b * (2 scale) - scale: 2 scale must stay finite in float32
 _RADEMACHER_MAX_SCALE = 1.7e38
+_FOLD_LIMIT = {"gaussian": float("inf"), "rademacher": _RADEMACHER_MAX_SCALE}   # scales a draw folds below
 
 
 def mix(*values: int) -> int:
@@ -151,8 +151,7 @@ class PerturbationGenerator:
     def _folds(self, out: torch.Tensor, scale: float) -> bool:
         """Whether the sampler can apply `scale` itself, giving exactly fl(z * scale) (what `z.mul_(scale)` gives),
         without a separate pass over the chunk."""
-        limit = float("inf") if self.distribution == "gaussian" else _RADEMACHER_MAX_SCALE
-        return out.numel() >= _FOLDED_MIN and 0.0 < scale < limit
+        return out.numel() >= _FOLDED_MIN and 0.0 < scale < _FOLD_LIMIT[self.distribution]
 
     def _draw(self, out: torch.Tensor, key: int, scale: float = 1.0, gen: Optional[torch.Generator] = None) -> None:
         """out := z * scale for the chunk of this key (scale applied as one float32 multiply)."""
@@ -211,21 +210,12 @@ class PerturbationGenerator:
                 self._pool_size, self._pool_pid = threads, os.getpid()
             inference = torch.is_inference_mode_enabled()
             list(self._pool.map(self._draw_on_worker, [(out, key, scale, inference) for out, key in jobs]))
-        elif self.distribution == "gaussian" and 0.0 < scale < math.inf:
-            # one seeded normal_ per chunk, nothing else per chunk: on an accelerator this loop is the host's
-            # critical path (every chunk is a launch), so the generator and the scale folding are decided once
+        else:
+            # on an accelerator this loop is the host's critical path (every chunk is a launch): the generator is
+            # looked up once
             gen = self._generator(jobs[0][0].device)
             for out, key in jobs:
-                gen.manual_seed(key)
-                if out.numel() >= _FOLDED_MIN:
-                    out.normal_(0.0, scale, generator=gen)
-                else:
-                    out.normal_(0.0, 1.0, generator=gen)
-                    if scale != 1.0:
-                        out.mul_(scale)
-        else:
-            for out, key in jobs:
-                self._draw(out, key, scale)
+                self._draw(out, key, scale, gen)
 
     def _scratch_chunk(self, device: torch.device) -> torch.Tensor:
         buf = self._scratch.get(device)
