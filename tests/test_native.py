@@ -203,3 +203,14 @@ def test_training_is_the_same_with_the_vectorised_sampler_on_or_off():
         torch.set_num_threads(before)
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+def test_a_cpu_without_avx2_keeps_atens_sampler(fresh, monkeypatch):
+    """Where the helper reports no AVX2/FMA the load-time check draws nothing and records why."""
+    calls = []
+    plain = SimpleNamespace(fast_gaussian=lambda: False, set_fast_gaussian=calls.append,
+                            draw_chunks=lambda *a: pytest.fail("no draws needed to decide"))
+    monkeypatch.delenv("DS_ZO_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_build", lambda: plain)
+    assert native.chunk_draws() is plain
+    assert native.fast_gaussian_off() == "the CPU lacks AVX2 or FMA" and calls == []
