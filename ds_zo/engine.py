@@ -89,9 +89,10 @@ class ZOEngine(DeepSpeedEngine):
         self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
         self.copies = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline,
                                       before_perturb=self._apply_pending_to_unit)
+        uses = collections.Counter(id(r.param) for u in self.units for r in u.trainable)
+        self.copies.shared = {p for p, n in uses.items() if n > 1}
         if self.zo_config.tied_z_cache:
-            uses = collections.Counter(id(r.param) for u in self.units for r in u.trainable)
-            self.copies.keep_whole = {p for p, n in uses.items() if n > 1}
+            self.copies.keep_whole = set(self.copies.shared)
         self.last_projected_grad: Optional[float | list[float]] = None
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self.module.forward).parameters
         self._in_zo_forward = False

@@ -217,6 +217,21 @@ class PerturbationGenerator:
             for out, key in jobs:
                 self._draw(out, key, scale, gen)
 
+    def draw_groups(self, out: torch.Tensor, key: int, scale: float, groups: torch.Tensor) -> bool:
+        """out (one whole chunk) := the groups of 16 values that `groups` marks (a uint8 per group) of the chunk of
+        this key, times scale; the other values are left unset. Only the vectorised CPU sampler can skip groups:
+        False, with nothing drawn, wherever whole chunks must be drawn instead (an accelerator, no native sampler,
+        Rademacher z, a chunk not a multiple of 16 values, a scale the draw cannot fold)."""
+        if (out.device.type != "cpu" or self.distribution != "gaussian" or out.numel() % 16
+                or not self._folds(out, scale)):
+            return False
+        kernels = native.chunk_draws()
+        if kernels is None or not kernels.fast_gaussian():
+            return False
+        kernels.draw_groups(out, key, scale, groups)
+        self.elements_drawn += 16 * int(groups.sum())
+        return True
+
     def _scratch_chunk(self, device: torch.device) -> torch.Tensor:
         buf = self._scratch.get(device)
         if buf is None:

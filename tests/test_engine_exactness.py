@@ -331,6 +331,47 @@ def test_spans_of_several_chunks_change_nothing(monkeypatch, tied, span_chunks):
     assert engine.optimizer._buffers[0].numel() == 100 * span_chunks
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tied_weight_z_drawn_once_per_perturbation(threads):
+    """A tied embedding/output weight on CPU: the embedding forms only the rows its ids use, from the z of those
+    rows alone (the vectorised sampler skips the rest of each chunk), and the output layer draws each chunk around
+    the rows kept for it. The parameters are still the reference's bit for bit (chunks of 528 values: rows of 32
+    straddle chunk boundaries; the output layer's row blocks are larger than its ε·z cache, so its chunks are drawn
+    span by span), and every z value is drawn exactly twice per step (perturbation and update). Forming whole row
+    blocks in the embedding, as other devices do, draws some of its chunks again in the output layer."""
+    from test_native import _has_avx2_fma, needs_native
+    needs_native()
+    if not _has_avx2_fma():
+        pytest.skip("the vectorised sampler needs AVX2 and FMA")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = tiny_model("llama", tied=True)
+        trained = sum(p.numel() for p in model.parameters())
+        ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+        ref.gen = PerturbationGenerator(chunk_elements=528)
+        drawn = {}
+        for rows_only in (True, False):
+            engine = _engine(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+            engine.perturbations.chunk = 528
+            if not rows_only:
+                engine.copies.shared = set()          # the row-block path, for comparison
+            drawn[rows_only] = []
+            for t in range(STEPS):
+                start = engine.perturbations.elements_drawn
+                loss = engine.train_batch(batch(seed=t))
+                if rows_only:
+                    assert loss == ref.step(batch(seed=t))[0]
+                drawn[rows_only].append(engine.perturbations.elements_drawn - start)
+            if rows_only:
+                _assert_params_equal(engine, ref, rtol=0)
+                assert engine.copies._row_ez           # the embedding kept its rows' ε·z for the output layer
+        assert drawn[True] == [trained] + [2 * trained] * (STEPS - 1)   # step 0 has no pending update
+        assert all(a > b for a, b in zip(drawn[False], drawn[True]))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_parameters_spanning_many_z_chunks(tied):
     """With a small z chunk every parameter spans many chunks: the chunked perturbation and update (bounded

@@ -214,3 +214,27 @@ def test_a_cpu_without_avx2_keeps_atens_sampler(fresh, monkeypatch):
     monkeypatch.setattr(native, "_build", lambda: plain)
     assert native.chunk_draws() is plain
     assert native.fast_gaussian_off() == "the CPU lacks AVX2 or FMA" and calls == []
+
+
+def test_marked_groups_of_a_chunk_are_its_values():
+    """draw_groups forms only the marked groups of 16 values of a chunk (for a tied weight's rows): each is the
+    whole chunk's value there, for sparse, dense, empty and full masks and chunk sizes around the 624-word twists;
+    misuse is refused with what was wrong."""
+    needs_native()
+    if not _has_avx2_fma():
+        pytest.skip("the vectorised sampler needs AVX2 and FMA")
+    module = native.chunk_draws()
+    rng = torch.Generator().manual_seed(3)
+    for n in (16, 624, 640, 9984, 2**20):
+        full = torch.empty(n)
+        module.draw_chunks([full], [n + 11], 0.02, True)
+        for frac in (0.0, 0.01, 0.5, 1.0):
+            groups = (torch.rand(n // 16, generator=rng) < frac).to(torch.uint8)
+            part = torch.full((n,), float("nan"))
+            module.draw_groups(part, n + 11, 0.02, groups)
+            marked = groups.bool().repeat_interleave(16)
+            assert torch.equal(part[marked], full[marked]), (n, frac)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        module.draw_groups(torch.empty(40), 1, 1.0, torch.ones(2, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="one entry per 16 values"):
+        module.draw_groups(torch.empty(64), 1, 1.0, torch.ones(3, dtype=torch.uint8))

@@ -189,3 +189,22 @@ def test_generator_copies_make_their_own_pool(monkeypatch):
             assert twin._pool is None and torch.equal(twin.z(1, 0, 2, 1000), z)
     finally:
         torch.set_num_threads(before)
+
+
+def test_draw_groups_only_where_the_sampler_can_skip(monkeypatch):
+    """PerturbationGenerator.draw_groups draws (and counts) only the marked groups where the vectorised sampler can
+    skip the rest, and otherwise draws nothing and says so, for its caller to draw whole chunks."""
+    needs_native()
+    if not native.chunk_draws().fast_gaussian():
+        pytest.skip("the vectorised sampler is off here")
+    gen = PerturbationGenerator(chunk_elements=64)
+    groups = torch.tensor([0, 1, 0, 1], dtype=torch.uint8)
+    out = torch.empty(64)
+    assert gen.draw_groups(out, 9, 0.5, groups) and gen.elements_drawn == 32
+    whole = torch.empty(64).normal_(0.0, 0.5, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(out[16:32], whole[16:32]) and torch.equal(out[48:], whole[48:])
+    assert not PerturbationGenerator("rademacher").draw_groups(torch.empty(64), 9, 0.5, groups)
+    assert not gen.draw_groups(torch.empty(40), 9, 0.5, groups[:2].clone())            # not a multiple of 16
+    assert not gen.draw_groups(out, 9, 0.0, groups)                                     # a scale that cannot fold
+    monkeypatch.setattr(native, "chunk_draws", lambda: None)
+    assert not gen.draw_groups(out, 9, 0.5, groups) and gen.elements_drawn == 32

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..perturb import PerturbationGenerator, span_groups
+from ..perturb import PerturbationGenerator, chunk_key, span_groups
 from .units import Unit
 
 Slot = Optional[tuple[int, int]]   # (perturbation index, sign) or None for the unperturbed parameters
@@ -82,6 +82,12 @@ class PerturbedCopies:
         self._ez_cache: list[tuple[tuple, torch.Tensor, str]] = []
         # tied_z_cache: id(param) of the weights used by two units whose ε·z is kept whole between them
         self.keep_whole: set[int] = set()
+        # id(param) of the weights used by two units (a tied embedding and output layer): on CPU the embedding
+        # forms only the rows its ids use, from the z of those rows alone, and keeps their ε·z (per perturbation:
+        # seed, their elements, the values, their chunks' bounds) for the output layer, which draws the rest of each
+        # chunk around them: every z value of the weight drawn once per unit pass, not once in each unit
+        self.shared: set[int] = set()
+        self._row_ez: dict[tuple[int, int], tuple] = {}
         self._whole_ez: dict[tuple[int, int], tuple[torch.Tensor, set, Optional[int]]] = {}
         self._rows_on_device: dict[int, torch.Tensor] = {}
 
@@ -114,16 +120,84 @@ class PerturbedCopies:
         room = self._ez_room(ref.param.device)
         if len(chunks) > room:
             raise ValueError(f"{len(chunks)} z chunks at once, the ε·z cache holds {room} per perturbation")
-        c, requests = self.generator.chunk, []
+        c, pieces = self.generator.chunk, []
         for k in chunks:
             mine = [i for i, entry in enumerate(self._ez_cache) if entry[0][1] == j]
             # each perturbation's chunks in their own scratch, reused in turn: the oldest one is refilled
             role = f"ez{j}.{len(mine)}" if len(mine) < room else self._ez_cache.pop(mine[0])[2]
             z = self.buffers.get(role, min(c, numel - k * c), torch.float32, ref.param.device)
-            requests.append((z, self.seed, j, key, numel, k * c))
+            pieces.append((z, k))
             self._ez_cache.append(((self.seed, j, key, k), z, role))
+        self._draw_ez(ref, j, pieces, numel)
+
+    def _draw_ez(self, ref, j: int, pieces: list[tuple[torch.Tensor, int]], numel: int) -> None:
+        """z := ε·z_j of chunk k of ref's parameter for each (z, k): around the rows an earlier unit kept where it
+        kept some (`_draw_around_rows`), the others whole in one sampler call (in parallel on CPU)."""
+        key, c = self.keys[id(ref.param)], self.generator.chunk
+        requests = [(z, self.seed, j, key, numel, k * c) for z, k in pieces if not self._draw_around_rows(ref, j, k, z)]
         if requests:
             self.generator.fill_many(requests, scale=self.eps)
+
+    def id_rows(self, ref, needed: torch.Tensor) -> Optional[list[torch.Tensor]]:
+        """Per slot, the rows `needed` (sorted, unique) of that slot's working copy of a weight shared with a later
+        unit: the values the block path gives, bit for bit, from only those rows' z (groups of 16 values; the
+        vectorised CPU sampler skips the rest). Their ε·z is kept for the later unit (`_draw_around_rows`). None
+        where this does not apply; the caller then forms whole row blocks."""
+        p = ref.param.data
+        c, numel = self.generator.chunk, p.numel()
+        d = numel // max(1, p.shape[0])
+        if (id(ref.param) not in self.shared or id(ref.param) in self.keep_whole or ref.rows is not None
+                or p.device.type != "cpu" or d % 16 or c % 16 or numel % 16 or not self.perturbs()):
+            return None
+        elems = (needed.to(torch.int64)[:, None] * d + torch.arange(d)).reshape(-1)     # ascending
+        ks = torch.unique_consecutive(elems // c)
+        starts = torch.searchsorted(elems, ks * c).tolist()
+        ends = torch.searchsorted(elems, (ks + 1) * c).tolist()
+        ks = ks.tolist()
+        key = self.keys[id(ref.param)]
+        ez = {}
+        for j in self._perturbations():
+            vals = torch.empty(elems.numel(), dtype=torch.float32)
+            for k, a, b in zip(ks, starts, ends):
+                local = elems[a:b] - k * c
+                scratch = self.buffers.get("rows_z", min(c, numel - k * c), torch.float32, p.device)
+                groups = torch.zeros(scratch.numel() // 16, dtype=torch.uint8)
+                groups[local // 16] = 1
+                if not self.generator.draw_groups(scratch, chunk_key(self.seed, j, key, k), self.eps, groups):
+                    self.buffers.drop("rows_z")   # this sampler draws whole chunks only (decided at the first one)
+                    return None
+                vals[a:b] = scratch[local]
+            ez[j] = vals
+        self.buffers.drop("rows_z")          # a chunk of scratch, not kept past the embedding's visit
+        for j, vals in ez.items():
+            self._row_ez[(id(ref.param), j)] = (self.seed, elems, vals, dict(zip(ks, zip(starts, ends))))
+        master = p.reshape(-1)[elems]
+        shape = (needed.numel(), *p.shape[1:])
+        outs = []
+        for i, slot in enumerate(self.slots):
+            if slot is None:
+                outs.append(master.view(shape))
+                continue
+            out = self.buffers.get(f"idrows{i}", elems.numel(), p.dtype, p.device)
+            _shifted(master, ez[slot[0]], slot[1], out)
+            outs.append(out.view(shape))
+        return outs
+
+    def _draw_around_rows(self, ref, j: int, k: int, z: torch.Tensor) -> bool:
+        """z := ε·z_j of chunk k of a shared weight whose earlier unit kept some rows' ε·z this step: those rows
+        copied in, only the rest drawn. False where there is nothing kept for this chunk (draw it whole)."""
+        kept = self._row_ez.get((id(ref.param), j))
+        if kept is None or kept[0] != self.seed or k not in kept[3]:
+            return False
+        _, elems, vals, bounds = kept
+        a, b = bounds[k]
+        local = elems[a:b] - k * self.generator.chunk
+        groups = torch.ones(z.numel() // 16, dtype=torch.uint8)
+        groups[local // 16] = 0
+        if not self.generator.draw_groups(z, chunk_key(self.seed, j, self.keys[id(ref.param)], k), self.eps, groups):
+            return False
+        z[local] = vals[a:b]
+        return True
 
     def _ez_room(self, device: torch.device) -> int:
         """ε·z chunks the cache holds per perturbation: one span and the chunk a block shares with the last."""
@@ -209,14 +283,13 @@ class PerturbedCopies:
     def _perturb_spans(self, ref, base: torch.Tensor, a: int, lo: int, hi: int, numel: int, outs: list) -> None:
         """Elements [lo, hi) (whole chunks) of a range starting at a, one span-aligned piece at a time: each piece's
         ε·z is drawn into scratch (not cached) and every slot of its perturbation is formed from it in one pass."""
-        span = self.generator.span(base.device)
-        key = self.keys[id(ref.param)]
+        span, c = self.generator.span(base.device), self.generator.chunk
         while lo < hi:
             end = min(hi, (lo // span + 1) * span)
             ez = self.buffers.get("z", end - lo, torch.float32, base.device)
             master = base[lo - a:end - a]
             for j in self._perturbations():
-                self.generator.fill(ez, self.seed, j, key, numel, start=lo, scale=self.eps)
+                self._draw_ez(ref, j, [(ez[k * c - lo:(k + 1) * c - lo], k) for k in range(lo // c, end // c)], numel)
                 for i, slot in enumerate(self.slots):
                     if slot is not None and slot[0] == j:
                         _shifted(master, ez, slot[1], outs[i][lo - a:end - a])

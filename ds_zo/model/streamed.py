@@ -41,6 +41,9 @@ class RowSource(Protocol):
     def block_rows(self, ref) -> int:
         """Rows per block for this parameter."""
 
+    def id_rows(self, ref, needed: torch.Tensor) -> Optional[list[torch.Tensor]]:
+        """Per slot, the rows `needed` of that slot's working copy formed directly, or None (use row blocks)."""
+
     def drop_whole_copies(self) -> None:
         ...
 
@@ -86,6 +89,9 @@ def embedding_forward(unit: Unit, source: RowSource, ids: torch.Tensor, slots: i
     if needed.numel() and (int(needed[0]) < 0 or int(needed[-1]) >= weight.shape[0]):
         raise IndexError(f"{unit.name}: token id out of range [0, {weight.shape[0]}): "
                          f"{int(needed[0])}..{int(needed[-1])}")
+    direct = source.id_rows(ref, needed)
+    if direct is not None:         # a weight shared with a later unit: only the used rows are formed
+        return merge([F.embedding(torch.searchsorted(needed, part), direct[s]) for s, part in enumerate(parts)], rows)
     gathered = [weight.new_empty(needed.numel(), *weight.shape[1:]) for _ in range(slots)]
     blocks = list(_blocks(weight.shape[0], source.block_rows(ref)))
     # needed[bounds[b]:bounds[b+1]] are the ids in block b

@@ -69,11 +69,29 @@ void draw_chunks(const std::vector<at::Tensor>& outs, const std::vector<int64_t>
   });
 }
 
+// out := the groups of 16 values of one Gaussian chunk that `groups` marks (a uint8 per group), the others left
+// unset: a part of a chunk without transforming the rest (only with the vectorised sampler, which can skip groups)
+void draw_groups(const at::Tensor& out, int64_t key, double scale, const at::Tensor& groups) {
+  TORCH_CHECK(fast_gaussian.load(), "draw_groups: needs the vectorised sampler");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() >= 16
+                  && out.numel() % 16 == 0,
+              "draw_groups: the chunk must be a contiguous float32 CPU tensor of a multiple of 16 elements");
+  TORCH_CHECK(groups.device().is_cpu() && groups.scalar_type() == at::kByte && groups.is_contiguous()
+                  && groups.numel() == out.numel() / 16,
+              "draw_groups: groups must be a contiguous uint8 CPU tensor of one entry per 16 values");
+  TORCH_CHECK(scale > 0, "draw_groups: scale must be > 0, got ", scale);
+  ds_zo::Mt19937Normal::fill(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(key),
+                             static_cast<float>(scale), groups.data_ptr<uint8_t>());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("draw_chunks", &draw_chunks, "fill each buffer with z * scale from a generator seeded with its key",
         pybind11::arg("outs"), pybind11::arg("keys"), pybind11::arg("scale"), pybind11::arg("gaussian"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("draw_groups", &draw_groups, "the marked groups of 16 values of one Gaussian chunk (vectorised sampler)",
+        pybind11::arg("out"), pybind11::arg("key"), pybind11::arg("scale"), pybind11::arg("groups"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("fast_gaussian", [] { return fast_gaussian.load(); },
         "whether Gaussian chunks come from the vectorised mt19937 sampler");

@@ -41,15 +41,25 @@ class Mt19937Normal {
  public:
   static constexpr int kWords = 624;   // mt19937's state, and the words one twist makes
 
-  // out[0..n) := N(0, 1) * scale (one float32 rounding of z * scale, as normal_(0, scale) gives), n >= 16
-  static void fill(float* out, int64_t n, uint64_t seed, float scale) {
+  // out[0..n) := N(0, 1) * scale (one float32 rounding of z * scale, as normal_(0, scale) gives), n >= 16.
+  // With `groups` (n % 16 == 0): only the groups of 16 values g with groups[g] != 0 are formed; the others are left
+  // unset (or holding uniforms), for the caller to overwrite. The stream still runs through every twist, but only
+  // the words of marked groups are tempered and only marked groups transformed (the transform is most of the cost).
+  static void fill(float* out, int64_t n, uint64_t seed, float scale, const uint8_t* groups = nullptr) {
     Mt19937Normal g(seed);
     const __m256 std_v = _mm256_set1_ps(scale);
     int64_t done = 0;
     while (done < n) {                     // one twist's uniforms at a time, transformed while they are in cache
       const int64_t m = n - done < kWords ? n - done : kWords;
+      if (groups != nullptr && !any_marked(groups + done / 16, m / 16)) {
+        g.skip(m);                         // nothing wanted from these words: the stream only moves on
+        done += m;
+        continue;
+      }
       g.uniforms(out + done, m);
-      for (int64_t i = 0; i + 16 <= m; i += 16) box_muller16(out + done + i, std_v);
+      for (int64_t i = 0; i + 16 <= m; i += 16) {
+        if (groups == nullptr || groups[(done + i) / 16]) box_muller16(out + done + i, std_v);
+      }
       done += m;
     }
     if (n % 16 != 0) {                     // torch redraws the last 16 values from the next 16 uniforms
@@ -65,6 +75,23 @@ class Mt19937Normal {
   explicit Mt19937Normal(uint64_t seed) {
     state_[0] = static_cast<uint32_t>(seed & 0xffffffffu);
     for (uint32_t j = 1; j < kWords; ++j) state_[j] = 1812433253u * (state_[j - 1] ^ (state_[j - 1] >> 30)) + j;
+  }
+
+  static bool any_marked(const uint8_t* groups, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) {
+      if (groups[i]) return true;
+    }
+    return false;
+  }
+
+  // the stream moves m words on without forming them
+  void skip(int64_t m) {
+    while (m > 0) {
+      if (next_ == kWords) twist_state();
+      const int64_t take = kWords - next_ < m ? kWords - next_ : m;
+      next_ += static_cast<int>(take);
+      m -= take;
+    }
   }
 
   static inline uint32_t twist(uint32_t u, uint32_t v) {
