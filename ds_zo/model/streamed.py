@@ -4,7 +4,7 @@ A vocabulary-sized weight (49152 × 576 in SmolLM2, tied between the input embed
 largest unit of a small model; whole copies θ+εz and θ−εz of it would be most of the ZO step's working memory. These
 two module types only ever need rows of the weight:
 - `nn.Embedding` looks up the rows of the token ids: the working copies are formed block by block and only the rows
-  the batch uses are kept;
+  the batch uses are kept (a weight tied to a later unit, on CPU: only those rows are formed, from their own z);
 - `nn.Linear` (no bias) computes output features block by block: logits[..., r0:r1] = x · W[r0:r1]ᵀ, written into
   one output tensor for all slots (no per-slot logits concatenated afterwards).
 The working rows are the values whole copies hold, bit for bit (same element-wise expressions), and so is the
