@@ -372,6 +372,30 @@ def test_tied_weight_z_drawn_once_per_perturbation(threads):
         torch.set_num_threads(before)
 
 
+def test_untied_embedding_draws_only_its_ids_rows():
+    """An embedding not shared with another unit: on CPU its working copies are only the rows its ids use, and only
+    those rows' z is drawn to perturb it (the rest of the weight's z is drawn by the update alone). Bit for bit the
+    reference; the perturbation's draws counted exactly."""
+    from test_native import _has_avx2_fma, needs_native
+    needs_native()
+    if not _has_avx2_fma():
+        pytest.skip("the vectorised sampler needs AVX2 and FMA")
+    model = tiny_model("llama", tied=False)
+    ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    ref.gen = PerturbationGenerator(chunk_elements=528)
+    engine = _engine(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    engine.perturbations.chunk = 528
+    params = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    for t in range(STEPS):
+        start = engine.perturbations.elements_drawn
+        assert engine.train_batch(batch(seed=t)) == ref.step(batch(seed=t))[0]
+        used = torch.unique(batch(seed=t)["input_ids"]).numel() * emb.shape[1]
+        perturbation = params - emb.numel() + used
+        assert engine.perturbations.elements_drawn - start == perturbation + (params if t else 0)
+    _assert_params_equal(engine, ref, rtol=0)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_parameters_spanning_many_z_chunks(tied):
     """With a small z chunk every parameter spans many chunks: the chunked perturbation and update (bounded

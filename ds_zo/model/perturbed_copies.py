@@ -82,10 +82,10 @@ class PerturbedCopies:
         self._ez_cache: list[tuple[tuple, torch.Tensor, str]] = []
         # tied_z_cache: id(param) of the weights used by two units whose ε·z is kept whole between them
         self.keep_whole: set[int] = set()
-        # id(param) of the weights used by two units (a tied embedding and output layer): on CPU the embedding
-        # forms only the rows its ids use, from the z of those rows alone, and keeps their ε·z (per perturbation:
-        # seed, their elements, the values, their chunks' bounds) for the output layer, which draws the rest of each
-        # chunk around them: every z value of the weight drawn once per unit pass, not once in each unit
+        # id(param) of the weights used by two units (a tied embedding and output layer). On CPU an embedding forms
+        # only the rows its ids use, from the z of those rows alone (`id_rows`); a shared one keeps their ε·z (per
+        # perturbation: seed, their elements, the values, their chunks' bounds) for the output layer, which draws the
+        # rest of each chunk around them: every z value of the weight drawn once per unit pass, not once in each unit
         self.shared: set[int] = set()
         self._row_ez: dict[tuple[int, int], tuple] = {}
         self._whole_ez: dict[tuple[int, int], tuple[torch.Tensor, set, Optional[int]]] = {}
@@ -139,14 +139,15 @@ class PerturbedCopies:
             self.generator.fill_many(requests, scale=self.eps)
 
     def id_rows(self, ref, needed: torch.Tensor) -> Optional[list[torch.Tensor]]:
-        """Per slot, the rows `needed` (sorted, unique) of that slot's working copy of a weight shared with a later
-        unit: the values the block path gives, bit for bit, from only those rows' z (groups of 16 values; the
-        vectorised CPU sampler skips the rest). Their ε·z is kept for the later unit (`_draw_around_rows`). None
-        where this does not apply; the caller then forms whole row blocks."""
+        """Per slot, the rows `needed` (sorted, unique) of that slot's working copy of an embedding's weight: the
+        values the block path gives, bit for bit, from only those rows' z (groups of 16 values; the vectorised CPU
+        sampler skips the rest: the other rows' z is not needed to perturb). For a weight shared with a later unit
+        their ε·z is kept for it (`_draw_around_rows`). None where this does not apply; the caller then forms whole
+        row blocks."""
         p = ref.param.data
         c, numel = self.generator.chunk, p.numel()
         d = numel // max(1, p.shape[0])
-        if (id(ref.param) not in self.shared or id(ref.param) in self.keep_whole or ref.rows is not None
+        if (id(ref.param) in self.keep_whole or ref.rows is not None
                 or p.device.type != "cpu" or d % 16 or c % 16 or numel % 16 or not self.perturbs()):
             return None
         elems = (needed.to(torch.int64)[:, None] * d + torch.arange(d)).reshape(-1)     # ascending
@@ -169,8 +170,9 @@ class PerturbedCopies:
                 vals[a:b] = scratch[local]
             ez[j] = vals
         self.buffers.drop("rows_z")          # a chunk of scratch, not kept past the embedding's visit
-        for j, vals in ez.items():
-            self._row_ez[(id(ref.param), j)] = (self.seed, elems, vals, dict(zip(ks, zip(starts, ends))))
+        if id(ref.param) in self.shared:
+            for j, vals in ez.items():
+                self._row_ez[(id(ref.param), j)] = (self.seed, elems, vals, dict(zip(ks, zip(starts, ends))))
         master = p.reshape(-1)[elems]
         shape = (needed.numel(), *p.shape[1:])
         outs = []

@@ -4,7 +4,8 @@ A vocabulary-sized weight (49152 × 576 in SmolLM2, tied between the input embed
 largest unit of a small model; whole copies θ+εz and θ−εz of it would be most of the ZO step's working memory. These
 two module types only ever need rows of the weight:
 - `nn.Embedding` looks up the rows of the token ids: the working copies are formed block by block and only the rows
-  the batch uses are kept (a weight tied to a later unit, on CPU: only those rows are formed, from their own z);
+  the batch uses are kept (on CPU, where the sampler can skip parts of a chunk, only those rows are formed, from
+  their own z);
 - `nn.Linear` (no bias) computes output features block by block: logits[..., r0:r1] = x · W[r0:r1]ᵀ, written into
   one output tensor for all slots (no per-slot logits concatenated afterwards).
 The working rows are the values whole copies hold, bit for bit (same element-wise expressions), and so is the
@@ -90,7 +91,7 @@ def embedding_forward(unit: Unit, source: RowSource, ids: torch.Tensor, slots: i
         raise IndexError(f"{unit.name}: token id out of range [0, {weight.shape[0]}): "
                          f"{int(needed[0])}..{int(needed[-1])}")
     direct = source.id_rows(ref, needed)
-    if direct is not None:         # a weight shared with a later unit: only the used rows are formed
+    if direct is not None:         # only the used rows were formed
         return merge([F.embedding(torch.searchsorted(needed, part), direct[s]) for s, part in enumerate(parts)], rows)
     gathered = [weight.new_empty(needed.numel(), *weight.shape[1:]) for _ in range(slots)]
     blocks = list(_blocks(weight.shape[0], source.block_rows(ref)))
