@@ -93,11 +93,12 @@ def unit_overhead(micro: dict, reps: int = 9) -> dict:
     return {"tiny_step_s": measured, "tiny_modelled_without_overhead_s": modelled, "unit_host_s": per_unit}
 
 
-def calibrate(shape: str, rows_list, seq: int) -> dict:
-    """Everything the CPU model needs for `shape`, measured in this process (one thread)."""
+def calibrate(shape: str, rows_list, seq: int, overhead: bool = True) -> dict:
+    """Everything the CPU model needs for `shape`, measured in this process (one thread). overhead=False leaves out
+    the per-unit Python cost (timed with ZO steps: in a rank of a multi-rank launch those would be collective)."""
     from benchmarks.models import build
     torch.set_num_threads(1)
     micro = micro_rates()
     model = build(shape)
     fwd = {str(r): forward_rate(model, shape, r, seq) for r in rows_list}
-    return {"micro": micro, "forward": fwd, "overhead": unit_overhead(micro)}
+    return {"micro": micro, "forward": fwd, "overhead": unit_overhead(micro) if overhead else None}

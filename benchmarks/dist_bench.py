@@ -143,9 +143,11 @@ def _worker(spec_path: str) -> int:
         results["cases"][name]["bytes"] = {k: (after[k] - before[name][k]) / spec["steps"]
                                            for k in results["cases"][name]["analytic"]}
     del runs
-    if world == 1 and spec.get("calibrate"):
+    if spec.get("calibrate"):
         from benchmarks.calibrate import calibrate
-        results["calibration"] = calibrate(spec["shape"], sorted({b, 2 * b}), seq)
+        if world > 1:
+            dist.barrier()      # every rank measures at once: the rates ranks get while sharing this host
+        results["calibration"] = calibrate(spec["shape"], sorted({b, 2 * b}), seq, overhead=world == 1)
     if world > 1:
         model = build(spec["shape"])
         layer = max(sum(p.numel() for p in m.parameters()) for m in model.model.layers)

@@ -178,3 +178,17 @@ def test_offload_benchmark_smoke_on_cpu(tmp_path):
     assert all("top" in o and o["top"] and o["ops"] > 0 for o in ops.values()), ops
     copies = {m: o["counts"].get("aten::copy_", 0) for m, o in ops.items()}
     assert ops["offload"]["ops"] > ops["resident"]["ops"] and copies["offload"] > copies["resident"], copies
+
+
+def test_median_calibration_of_launches():
+    """The model's rates are the element-wise median over the launches' calibrations; the 2-rank launches measure
+    no per-unit overhead (their ZO steps would be collective), which passes through as None."""
+    from benchmarks.run import _median_calibration
+
+    def cal(x, overhead=True):
+        return {"micro": {"rng_rate": x, "elem_bw": 10 * x}, "forward": {"4": {"flops": 100 * x}},
+                "overhead": {"unit_host_s": x / 1000} if overhead else None}
+    med = _median_calibration([cal(1.0), cal(3.0), cal(2.0)])
+    assert med == {"micro": {"rng_rate": 2.0, "elem_bw": 20.0}, "forward": {"4": {"flops": 200.0}},
+                   "overhead": {"unit_host_s": 0.002}}
+    assert _median_calibration([cal(1.0, False), cal(5.0, False)])["overhead"] is None
