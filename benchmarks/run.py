@@ -76,7 +76,8 @@ def _time(fn, batch) -> tuple[float, float]:
 
 
 PROFILE_GROUPS = [   # (group, predicate on (function name, caller file)) — first match wins
-    ("z draws (normal_)", lambda f, c: "normal" in f or "draw_chunks" in f),   # torch's, or ds_zo's native one
+    # torch's sampler, or ds_zo's native one (whole chunks, or the marked groups of a chunk)
+    ("z draws (normal_)", lambda f, c: "normal" in f or "draw_chunks" in f or "draw_groups" in f),
     ("ZO element-wise (θ±εz, update)", lambda f, c: any(s in c for s in ("perturbed_copies", "optimizer.py",
                                                                           "perturb.py", "baselines.py"))),
     ("slot split/merge (torch.cat)", lambda f, c: "dual_forward" in c),
