@@ -6,7 +6,8 @@ shapes being predicted is timed here, so the steps the model then predicts are a
 - rng_rate: ds_zo's sampler (PerturbationGenerator.draw_chunks: the native vectorised mt19937 where it is built)
   drawing one 2^20-element float32 chunk; torch's own normal_ is recorded beside it (torch_rng_rate);
 - host_chunk_s: ds_zo's PerturbationGenerator.fill of one chunk minus that draw (key mixing, the call's Python);
-- elem_bw: torch.add(x, y, out=o) over 4M float32 elements, 12 bytes per element;
+- elem_bw: torch.add(x, y, out=o) over 4M float32 elements, 12 bytes per element (the fused passes' bytes, where
+  ds_zo uses them, are counted at the same rate: measured 30–37 GB/s for both on this CPU);
 - merge_bw: torch.cat of two 4M-element tensors into a new one (how the slots' outputs are joined);
 - h2d_bw = d2h_bw: a 4M-element copy_ (the "upload" and "offload" of a CPU device are host memcpys);
 - unit_host_s: ds_zo's per-unit Python (slot wrappers, copies, pending-update bookkeeping), from ZO steps of the
@@ -50,7 +51,8 @@ def micro_rates(reps: int = 7) -> dict:
     t_cat = _cpu_time(lambda: torch.cat([x, y]), reps)
     return {"rng_rate": CHUNK_ELEMENTS / t_draw, "torch_rng_rate": CHUNK_ELEMENTS / t_normal,
             "host_chunk_s": max(0.0, t_fill - t_draw),
-            "elem_bw": 12 * n / t_add, "copy_bw": 4 * n / t_copy, "merge_bw": 8 * n / t_cat}
+            "elem_bw": 12 * n / t_add, "copy_bw": 4 * n / t_copy, "merge_bw": 8 * n / t_cat,
+            "fused_passes": zgen.fuses("cpu", torch.float32)}
 
 
 def forward_rate(model: torch.nn.Module, shape: str, rows: int, seq: int, reps: int = 5) -> dict:
@@ -72,7 +74,7 @@ def cpu_hardware(micro: dict, fwd: dict, collectives: dict | None = None, unit_h
                        link_bw=collectives.get("allgather_Bps", float("inf")), host_bw=float("inf"),
                        gpus_per_node=8, overlap=False, host_chunk_s=micro["host_chunk_s"], unit_host_s=unit_host_s,
                        collective_latency_s=collectives.get("allreduce_latency_s", 0.0), dtype_bytes=4,
-                       merge_bw=micro.get("merge_bw"))
+                       merge_bw=micro.get("merge_bw"), fused_passes=micro.get("fused_passes", False))
 
 
 def unit_overhead(micro: dict, reps: int = 9) -> dict:

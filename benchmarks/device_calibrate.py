@@ -89,7 +89,8 @@ def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
     out = {"rng_rate": CHUNK_ELEMENTS / t_normal, "host_chunk_s": host_chunk, "host_fill_s": host_fill,
            "host_fill_in_span_s": host_span,
            "host_normal_s": host_normal, "host_pass_s": host_pass,
-           "elem_bw": 12 * n / t_add, "merge_bw": 8 * n / t_cat}
+           "elem_bw": 12 * n / t_add, "merge_bw": 8 * n / t_cat,
+           "fused_passes": zgen.fuses(device, torch.float32)}
     if device.type != "cuda":
         t_copy = device_time(lambda: o.copy_(x), device, reps)
         out["copy_bw"] = 4 * n / t_copy
@@ -121,7 +122,7 @@ def hardware(micro: dict, flops: float, h2d_bw: float, d2h_bw: float, dtype_byte
                        elem_bw=micro["elem_bw"], h2d_bw=h2d_bw, d2h_bw=d2h_bw, gpus_per_node=1, overlap=cuda,
                        host_chunk_s=micro["host_chunk_s"], host_pass_s=micro.get("host_pass_s", 0.0) if cuda else 0.0,
                        span_chunks=span_chunks, unit_host_s=unit_host_s, dtype_bytes=dtype_bytes,
-                       merge_bw=micro["merge_bw"])
+                       merge_bw=micro["merge_bw"], fused_passes=micro.get("fused_passes", False) and dtype_bytes == 4)
 
 
 def predict(result: dict) -> dict:

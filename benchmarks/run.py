@@ -78,6 +78,8 @@ def _time(fn, batch) -> tuple[float, float]:
 PROFILE_GROUPS = [   # (group, predicate on (function name, caller file)) — first match wins
     # torch's sampler, or ds_zo's native one (whole chunks, or the marked groups of a chunk)
     ("z draws (normal_)", lambda f, c: "normal" in f or "draw_chunks" in f or "draw_groups" in f),
+    # ds_zo's fused CPU passes: z drawn inside the sweep that forms θ±εz or applies the update
+    ("z draws + element-wise, fused", lambda f, c: "perturb_pieces" in f or "update_pieces" in f),
     ("ZO element-wise (θ±εz, update)", lambda f, c: any(s in c for s in ("perturbed_copies", "optimizer.py",
                                                                           "perturb.py", "baselines.py"))),
     ("slot split/merge (torch.cat)", lambda f, c: "dual_forward" in c),

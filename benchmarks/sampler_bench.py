@@ -1,11 +1,13 @@
-"""The vectorised z sampler (ds_zo/native/mt19937_normal.h) against torch's normal_, side by side in one process.
+"""ds_zo's native z code on CPU — the vectorised sampler (ds_zo/native/mt19937_normal.h) and the fused element-wise
+passes (ds_zo/native/z_passes.h) — against torch's normal_ and torch's element-wise ops, side by side in one process.
 
 - draws: ns per value of one 2^20-element z chunk, interleaved: torch's normal_ (a seeded generator, as ds_zo's
   Python path draws), the native sampler with ATen's normal_ inside (the vectorised one turned off), the vectorised
   one;
-- steps: one ds_zo engine stepped with the vectorised sampler off and on in turn, MeZO's loop beside it, same model,
-  batch and process (the SmolLM2-135M shape). The z values are the same either way (the sampler checks that when it
-  loads), so the two ds_zo runs do the same arithmetic; only the sampler's speed differs.
+- steps: one ds_zo engine stepped in turn with ATen's sampler, with the vectorised sampler (z chunks drawn into
+  scratch, then torch's element-wise ops), and with the fused passes (z drawn a tile at a time inside one sweep),
+  MeZO's loop beside it, same model, batch and process (the SmolLM2-135M shape). The values are the same every way
+  (tests pin it), so the three ds_zo runs do the same arithmetic; only how fast differs.
 
     python -m benchmarks.sampler_bench [--shape smollm2-135m] [--rows 4,16] [--threads 1] [--reps 3] [--out F.json]
 """
@@ -60,12 +62,14 @@ def steps(shape: str, rows: int, seq: int, reps: int) -> dict:
     mezo = MeZOLoop(copy.deepcopy(base))
     del base
 
-    def dszo(fast: bool):
+    def dszo(fast: bool, fused: bool):
         def step(b):
             kernels.set_fast_gaussian(fast)
+            engine.perturbations.fused_passes = fused
             engine.train_batch(b)
         return step
-    sides = {"dszo, ATen sampler": dszo(False), "dszo, vectorised": dszo(True), "mezo": mezo.step}
+    sides = {"dszo, ATen sampler": dszo(False, False), "dszo, vectorised": dszo(True, False),
+             "dszo, fused passes": dszo(True, True), "mezo": mezo.step}
     for fn in sides.values():
         fn(batch)
     engine.train_batch(batch)
@@ -74,10 +78,15 @@ def steps(shape: str, rows: int, seq: int, reps: int) -> dict:
         for name, fn in sides.items():
             walls[name].append(_time(fn, batch)[0])
     kernels.set_fast_gaussian(True)
+    engine.perturbations.fused_passes = True
     out = {"rows": rows, "seq": seq, "wall": {k: summary(v) for k, v in walls.items()}}
-    for name in ("dszo, ATen sampler", "dszo, vectorised"):
+    for name in ("dszo, ATen sampler", "dszo, vectorised", "dszo, fused passes"):
         out[f"{name} / mezo"] = summary([a / b for a, b in zip(walls[name], walls["mezo"])])
-    out["vectorised / ATen"] = summary([a / b for a, b in zip(walls["dszo, vectorised"], walls["dszo, ATen sampler"])])
+
+    def ratio(a: str, b: str) -> dict:
+        return summary([x / y for x, y in zip(walls[f"dszo, {a}"], walls[f"dszo, {b}"])])
+    out["vectorised / ATen"] = ratio("vectorised", "ATen sampler")
+    out["fused / vectorised"] = ratio("fused passes", "vectorised")
     return out
 
 

@@ -56,6 +56,10 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
     """Apply one recorded step to several parameter slices at once (their z drawn together, in parallel on CPU).
     Evaluated in the order of the plain expression θ − lr·(g·z + wd·θ), so that a reference written that way agrees
     bit for bit (up to the sign of an exact zero)."""
+    # the fused native sweep where it applies (CPU, float32): the same arithmetic as below, z never written out
+    pieces = generator.update_fused(pieces, record.seed, record.g, record.lr, record.wd)
+    if not pieces:
+        return
     sizes = [flat.numel() for flat, *_ in pieces]
     total = sum(sizes)
     device = pieces[0][0].device
@@ -164,6 +168,9 @@ class ZOSGD(torch.optim.Optimizer):
     def _apply_pieces(self, pieces: list[Piece]) -> None:
         """The pending step on these pieces, a span at a time: the float32 scratch stays two spans (a few z chunks),
         not two copies of the largest parameter (the update is elementwise: same result bit for bit)."""
+        if pieces:   # the fused native sweep takes all it can at once (its chunks spread over the threads)
+            pieces = self.generator.update_fused(pieces, self.pending.seed, self.pending.g, self.pending.lr,
+                                                 self.pending.wd)
         if not pieces:
             return
         device = pieces[0][0].device

@@ -126,6 +126,7 @@ class UnitSpec:
     out_width: int           # output features per token the slots concatenate (0: written into one output)
     is_layer: bool           # a decoder layer: offloaded by default
     tensors: int = 1         # parameter tensors (z is drawn per tensor, in chunks of 2^20 elements)
+    row_blocks: bool = False  # an embedding or output layer: its copies are formed a block of rows at a time
 
 
 @dataclass(frozen=True)
@@ -151,14 +152,15 @@ def decoder(name: str, family: str, hidden: int, layers: int, ffn: int, vocab: i
         kv = h * (kv_heads or heads) // heads
         layer = 2 * h * h + 2 * h * kv + 3 * h * ffn + 2 * h           # q, o, k, v, gate/up/down, two RMSNorms
         matmul = 2 * h * h + 2 * h * kv + 3 * h * ffn
-        embed = [UnitSpec("embed_tokens", vocab * h, vocab * h, 0.0, h, False)]
+        embed = [UnitSpec("embed_tokens", vocab * h, vocab * h, 0.0, h, False, row_blocks=True)]
         final = [UnitSpec("norm", h, h, 0.0, h, False)]
         tensors = 9
     elif family == "opt":
         layer = 4 * (h * h + h) + 2 * h * ffn + ffn + h + 4 * h          # attention with biases, fc1/fc2, 2 LayerNorms
         matmul = 4 * h * h + 2 * h * ffn
-        embed = [UnitSpec("embed_tokens", vocab * h, vocab * h, 0.0, h, False),
-                 UnitSpec("embed_positions", (max_positions + 2) * h, (max_positions + 2) * h, 0.0, h, False)]
+        embed = [UnitSpec("embed_tokens", vocab * h, vocab * h, 0.0, h, False, row_blocks=True),
+                 UnitSpec("embed_positions", (max_positions + 2) * h, (max_positions + 2) * h, 0.0, h, False,
+                          row_blocks=True)]
         final = [UnitSpec("final_layer_norm", 2 * h, 2 * h, 0.0, h, False, 2)]
         tensors = 16
     else:
@@ -166,7 +168,8 @@ def decoder(name: str, family: str, hidden: int, layers: int, ffn: int, vocab: i
     units = embed + [UnitSpec(f"layers.{i}", layer, layer, 2.0 * matmul + attn, h, True, tensors)
                      for i in range(layers)]
     # the output layer writes every slot's logits into one tensor (model/streamed.py): nothing to concatenate
-    units += final + [UnitSpec("lm_head", vocab * h, 0 if tied else vocab * h, 2.0 * vocab * h, 0, False)]
+    units += final + [UnitSpec("lm_head", vocab * h, 0 if tied else vocab * h, 2.0 * vocab * h, 0, False,
+                               row_blocks=True)]
     return ModelSpec(name, tuple(units), h)
 
 
@@ -209,6 +212,9 @@ class Hardware:
     dtype_bytes: int = 2              # bytes per stored and computed element (2: bf16/fp16, 4: fp32)
     merge_bw: Optional[float] = None  # bytes/s written by the slot concatenation (torch.cat into a new tensor);
                                       # None: elem_bw / 2 (a read and a write)
+    fused_passes: bool = False        # θ±εz and the update each in one sweep that draws z as it goes (never
+                                      # written): b bytes read + b per output, z at rng_rate. ds_zo's CPU passes
+                                      # (native/z_passes.h), except row-block units' copies
     fused: bool = False               # what-if: one kernel per tensor draws z in registers and writes θ±εz (or the
                                       # update) directly: b bytes read + b per output, one launch per tensor
     fused_rng_rate: float = 5e11      # z values/s drawn inside such a kernel (assumed: Philox in registers)
@@ -345,11 +351,12 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
     rng_rate = hw.fused_rng_rate if hw.fused else hw.rng_rate
 
     def t_update(n: float) -> float:
-        return n * work.q / rng_rate + n * update_bytes(b, work.q, hw.fused) / hw.elem_bw
+        return n * work.q / rng_rate + n * update_bytes(b, work.q, hw.fused or hw.fused_passes) / hw.elem_bw
 
     def t_perturb(u: UnitSpec) -> float:
+        fused = hw.fused or (hw.fused_passes and not u.row_blocks)
         return (u.params * work.q / rng_rate
-                + u.params * work.q * perturb_bytes(b, signs, hw.fused) / hw.elem_bw)
+                + u.params * work.q * perturb_bytes(b, signs, fused) / hw.elem_bw)
 
     def t_forward(u: UnitSpec) -> float:
         t = slots * tokens * u.flops_per_token / hw.flops

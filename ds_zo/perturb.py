@@ -110,6 +110,9 @@ class PerturbationGenerator:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_size, self._pool_pid = 0, 0
         self.elements_drawn = 0  # instrumentation: how many z values were generated (benchmarks report it)
+        # CPU: form θ ± εz and apply the update in one native sweep each, z drawn a tile at a time (same values);
+        # off: the element-wise passes run as torch ops over drawn z chunks (benchmarks and tests compare the two)
+        self.fused_passes = True
 
     def __getstate__(self) -> dict:
         # the worker pool and the per-thread generators belong to this process: a copy makes its own
@@ -231,6 +234,89 @@ class PerturbationGenerator:
         kernels.draw_groups(out, key, scale, groups)
         self.elements_drawn += 16 * int(groups.sum())
         return True
+
+    def _fused_kernels(self, scales: Sequence[float]):
+        """The native module where the fused passes can run with these scales (the vectorised Gaussian sampler on,
+        each scale one the draw folds), else None."""
+        if not self.fused_passes or self.distribution != "gaussian":
+            return None
+        if not all(0.0 < abs(s) < _FOLD_LIMIT["gaussian"] for s in scales):
+            return None
+        kernels = native.chunk_draws()
+        return kernels if kernels is not None and kernels.fast_gaussian() else None
+
+    def fuses(self, device: torch.device | str, dtype: torch.dtype) -> bool:
+        """Whether parameters of this device and dtype take the fused passes (benchmarks model the step by it)."""
+        return (torch.device(device).type == "cpu" and dtype == torch.float32
+                and self._fused_kernels([1.0]) is not None)
+
+    def _chunk_pieces(self, flat: torch.Tensor, start: int, numel: int):
+        """(view, chunk index, chunk length, offset in the chunk) for each z chunk that the flat slice
+        [start, start + flat.numel()) of a parameter of `numel` elements overlaps."""
+        c, lo, stop = self.chunk, start, start + flat.numel()
+        while lo < stop:
+            k = lo // c
+            hi = min((k + 1) * c, stop)
+            yield flat[lo - start:hi - start], k, min(c, numel - k * c), lo - k * c
+            lo = hi
+
+    def _fusable(self, numel: int, *tensors: torch.Tensor) -> bool:
+        """Whether a slice of a parameter of `numel` elements can take the fused passes: float32 CPU tensors, and
+        every chunk at least 16 values (shorter ones are drawn in float64 and their scaled values rounded otherwise)."""
+        return ((numel >= 16 and (numel % self.chunk == 0 or numel % self.chunk >= 16))
+                and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors))
+
+    def perturb_fused(self, jobs: list, scale: float) -> list:
+        """Form working copies in one native sweep per z chunk where that applies (CPU, float32, Gaussian z):
+        for each job (master, seed, index, key, numel, start, [(out, sign), ...]) every out := master ± scale·z over
+        the flat slice [start, start + master.numel()) of z_index for the parameter `key` of `numel` elements (the
+        values `fill` and torch.add / torch.sub give). Returns the jobs left for the caller's own path."""
+        kernels = self._fused_kernels([scale])
+        if kernels is None:
+            return jobs
+        rest, masters, keys, sizes, froms, outs, out_piece, out_add = [], [], [], [], [], [], [], []
+        for job in jobs:
+            master, seed, index, key, numel, start, targets = job
+            if not self._fusable(numel, master, *(out for out, _ in targets)):
+                rest.append(job)
+                continue
+            for view, k, n, offset in self._chunk_pieces(master, start, numel):
+                at = k * self.chunk + offset - start
+                for out, sign in targets:
+                    outs.append(out[at:at + view.numel()])
+                    out_piece.append(len(masters))
+                    out_add.append(sign > 0)
+                masters.append(view)
+                keys.append(chunk_key(seed, index, key, k))
+                sizes.append(n)
+                froms.append(offset)
+        if masters:
+            self.elements_drawn += kernels.perturb_pieces(masters, keys, sizes, froms, scale, outs, out_piece,
+                                                          out_add)
+        return rest
+
+    def update_fused(self, pieces: list, seed: int, grads: Sequence[float], lr: float, wd: float) -> list:
+        """Apply a ZO-SGD step in one native sweep per z chunk where that applies (CPU, float32, Gaussian z, every g
+        nonzero): for each piece (flat, key, start, numel, decays) θ ← θ − lr·((1/q) Σ_j g_j·z_j + wd·θ), the values
+        optimizer.apply_step_pieces gives. Returns the pieces left for that path."""
+        kernels = self._fused_kernels(grads)
+        if kernels is None:
+            return pieces
+        rest, thetas, keys, sizes, froms, decays = [], [], [], [], [], []
+        for piece in pieces:
+            flat, key, start, numel, decay = piece
+            if not self._fusable(numel, flat):
+                rest.append(piece)
+                continue
+            for view, k, n, offset in self._chunk_pieces(flat, start, numel):
+                thetas.append(view)
+                keys.extend(chunk_key(seed, j, key, k) for j in range(len(grads)))
+                sizes.append(n)
+                froms.append(offset)
+                decays.append(decay and wd != 0.0)
+        if thetas:
+            self.elements_drawn += kernels.update_pieces(thetas, keys, sizes, froms, list(grads), lr, wd, decays)
+        return rest
 
     def _scratch_chunk(self, device: torch.device) -> torch.Tensor:
         buf = self._scratch.get(device)

@@ -148,6 +148,22 @@ def test_zo_work_is_replicated_not_divided_by_data_parallelism():
     assert one.step_s == pytest.approx(2 * 2.0) == four.step_s
 
 
+def test_fused_passes_count_their_bytes_except_for_row_block_copies():
+    """ds_zo's fused CPU passes: the update moves 2b bytes per element (θ read and written) and a layer's copies b
+    + 2b (θ read, both signs written) instead of torch's passes over a drawn z (8 + 3b + 4 and 2 (2b + 4)); the copies
+    of a row-block unit (embedding, output layer) are still formed from drawn z."""
+    layer = pm.UnitSpec("layers.0", 1000, 1000, 0.0, 0, True)          # (no slot merge to count)
+    head = pm.UnitSpec("lm_head", 1000, 1000, 0.0, 0, False, row_blocks=True)
+    model = pm.ModelSpec("toy", (layer, head), 8)
+    steps = {f: pm.simulate(model, hw(elem_bw=1.0, fused_passes=f), pm.Layout("resident"), WORK).step_s
+             for f in (False, True)}
+    b = 4
+    update_plain, update_fused = 8 + (2 * b + 4), 2 * b
+    perturb_plain, perturb_fused = 2 * (2 * b + 4), b + 2 * b
+    assert steps[False] == pytest.approx(2 * 1000 * (update_plain + perturb_plain))
+    assert steps[True] == pytest.approx(1000 * (2 * update_fused + perturb_fused + perturb_plain))
+
+
 def test_first_step_has_no_offload_and_steady_state_needs_two_steps():
     model = toy(layers=3, params=1000)
     h = hw(h2d_bw=1e9, d2h_bw=4000.0, overlap=False)

@@ -376,7 +376,8 @@ class PerturbedCopies:
         for j in self._perturbations():
             for ref, base, m, outs, lo, hi in kept:      # tied_z_cache: drawn by whichever unit comes first
                 self._form(ref, base, outs, j, lo, hi, self._kept_z(ref, j, lo // self.generator.chunk, m))
-            for group in self._groups(pieces):
+            left = self._form_fused(pieces, j)
+            for group in self._groups(left):
                 # z_j for a group of chunks drawn at once (in parallel on CPU): the scratch is that group, not a copy
                 # of the largest parameter
                 total = sum(hi - lo for _, _, _, _, lo, hi in group)
@@ -392,6 +393,16 @@ class PerturbedCopies:
                     self._form(ref, base, outs, j, lo, hi, z[at:at + hi - lo])
                     at += hi - lo
         return copies
+
+    def _form_fused(self, pieces: list, j: int) -> list:
+        """Perturbation j's copies of these pieces in one native sweep per z chunk where it applies (CPU, float32;
+        not row subsets); returns the pieces left for the drawn-chunk path."""
+        signs = [(i, slot[1]) for i, slot in enumerate(self.slots) if slot is not None and slot[0] == j]
+        jobs = {id(pc): (pc[1][pc[4]:pc[5]], self.seed, j, self.keys[id(pc[0].param)], pc[2], pc[4],
+                         [(pc[3][i][pc[4]:pc[5]], sign) for i, sign in signs])
+                for pc in pieces if pc[0].rows is None}
+        left = {id(job) for job in self.generator.perturb_fused(list(jobs.values()), self.eps)}
+        return [pc for pc in pieces if id(pc) not in jobs or id(jobs[id(pc)]) in left]
 
     def _groups(self, pieces: list) -> list[list]:
         """Consecutive pieces on one device, in groups of at most one span (a larger piece stands alone)."""

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 _NAME = "ds_zo_chunk_draws"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_HERE, "chunk_draws.cpp")
-_HEADERS = [os.path.join(_HERE, "mt19937_normal.h")]
+_HEADERS = [os.path.join(_HERE, name) for name in ("mt19937_normal.h", "z_passes.h")]
 # -fopenmp: at::parallel_for is a header-only OpenMP loop; without it the loop runs serially (the process already has
 # torch's libgomp loaded, which the extension then shares). -ffp-contract=off: no fused multiply-adds.
 _CFLAGS = ["-O2", "-fopenmp", "-ffp-contract=off"]

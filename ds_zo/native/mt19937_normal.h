@@ -69,6 +69,8 @@ class Mt19937Normal {
   }
 
  private:
+  friend class Mt19937NormalTiles;
+
   alignas(32) uint32_t state_[kWords];
   int next_ = kWords;                      // next word to temper; kWords: twist first (as torch's left_ = 1 does)
 
@@ -169,6 +171,75 @@ class Mt19937Normal {
     _mm256_storeu_ps(data, _mm256_fmadd_ps(_mm256_mul_ps(radius, costheta), std_v, zero));
     _mm256_storeu_ps(data + 8, _mm256_fmadd_ps(_mm256_mul_ps(radius, sintheta), std_v, zero));
   }
+};
+
+// The same values as Mt19937Normal::fill(out, n, seed, scale), handed out a tile (at most 624 values) at a time in a
+// buffer of its own, so that a pass over a chunk can use them while they are in L1 and never write z to memory.
+// Tiles come in position order and cover the wanted positions [from, to) once, each value final (when n % 16 != 0
+// the last 16 positions come as a last tile of their own, drawn after the stream has passed the partial group, as
+// torch does). Only the groups of 16 that overlap [from, to) are formed (a tile's other values are unset): a part of
+// a chunk costs about its share of the chunk's draw, the stream only running through the rest.
+class Mt19937NormalTiles {
+ public:
+  static constexpr int64_t kMaxTile = Mt19937Normal::kWords;
+
+  Mt19937NormalTiles(int64_t n, uint64_t seed, float scale, int64_t from = 0, int64_t to = -1)
+      : gen_(seed), n_(n), full_(n / 16 * 16), limit_(n % 16 ? n - 16 : n), from_(from), to_(to < 0 ? n : to),
+        std_(scale) {}
+
+  // the next tile that overlaps [from, to): false when there is none left
+  bool next() {
+    const __m256 std_v = _mm256_set1_ps(std_);
+    while (done_ < full_) {
+      const int64_t m = full_ - done_ < Mt19937Normal::kWords ? full_ - done_ : Mt19937Normal::kWords;
+      offset_ = done_;
+      size_ = (done_ + m < limit_ ? done_ + m : limit_) - done_;
+      done_ += m;
+      if (offset_ >= to_ && (n_ % 16 == 0 || n_ - 16 >= to_)) return false;   // nothing wanted further on
+      // the groups of this tile that hold wanted positions: [lo, hi), whole groups
+      const int64_t lo = offset_ > from_ / 16 * 16 ? offset_ : from_ / 16 * 16;
+      const int64_t end = offset_ + size_ < to_ ? offset_ + size_ : to_;
+      const int64_t hi = (end + 15) / 16 * 16;
+      if (lo >= hi) {
+        gen_.skip(m);
+        continue;
+      }
+      gen_.skip(lo - offset_);
+      gen_.uniforms(buf_ + (lo - offset_), hi - lo);
+      gen_.skip(offset_ + m - hi);
+      for (int64_t g = lo; g < hi; g += 16) {
+        Mt19937Normal::box_muller16(buf_ + (g - offset_), std_v);
+        formed_ += (g + 16 < limit_ ? g + 16 : limit_) - g;    // a group's positions past limit come from the tail
+      }
+      return true;
+    }
+    if (n_ % 16 != 0 && !tail_done_) {
+      tail_done_ = true;
+      if (n_ - 16 >= to_) return false;
+      gen_.skip(n_ - full_);
+      gen_.uniforms(buf_, 16);
+      Mt19937Normal::box_muller16(buf_, std_v);
+      formed_ += 16;
+      offset_ = n_ - 16;
+      size_ = 16;
+      return true;
+    }
+    return false;
+  }
+
+  const float* values() const { return buf_; }   // the tile's values, for positions [offset(), offset() + size())
+  int64_t offset() const { return offset_; }
+  int64_t size() const { return size_; }
+  // values formed so far, counted as a whole chunk drawn by torch counts them (n for the whole chunk)
+  int64_t formed() const { return formed_; }
+
+ private:
+  Mt19937Normal gen_;
+  alignas(32) float buf_[Mt19937Normal::kWords];
+  int64_t n_, full_, limit_, from_, to_;
+  float std_;
+  int64_t done_ = 0, offset_ = 0, size_ = 0, formed_ = 0;
+  bool tail_done_ = false;
 };
 
 }  // namespace ds_zo

@@ -1,0 +1,150 @@
+"""The fused native element-wise passes (ds_zo/native/z_passes.h): the working copies θ ± εz and the update, each in
+one sweep with z drawn a tile at a time. They must give the Python path's values bit for bit (torch's normal_ and
+torch's element-wise ops), for whole chunks and any part of one, and leave to that path whatever they cannot do."""
+import itertools
+
+import pytest
+import torch
+
+from ds_zo import native
+from ds_zo.optimizer import StepRecord, apply_step_pieces
+from ds_zo.perturb import PerturbationGenerator, chunk_key
+from test_native import _has_avx2_fma, needs_native
+
+# chunk sizes around the groups of 16, the redrawn tail and the 624-word twists
+SIZES = [16, 17, 31, 623, 624, 625, 1263, 4111, 70_001]
+
+
+@pytest.fixture
+def kernels():
+    needs_native()
+    if not _has_avx2_fma():
+        pytest.skip("the fused passes need the vectorised sampler (AVX2 and FMA)")
+    return native.chunk_draws()
+
+
+def _parts(n: int) -> list[tuple[int, int]]:
+    """Whole chunk, head, tail, the last few values (the redrawn tail), an interior part, a part inside one group."""
+    parts = [(0, n), (0, max(1, n // 3)), (n // 2, n), (n - 5, n), (3, n - 3), (17, 30)]
+    return [(a, b) for a, b in parts if 0 <= a < b <= n]
+
+
+def _groups_drawn(n: int, a: int, b: int) -> int:
+    """Values a part [a, b) of a chunk of n draws: its groups of 16 up to the positions the redrawn tail replaces,
+    and the tail's 16 where the part reaches it."""
+    limit = n if n % 16 == 0 else n - 16
+    main = sum(min(g + 16, limit) - g for g in range(a // 16 * 16, min(b, limit), 16))
+    return main + (16 if n % 16 and b > n - 16 else 0)
+
+
+def test_working_copies_are_master_plus_and_minus_torchs_draw(kernels):
+    """perturb_pieces: each out is torch.add / torch.sub of the master and normal_(0, ε) of the chunk, over any part
+    of a chunk; the values drawn are counted as torch counts a chunk (n for a whole one), for a part only its groups."""
+    rng = torch.Generator().manual_seed(0)
+    for n in SIZES:
+        for a, b in _parts(n):
+            key = int(torch.randint(0, 2**62, (1,), generator=rng))
+            eps = 1e-3
+            z = torch.empty(n).normal_(0.0, eps, generator=torch.Generator().manual_seed(key))
+            master = torch.randn(b - a, generator=rng)
+            plus, minus = torch.empty(b - a), torch.empty(b - a)
+            drawn = kernels.perturb_pieces([master], [key], [n], [a], eps, [plus, minus], [0, 0], [True, False])
+            assert torch.equal(plus, torch.add(master, z[a:b])), (n, a, b)
+            assert torch.equal(minus, torch.sub(master, z[a:b])), (n, a, b)
+            assert drawn == _groups_drawn(n, a, b), (n, a, b)
+            if (a, b) == (0, n):
+                assert drawn == n
+
+
+def test_the_update_is_apply_step_pieces_bit_for_bit(kernels):
+    """update_pieces gives optimizer.apply_step_pieces' values with the fused passes off: q = 1, 2, 3 perturbations,
+    gradients of both signs, weight decay on and off, whole chunks and parts of chunks (ZeRO shards)."""
+    rng = torch.Generator().manual_seed(1)
+    plain = PerturbationGenerator(chunk_elements=1000)
+    plain.fused_passes = False
+    numel = 2517                                    # chunks of 1000, 1000 and 517 values
+    for q, decays, wd, signs in itertools.product((1, 2, 3), (False, True), (0.0, 0.01),
+                                                  ((1, 1, 1), (-1, 1, -1), (-1, -1, 1))):
+        grads = tuple(s * float(torch.rand(1, generator=rng)) * 3 + s * 0.1 for s in signs[:q])
+        record = StepRecord(1, int(torch.randint(0, 2**62, (1,), generator=rng)), grads, 1e-2, wd)
+        for start, stop in ((0, 1000), (1000, 2000), (2000, 2517), (300, 1000), (2100, 2400), (1000, 1700)):
+            theta = torch.randn(stop - start, generator=rng)
+            want = theta.clone()
+            apply_step_pieces([(want, 77, start, numel, decays)], record, plain)
+            k = start // 1000
+            keys = [chunk_key(record.seed, j, 77, k) for j in range(q)]
+            kernels.update_pieces([theta], keys, [min(1000, numel - k * 1000)], [start - k * 1000], list(grads),
+                                  record.lr, wd, [decays and wd != 0.0])
+            assert torch.equal(theta, want), (q, decays, wd, signs, start, stop)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_generator_fuses_what_it_can_and_returns_the_rest(kernels, threads):
+    """PerturbationGenerator.perturb_fused / update_fused: float32 CPU slices spanning several chunks (and starting
+    inside one) are done natively, on the threads, with the Python path's values; a bfloat16 tensor, a parameter
+    whose last chunk is shorter than 16 values and a zero gradient are handed back untouched."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen, plain = PerturbationGenerator(chunk_elements=1000), PerturbationGenerator(chunk_elements=1000)
+        plain.fused_passes = False
+        rng = torch.Generator().manual_seed(2)
+        numel, start = 4500, 700
+        master = torch.randn(numel - start, generator=rng)
+        outs = [torch.empty_like(master), torch.empty_like(master)]
+        short = torch.randn(1005, generator=rng)      # last chunk: 5 values
+        half = torch.randn(2000, generator=rng).bfloat16()
+        rest = gen.perturb_fused([(master, 9, 0, 5, numel, start, [(outs[0], 1), (outs[1], -1)]),
+                                  (short, 9, 0, 6, 1005, 0, [(torch.empty(1005), 1)]),
+                                  (half, 9, 0, 7, 2000, 0, [(torch.empty(2000).bfloat16(), 1)])], scale=1e-3)
+        assert [job[3] for job in rest] == [6, 7]
+        ez = torch.empty(numel - start)
+        plain.fill(ez, 9, 0, 5, numel, start, scale=1e-3)
+        assert torch.equal(outs[0], torch.add(master, ez)) and torch.equal(outs[1], torch.sub(master, ez))
+
+        record = StepRecord(3, 1234, (0.7, -0.2), 1e-2, 0.1)
+        theta, want = master.clone(), master.clone()
+        drawn = gen.elements_drawn
+        left = gen.update_fused([(theta, 5, start, numel, True), (short.clone(), 6, 0, 1005, True)], record.seed,
+                                record.g, record.lr, record.wd)
+        assert len(left) == 1 and left[0][1] == 6
+        apply_step_pieces([(want, 5, start, numel, True)], record, plain)
+        assert torch.equal(theta, want)
+        assert gen.elements_drawn - drawn == 2 * (numel - 688)      # from the group holding element 700 on
+        assert gen.update_fused([(theta, 5, start, numel, True)], 1, (0.0,), 1e-2, 0.0) != []
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_training_is_the_same_with_the_fused_passes_on_or_off(kernels):
+    """Three ZO steps of a tiny HF model with two perturbations and weight decay (z chunks of 500 values, two threads)
+    give the same parameters bit for bit with the fused passes or with drawn chunks and torch's element-wise ops;
+    the fused run really used them."""
+    import ds_zo
+    from conftest import ds_config
+    from models import batch, tiny_model
+
+    results, calls = [], []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for fused in (True, False):
+            engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(wd=0.1, num_perturbations=2))
+            engine.perturbations.chunk = 500
+            engine.perturbations.fused_passes = fused
+            original = engine.perturbations.update_fused
+
+            def counting(pieces, *args, _orig=original):
+                rest = _orig(pieces, *args)
+                calls.append((fused, len(pieces) - len(rest)))
+                return rest
+            engine.perturbations.update_fused = counting
+            for t in range(3):
+                engine.train_batch(batch(seed=t))
+            engine.flush()
+            results.append(engine.module_state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert any(f and n > 0 for f, n in calls) and not any(not f and n > 0 for f, n in calls)
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
