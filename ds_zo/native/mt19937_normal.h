@@ -160,7 +160,8 @@ class Mt19937Normal {
   }
 
   // ATen's AVX2 NormalFill16 step for float, operation for operation (mean 0)
-  static inline void box_muller16(float* data, __m256 std_v) {
+  // always inlined: called per 16 values from two loops (fill, the tiles), where a call costs ~7 % of a draw
+  __attribute__((always_inline)) static inline void box_muller16(float* data, __m256 std_v) {
     const __m256 u1 = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_loadu_ps(data));
     const __m256 u2 = _mm256_loadu_ps(data + 8);
     const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log256_ps(u1)));
