@@ -6,7 +6,9 @@ j of the step (or a single slot under perturbation parallelism), or `None` for t
 Entering a unit: its parameters are made resident (offload pipeline), the optimizer applies the pending (fused) update
 of the previous step to them, then z_j is drawn once per perturbation, a group of whole chunks at a time (several
 parameters' chunks together, drawn on worker threads on CPU), into a float32 scratch buffer, and both signs are
-formed from it in float32, rounded once into the parameter's dtype. z is thus drawn once per step to perturb and once
+formed from it in float32, rounded once into the parameter's dtype. On CPU, float32 units skip the scratch: one
+native sweep per chunk draws z a tile at a time and writes both signs (`_form_fused`, native/z_passes.h; the same
+values). z is thus drawn once per step to perturb and once
 more (next step) to update: two draws per element per step (MeZO's in-place loop draws four); a tied weight of more
 than two chunks is drawn once more, in its second unit.
 
