@@ -106,6 +106,9 @@ def _worker(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if spec.get("bind_cores"):       # one core per rank, as the deepspeed launcher's --bind_cores_to_rank does
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[rank % len(cores)]})
     b, seq = spec["rows"], spec["seq"]
     results = {"world": world, "cases": {}}
     runs = {}
@@ -187,12 +190,13 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--worlds", default="1,2,1,2")
     p.add_argument("--cases", default="", help="comma-separated subset of case names")
+    p.add_argument("--bind-cores", action="store_true", help="pin each rank to one core (rank i to the i-th)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.worker:
         sys.exit(_worker(args.worker))
     spec = {"shape": args.shape, "rows": args.rows, "seq": args.seq, "steps": args.steps,
-            "cases": [c for c in args.cases.split(",") if c]}
+            "cases": [c for c in args.cases.split(",") if c], "bind_cores": args.bind_cores}
     runs = [run_world(int(w), spec) for w in args.worlds.split(",")]
     out = {"spec": spec, "runs": runs}
     for r in runs:

@@ -70,6 +70,10 @@ def memory_tables(res: dict) -> list[str]:
 def dist_tables(res: dict) -> list[str]:
     d = res["dist"]
     out = ["| figure | CPU time | wall time |", "| --- | --- | --- |"]
+    if "ddp_weak_throughput_2_over_1_alone_cpu" in d:
+        out.append(f"| ZO-DDP throughput, 2 ranks / 1 (same rows per rank), each launch one engine | "
+                   f"{_r(d['ddp_weak_throughput_2_over_1_alone_cpu'])} | "
+                   f"{_r(d['ddp_weak_throughput_2_over_1_alone_wall'])} |")
     for key, label in (("ddp_weak_throughput_2_over_1", "ZO-DDP throughput, 2 ranks / 1 (same rows per rank)"),
                        ("ddp_strong_speedup_2_over_1", "ZO-DDP speedup, 2 ranks / 1 (same global batch)"),
                        ("pertp_latency_2_over_1", "PertP step latency, 2 ranks / 1 (same batch)")):
