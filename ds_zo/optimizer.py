@@ -166,8 +166,9 @@ class ZOSGD(torch.optim.Optimizer):
         return out
 
     def _apply_pieces(self, pieces: list[Piece]) -> None:
-        """The pending step on these pieces, a span at a time: the float32 scratch stays two spans (a few z chunks),
-        not two copies of the largest parameter (the update is elementwise: same result bit for bit)."""
+        """The pending step on these pieces: by the fused native sweep where it applies (CPU float32: no scratch),
+        the rest a span at a time, whose float32 scratch stays two spans (a few z chunks), not two copies of the
+        largest parameter (the update is elementwise: same result bit for bit)."""
         if pieces:   # the fused native sweep takes all it can at once (its chunks spread over the threads)
             pieces = self.generator.update_fused(pieces, self.pending.seed, self.pending.g, self.pending.lr,
                                                  self.pending.wd)

@@ -9,8 +9,9 @@ parameters' chunks together, drawn on worker threads on CPU), into a float32 scr
 formed from it in float32, rounded once into the parameter's dtype. On CPU, float32 units skip the scratch: one
 native sweep per chunk draws z a tile at a time and writes both signs (`_form_fused`, native/z_passes.h; the same
 values). z is thus drawn once per step to perturb and once
-more (next step) to update: two draws per element per step (MeZO's in-place loop draws four); a tied weight of more
-than two chunks is drawn once more, in its second unit.
+more (next step) to update: two draws per element per step (MeZO's in-place loop draws four). A weight used by two
+units (a tied embedding and output layer) is drawn twice as well on CPU (`id_rows`); elsewhere its chunks are drawn
+again in its second unit unless `tied_z_cache` keeps them.
 
 `acquire` forms whole copies of a unit (decoder layers); `working_rows` forms any block of rows of one parameter's
 copies (embedding and output-layer units, see streamed.py), so no buffer is ever vocabulary-sized.

@@ -67,8 +67,8 @@ inline int64_t perturb_piece(const ChunkPiece& piece, uint64_t key, float eps, c
 // product) and carries g_0's sign aside; |g_j|·z_j is added where g_j has that sign and subtracted where not; then
 // u / q. `decays`: weight decay applies to this tensor (wd·θ, with u turned to the sign of the step). Returns the z
 // values drawn.
-inline int64_t update_piece(const ChunkPiece& piece, const std::vector<uint64_t>& keys, const std::vector<double>& grads,
-                         float lr, float wd, bool decays, float* theta) {
+inline int64_t update_piece(const ChunkPiece& piece, const std::vector<uint64_t>& keys,
+                            const std::vector<double>& grads, float lr, float wd, bool decays, float* theta) {
   const size_t q = keys.size();
   std::vector<Mt19937NormalTiles> tiles;
   tiles.reserve(q);
