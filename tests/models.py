@@ -53,3 +53,17 @@ def batch(rows: int = 2, seq: int = 8, seed: int = 1, pad: bool = True) -> dict:
     labels = ids.clone()
     labels[mask == 0] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def trained_state(engine, steps: int = 3) -> dict:
+    """The engine's parameters after `steps` ZO steps on batch(seed=t), the pending update flushed."""
+    for t in range(steps):
+        engine.train_batch(batch(seed=t))
+    engine.flush()
+    return engine.module_state_dict()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts with the same names and the same values bit for bit."""
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]

@@ -122,7 +122,7 @@ def test_training_is_the_same_with_the_fused_passes_on_or_off(kernels):
     the fused run really used them."""
     import ds_zo
     from conftest import ds_config
-    from models import batch, tiny_model
+    from models import assert_same_state, tiny_model, trained_state
 
     results, calls = [], []
     before = torch.get_num_threads()
@@ -139,12 +139,8 @@ def test_training_is_the_same_with_the_fused_passes_on_or_off(kernels):
                 calls.append((fused, len(pieces) - len(rest)))
                 return rest
             engine.perturbations.update_fused = counting
-            for t in range(3):
-                engine.train_batch(batch(seed=t))
-            engine.flush()
-            results.append(engine.module_state_dict())
+            results.append(trained_state(engine))
     finally:
         torch.set_num_threads(before)
     assert any(f and n > 0 for f, n in calls) and not any(not f and n > 0 for f, n in calls)
-    assert results[0].keys() == results[1].keys()
-    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+    assert_same_state(*results)

@@ -183,7 +183,7 @@ def test_training_is_the_same_with_the_vectorised_sampler_on_or_off():
         pytest.skip("the vectorised sampler needs AVX2 and FMA")
     import ds_zo
     from conftest import ds_config
-    from models import batch, tiny_model
+    from models import assert_same_state, tiny_model, trained_state
 
     module = native.chunk_draws()
     results = []
@@ -194,15 +194,11 @@ def test_training_is_the_same_with_the_vectorised_sampler_on_or_off():
             module.set_fast_gaussian(fast)
             engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(wd=0.1))
             engine.perturbations.chunk = 500
-            for t in range(3):
-                engine.train_batch(batch(seed=t))
-            engine.flush()
-            results.append(engine.module_state_dict())
+            results.append(trained_state(engine))
     finally:
         module.set_fast_gaussian(True)
         torch.set_num_threads(before)
-    assert results[0].keys() == results[1].keys()
-    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+    assert_same_state(*results)
 
 
 def test_a_cpu_without_avx2_keeps_atens_sampler(fresh, monkeypatch):
