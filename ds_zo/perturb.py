@@ -300,7 +300,7 @@ class PerturbationGenerator:
         nonzero): for each piece (flat, key, start, numel, decays) θ ← θ − lr·((1/q) Σ_j g_j·z_j + wd·θ), the values
         optimizer.apply_step_pieces gives. Returns the pieces left for that path."""
         kernels = self._fused_kernels(grads)
-        if kernels is None:
+        if kernels is None or not pieces or pieces[0][0].device.type != "cpu":
             return pieces
         rest, thetas, keys, sizes, froms, decays = [], [], [], [], [], []
         for piece in pieces:

@@ -119,7 +119,7 @@ def test_generator_fuses_what_it_can_and_returns_the_rest(kernels, threads):
 def test_training_is_the_same_with_the_fused_passes_on_or_off(kernels):
     """Three ZO steps of a tiny HF model with two perturbations and weight decay (z chunks of 500 values, two threads)
     give the same parameters bit for bit with the fused passes or with drawn chunks and torch's element-wise ops;
-    the fused run really used them."""
+    the fused run really used both passes."""
     import ds_zo
     from conftest import ds_config
     from models import assert_same_state, tiny_model, trained_state
@@ -132,15 +132,16 @@ def test_training_is_the_same_with_the_fused_passes_on_or_off(kernels):
             engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(wd=0.1, num_perturbations=2))
             engine.perturbations.chunk = 500
             engine.perturbations.fused_passes = fused
-            original = engine.perturbations.update_fused
-
-            def counting(pieces, *args, _orig=original):
-                rest = _orig(pieces, *args)
-                calls.append((fused, len(pieces) - len(rest)))
-                return rest
-            engine.perturbations.update_fused = counting
+            for name in ("perturb_fused", "update_fused"):     # count what each pass took (on this instance only)
+                def counting(items, *args, _orig=getattr(engine.perturbations, name), _name=name, _fused=fused):
+                    rest = _orig(items, *args)
+                    calls.append((_fused, _name, len(items) - len(rest)))
+                    return rest
+                setattr(engine.perturbations, name, counting)
             results.append(trained_state(engine))
     finally:
         torch.set_num_threads(before)
-    assert any(f and n > 0 for f, n in calls) and not any(not f and n > 0 for f, n in calls)
+    for name in ("perturb_fused", "update_fused"):
+        assert any(f and n > 0 for f, m, n in calls if m == name), name
+    assert not any(not f and n > 0 for f, _, n in calls)
     assert_same_state(*results)

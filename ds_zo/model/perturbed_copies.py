@@ -400,12 +400,15 @@ class PerturbedCopies:
     def _form_fused(self, pieces: list, j: int) -> list:
         """Perturbation j's copies of these pieces in one native sweep per z chunk where it applies (CPU, float32;
         not row subsets); returns the pieces left for the drawn-chunk path."""
+        if not pieces or pieces[0][0].param.device.type != "cpu":
+            return pieces      # CPU only: no host work added where every op is a launch
         signs = [(i, slot[1]) for i, slot in enumerate(self.slots) if slot is not None and slot[0] == j]
-        jobs = {id(pc): (pc[1][pc[4]:pc[5]], self.seed, j, self.keys[id(pc[0].param)], pc[2], pc[4],
-                         [(pc[3][i][pc[4]:pc[5]], sign) for i, sign in signs])
-                for pc in pieces if pc[0].rows is None}
-        left = {id(job) for job in self.generator.perturb_fused(list(jobs.values()), self.eps)}
-        return [pc for pc in pieces if id(pc) not in jobs or id(jobs[id(pc)]) in left]
+        cands = [pc for pc in pieces if pc[0].rows is None]
+        jobs = [(base[lo:hi], self.seed, j, self.keys[id(ref.param)], m, lo,
+                 [(outs[i][lo:hi], sign) for i, sign in signs]) for ref, base, m, outs, lo, hi in cands]
+        left = {id(job) for job in self.generator.perturb_fused(jobs, self.eps)}
+        done = {id(pc) for pc, job in zip(cands, jobs) if id(job) not in left}
+        return [pc for pc in pieces if id(pc) not in done]
 
     def _groups(self, pieces: list) -> list[list]:
         """Consecutive pieces on one device, in groups of at most one span (a larger piece stands alone)."""
