@@ -154,7 +154,10 @@ class PerturbationGenerator:
     def _folds(self, out: torch.Tensor, scale: float) -> bool:
         """Whether the sampler can apply `scale` itself, giving exactly fl(z * scale) (what `z.mul_(scale)` gives),
         without a separate pass over the chunk."""
-        return out.numel() >= _FOLDED_MIN and 0.0 < scale < _FOLD_LIMIT[self.distribution]
+        return out.numel() >= _FOLDED_MIN and self._scale_folds(scale)
+
+    def _scale_folds(self, scale: float) -> bool:
+        return 0.0 < scale < _FOLD_LIMIT[self.distribution]
 
     def _draw(self, out: torch.Tensor, key: int, scale: float = 1.0, gen: Optional[torch.Generator] = None) -> None:
         """out := z * scale for the chunk of this key (scale applied as one float32 multiply)."""
@@ -240,7 +243,7 @@ class PerturbationGenerator:
         each scale one the draw folds), else None."""
         if not self.fused_passes or self.distribution != "gaussian":
             return None
-        if not all(0.0 < abs(s) < _FOLD_LIMIT["gaussian"] for s in scales):
+        if not all(self._scale_folds(abs(s)) for s in scales):
             return None
         kernels = native.chunk_draws()
         return kernels if kernels is not None and kernels.fast_gaussian() else None
@@ -262,8 +265,10 @@ class PerturbationGenerator:
 
     def _fusable(self, numel: int, *tensors: torch.Tensor) -> bool:
         """Whether a slice of a parameter of `numel` elements can take the fused passes: float32 CPU tensors, and
-        every chunk at least 16 values (shorter ones are drawn in float64 and their scaled values rounded otherwise)."""
-        return ((numel >= 16 and (numel % self.chunk == 0 or numel % self.chunk >= 16))
+        every chunk one whose scaled draw folds (shorter ones are drawn in float64 and their scaled values rounded
+        otherwise)."""
+        last = (numel - 1) % self.chunk + 1 if numel else 0          # the parameter's last (shortest) chunk
+        return (last >= _FOLDED_MIN
                 and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors))
 
     def perturb_fused(self, jobs: list, scale: float) -> list:
