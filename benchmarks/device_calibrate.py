@@ -15,6 +15,8 @@ issue time of many back-to-back calls (on CUDA the kernels queue behind, so issu
 - unit_host_s: ds_zo's host time per unit visit, from ZO steps of the 4-layer "tiny" shape at 1 x 8 tokens on the
   same device, where device work is negligible: (measured − modelled without it) / unit visits;
 - h2d_bw / d2h_bw: the pinned memcpy baseline the benchmark measured (CUDA) or a host copy (CPU).
+The host's speed drifts on the GPU machines (the same step 0.125-0.209 s within one process), so offload_bench
+measures the host rates and the tiny steps again before each repetition of its timed steps and uses their medians.
 """
 from __future__ import annotations
 
@@ -64,15 +66,12 @@ def host_issue_time(fn, device: torch.device, calls: int) -> float:
     return per_call
 
 
-def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
+def host_rates(device: torch.device) -> dict:
+    """The host's issue times alone (a few milliseconds to measure): taken again between a benchmark's timed steps, on
+    a host whose speed drifts, so that the calibration and the steps see the same host."""
     chunk = torch.empty(CHUNK_ELEMENTS, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     zgen = PerturbationGenerator()
-    chunks = 64
-    if device.type == "cuda":    # bare normal_: issuing it is quicker than the kernel, so the device time is its own
-        t_normal = device_time(lambda: [chunk.normal_(generator=gen) for _ in range(chunks)], device, reps) / chunks
-    else:
-        t_normal = device_time(lambda: [zgen.draw_chunks([(chunk, 12345)]) for _ in range(chunks)], device, reps) / chunks
     key = iter(range(10**9))
     host_fill = host_issue_time(lambda: zgen.fill(chunk, 1, 0, next(key), CHUNK_ELEMENTS), device, 200)
     # as ds_zo draws on accelerators: a span of 8 whole chunks per fill_many call (the call's overhead shared)
@@ -82,20 +81,38 @@ def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
     # one element-wise op as ds_zo issues it: into a slice of a buffer, from slices
     small = torch.empty(3 * 4096, device=device)
     host_pass = host_issue_time(lambda: torch.add(small[:4096], small[4096:8192], out=small[8192:]), device, 200)
+    return {"host_fill_s": host_fill, "host_fill_in_span_s": host_span, "host_normal_s": host_normal,
+            "host_pass_s": host_pass}
+
+
+def with_host_rates(micro: dict, rates: dict, device: torch.device) -> dict:
+    """micro with its host issue times replaced by `rates` (host_rates' keys), and host_chunk_s derived from them:
+    on CUDA a chunk's share of a span's fill; on CPU, where the draw runs on the host, a fill minus the draw."""
+    out = micro | rates
+    t_normal = CHUNK_ELEMENTS / micro["rng_rate"]
+    out["host_chunk_s"] = rates["host_fill_in_span_s"] if device.type == "cuda" else max(0.0, rates["host_fill_s"] - t_normal)
+    return out
+
+
+def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
+    chunk = torch.empty(CHUNK_ELEMENTS, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    zgen = PerturbationGenerator()
+    chunks = 64
+    if device.type == "cuda":    # bare normal_: issuing it is quicker than the kernel, so the device time is its own
+        t_normal = device_time(lambda: [chunk.normal_(generator=gen) for _ in range(chunks)], device, reps) / chunks
+    else:
+        t_normal = device_time(lambda: [zgen.draw_chunks([(chunk, 12345)]) for _ in range(chunks)], device, reps) / chunks
     x, y, o = (torch.randn(n, device=device) for _ in range(3))
     t_add = device_time(lambda: torch.add(x, y, out=o), device, reps)
     t_cat = device_time(lambda: torch.cat([x, y]), device, reps)
-    host_chunk = host_span if device.type == "cuda" else max(0.0, host_fill - t_normal)
-    out = {"rng_rate": CHUNK_ELEMENTS / t_normal, "host_chunk_s": host_chunk, "host_fill_s": host_fill,
-           "host_fill_in_span_s": host_span,
-           "host_normal_s": host_normal, "host_pass_s": host_pass,
-           "elem_bw": 12 * n / t_add, "merge_bw": 8 * n / t_cat,
+    out = {"rng_rate": CHUNK_ELEMENTS / t_normal, "elem_bw": 12 * n / t_add, "merge_bw": 8 * n / t_cat,
            "fused_passes": zgen.fuses(device, torch.float32)}
     if device.type != "cuda":
         t_copy = device_time(lambda: o.copy_(x), device, reps)
         out["copy_bw"] = 4 * n / t_copy
     del x, y, o
-    return out
+    return with_host_rates(out, host_rates(device), device)
 
 
 def forward_rate(model: torch.nn.Module, shape: str, rows: int, seq: int, reps: int = 3) -> dict:
@@ -154,32 +171,44 @@ def predict(result: dict) -> dict:
     return {"cases": cases, "abs_error": {"median": statistics.median(errs), "max": max(errs)} if errs else None}
 
 
+class TinySteps:
+    """ZO steps of the tiny shape at 1 x 8 tokens on this device, where device work is negligible: their time less
+    the model's time without per-unit overhead, per unit visit, is ds_zo's host time per unit visit."""
+
+    def __init__(self, device: torch.device):
+        import ds_zo
+        from benchmarks.baselines import zo_config
+        from benchmarks.models import build
+        self.device = device
+        model = build("tiny")
+        self.engine, *_ = ds_zo.initialize(model=model, config=zo_config(1))
+        ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+        self.batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        self.time(1)                                 # warm-up
+
+    def time(self, reps: int) -> list[float]:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            self.engine.train_batch(self.batch)
+            _sync(self.device)
+            times.append(time.perf_counter() - t)
+        return times
+
+    def overhead(self, micro: dict, times: list[float]) -> dict:
+        measured = statistics.median(times)
+        fwd = forward_rate(self.engine.module, "tiny", 2, 8)
+        spec = pm.shape("tiny", 8)
+        bare = hardware(micro, fwd["flops"], float("inf"), float("inf"), 4, 0.0, self.device)
+        modelled = pm.simulate(spec, bare, pm.Layout("resident"), pm.Workload(1, 8)).step_s
+        return {"tiny_step_s": measured, "tiny_steps": len(times), "tiny_modelled_without_overhead_s": modelled,
+                "unit_host_s": max(0.0, (measured - modelled) / len(spec.units))}
+
+
 def unit_overhead(micro: dict, device: torch.device, reps: int = 9) -> dict:
     """ds_zo's host time per unit visit on this device, from ZO steps of the tiny shape (1 x 8 tokens)."""
-    import ds_zo
-    from benchmarks.baselines import zo_config
-    from benchmarks.models import build
-    model = build("tiny")
-    engine, *_ = ds_zo.initialize(model=model, config=zo_config(1))
-    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    def step():
-        engine.train_batch(batch)
-        _sync(device)
-    step()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    measured = statistics.median(times)
-    fwd = forward_rate(engine.module, "tiny", 2, 8)
-    spec = pm.shape("tiny", 8)
-    bare = hardware(micro, fwd["flops"], float("inf"), float("inf"), 4, 0.0, device)
-    modelled = pm.simulate(spec, bare, pm.Layout("resident"), pm.Workload(1, 8)).step_s
-    return {"tiny_step_s": measured, "tiny_modelled_without_overhead_s": modelled,
-            "unit_host_s": max(0.0, (measured - modelled) / len(spec.units))}
+    tiny = TinySteps(device)
+    return tiny.overhead(micro, tiny.time(reps))
 
 
 def main(argv=None) -> None:

@@ -4,10 +4,12 @@
 # Writes its logs and JSON to $OUT (default /tmp/gpu_check) and prints:
 #  - tests/test_cuda.py (CUDA code paths, and the fine-tuning job with ZeRO-3 offload on the GPU);
 #  - for OPT-1.3B and OPT-6.7B shapes in bf16 at seq 2048, batch 1 and 4: pinned H2D/D2H memcpy GB/s, ZO step time
-#    offload vs all-resident, the H2D rate during the uploads (timing events) against memcpy, each mode's peak GPU
-#    memory (batch 1, the setting of ZO2's published figures), offload-vs-resident exactness, the GPU's kernel-busy
-#    fraction of a step and each mode's host ops (profiler: what the pipeline adds to the host's path at batch 1),
-#    and ds_zo.perfmodel calibrated on this GPU against the measured steps.
+#    offload vs all-resident (every repetition's time kept: the host's speed drifts), each mode's peak GPU memory
+#    (batch 1, the setting of ZO2's published figures), offload-vs-resident exactness; per batch, one diagnosed step:
+#    the H2D rate during the uploads against memcpy, the seconds compute waited for uploads, the host seconds in
+#    the pipeline's begin/enter/exit; the GPU's kernel-busy fraction of a step and each mode's host ops (profiler),
+#    and ds_zo.perfmodel calibrated on this GPU (host rates sampled between the repetitions) against the steps.
+# offload_bench --prefetch 1,2 adds an offload engine per depth; --trace DIR writes each mode's chrome trace.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
@@ -19,5 +21,6 @@ timeout 170 python3 -m pytest -q -p no:cacheprovider -m "not multiprocess" tests
 for spec in "opt-1.3b 2 150" "opt-6.7b 1 210"; do
     set -- $spec
     timeout "$3" python3 -m benchmarks.offload_bench --shape "$1" --dtype bf16 --seq 2048 --batch 1,4 \
-        --span-chunks 8 --steps "$2" --reps 3 --calibrate --out "$OUTDIR/$1.json" 2>&1 | grep -v '^\[' | tee "$OUTDIR/$1.log"
+        --span-chunks 8 --steps "$2" --reps 5 --calibrate --out "$OUTDIR/$1.json" 2>&1 | grep -v '^\[' \
+        | tee "$OUTDIR/$1.log"
 done

@@ -35,12 +35,25 @@ def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
     return out
 
 
-def make_engine(model, offload: bool, args):
+def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
+    """Each timed mode and its prefetch depth (None: all-resident). The first depth is "offload"; every further depth
+    is one more offload engine, "offload_p<depth>", timed interleaved with the others."""
+    out = {}
+    for m in modes:
+        if m == "offload":
+            out.update({("offload" if i == 0 else f"offload_p{d}"): d for i, d in enumerate(depths)})
+        else:
+            out[m] = None
+    return out
+
+
+def make_engine(model, prefetch: int | None, args):
     import ds_zo
+    offload = prefetch is not None
     # one micro-batch of up to the largest batch size: each timed batch is a single forward pass per mode
     cfg = {"train_micro_batch_size_per_gpu": args.micro, "steps_per_print": 10**9,
            "optimizer": {"type": "ZOSGD", "params": {"lr": 1e-6, "eps": 1e-3}},
-           "zero_order": {"seed": 0, "prefetch_depth": args.prefetch}}
+           "zero_order": {"seed": 0, "prefetch_depth": prefetch or 1}}
     if offload:
         cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
     else:
@@ -75,13 +88,17 @@ def main(argv=None) -> dict:
                                                 "built and their memory measured at the first)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--prefetch", default="1", help="the offload pipeline's prefetch depth; a comma-separated list "
+                                                   "builds one offload engine per depth (offload, offload_p<d>)")
     p.add_argument("--modes", default="resident,offload")
     p.add_argument("--span-chunks", dest="span_chunks", default=str(ACCELERATOR_SPAN_CHUNKS),
                    help="z chunks per element-wise pass on an accelerator; a comma-separated list times each, "
                         "interleaved (no effect on CPU)")
     p.add_argument("--calibrate", action="store_true",
                    help="also calibrate ds_zo.perfmodel on this device and compare its predictions with the steps")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the profiled steps (GPU busy fraction, host ops, traces)")
+    p.add_argument("--trace", default=None, help="also write each mode's chrome trace of one step (gzipped) here")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
@@ -96,26 +113,32 @@ def main(argv=None) -> dict:
     ids = torch.randint(0, vocab, (max(batches), args.seq), generator=g)
     batch_of = {b: {"input_ids": ids[:b], "attention_mask": torch.ones_like(ids[:b])} for b in batches}
     result = {"shape": args.shape, "dtype": args.dtype, "seq": args.seq, "batch": batches[0], "batches": batches,
-              "prefetch": args.prefetch,
+              "prefetch": int(args.prefetch.split(",")[0]),
               "params": sum(p.numel() for p in base.parameters()), "device": "cuda" if cuda else "cpu",
               "build_s": time.perf_counter() - t0}
     if cuda:
         result["gpu"] = torch.cuda.get_device_name()
         result["memcpy"] = memcpy_baseline()
-    modes = args.modes.split(",")
+    depth_of = mode_names(args.modes.split(","), [int(d) for d in args.prefetch.split(",")])
+    modes = list(depth_of)
     engines = {}
     for mode in modes:
         model = base if mode == modes[-1] else copy.deepcopy(base)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()   # what the engines built earlier keep on the GPU
-        engines[mode] = make_engine(model, mode == "offload", args)
+        engines[mode] = make_engine(model, depth_of[mode], args)
         engines[mode].train_batch(batch_of[batches[0]])  # warm-up (allocations, kernels)
         if cuda:
             # this mode's own peak: the process peak minus what the other engine already held
             result[f"{mode}_peak_gpu_GB"] = (torch.cuda.max_memory_allocated() - before) / 1e9
             result[f"{mode}_process_peak_gpu_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del base
+    # --calibrate: the host's issue rates and tiny steps, sampled before every repetition (the host's speed drifts)
+    host_samples, tiny, tiny_times = [], None, []
+    if args.calibrate:
+        from benchmarks import device_calibrate as dc
+        tiny = dc.TinySteps(engines[modes[0]].device)
     runs = []
     for b in batches:
         for span in spans:
@@ -126,14 +149,19 @@ def main(argv=None) -> dict:
                     engines[m].train_batch(batch_of[b])   # warm-up at this size (scratch sized by the span)
             times = {m: [] for m in modes}
             for _ in range(args.reps):                     # interleaved: both modes see the same machine noise
+                if tiny is not None:
+                    host_samples.append(dc.host_rates(tiny.device))
+                    tiny_times += tiny.time(3)
                 for m in modes:
                     times[m].append(timed_steps(engines[m], batch_of[b], args.steps))
             for m in modes:
                 run[f"{m}_step_s_median"] = statistics.median(times[m])
                 run[f"{m}_step_s_spread"] = [min(times[m]), max(times[m])]
-            if len(modes) == 2:
-                run["offload_over_resident_throughput"] = (run["resident_step_s_median"]
-                                                           / run["offload_step_s_median"])
+                run[f"{m}_step_s_reps"] = times[m]          # in timing order: a drifting host shows here
+            if "resident" in modes:
+                for m in (m for m in modes if m != "resident"):
+                    run[f"{m}_over_resident_throughput"] = run["resident_step_s_median"] / run[f"{m}_step_s_median"]
+            run.update(pipeline_diagnosis(engines, batch_of[b]))
             runs.append(run)
     set_span(engines, default_span)
     # the first batch at the default span: its figures at top level
@@ -146,29 +174,24 @@ def main(argv=None) -> dict:
         result["offloaded_unit_bytes"] = unit_bytes
         result["h2d_bytes_per_step"] = eng.comm_stats()["h2d_bytes"] / eng.global_steps
         result["achieved_h2d_GBps"] = unit_bytes / result["offload_step_s_median"] / 1e9   # averaged over a step
-        # the rate while the uploads run (timed after the timed steps: timing events cost a little per upload)
-        eng.pipeline.time_transfers = True
-        for m in modes:                            # every engine takes this step: the parameters are compared below
-            timed_steps(engines[m], batch_of[batches[0]], 1)
-        eng.pipeline.time_transfers = False
-        rate = eng.pipeline.h2d_transfer_rate()
-        result["h2d_during_transfer_GBps"] = rate / 1e9 if rate else None
+        rate = first.get("offload_h2d_during_transfer_GBps")
         if rate and "memcpy" in result:
-            result["h2d_during_transfer_over_memcpy"] = rate / 1e9 / result["memcpy"]["h2d_GBps"]
-    if len(modes) == 2:
-        a, b = (engines[m].module_state_dict() for m in modes)
-        result["params_identical"] = all(torch.equal(a[n].cpu(), b[n].cpu()) for n in a)
-    if cuda:
-        for m in modes:
+            result["h2d_during_transfer_over_memcpy"] = rate / result["memcpy"]["h2d_GBps"]
+    if len(modes) >= 2:
+        first, *others = (engines[m].module_state_dict() for m in modes)
+        result["params_identical"] = all(torch.equal(first[n].cpu(), o[n].cpu()) for o in others for n in first)
+    for m in modes if args.profile else ():
+        if cuda:
             result[f"{m}_gpu_busy"] = gpu_busy(engines[m], batch_of[batches[0]])
-    for m in modes:
-        result[f"{m}_host_ops"] = host_ops(engines[m], batch_of[batches[0]])
+        trace = os.path.join(args.trace, f"{args.shape}_b{batches[0]}_{m}.json") if args.trace else None
+        result[f"{m}_host_ops"] = host_ops(engines[m], batch_of[batches[0]], trace=trace)
     if args.calibrate and "resident" in engines:
-        result["model"] = calibrate_and_predict(engines["resident"], args, batches, result)
+        result["model"] = calibrate_and_predict(engines["resident"], args, batches, result, host_samples, tiny,
+                                                tiny_times)
     for k, v in result.items():
         if k not in ("runs", "model") and not k.endswith("_host_ops"):
             print(f"{k:>36}: {v}")
-    for m in modes:
+    for m in modes if args.profile else ():
         ops = result[f"{m}_host_ops"]
         if "top" in ops:
             print(f"{m} host: {ops['ops']} ops, {ops['op_cpu_s']:.4f} s of op CPU time in a {ops['wall_s']:.4f} s step;"
@@ -183,6 +206,44 @@ def main(argv=None) -> dict:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def pipeline_diagnosis(engines: dict, batch) -> dict:
+    """One more step of every engine (so that all end with the same parameters); in the offload engines' step, per
+    mode: the H2D rate while the uploads run and the seconds the compute stream waited for uploads (CUDA timing
+    events around the copies and the waits; they cost a little, hence a step of its own), and the host seconds spent
+    in the pipeline's begin/enter/exit. Compute waiting on uploads points at the schedule; host time at bookkeeping."""
+    out = {}
+    for m, engine in engines.items():
+        pipe = getattr(engine, "pipeline", None)
+        if pipe is None:
+            timed_steps(engine, batch, 1)
+            continue
+        spent = [0.0]
+
+        def timed(fn):
+            def call(*a, **kw):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    spent[0] += time.perf_counter() - t
+            return call
+        names = ("begin", "enter", "exit")
+        for name in names:                      # on this instance only, removed below
+            setattr(pipe, name, timed(getattr(pipe, name)))
+        pipe.time_transfers = True
+        try:
+            out[f"{m}_diagnosed_step_s"] = timed_steps(engine, batch, 1)
+        finally:
+            pipe.time_transfers = False
+            for name in names:
+                delattr(pipe, name)
+        rate, stall = pipe.h2d_transfer_rate(), pipe.upload_stall_s()
+        out[f"{m}_h2d_during_transfer_GBps"] = rate / 1e9 if rate else None
+        out[f"{m}_upload_stall_s"] = stall
+        out[f"{m}_pipeline_host_s"] = spent[0]
+    return out
 
 
 def gpu_busy(engine, batch) -> dict | None:
@@ -209,11 +270,12 @@ def gpu_busy(engine, batch) -> dict | None:
         return {"error": repr(e)}
 
 
-def host_ops(engine, batch, top: int = 15) -> dict:
+def host_ops(engine, batch, top: int = 15, trace: str | None = None) -> dict:
     """Where one step's host time goes: torch.profiler's self CPU time per op (aten ops, and on a GPU the CUDA
     runtime calls: launches, event records, stream waits), the `top` largest, beside the step's wall time, and every
     op's count. Offload and resident side by side show what the pipeline adds to the host's path (the batch-1 offload gap
-    on a GPU is host-bound)."""
+    on a GPU is host-bound). trace: also write the step's chrome trace there, gzipped (host ops, kernels and copies
+    on one timeline: where the device waits)."""
     try:
         from torch.profiler import ProfilerActivity, profile
         cuda = engine.device.type == "cuda"
@@ -225,6 +287,14 @@ def host_ops(engine, batch, top: int = 15) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
+        if trace:
+            import gzip
+            import shutil
+            os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
+            prof.export_chrome_trace(trace)
+            with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.remove(trace)
         avgs = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
         largest = sorted(avgs, key=lambda a: -a.self_cpu_time_total)[:top]
         return {"wall_s": wall, "ops": sum(a.count for a in avgs),
@@ -235,12 +305,17 @@ def host_ops(engine, batch, top: int = 15) -> dict:
         return {"error": repr(e)}
 
 
-def calibrate_and_predict(resident, args, batches: list[int], result: dict) -> dict:
-    """ds_zo.perfmodel calibrated here (benchmarks/device_calibrate.py) against the steps timed above."""
+def calibrate_and_predict(resident, args, batches: list[int], result: dict, host_samples: list[dict], tiny,
+                          tiny_times: list[float]) -> dict:
+    """ds_zo.perfmodel calibrated here (benchmarks/device_calibrate.py) against the steps timed above: device rates
+    measured now, host rates and the per-unit overhead as the medians of their samples between the repetitions."""
     from benchmarks import device_calibrate as dc
     device = resident.device
     micro = dc.micro_rates(device)
-    cal = {"micro": micro, "unit_overhead": dc.unit_overhead(micro, device),
+    once = {k: micro[k] for k in host_samples[0]}
+    micro = dc.with_host_rates(micro, {k: statistics.median(s[k] for s in host_samples) for k in once}, device)
+    cal = {"micro": micro, "host_rates_measured_once": once,
+           "host_rate_samples": host_samples, "unit_overhead": tiny.overhead(micro, tiny_times),
            "forward": [dc.forward_rate(resident.module, args.shape, 2 * b, args.seq) for b in batches]}
     return cal | dc.predict(result | {"model": cal})
 

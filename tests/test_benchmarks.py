@@ -181,6 +181,24 @@ def test_offload_benchmark_smoke_on_cpu(tmp_path):
     assert ops["offload"]["ops"] > ops["resident"]["ops"] and copies["offload"] > copies["resident"], copies
 
 
+def test_offload_benchmark_samples_the_host_between_repetitions():
+    """--calibrate: the host's issue rates and the tiny steps are measured before every repetition (the GPU machines'
+    host speed drifts) and the model uses their medians; the pipeline diagnosis (upload stalls, the pipeline's host
+    time) is reported per batch, and --no-profile skips the profiled steps."""
+    import statistics
+    from benchmarks.offload_bench import main
+    res = main(["--shape", "tiny", "--seq", "8", "--batch", "1", "--steps", "1", "--reps", "2", "--calibrate",
+                "--no-profile"])
+    cal = res["model"]
+    samples = cal["host_rate_samples"]
+    assert len(samples) == 2 and cal["unit_overhead"]["tiny_steps"] == 6
+    assert cal["micro"]["host_pass_s"] == statistics.median(s["host_pass_s"] for s in samples)
+    assert {c["mode"] for c in cal["cases"]} == {"resident", "offload"}
+    run = res["runs"][0]
+    assert run["offload_upload_stall_s"] is not None and run["offload_pipeline_host_s"] > 0
+    assert len(run["offload_step_s_reps"]) == 2 and not any(k.endswith("_host_ops") for k in res)
+
+
 def test_median_calibration_of_launches():
     """The model's rates are the element-wise median over the launches' calibrations; the 2-rank launches measure
     no per-unit overhead (their ZO steps would be collective), which passes through as None."""

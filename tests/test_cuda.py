@@ -155,6 +155,8 @@ def test_cuda_upload_timing_events():
     n = len(pipe._transfer_times)
     rate = pipe.h2d_transfer_rate()
     assert n == len(pipe.order) and rate is not None and 1e8 < rate < 1e12   # bytes/s of real PCIe copies
+    stall = pipe.upload_stall_s()                 # seconds compute waited for uploads, read from timing events
+    assert stall is not None and 0 <= stall < 10
 
 
 def offload_job(tmp_path, accelerator: str, steps: int = 4):

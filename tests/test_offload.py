@@ -221,3 +221,6 @@ def test_upload_timing_is_opt_in_and_counts_every_timed_upload():
     rate = engine.pipeline.h2d_transfer_rate()
     assert rate is not None and rate > 0
     assert engine.pipeline.h2d_transfer_rate() is None          # read once, then forgotten
+    stall = engine.pipeline.upload_stall_s()                     # compute's waits for uploads, one per unit visit
+    assert stall is not None and 0 <= stall < 1e-3               # CPU: every upload finished before its compute
+    assert engine.pipeline.upload_stall_s() is None

@@ -53,8 +53,10 @@ class OffloadPipeline(Residency):
         self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "uploads": 0, "offloads": 0, "order_misses": 0}
         # benchmarks only: time each upload (CUDA: timing events around the copy on the h2d stream; CPU: the
         # synchronous copy's wall time); off by default, since timing events cost a little on every upload
+        # and the compute stream's wait for each upload (timing events around the wait: how long compute stalled)
         self.time_transfers = False
         self._transfer_times: list[tuple[object, object, int]] = []
+        self._stall_times: list[tuple[object, object]] = []
         self.trace: Optional[list[tuple[str, str]]] = None   # set to [] to record the issue order of operations
         self._view_cache: dict[tuple[int, Optional[int]], list[torch.Tensor]] = {}
 
@@ -149,6 +151,15 @@ class OffloadPipeline(Residency):
         self._transfer_times = []
         return nbytes / seconds if seconds > 0 else None
 
+    def upload_stall_s(self) -> Optional[float]:
+        """Seconds the compute stream waited for uploads during the timed passes (0 where every upload was ready
+        before compute reached its unit), then forget them. Waits for the timed passes to finish."""
+        if not self._stall_times:
+            return None
+        stalled = sum(self.streams.elapsed_s(before, after) for before, after in self._stall_times)
+        self._stall_times = []
+        return stalled
+
     def _views(self, k: int, b: Optional[int]) -> list[torch.Tensor]:
         """Unit k's parameter views into device buffer b (None: into its store), made once: the buffers and the
         store live as long as the pipeline, and re-pointing is a per-unit cost on the host's critical path."""
@@ -181,7 +192,14 @@ class OffloadPipeline(Residency):
             self.stats["order_misses"] += 1
             self._upload(k)
         st = self.streams
+        before = st.event(timing=True) if self.time_transfers else None
+        if before is not None:
+            before.record(st.compute)
         st.compute.wait_event(self._uploaded[k])
+        if before is not None:
+            after = st.event(timing=True)
+            after.record(st.compute)
+            self._stall_times.append((before, after))
         self._point(k, self._buffer_of(k))
         self._log("compute_begin", k)
 
