@@ -103,14 +103,19 @@ class AdamWStep:
 
 
 class InferenceForward:
-    """One forward of the batch, no autograd: logits and HF's loss, nothing kept."""
+    """One forward of the batch, no autograd: logits and HF's loss, nothing kept. with_loss=False: the logits alone
+    (no labels passed), the leanest forward a user could compare with."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, with_loss: bool = True):
         self.model = model.eval()
+        self.with_loss = with_loss
 
     @torch.no_grad()
     def step(self, batch: dict) -> float:
-        return float(self.model(**batch, use_cache=False).loss)
+        if self.with_loss:
+            return float(self.model(**batch, use_cache=False).loss)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return float(self.model(**inputs, use_cache=False).logits[0, -1, 0])
 
 
 def make_batch(vocab: int, rows: int, seq: int, seed: int = 0) -> dict:

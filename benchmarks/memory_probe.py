@@ -20,7 +20,7 @@ import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-MODES = ("inference", "dszo", "dszo_offload", "dszo_tied_z", "mezo", "adamw")
+MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "mezo", "adamw")
 
 
 def _status_kb(field: str) -> int:
@@ -64,8 +64,8 @@ def main(argv=None) -> dict:
     gc.collect()
     rss_after_build = _status_kb("VmRSS")
     exact = reset_peak()
-    if args.mode == "inference":
-        runner = InferenceForward(model).step
+    if args.mode in ("inference", "inference_logits"):
+        runner = InferenceForward(model, with_loss=args.mode == "inference").step
     elif args.mode in ("dszo", "dszo_offload", "dszo_tied_z"):
         cfg = zo_config(args.rows, tied_z_cache=args.mode == "dszo_tied_z")
         if args.mode == "dszo_offload":
