@@ -88,8 +88,10 @@ def main(argv=None) -> dict:
         # where ds_zo's working memory sits: the grow-only copy buffers (θ±εz per slot and z, sized by the largest
         # unit) and the optimizer's float32 update scratch (sized by the largest parameter)
         opt = engine.optimizer
+        kept = sum(b.numel() * b.element_size() for k, b in engine.copies.buffers._bufs.items() if k[0] == "logits")
         out["dszo_buffers"] = {
-            "perturbed_copies": engine.copies.buffers.nbytes(),
+            "perturbed_copies": engine.copies.buffers.nbytes() - kept,
+            "kept_logits": kept,
             "update_scratch": sum(t.numel() * t.element_size() for t in (getattr(opt, "_buffers", None) or ())),
             "z_chunk_scratch": sum(t.numel() * t.element_size()
                                    for t in getattr(engine.perturbations, "_scratch", {}).values()),

@@ -89,6 +89,9 @@ class ZOEngine(DeepSpeedEngine):
         self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
         self.copies = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline,
                                       before_perturb=self._apply_pending_to_unit)
+        # the ZO forwards' logits are read by the loss at once and never leave the engine: they may live in a buffer
+        # kept from step to step (PerturbedCopies.output)
+        self.copies.keep_output = True
         uses = collections.Counter(id(r.param) for u in self.units for r in u.trainable)
         self.copies.shared = {p for p, n in uses.items() if n > 1}
         if self.zo_config.tied_z_cache:
@@ -235,6 +238,7 @@ class ZOEngine(DeepSpeedEngine):
         if self._in_zo_forward:
             return
         self.flush()
+        self.copies.buffers.drop("logits")    # the ZO forwards' kept logits: not held beside a direct forward's own
         if self.pipeline is not None and self._streaming is None:
             plain = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline)
             stack = contextlib.ExitStack()

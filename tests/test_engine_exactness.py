@@ -411,8 +411,8 @@ def test_parameters_spanning_many_z_chunks(tied):
     # scratch: the update's two spans of z; the copies' one span of z, two slot buffers of the largest unit formed
     # whole (a decoder layer; freed while the output layer computes, so absent after a step) and, for the embedding
     # and the head (formed in row blocks), two block buffers and at most one span and one chunk of cached ε·z (the
-    # 64-row blocks here are larger than that: only the chunks they share with a neighbour are cached) -- nothing of
-    # vocabulary size
+    # 64-row blocks here are larger than that: only the chunks they share with a neighbour are cached) -- no scratch of
+    # vocabulary size; beside them the head's output, both slots' logits, kept from step to step
     span = engine.perturbations.span(torch.device("cpu"))   # chunks drawn at once: 100 x min(threads, 4)
     cached = span + 100
     assert span % 100 == 0 and engine.optimizer._buffers[0].numel() == span
@@ -420,10 +420,12 @@ def test_parameters_spanning_many_z_chunks(tied):
     assert {streamed_kind(u) for u in streamed} == {"embedding", "linear"}
     block = max(min(engine.copies.block_rows(u.trainable[0]), u.trainable[0].param.shape[0])
                 * u.trainable[0].param.shape[1] for u in streamed)
-    held = engine.copies.buffers.nbytes() - (4 * span + 2 * 4 * block)
+    logits = sum(b.numel() * b.element_size() for k, b in engine.copies.buffers._bufs.items() if k[0] == "logits")
+    assert logits == 4 * 2 * batch(seed=0)["input_ids"].numel() * model.config.vocab_size
+    held = engine.copies.buffers.nbytes() - logits - (4 * span + 2 * 4 * block)
     assert 4 * 100 <= held <= 4 * cached
     largest = max(sum(r.param.numel() for r in u.trainable) for u in engine.units if u not in streamed)
     layer = next(u for u in engine.units if u.is_layer)
     engine.copies.acquire(layer)
     engine.copies.release(layer)
-    assert engine.copies.buffers.nbytes() == 2 * 4 * largest + 4 * span + 2 * 4 * block + held
+    assert engine.copies.buffers.nbytes() == 2 * 4 * largest + 4 * span + 2 * 4 * block + held + logits

@@ -223,3 +223,29 @@ def test_blocks_draw_their_chunks_together(threads, q):
             assert torch.equal(out[2 * s:2 * s + 2], nn.functional.linear(x[2 * s:2 * s + 2], whole[s][0]))
     finally:
         torch.set_num_threads(before_threads)
+
+
+def test_kept_logits_buffer_changes_nothing_and_is_released_for_direct_forwards():
+    """The streamed output layer writes every slot's logits into one buffer kept from step to step (no page faults
+    per step): the same parameters bit for bit as fresh logits, the same buffer reused by the next step, and dropped
+    before a direct forward of the model (evaluation), whose own logits would otherwise sit beside it."""
+    import ds_zo
+    from conftest import ds_config
+    from models import assert_same_state, trained_state
+    results = []
+    for keep in (True, False):
+        engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config())
+        engine.copies.keep_output = keep
+        results.append({n: t.clone() for n, t in trained_state(engine, steps=2).items()})
+        if keep:
+            bufs = engine.copies.buffers._bufs
+            key = next(k for k in bufs if k[0] == "logits")          # the streamed head ran and kept its output
+            first = bufs[key].data_ptr()
+            engine.train_batch(batch(seed=5))
+            assert bufs[key].data_ptr() == first                     # reused, not reallocated
+            with torch.no_grad():
+                engine.module(input_ids=batch()["input_ids"])
+            assert not any(k[0] == "logits" for k in engine.copies.buffers._bufs)
+        else:
+            assert not any(k[0] == "logits" for k in engine.copies.buffers._bufs)
+    assert_same_state(*results)

@@ -116,7 +116,7 @@ def linear_forward(unit: Unit, source: RowSource, x: torch.Tensor, slots: int, r
     """x · W_sᵀ for each slot's rows of x, computed one block of output features at a time into one output."""
     ref = unit.trainable[0]
     weight = ref.param
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    out = source.output(x.shape[:-1] + (weight.shape[0],), x.dtype, x.device)
     for r0, r1 in _blocks(weight.shape[0], source.block_rows(ref)):
         for s, block in enumerate(source.working_rows(ref, r0, r1)):
             out[s * rows:(s + 1) * rows, ..., r0:r1] = F.linear(x[s * rows:(s + 1) * rows], block)
