@@ -90,7 +90,8 @@ def with_host_rates(micro: dict, rates: dict, device: torch.device) -> dict:
     on CUDA a chunk's share of a span's fill; on CPU, where the draw runs on the host, a fill minus the draw."""
     out = micro | rates
     t_normal = CHUNK_ELEMENTS / micro["rng_rate"]
-    out["host_chunk_s"] = rates["host_fill_in_span_s"] if device.type == "cuda" else max(0.0, rates["host_fill_s"] - t_normal)
+    cuda = device.type == "cuda"
+    out["host_chunk_s"] = rates["host_fill_in_span_s"] if cuda else max(0.0, rates["host_fill_s"] - t_normal)
     return out
 
 

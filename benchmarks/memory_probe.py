@@ -55,6 +55,7 @@ def main(argv=None) -> dict:
     import transformers  # noqa: F401  (every mode pays the same imports)
 
     import ds_zo
+    from ds_zo.model.perturbed_copies import OUTPUT_ROLE
     from benchmarks.baselines import AdamWStep, InferenceForward, MeZOLoop, make_batch, zo_config
     from benchmarks.models import build
 
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
         # where ds_zo's working memory sits: the grow-only copy buffers (θ±εz per slot and z, sized by the largest
         # unit) and the optimizer's float32 update scratch (sized by the largest parameter)
         opt = engine.optimizer
-        kept = sum(b.numel() * b.element_size() for k, b in engine.copies.buffers._bufs.items() if k[0] == "logits")
+        kept = engine.copies.buffers.nbytes(OUTPUT_ROLE)
         out["dszo_buffers"] = {
             "perturbed_copies": engine.copies.buffers.nbytes() - kept,
             "kept_logits": kept,

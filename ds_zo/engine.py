@@ -22,7 +22,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from .config import OffloadConfig, ZeroOrderConfig, ZOSGDParams
 from .loss import IGNORE_INDEX, default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
-from .model.perturbed_copies import PerturbedCopies
+from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
 from .model.units import Unit, cut_into_units
 from .offload import OffloadPipeline, ParameterStore
 from .offload.sharded import ShardedOffloadPipeline, ShardedStore, ShardedUnit
@@ -238,7 +238,7 @@ class ZOEngine(DeepSpeedEngine):
         if self._in_zo_forward:
             return
         self.flush()
-        self.copies.buffers.drop("logits")    # the ZO forwards' kept logits: not held beside a direct forward's own
+        self.copies.buffers.drop(OUTPUT_ROLE)   # the ZO forwards' kept logits: not held beside a direct forward's own
         if self.pipeline is not None and self._streaming is None:
             plain = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline)
             stack = contextlib.ExitStack()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ds_zo
+from ds_zo.model.perturbed_copies import OUTPUT_ROLE
 from ds_zo.model.streamed import streamed_kind
 from ds_zo.perturb import PerturbationGenerator, param_key
 from ds_zo.replay import read_step_log, replay, write_step_log
@@ -420,7 +421,7 @@ def test_parameters_spanning_many_z_chunks(tied):
     assert {streamed_kind(u) for u in streamed} == {"embedding", "linear"}
     block = max(min(engine.copies.block_rows(u.trainable[0]), u.trainable[0].param.shape[0])
                 * u.trainable[0].param.shape[1] for u in streamed)
-    logits = sum(b.numel() * b.element_size() for k, b in engine.copies.buffers._bufs.items() if k[0] == "logits")
+    logits = engine.copies.buffers.nbytes(OUTPUT_ROLE)
     assert logits == 4 * 2 * batch(seed=0)["input_ids"].numel() * model.config.vocab_size
     held = engine.copies.buffers.nbytes() - logits - (4 * span + 2 * 4 * block)
     assert 4 * 100 <= held <= 4 * cached

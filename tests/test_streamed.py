@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ds_zo.model.dual_forward import dual_forward, merge_blocks, split_block
-from ds_zo.model.perturbed_copies import PerturbedCopies
+from ds_zo.model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
 from ds_zo.model.streamed import embedding_forward, linear_forward, streamed_kind
 from ds_zo.model.units import ParamRef, Unit, cut_into_units, resolve_trainable
 from ds_zo.perturb import PerturbationGenerator, param_key
@@ -225,27 +225,38 @@ def test_blocks_draw_their_chunks_together(threads, q):
         torch.set_num_threads(before_threads)
 
 
-def test_kept_logits_buffer_changes_nothing_and_is_released_for_direct_forwards():
-    """The streamed output layer writes every slot's logits into one buffer kept from step to step (no page faults
-    per step): the same parameters bit for bit as fresh logits, the same buffer reused by the next step, and dropped
-    before a direct forward of the model (evaluation), whose own logits would otherwise sit beside it."""
+def _opt_with_projections():
+    """OPT with word_embed_proj_dim < hidden: project_out and the output layer are both streamed linear units, the
+    first one's output the second one's input."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(vocab_size=128, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2,
+                                 ffn_dim=64, num_attention_heads=4, max_position_embeddings=64)
+    return transformers.OPTForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt-projections"])
+def test_kept_logits_buffer_changes_nothing_and_is_released_for_direct_forwards(arch):
+    """The streamed output layer writes every slot's logits into a buffer kept from step to step (no page faults
+    per step): the same parameters bit for bit as fresh logits, also where one streamed unit feeds another (one
+    buffer per unit), the same buffer reused by the next step, and dropped before a direct forward of the model
+    (evaluation), whose own logits would otherwise sit beside it."""
     import ds_zo
     from conftest import ds_config
     from models import assert_same_state, trained_state
     results = []
     for keep in (True, False):
-        engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config())
+        model = tiny_model("llama") if arch == "llama" else _opt_with_projections()
+        engine, *_ = ds_zo.initialize(model=model, config=ds_config())
         engine.copies.keep_output = keep
         results.append({n: t.clone() for n, t in trained_state(engine, steps=2).items()})
         if keep:
             bufs = engine.copies.buffers._bufs
-            key = next(k for k in bufs if k[0] == "logits")          # the streamed head ran and kept its output
+            key = next(k for k in bufs if k[0].startswith(OUTPUT_ROLE))   # the streamed head ran and kept its output
             first = bufs[key].data_ptr()
             engine.train_batch(batch(seed=5))
-            assert bufs[key].data_ptr() == first                     # reused, not reallocated
+            assert bufs[key].data_ptr() == first                         # reused, not reallocated
             with torch.no_grad():
                 engine.module(input_ids=batch()["input_ids"])
-            assert not any(k[0] == "logits" for k in engine.copies.buffers._bufs)
-        else:
-            assert not any(k[0] == "logits" for k in engine.copies.buffers._bufs)
+        assert engine.copies.buffers.nbytes(OUTPUT_ROLE) == 0            # dropped (kept) or never made (fresh)
     assert_same_state(*results)

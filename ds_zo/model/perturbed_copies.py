@@ -19,6 +19,7 @@ copies (embedding and output-layer units, see streamed.py), so no buffer is ever
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from ..perturb import PerturbationGenerator, chunk_key, span_groups
 from .units import Unit
 
+OUTPUT_ROLE = "output:"           # FlatBuffers role prefix of the streamed units' kept outputs (PerturbedCopies.output)
 Slot = Optional[tuple[int, int]]   # (perturbation index, sign) or None for the unperturbed parameters
 
 
@@ -54,8 +56,9 @@ class FlatBuffers:
         for k in [k for k in self._bufs if k[0].startswith(prefix)]:
             del self._bufs[k]
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+    def nbytes(self, prefix: str = "") -> int:
+        """Bytes held by the buffers of the roles starting with prefix (all of them by default)."""
+        return sum(b.numel() * b.element_size() for k, b in self._bufs.items() if k[0].startswith(prefix))
 
 
 class Residency:
@@ -251,19 +254,17 @@ class PerturbedCopies:
     def perturbs(self) -> bool:
         return any(s is not None for s in self.slots)
 
-    def output(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The streamed output layer's output (every slot's logits), in a buffer kept from forward to forward when
-        keep_output is set: a fresh tensor pays its page faults again on every step (SmolLM2 at 16 × 64 tokens: 400 MB,
-        0.2 s of a 7 s step) and the peak is the same, since the logits are alive at the step's peak either way. The
-        next forward overwrites them, so only an owner that reads them first turns this on (the engine: its loss reads
-        them right after the forward); the engine also drops the buffer before a direct use of the model, so an
-        evaluation forward's own logits never sit beside it."""
+    def output(self, unit: Unit, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A streamed unit's output (the output layer's: every slot's logits), in a buffer of that unit's kept from
+        forward to forward when keep_output is set: a fresh tensor pays its page faults again on every step (SmolLM2 at
+        16 × 64 tokens: 400 MB of logits, 0.2 s of a 7 s step); the cost is its size held through the next step's
+        decoder layers too (peak +1.5 % at 4 × 64, within the noise at 16 × 64). The next forward overwrites it, so
+        only an owner that reads it first turns this on (the engine: its loss reads the logits right after the
+        forward); the engine also drops the buffers before a direct use of the model, so an evaluation forward's own
+        logits never sit beside them. One buffer per unit: a streamed unit's input may be another's output."""
         if not self.keep_output:
             return torch.empty(shape, dtype=dtype, device=device)
-        n = 1
-        for d in shape:
-            n *= d
-        return self.buffers.get("logits", n, dtype, device).view(shape)
+        return self.buffers.get(OUTPUT_ROLE + unit.name, math.prod(shape), dtype, device).view(shape)
 
     def drop_whole_copies(self) -> None:
         """Free the whole-unit slot buffers: called when a row-block unit (embedding, output layer) computes, whose

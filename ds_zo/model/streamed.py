@@ -7,7 +7,8 @@ two module types only ever need rows of the weight:
   the batch uses are kept (on CPU, where the sampler can skip parts of a chunk, only those rows are formed, from
   their own z);
 - `nn.Linear` (no bias) computes output features block by block: logits[..., r0:r1] = x · W[r0:r1]ᵀ, written into
-  one output tensor for all slots (no per-slot logits concatenated afterwards).
+  one output tensor for all slots (no per-slot logits concatenated afterwards; the engine's is kept from step to
+  step, see PerturbedCopies.output).
 The working rows are the values whole copies hold, bit for bit (same element-wise expressions), and so is the
 embedding's output. The output layer's logits are the whole matmul's up to float32 rounding: a block of output
 features (starting at a multiple of 64 rows) rounded like the whole matmul in the exactness tests and in 400 random
@@ -47,6 +48,9 @@ class RowSource(Protocol):
 
     def drop_whole_copies(self) -> None:
         ...
+
+    def output(self, unit: Unit, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The tensor the unit's output is written into."""
 
 
 def streamed_kind(unit: Unit) -> Optional[str]:
@@ -116,7 +120,7 @@ def linear_forward(unit: Unit, source: RowSource, x: torch.Tensor, slots: int, r
     """x · W_sᵀ for each slot's rows of x, computed one block of output features at a time into one output."""
     ref = unit.trainable[0]
     weight = ref.param
-    out = source.output(x.shape[:-1] + (weight.shape[0],), x.dtype, x.device)
+    out = source.output(unit, x.shape[:-1] + (weight.shape[0],), x.dtype, x.device)
     for r0, r1 in _blocks(weight.shape[0], source.block_rows(ref)):
         for s, block in enumerate(source.working_rows(ref, r0, r1)):
             out[s * rows:(s + 1) * rows, ..., r0:r1] = F.linear(x[s * rows:(s + 1) * rows], block)

@@ -52,8 +52,8 @@ class OffloadPipeline(Residency):
         self._computing = True
         self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "uploads": 0, "offloads": 0, "order_misses": 0}
         # benchmarks only: time each upload (CUDA: timing events around the copy on the h2d stream; CPU: the
-        # synchronous copy's wall time); off by default, since timing events cost a little on every upload
-        # and the compute stream's wait for each upload (timing events around the wait: how long compute stalled)
+        # synchronous copy's wall time) and the compute stream's wait for it (timing events around the wait: how long
+        # compute stalled); off by default, since timing events cost a little on every unit visit
         self.time_transfers = False
         self._transfer_times: list[tuple[object, object, int]] = []
         self._stall_times: list[tuple[object, object]] = []
