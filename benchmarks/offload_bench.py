@@ -288,13 +288,8 @@ def host_ops(engine, batch, top: int = 15, trace: str | None = None) -> dict:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         if trace:
-            import gzip
-            import shutil
             os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
-            prof.export_chrome_trace(trace)
-            with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.remove(trace)
+            prof.export_chrome_trace(trace + ".gz")            # torch gzips a path ending in .gz
         avgs = [a for a in prof.key_averages() if a.self_cpu_time_total > 0]
         largest = sorted(avgs, key=lambda a: -a.self_cpu_time_total)[:top]
         return {"wall_s": wall, "ops": sum(a.count for a in avgs),
