@@ -18,9 +18,10 @@ from typing import Iterator, Optional
 
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.utils import logger
 
 from .config import OffloadConfig, ZeroOrderConfig, ZOSGDParams
-from .loss import IGNORE_INDEX, default_labels, mean_loss, token_loss_sum
+from .loss import IGNORE_INDEX, StreamedTokenLoss, default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
 from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
 from .model.units import Unit, cut_into_units
@@ -89,13 +90,20 @@ class ZOEngine(DeepSpeedEngine):
         self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
         self.copies = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline,
                                       before_perturb=self._apply_pending_to_unit)
-        # the ZO forwards' logits are read by the loss at once and never leave the engine: they may live in a buffer
-        # kept from step to step (PerturbedCopies.output)
+        # where the ZO forwards' logits exist (a loss of the caller's, or a model that transforms them), the loss reads
+        # them at once and they never leave the engine: they may live in a buffer kept from step to step
+        # (PerturbedCopies.output)
         self.copies.keep_output = True
         uses = collections.Counter(id(r.param) for u in self.units for r in u.trainable)
         self.copies.shared = {p for p, n in uses.items() if n > 1}
         if self.zo_config.tied_z_cache:
             self.copies.keep_whole = set(self.copies.shared)
+        # With the default loss, a streamed output layer (CPU) hands its logits to the loss block by block and no
+        # slot's logits are ever held (loss.StreamedTokenLoss): the ZO step then needs less memory than a plain
+        # inference forward of the batch. Turned off for good if the model transforms the layer's output.
+        head = self.module.get_output_embeddings() if hasattr(self.module, "get_output_embeddings") else None
+        self._loss_head: Optional[Unit] = next((u for u in self.units if head is not None and u.module is head), None)
+        self._stream_loss = loss_fn is None and self._loss_head is not None
         self.last_projected_grad: Optional[float | list[float]] = None
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self.module.forward).parameters
         self._in_zo_forward = False
@@ -292,6 +300,11 @@ class ZOEngine(DeepSpeedEngine):
         slots = len(copies.slots)
         labels = default_labels(batch)
         extra, labels = self.scored_positions(labels)
+        sink = None
+        if self._stream_loss:
+            vocab = self._loss_head.trainable[0].param.shape[0] if self._loss_head.trainable else 0
+            sink = StreamedTokenLoss(labels, slots, vocab, self.device)
+            copies.token_loss = (self._loss_head.name, sink)
         self._in_zo_forward = True
         try:
             with _eval_mode(self.module), torch.no_grad(), dual_forward(self.units, slots, rows, copies):
@@ -300,6 +313,16 @@ class ZOEngine(DeepSpeedEngine):
                 logits = self.module(**self._model_inputs(batch, slots), use_cache=False, **extra).logits
         finally:
             self._in_zo_forward = False
+            copies.token_loss = None
+        if sink is not None and sink.started:
+            if logits is sink.placeholder and sink.complete:
+                return sink.results()
+            # the model changed the output layer's output (scaled, soft-capped, sliced it): the loss needs the real
+            # logits. This forward is run again (the same z; pending updates were applied by the first).
+            self._stream_loss = False
+            logger.warning("ds_zo: %s transforms its output layer's output; the loss now reads whole logits",
+                           type(self.module).__name__)
+            return self._slot_losses(batch, copies)
         return [self.loss_fn(logits[i * rows:(i + 1) * rows], labels) for i in range(slots)]
 
     def scored_positions(self, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:

@@ -1,14 +1,16 @@
 """The causal-LM loss: mean token cross-entropy over shifted labels != -100 (HF's definition), accumulated in float64.
 
 Each part (micro-batch, rank, sign) returns (sum of its token losses in float64, token count); parts combine in
-float64. Per-token losses are the float32 values HF computes from float32 logits, so the float64 sums are exact to
-~1e-16 whatever the order: the loss does not depend on how the global batch is cut into micro-batches and ranks.
-HF's own `.loss` reduces in float32 and is typically off by an ulp (~1e-7 of L); 1/2ε magnifies that into ~1e-4 of
-relative error in the projected gradient g = (L+ − L−)/2ε, which is why ds_zo does not use it.
+float64, so the loss does not depend on how the global batch is cut into micro-batches and ranks. A position's loss
+is computed in float64 from float32 logits taken a vocabulary window at a time (TokenCrossEntropy): that is what lets
+the streamed output layer hand its logits over block by block and never hold them (StreamedTokenLoss), and it is more
+exact than HF's float32 cross-entropy, whose per-token error 1/2ε magnifies in g = (L+ − L−)/2ε. HF's own `.loss`
+also reduces the mean in float32 (off by an ulp, ~1e-7 of L): ds_zo uses neither.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,28 +30,142 @@ def default_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
-LOSS_BLOCK_ELEMENTS = 1 << 20   # logits per cross-entropy call: bounds the float32 log-softmax scratch (4 MB)
+# Logits per reduction tile (positions × vocabulary window; its float64 log-softmax is the scratch): 2 MB on CPU,
+# where the tile should stay in cache; 32 MB elsewhere, where fewer, larger kernels matter more (a host-bound GPU
+# step pays per launch).
+CPU_TILE_ELEMENTS = 1 << 18
+DEVICE_TILE_ELEMENTS = 1 << 22
+# Columns per vocabulary window on CPU. Fixed, so a position's loss does not depend on whether its logits arrive whole
+# or block by block from the streamed output layer. Other devices take the whole vocabulary as one window.
+CPU_VOCAB_WINDOW = 2048
+
+
+def loss_tiling(device: torch.device, vocab: int) -> tuple[int, int]:
+    """(vocabulary columns per window, positions per reduction tile) for logits on `device`."""
+    if device.type == "cpu":
+        window = max(1, min(vocab, CPU_VOCAB_WINDOW))
+        return window, max(1, CPU_TILE_ELEMENTS // window)
+    window = max(1, vocab)
+    return window, max(1, DEVICE_TILE_ELEMENTS // window)
+
+
+def shifted_targets(labels: torch.Tensor, device) -> torch.Tensor:
+    """Per position (rows × length, row-major), the token it predicts: labels[i+1]; the last position predicts none."""
+    return F.pad(labels[:, 1:].to(device), (0, 1), value=IGNORE_INDEX).reshape(-1)
+
+
+class TokenCrossEntropy:
+    """Per-position cross-entropy −log softmax(x)[target] of one part's logits, fed a tile (positions × vocabulary
+    window) at a time, every position's windows in column order, so the logits never need to exist whole.
+
+    Each tile's log-softmax is taken in float64 (the float32 logits converted exactly), giving the window's
+    log-sum-exp; windows combine as a running log-sum-exp, and the loss is that minus x_target, all in float64. The
+    value is HF's definition computed exactly from the float32 logits (to ~1e-15), where HF's float32 cross-entropy
+    is off by ~1e-7 per token; the projected gradient (L+ − L−)/2ε magnifies that (measured on tiny models: HF's
+    float32 g is 5e-6 to 8e-5 relative from the float64 one). The same logits give the same value bit for bit
+    whoever feeds them (whole logits in token_loss_sum, blocks in StreamedTokenLoss): the tiles are fixed by
+    loss_tiling."""
+
+    def __init__(self, targets: torch.Tensor, vocab: int):
+        n, device = targets.numel(), targets.device
+        self.targets = targets
+        self.vocab = vocab
+        self._lse = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+        self._target = torch.zeros(n, dtype=torch.float64, device=device)
+        self._seen = 0
+
+    def add(self, a: int, c0: int, part: torch.Tensor) -> None:
+        """The logits of positions [a, a + n) and columns [c0, c0 + w), as an (n, w) tensor (read only)."""
+        n, w = part.shape
+        t = self.targets[a:a + n] - c0
+        inside = (t >= 0) & (t < w)
+        picked = part.gather(1, t.clamp(0, w - 1).unsqueeze(1)).squeeze(1).double()
+        self._target[a:a + n] += torch.where(inside, picked, 0.0)   # no host synchronisation
+        log_probs = F.log_softmax(part, 1, dtype=torch.float64)
+        window_lse = part[:, 0].double() - log_probs[:, 0]            # x − log softmax(x) at any column
+        self._lse[a:a + n] = torch.logaddexp(self._lse[a:a + n], window_lse)
+        self._seen += n * w
+
+    @property
+    def complete(self) -> bool:
+        return self._seen == self.targets.numel() * self.vocab
+
+    def per_token(self) -> torch.Tensor:
+        """float64 losses; 0 where the target is IGNORE_INDEX."""
+        if not self.complete:
+            raise RuntimeError(f"cross-entropy of {self.targets.numel()} positions × {self.vocab} columns has seen "
+                               f"{self._seen} logits")
+        return (self._lse - self._target).masked_fill(self.targets == IGNORE_INDEX, 0.0)
+
+
+def _summed(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    rows, length = labels.shape
+    # the last position of each row predicts nothing: positions [0, T-1) summed in row order
+    shifted = per_token.view(rows, length)[:, :-1]
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return float(shifted.reshape(-1).sum()), count
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """(sum of the part's token cross-entropies in float64, number of target tokens); position i predicts labels[i+1].
-
-    The cross-entropies are taken a block of positions at a time from a view of the logits, so the scratch is one
-    block instead of a shifted copy and a log-softmax of the whole logits (each position's value is computed alone,
-    so blocking does not change it)."""
-    rows, length, vocab = logits.shape[0], logits.shape[1], logits.shape[-1]
-    targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX).reshape(-1)
+    The logits are read a tile at a time, so the scratch is one tile (see TokenCrossEntropy)."""
+    vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
-    per_token = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-    step = max(1, LOSS_BLOCK_ELEMENTS // vocab)
-    for a in range(0, flat.shape[0], step):
-        per_token[a:a + step] = F.cross_entropy(flat[a:a + step].float(), targets[a:a + step],
-                                                ignore_index=IGNORE_INDEX, reduction="none")
-    # the last position of each row predicts nothing: summing positions [0, T-1) in row order keeps the float64 sum's
-    # terms and order those of the unblocked form
-    shifted = per_token.view(rows, length)[:, :-1]
-    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return float(shifted.reshape(-1).double().sum()), count
+    ce = TokenCrossEntropy(shifted_targets(labels, logits.device), vocab)
+    window, positions = loss_tiling(logits.device, vocab)
+    for a in range(0, flat.shape[0], positions):
+        for c0 in range(0, vocab, window):
+            ce.add(a, c0, flat[a:a + positions, c0:c0 + window])
+    return _summed(ce.per_token(), labels)
+
+
+class StreamedTokenLoss:
+    """Every slot's token losses taken straight from a streamed output layer (model/streamed.py) as it computes
+    blocks of output features, so no slot's logits are ever held whole: each block's columns pass through a window
+    buffer of the slot's (positions × window, in the logits' dtype), which is reduced when full. The layer returns
+    `placeholder` (a meta tensor of the logits' shape) instead of logits; the engine uses these losses only if the
+    model returned that very tensor as its logits, i.e. did nothing to the output layer's output."""
+
+    def __init__(self, labels: torch.Tensor, slots: int, vocab: int, device: torch.device):
+        self.labels = labels
+        targets = shifted_targets(labels, device)
+        self.parts = [TokenCrossEntropy(targets, vocab) for _ in range(slots)]
+        self.window, self.positions = loss_tiling(device, vocab)
+        self.vocab = vocab
+        self.placeholder = torch.empty(slots * labels.shape[0], labels.shape[1], vocab, device="meta")
+        self._buf: list[Optional[torch.Tensor]] = [None] * slots
+        self._columns = [0] * slots
+        self.started = False
+
+    def add(self, slot: int, c0: int, logits: torch.Tensor) -> None:
+        """The slot's logits for output features [c0, c0 + logits.shape[-1]) of every position; blocks in order."""
+        self.started = True
+        n = self.parts[slot].targets.numel()
+        block = logits.reshape(n, -1)
+        if c0 != self._columns[slot]:
+            raise RuntimeError(f"output-layer block at column {c0}, expected {self._columns[slot]}")
+        done = 0
+        while done < block.shape[1]:
+            col = c0 + done
+            w0 = col // self.window * self.window
+            width = min(self.window, self.vocab - w0)
+            take = min(block.shape[1] - done, w0 + width - col)
+            if self._buf[slot] is None:
+                self._buf[slot] = block.new_empty(n * self.window)
+            win = self._buf[slot][:n * width].view(n, width)
+            win[:, col - w0:col - w0 + take] = block[:, done:done + take]
+            done += take
+            if col + take == w0 + width:                 # window full: reduce it a pass of positions at a time
+                for a in range(0, n, self.positions):
+                    self.parts[slot].add(a, w0, win[a:a + self.positions])
+        self._columns[slot] = c0 + block.shape[1]
+
+    @property
+    def complete(self) -> bool:
+        return all(p.complete for p in self.parts)
+
+    def results(self) -> list[tuple[float, int]]:
+        return [_summed(p.per_token(), self.labels) for p in self.parts]
 
 
 def mean_loss(parts: Sequence[tuple[float, int]]) -> float:

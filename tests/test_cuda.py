@@ -238,3 +238,20 @@ def test_cuda_z_stream_names_the_sampler_grid():
     assert z_stream("cuda") == f"cuda/{props.multi_processor_count}x{threads}"
     assert z_stream(torch.device("cuda", 0)) == z_stream("cuda")
     assert z_stream("cpu") == "cpu"
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_token_loss_is_the_float64_cross_entropy(dtype):
+    """On a GPU the loss takes the whole vocabulary per tile (fewer kernels): still the float64 cross-entropy of the
+    logits as given, ignored labels included."""
+    from ds_zo.loss import IGNORE_INDEX, token_loss_sum
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 300, 50272, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, 50272, (2, 300), generator=g)
+    labels[0, :7] = IGNORE_INDEX
+    total, count = token_loss_sum(logits.cuda(), labels.cuda())
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].double().flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
+    assert count == 2 * 299 - 6
+    assert total == pytest.approx(expected, rel=1e-12)

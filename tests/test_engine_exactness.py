@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ds_zo
+from ds_zo.loss import token_loss_sum
 from ds_zo.model.perturbed_copies import OUTPUT_ROLE
 from ds_zo.model.streamed import streamed_kind
 from ds_zo.perturb import PerturbationGenerator, param_key
@@ -315,7 +316,7 @@ def test_spans_of_several_chunks_change_nothing(monkeypatch, tied, span_chunks):
     monkeypatch.setattr(PerturbationGenerator, "span", lambda self, device: self.chunk * span_chunks)
     monkeypatch.setattr(PerturbationGenerator, "pass_elements", lambda self, device: self.span(device))
     model = tiny_model("llama", tied)
-    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3, token_loss=token_loss_sum)
     ref.gen = PerturbationGenerator(chunk_elements=100)
     engine = _engine(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     engine.perturbations.chunk = 100
@@ -349,7 +350,7 @@ def test_tied_weight_z_drawn_once_per_perturbation(threads):
     try:
         model = tiny_model("llama", tied=True)
         trained = sum(p.numel() for p in model.parameters())
-        ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+        ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3, token_loss=token_loss_sum)
         ref.gen = PerturbationGenerator(chunk_elements=528)
         drawn = {}
         for rows_only in (True, False):
@@ -382,7 +383,7 @@ def test_untied_embedding_draws_only_its_ids_rows():
     if not _has_avx2_fma():
         pytest.skip("the vectorised sampler needs AVX2 and FMA")
     model = tiny_model("llama", tied=False)
-    ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3, token_loss=token_loss_sum)
     ref.gen = PerturbationGenerator(chunk_elements=528)
     engine = _engine(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     engine.perturbations.chunk = 528
@@ -402,7 +403,7 @@ def test_parameters_spanning_many_z_chunks(tied):
     """With a small z chunk every parameter spans many chunks: the chunked perturbation and update (bounded
     scratch memory) still reproduce the reference exactly, bf16 rounding included via the fp32 path."""
     model = tiny_model("llama", tied)
-    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3, token_loss=token_loss_sum)
     ref.gen = PerturbationGenerator(chunk_elements=100)
     engine = _engine(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     engine.perturbations.chunk = 100          # shared by the perturbed copies and the optimizer
@@ -413,7 +414,7 @@ def test_parameters_spanning_many_z_chunks(tied):
     # whole (a decoder layer; freed while the output layer computes, so absent after a step) and, for the embedding
     # and the head (formed in row blocks), two block buffers and at most one span and one chunk of cached ε·z (the
     # 64-row blocks here are larger than that: only the chunks they share with a neighbour are cached) -- no scratch of
-    # vocabulary size; beside them the head's output, both slots' logits, kept from step to step
+    # vocabulary size, and no logits: the output layer hands its blocks to the loss (StreamedTokenLoss)
     span = engine.perturbations.span(torch.device("cpu"))   # chunks drawn at once: 100 x min(threads, 4)
     cached = span + 100
     assert span % 100 == 0 and engine.optimizer._buffers[0].numel() == span
@@ -421,12 +422,11 @@ def test_parameters_spanning_many_z_chunks(tied):
     assert {streamed_kind(u) for u in streamed} == {"embedding", "linear"}
     block = max(min(engine.copies.block_rows(u.trainable[0]), u.trainable[0].param.shape[0])
                 * u.trainable[0].param.shape[1] for u in streamed)
-    logits = engine.copies.buffers.nbytes(OUTPUT_ROLE)
-    assert logits == 4 * 2 * batch(seed=0)["input_ids"].numel() * model.config.vocab_size
-    held = engine.copies.buffers.nbytes() - logits - (4 * span + 2 * 4 * block)
+    assert engine.copies.buffers.nbytes(OUTPUT_ROLE) == 0
+    held = engine.copies.buffers.nbytes() - (4 * span + 2 * 4 * block)
     assert 4 * 100 <= held <= 4 * cached
     largest = max(sum(r.param.numel() for r in u.trainable) for u in engine.units if u not in streamed)
     layer = next(u for u in engine.units if u.is_layer)
     engine.copies.acquire(layer)
     engine.copies.release(layer)
-    assert engine.copies.buffers.nbytes() == 2 * 4 * largest + 4 * span + 2 * 4 * block + held + logits
+    assert engine.copies.buffers.nbytes() == 2 * 4 * largest + 4 * span + 2 * 4 * block + held

@@ -13,15 +13,16 @@ from models import batch, tiny_model
 
 
 class _Poison:
-    """Makes the model's logits NaN on chosen calls (a stand-in for an overflow in a real run)."""
+    """Makes the output layer's input NaN on chosen calls (a stand-in for an overflow in a real run), so its logits
+    are NaN whether the loss reads them whole or block by block."""
 
     def __init__(self, model, bad_calls):
         self.calls, self.bad = 0, set(bad_calls)
-        model.lm_head.register_forward_hook(self)
+        model.lm_head.register_forward_pre_hook(self)
 
-    def __call__(self, module, args, out):
+    def __call__(self, module, args):
         self.calls += 1
-        return out * float("nan") if self.calls in self.bad else out
+        return (args[0] * float("nan"),) + args[1:] if self.calls in self.bad else None
 
 
 def test_non_finite_loss_skips_the_update_and_replay_still_matches():

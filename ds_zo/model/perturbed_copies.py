@@ -85,6 +85,9 @@ class PerturbedCopies:
         # output(): the streamed output layer's logits kept from forward to forward; only for an owner that reads
         # each forward's logits before the next (ZOEngine), since the next forward overwrites them
         self.keep_output = False
+        # (unit name, loss.StreamedTokenLoss): set by the engine around a forward whose loss takes that streamed
+        # unit's output block by block
+        self.token_loss: Optional[tuple] = None
         self.seed: Optional[int] = None
         self.slots: list[Slot] = [None]
         self._dirty: dict[int, bool] = {}
@@ -265,6 +268,11 @@ class PerturbedCopies:
         if not self.keep_output:
             return torch.empty(shape, dtype=dtype, device=device)
         return self.buffers.get(OUTPUT_ROLE + unit.name, math.prod(shape), dtype, device).view(shape)
+
+    def loss_sink(self, unit: Unit):
+        if self.token_loss is not None and self.token_loss[0] == unit.name:
+            return self.token_loss[1]
+        return None
 
     def drop_whole_copies(self) -> None:
         """Free the whole-unit slot buffers: called when a row-block unit (embedding, output layer) computes, whose

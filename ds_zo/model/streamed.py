@@ -6,9 +6,9 @@ two module types only ever need rows of the weight:
 - `nn.Embedding` looks up the rows of the token ids: the working copies are formed block by block and only the rows
   the batch uses are kept (on CPU, where the sampler can skip parts of a chunk, only those rows are formed, from
   their own z);
-- `nn.Linear` (no bias) computes output features block by block: logits[..., r0:r1] = x · W[r0:r1]ᵀ, written into
-  one output tensor for all slots (no per-slot logits concatenated afterwards; the engine's is kept from step to
-  step, see PerturbedCopies.output).
+- `nn.Linear` (no bias) computes output features block by block: logits[..., r0:r1] = x · W[r0:r1]ᵀ. The engine's
+  output layer hands each block straight to the loss (loss.StreamedTokenLoss: no logits held at all); otherwise the
+  blocks are written into one output tensor for all slots (kept from step to step, see PerturbedCopies.output).
 The working rows are the values whole copies hold, bit for bit (same element-wise expressions), and so is the
 embedding's output. The output layer's logits are the whole matmul's up to float32 rounding: a block of output
 features (starting at a multiple of 64 rows) rounded like the whole matmul in the exactness tests and in 400 random
@@ -51,6 +51,10 @@ class RowSource(Protocol):
 
     def output(self, unit: Unit, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The tensor the unit's output is written into."""
+
+    def loss_sink(self, unit: Unit):
+        """A loss.StreamedTokenLoss that takes the unit's output block by block instead of an output tensor, or
+        None."""
 
 
 def streamed_kind(unit: Unit) -> Optional[str]:
@@ -120,7 +124,15 @@ def linear_forward(unit: Unit, source: RowSource, x: torch.Tensor, slots: int, r
     """x · W_sᵀ for each slot's rows of x, computed one block of output features at a time into one output."""
     ref = unit.trainable[0]
     weight = ref.param
-    out = source.output(unit, x.shape[:-1] + (weight.shape[0],), x.dtype, x.device)
+    shape = x.shape[:-1] + (weight.shape[0],)
+    sink = source.loss_sink(unit)
+    if sink is not None and sink.placeholder.shape == shape:
+        # the loss takes each block as it is computed: no slot's logits are held whole
+        for r0, r1 in _blocks(weight.shape[0], source.block_rows(ref)):
+            for s, block in enumerate(source.working_rows(ref, r0, r1)):
+                sink.add(s, r0, F.linear(x[s * rows:(s + 1) * rows], block))
+        return sink.placeholder
+    out = source.output(unit, shape, x.dtype, x.device)
     for r0, r1 in _blocks(weight.shape[0], source.block_rows(ref)):
         for s, block in enumerate(source.working_rows(ref, r0, r1)):
             out[s * rows:(s + 1) * rows, ..., r0:r1] = F.linear(x[s * rows:(s + 1) * rows], block)

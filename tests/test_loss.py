@@ -1,0 +1,110 @@
+"""The token loss: the float64 cross-entropy from logits read a tile at a time, whole or streamed block by block."""
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+import ds_zo
+from ds_zo.loss import IGNORE_INDEX, CPU_VOCAB_WINDOW, StreamedTokenLoss, token_loss_sum
+from conftest import ds_config
+from models import batch, tiny_model
+from reference import MeZOReference
+
+
+def _logits_and_labels(rows=3, length=40, vocab=5 * CPU_VOCAB_WINDOW + 123, scale=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, length, vocab, generator=g) * scale
+    labels = torch.randint(0, vocab, (rows, length), generator=g)
+    labels[0, :5] = IGNORE_INDEX            # padding
+    labels[2, 17] = IGNORE_INDEX
+    return logits, labels
+
+
+def _float64_reference(logits, labels):
+    per_token = F.cross_entropy(logits[:, :-1].double().flatten(0, 1), labels[:, 1:].flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="none")
+    return per_token.sum().item(), int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@pytest.mark.parametrize("scale, shift", [(4.0, 0.0), (30.0, 5e3), (1e-3, -7.0)])
+def test_token_loss_is_the_exact_cross_entropy_of_the_float32_logits(scale, shift):
+    """Several vocabulary windows and tiles, ignored labels, large and tiny logits: the float64 cross-entropy of the
+    same float32 logits to ~1e-13, where HF's float32 one is ~1e-7 off."""
+    logits, labels = _logits_and_labels(scale=scale)
+    logits = logits + shift
+    total, count = token_loss_sum(logits, labels)
+    ref_total, ref_count = _float64_reference(logits, labels)
+    assert count == ref_count == 3 * 39 - 4 - 1     # labels[0, 0] is never a target
+    assert total == pytest.approx(ref_total, rel=1e-13)
+    hf = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                         reduction="none").double().sum().item()
+    assert hf == pytest.approx(ref_total, rel=1e-5)       # the same quantity, only rounded in float32
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_streamed_blocks_give_the_whole_logits_value_bit_for_bit(threads):
+    """Blocks of any widths, straddling the windows, for two slots: each slot's loss is token_loss_sum of its whole
+    logits exactly, so the engine's loss does not depend on how the output layer cuts its blocks."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        logits, labels = _logits_and_labels()
+        other = logits.flip(0).contiguous()
+        vocab = logits.shape[-1]
+        sink = StreamedTokenLoss(labels, 2, vocab, torch.device("cpu"))
+        rng = random.Random(threads)
+        c0 = 0
+        while c0 < vocab:
+            c1 = min(vocab, c0 + rng.choice([1, 64, 700, 1300, CPU_VOCAB_WINDOW, 3 * CPU_VOCAB_WINDOW + 5]))
+            sink.add(0, c0, logits[..., c0:c1].contiguous())
+            sink.add(1, c0, other[..., c0:c1].contiguous())
+            c0 = c1
+        assert sink.complete and sink.placeholder.device.type == "meta"
+        assert sink.placeholder.shape == (6, logits.shape[1], vocab)
+        assert sink.results() == [token_loss_sum(logits, labels), token_loss_sum(other, labels)]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_blocks_out_of_order_and_incomplete_losses_are_refused():
+    logits, labels = _logits_and_labels(vocab=300)
+    sink = StreamedTokenLoss(labels, 1, 300, torch.device("cpu"))
+    sink.add(0, 0, logits[..., :100].contiguous())
+    with pytest.raises(RuntimeError, match="block at column 200, expected 100"):
+        sink.add(0, 200, logits[..., 200:].contiguous())
+    assert not sink.complete
+    with pytest.raises(RuntimeError, match="has seen"):
+        sink.results()
+
+
+class _HalvedLogitsLlama(LlamaForCausalLM):
+    """A model whose forward transforms the output layer's output (as soft-capping or logit scaling models do)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_zo_step_holds_no_logits_and_a_model_transforming_them_gets_whole_logits():
+    """Llama: the output layer hands its blocks to the loss (the engine's kept-logits buffer is never made). A model
+    that rescales the output layer's output returns something else than the layer's placeholder: the engine notices,
+    runs the forward again with whole logits, and from then on always does; the steps are the reference's."""
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(lr=1e-2, eps=1e-3, seed=3))
+    engine.train_batch(batch())
+    assert engine._stream_loss and engine.copies.buffers.nbytes("output:") == 0
+
+    base = tiny_model("llama")
+    model = _HalvedLogitsLlama(base.config)
+    model.load_state_dict(base.state_dict())
+    ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, seed=3)
+    engine, *_ = ds_zo.initialize(model=model, config=ds_config(lr=1e-2, eps=1e-3, seed=3))
+    for t in range(2):
+        loss = engine.train_batch(batch(seed=t))
+        ref_loss, ref_g = ref.step(batch(seed=t))
+        assert not engine._stream_loss
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
