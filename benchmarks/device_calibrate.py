@@ -154,22 +154,59 @@ def predict(result: dict) -> dict:
         h2d = d2h = micro["copy_bw"]
     flops = {f["rows"] // 2: f["flops"] for f in cal["forward"]}        # forward at 2 x batch rows
     nbytes = 2 if result["dtype"] == "bf16" else 4
+    device = torch.device(result["device"])
+    spec = pm.shape(result["shape"], result["seq"])
+    # --calibrate samples the host before every repetition, run after run: sample k of run i is i * reps + k
+    samples = cal.get("host_rate_samples") or []
+    overhead = cal["unit_overhead"]
+
+    def step_s(rates: dict, unit_host_s: float, b: int, span: int, layout) -> pm.Result:
+        hw = hardware(rates, flops[b], h2d, d2h, nbytes, unit_host_s, result["device"], span)
+        return pm.simulate(spec, hw, layout, pm.Workload(b, result["seq"]))
+
     cases = []
-    for run in result["runs"]:
+    for i, run in enumerate(result["runs"]):
         b = run["batch"]
         span = run.get("span_chunks", 1) if result["device"] == "cuda" else 1
-        hw = hardware(micro, flops[b], h2d, d2h, nbytes, cal["unit_overhead"]["unit_host_s"], result["device"], span)
         for mode, layout in (("resident", pm.Layout("resident")),
                              ("offload", pm.Layout("zo2", 1, 1, result.get("prefetch", 1)))):
             if f"{mode}_step_s_median" not in run:
                 continue
-            r = pm.simulate(pm.shape(result["shape"], result["seq"]), hw, layout, pm.Workload(b, result["seq"]))
+            r = step_s(micro, overhead["unit_host_s"], b, span, layout)
             measured = run[f"{mode}_step_s_median"]
-            cases.append({"batch": b, "span_chunks": run.get("span_chunks"), "mode": mode, "predicted_s": r.step_s,
-                          "measured_s": measured, "error": r.step_s / measured - 1, "bottleneck": r.bottleneck,
-                          "busy": r.busy})
+            case = {"batch": b, "span_chunks": run.get("span_chunks"), "mode": mode, "predicted_s": r.step_s,
+                    "measured_s": measured, "error": r.step_s / measured - 1, "bottleneck": r.bottleneck,
+                    "busy": r.busy}
+            reps = run.get(f"{mode}_step_s_reps") or []
+            if reps and len(samples) == len(result["runs"]) * len(reps):
+                # each repetition against the prediction from the host rates sampled just before it (a drifting
+                # host moves both); the per-unit overhead too where its tiny steps were kept per repetition
+                per_rep = []
+                for k, t in enumerate(reps):
+                    rates = with_host_rates(micro, samples[i * len(reps) + k], device)
+                    unit = unit_host_from(overhead, rates, i * len(reps) + k)
+                    per_rep.append(step_s(rates, unit, b, span, layout).step_s / t - 1)
+                case["error_per_rep"] = per_rep
+                case["error_paired"] = statistics.median(per_rep)
+            cases.append(case)
     errs = [abs(c["error"]) for c in cases]
-    return {"cases": cases, "abs_error": {"median": statistics.median(errs), "max": max(errs)} if errs else None}
+    paired = [abs(c["error_paired"]) for c in cases if "error_paired" in c]
+    out = {"cases": cases, "abs_error": {"median": statistics.median(errs), "max": max(errs)} if errs else None}
+    if paired:
+        out["abs_error_paired"] = {"median": statistics.median(paired), "max": max(paired)}
+    return out
+
+
+def unit_host_from(overhead: dict, rates: dict, sample: int) -> float:
+    """The per-unit host overhead for one sampled repetition: from that repetition's tiny steps and host rates where
+    they were kept (TinySteps.overhead's tiny_step_s_reps, forward_flops), else the calibration's median."""
+    reps, tiny_flops = overhead.get("tiny_step_s_reps"), overhead.get("forward_flops")
+    if not reps or tiny_flops is None or sample >= len(reps):
+        return overhead["unit_host_s"]
+    spec = pm.shape("tiny", 8)
+    bare = hardware(rates, tiny_flops, float("inf"), float("inf"), 4, 0.0, overhead.get("device", "cuda"))
+    modelled = pm.simulate(spec, bare, pm.Layout("resident"), pm.Workload(1, 8)).step_s
+    return max(0.0, (reps[sample] - modelled) / len(spec.units))
 
 
 class TinySteps:
@@ -203,7 +240,8 @@ class TinySteps:
         bare = hardware(micro, fwd["flops"], float("inf"), float("inf"), 4, 0.0, self.device)
         modelled = pm.simulate(spec, bare, pm.Layout("resident"), pm.Workload(1, 8)).step_s
         return {"tiny_step_s": measured, "tiny_steps": len(times), "tiny_modelled_without_overhead_s": modelled,
-                "unit_host_s": max(0.0, (measured - modelled) / len(spec.units))}
+                "unit_host_s": max(0.0, (measured - modelled) / len(spec.units)), "forward_flops": fwd["flops"],
+                "device": self.device.type}
 
 
 def unit_overhead(micro: dict, device: torch.device, reps: int = 9) -> dict:
@@ -242,10 +280,17 @@ def main(argv=None) -> None:
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
         for c in result["model"]["cases"]:
+            paired = f"; per repetition {c['error_paired']:+.0%}" if "error_paired" in c else ""
             print(f"{result['shape']:>9} batch {c['batch']} span {c['span_chunks']} {c['mode']:>8}: predicted "
-                  f"{c['predicted_s']:.3f} s, measured {c['measured_s']:.3f} s ({c['error']:+.0%}, {c['bottleneck']})")
-        print(f"{path}: |error| median {result['model']['abs_error']['median']:.1%}, "
-              f"max {result['model']['abs_error']['max']:.1%}")
+                  f"{c['predicted_s']:.3f} s, measured {c['measured_s']:.3f} s ({c['error']:+.0%}{paired}, "
+                  f"{c['bottleneck']})")
+        line = (f"{path}: |error| median {result['model']['abs_error']['median']:.1%}, "
+                f"max {result['model']['abs_error']['max']:.1%}")
+        if "abs_error_paired" in result["model"]:
+            line += (f"; per repetition (paired with its host sample) median "
+                     f"{result['model']['abs_error_paired']['median']:.1%}, "
+                     f"max {result['model']['abs_error_paired']['max']:.1%}")
+        print(line)
 
 
 if __name__ == "__main__":

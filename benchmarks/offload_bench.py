@@ -23,6 +23,7 @@ from benchmarks.models import SHAPES, build
 from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TIMED_TINY = 3          # --calibrate: tiny steps timed before each repetition
 
 
 def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
@@ -151,7 +152,7 @@ def main(argv=None) -> dict:
             for _ in range(args.reps):                     # interleaved: both modes see the same machine noise
                 if tiny is not None:
                     host_samples.append(dc.host_rates(tiny.device))
-                    tiny_times += tiny.time(3)
+                    tiny_times += tiny.time(TIMED_TINY)
                 for m in modes:
                     times[m].append(timed_steps(engines[m], batch_of[b], args.steps))
             for m in modes:
@@ -310,7 +311,11 @@ def calibrate_and_predict(resident, args, batches: list[int], result: dict, host
     once = {k: micro[k] for k in host_samples[0]}
     micro = dc.with_host_rates(micro, {k: statistics.median(s[k] for s in host_samples) for k in once}, device)
     cal = {"micro": micro, "host_rates_measured_once": once,
-           "host_rate_samples": host_samples, "unit_overhead": tiny.overhead(micro, tiny_times),
+           "host_rate_samples": host_samples,
+           "unit_overhead": tiny.overhead(micro, tiny_times) | {
+               # each repetition's tiny steps (TIMED_TINY per sample), for the paired per-repetition predictions
+               "tiny_step_s_reps": [statistics.median(tiny_times[k:k + TIMED_TINY])
+                                    for k in range(0, len(tiny_times), TIMED_TINY)]},
            "forward": [dc.forward_rate(resident.module, args.shape, 2 * b, args.seq) for b in batches]}
     return cal | dc.predict(result | {"model": cal})
 

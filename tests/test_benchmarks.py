@@ -183,7 +183,8 @@ def test_offload_benchmark_smoke_on_cpu(tmp_path):
 
 def test_offload_benchmark_samples_the_host_between_repetitions():
     """--calibrate: the host's issue rates and the tiny steps are measured before every repetition (the GPU machines'
-    host speed drifts) and the model uses their medians; the pipeline diagnosis (upload stalls, the pipeline's host
+    host speed drifts) and the model uses their medians, and each repetition's own sample for a paired error; the
+    pipeline diagnosis (upload stalls, the pipeline's host
     time) is reported per batch, and --no-profile skips the profiled steps."""
     import statistics
     from benchmarks.offload_bench import main
@@ -194,6 +195,11 @@ def test_offload_benchmark_samples_the_host_between_repetitions():
     assert len(samples) == 2 and cal["unit_overhead"]["tiny_steps"] == 6
     assert cal["micro"]["host_pass_s"] == statistics.median(s["host_pass_s"] for s in samples)
     assert {c["mode"] for c in cal["cases"]} == {"resident", "offload"}
+    # each repetition is also predicted from the host sample taken just before it (and its own tiny steps)
+    assert len(cal["unit_overhead"]["tiny_step_s_reps"]) == 2
+    for c in cal["cases"]:
+        assert len(c["error_per_rep"]) == 2 and c["error_paired"] == statistics.median(c["error_per_rep"])
+    assert cal["abs_error_paired"]["max"] == max(abs(c["error_paired"]) for c in cal["cases"])
     run = res["runs"][0]
     assert run["offload_upload_stall_s"] is not None and run["offload_pipeline_host_s"] > 0
     assert len(run["offload_step_s_reps"]) == 2 and not any(k.endswith("_host_ops") for k in res)
