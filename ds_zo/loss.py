@@ -30,11 +30,12 @@ def default_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
-# Logits per reduction tile (positions × vocabulary window; its float64 log-softmax is the scratch): 2 MB on CPU,
-# where the tile should stay in cache; 32 MB elsewhere, where fewer, larger kernels matter more (a host-bound GPU
-# step pays per launch).
+# Logits per reduction tile (positions × vocabulary window); its float64 copy and log-softmax are the loss's scratch:
+# 4 MB on CPU, where the tile should stay in cache; 32 MB elsewhere, where fewer, larger kernels matter more (a
+# host-bound GPU step pays per launch: 2 × 2048 positions of OPT's 50272-token vocabulary take 100 tiles of 5
+# kernels).
 CPU_TILE_ELEMENTS = 1 << 18
-DEVICE_TILE_ELEMENTS = 1 << 22
+DEVICE_TILE_ELEMENTS = 1 << 21
 # Columns per vocabulary window on CPU. Fixed, so a position's loss does not depend on whether its logits arrive whole
 # or block by block from the streamed output layer. Other devices take the whole vocabulary as one window.
 CPU_VOCAB_WINDOW = 2048
@@ -55,36 +56,42 @@ def shifted_targets(labels: torch.Tensor, device) -> torch.Tensor:
 
 
 class TokenCrossEntropy:
-    """Per-position cross-entropy −log softmax(x)[target] of one part's logits, fed a tile (positions × vocabulary
+    """Per-position cross-entropy log Σ exp(x) − x_target of one part's logits, fed a tile (positions × vocabulary
     window) at a time, every position's windows in column order, so the logits never need to exist whole.
 
     Each tile's log-softmax is taken in float64 (the float32 logits converted exactly), giving the window's
-    log-sum-exp; windows combine as a running log-sum-exp, and the loss is that minus x_target, all in float64. The
-    value is HF's definition computed exactly from the float32 logits (to ~1e-15), where HF's float32 cross-entropy
-    is off by ~1e-7 per token; the projected gradient (L+ − L−)/2ε magnifies that (measured on tiny models: HF's
-    float32 g is 5e-6 to 8e-5 relative from the float64 one). The same logits give the same value bit for bit
-    whoever feeds them (whole logits in token_loss_sum, blocks in StreamedTokenLoss): the tiles are fixed by
-    loss_tiling."""
+    log-sum-exp; windows combine as a running log-sum-exp, and the target logits come separately (add_targets), all
+    in float64. The value is HF's definition computed exactly from the float32 logits (to ~1e-15), where HF's
+    float32 cross-entropy is off by ~1e-7 per token; the projected gradient (L+ − L−)/2ε magnifies that (measured
+    on tiny models: HF's float32 g is 5e-6 to 8e-5 relative from the float64 one). The same logits give the same
+    value bit for bit whoever feeds them (whole logits in token_loss_sum, blocks in StreamedTokenLoss): the tiles
+    are fixed by loss_tiling."""
 
     def __init__(self, targets: torch.Tensor, vocab: int):
         n, device = targets.numel(), targets.device
         self.targets = targets
         self.vocab = vocab
-        self._lse = torch.full((n,), -math.inf, dtype=torch.float64, device=device)
+        self._lse = torch.empty(n, dtype=torch.float64, device=device)
         self._target = torch.zeros(n, dtype=torch.float64, device=device)
         self._seen = 0
 
     def add(self, a: int, c0: int, part: torch.Tensor) -> None:
         """The logits of positions [a, a + n) and columns [c0, c0 + w), as an (n, w) tensor (read only)."""
         n, w = part.shape
-        t = self.targets[a:a + n] - c0
-        inside = (t >= 0) & (t < w)
-        picked = part.gather(1, t.clamp(0, w - 1).unsqueeze(1)).squeeze(1).double()
-        self._target[a:a + n] += torch.where(inside, picked, 0.0)   # no host synchronisation
         log_probs = F.log_softmax(part, 1, dtype=torch.float64)
-        window_lse = part[:, 0].double() - log_probs[:, 0]            # x − log softmax(x) at any column
-        self._lse[a:a + n] = torch.logaddexp(self._lse[a:a + n], window_lse)
+        window = part[:, 0].double() - log_probs[:, 0]               # x − log softmax(x) at any column
+        if c0 == 0:
+            self._lse[a:a + n] = window
+        else:
+            self._lse[a:a + n] = torch.logaddexp(self._lse[a:a + n], window)
         self._seen += n * w
+
+    def add_targets(self, c0: int, logits: torch.Tensor) -> None:
+        """Every position's logits for columns [c0, c0 + w) (a (positions, w) tensor): the targets among them."""
+        w = logits.shape[1]
+        t = self.targets - c0
+        picked = logits.gather(1, t.clamp(0, w - 1).unsqueeze(1)).squeeze(1).double()
+        self._target += torch.where((t >= 0) & (t < w), picked, 0.0)   # no host synchronisation
 
     @property
     def complete(self) -> bool:
@@ -112,6 +119,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, i
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     ce = TokenCrossEntropy(shifted_targets(labels, logits.device), vocab)
+    ce.add_targets(0, flat)
     window, positions = loss_tiling(logits.device, vocab)
     for a in range(0, flat.shape[0], positions):
         for c0 in range(0, vocab, window):
@@ -144,6 +152,7 @@ class StreamedTokenLoss:
         block = logits.reshape(n, -1)
         if c0 != self._columns[slot]:
             raise RuntimeError(f"output-layer block at column {c0}, expected {self._columns[slot]}")
+        self.parts[slot].add_targets(c0, block)
         done = 0
         while done < block.shape[1]:
             col = c0 + done
