@@ -2,10 +2,9 @@
 
 Each part (micro-batch, rank, sign) returns (sum of its token losses in float64, token count); parts combine in
 float64, so the loss does not depend on how the global batch is cut into micro-batches and ranks. A position's loss
-is computed in float64 from float32 logits taken a vocabulary window at a time (TokenCrossEntropy): that is what lets
-the streamed output layer hand its logits over block by block and never hold them (StreamedTokenLoss), and it is more
-exact than HF's float32 cross-entropy, whose per-token error 1/2ε magnifies in g = (L+ − L−)/2ε. HF's own `.loss`
-also reduces the mean in float32 (off by an ulp, ~1e-7 of L): ds_zo uses neither.
+is taken from its logits a vocabulary window at a time (TokenCrossEntropy): that is what lets the streamed output
+layer hand its logits over block by block and never hold them (StreamedTokenLoss). HF's own `.loss` reduces the mean
+in float32 (off by an ulp, ~1e-7 of L, which 1/2ε magnifies in g = (L+ − L−)/2ε): ds_zo does not use it.
 """
 from __future__ import annotations
 
@@ -30,10 +29,9 @@ def default_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
-# Logits per reduction tile (positions × vocabulary window); its float64 copy and log-softmax are the loss's scratch:
-# 4 MB on CPU, where the tile should stay in cache; 32 MB elsewhere, where fewer, larger kernels matter more (a
-# host-bound GPU step pays per launch: 2 × 2048 positions of OPT's 50272-token vocabulary take 100 tiles of 5
-# kernels).
+# Logits per reduction tile (positions × vocabulary window; a float32 tile and its log-softmax are the scratch): 1 MB
+# on CPU, where the tile should stay in cache; 8 MB elsewhere, where fewer, larger kernels matter more (a host-bound
+# GPU step pays per launch: 2 × 2048 positions of OPT's 50272-token vocabulary take 100 tiles of 7 kernels).
 CPU_TILE_ELEMENTS = 1 << 18
 DEVICE_TILE_ELEMENTS = 1 << 21
 # Columns per vocabulary window on CPU. Fixed, so a position's loss does not depend on whether its logits arrive whole
@@ -59,13 +57,15 @@ class TokenCrossEntropy:
     """Per-position cross-entropy log Σ exp(x) − x_target of one part's logits, fed a tile (positions × vocabulary
     window) at a time, every position's windows in column order, so the logits never need to exist whole.
 
-    Each tile's log-softmax is taken in float64 (the float32 logits converted exactly), giving the window's
-    log-sum-exp; windows combine as a running log-sum-exp, and the target logits come separately (add_targets), all
-    in float64. The value is HF's definition computed exactly from the float32 logits (to ~1e-15), where HF's
-    float32 cross-entropy is off by ~1e-7 per token; the projected gradient (L+ − L−)/2ε magnifies that (measured
-    on tiny models: HF's float32 g is 5e-6 to 8e-5 relative from the float64 one). The same logits give the same
-    value bit for bit whoever feeds them (whole logits in token_loss_sum, blocks in StreamedTokenLoss): the tiles
-    are fixed by loss_tiling."""
+    A tile's float32 log-softmax (torch's fused kernel, as in HF's cross-entropy) gives its window's log-sum-exp as
+    max(x) − max(log softmax(x)): the max is exact and the second term is −log Σ exp(x − max), a small number, so
+    the window's value is as exact as HF's per-token loss however large the logits. Windows combine as a running
+    log-sum-exp in float64, the target logits come separately (add_targets) and the difference is taken in float64:
+    the loss is HF's definition to float32 rounding (g on the tiny test models 2e-6 to 3e-5 relative from a float64
+    cross-entropy's, HF's own 5e-6 to 8e-5). The same logits give the same value bit for bit whoever feeds them
+    (whole logits in token_loss_sum, blocks in StreamedTokenLoss): the tiles are fixed by loss_tiling and always
+    reduced as contiguous float32 tensors. (A float64 log-softmax is exact to ~1e-15 but took 2.2 ns per logit
+    against 0.6: 3 % of a SmolLM2 step at 16 × 64 tokens, measured side by side.)"""
 
     def __init__(self, targets: torch.Tensor, vocab: int):
         n, device = targets.numel(), targets.device
@@ -73,13 +73,19 @@ class TokenCrossEntropy:
         self.vocab = vocab
         self._lse = torch.empty(n, dtype=torch.float64, device=device)
         self._target = torch.zeros(n, dtype=torch.float64, device=device)
+        window, positions = loss_tiling(device, vocab)
+        self._scratch = torch.empty(min(n, positions) * window, dtype=torch.float32, device=device)
         self._seen = 0
 
     def add(self, a: int, c0: int, part: torch.Tensor) -> None:
         """The logits of positions [a, a + n) and columns [c0, c0 + w), as an (n, w) tensor (read only)."""
         n, w = part.shape
-        log_probs = F.log_softmax(part, 1, dtype=torch.float64)
-        window = part[:, 0].double() - log_probs[:, 0]               # x − log softmax(x) at any column
+        if part.dtype == torch.float32 and part.is_contiguous():
+            tile = part
+        else:
+            tile = self._scratch[:n * w].view(n, w)
+            tile.copy_(part)
+        window = tile.amax(1).double() - F.log_softmax(tile, 1).amax(1).double()
         if c0 == 0:
             self._lse[a:a + n] = window
         else:
@@ -129,10 +135,10 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, i
 
 class StreamedTokenLoss:
     """Every slot's token losses taken straight from a streamed output layer (model/streamed.py) as it computes
-    blocks of output features, so no slot's logits are ever held whole: each block's columns pass through a window
-    buffer of the slot's (positions × window, in the logits' dtype), which is reduced when full. The layer returns
-    `placeholder` (a meta tensor of the logits' shape) instead of logits; the engine uses these losses only if the
-    model returned that very tensor as its logits, i.e. did nothing to the output layer's output."""
+    blocks of output features, so no slot's logits are ever held whole: each block's matmul writes into a window
+    buffer of the slot's (positions × window), which is reduced when full. The layer returns `placeholder` (a meta
+    tensor of the logits' shape) instead of logits; the engine uses these losses only if the model returned that
+    very tensor as its logits, i.e. did nothing to the output layer's output."""
 
     def __init__(self, labels: torch.Tensor, slots: int, vocab: int, device: torch.device):
         self.labels = labels
@@ -145,29 +151,34 @@ class StreamedTokenLoss:
         self._columns = [0] * slots
         self.started = False
 
-    def add(self, slot: int, c0: int, logits: torch.Tensor) -> None:
-        """The slot's logits for output features [c0, c0 + logits.shape[-1]) of every position; blocks in order."""
+    def add_matmul(self, slot: int, c0: int, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """The slot's logits x · weightᵀ for output features [c0, c0 + weight.shape[0]); x is (..., in_features) with
+        every position of the slot; blocks in order. Each piece of the block inside one window is one matmul written
+        straight into the window (a block starts at a multiple of 64 rows and a window at a multiple of 2048: the
+        pieces round like the whole block, see model/streamed.py)."""
         self.started = True
-        n = self.parts[slot].targets.numel()
-        block = logits.reshape(n, -1)
         if c0 != self._columns[slot]:
             raise RuntimeError(f"output-layer block at column {c0}, expected {self._columns[slot]}")
-        self.parts[slot].add_targets(c0, block)
-        done = 0
-        while done < block.shape[1]:
+        ce = self.parts[slot]
+        n = ce.targets.numel()
+        x = x.reshape(n, x.shape[-1])
+        if self._buf[slot] is None:
+            self._buf[slot] = x.new_empty(n * self.window)
+        done, rows = 0, weight.shape[0]
+        while done < rows:
             col = c0 + done
             w0 = col // self.window * self.window
             width = min(self.window, self.vocab - w0)
-            take = min(block.shape[1] - done, w0 + width - col)
-            if self._buf[slot] is None:
-                self._buf[slot] = block.new_empty(n * self.window)
+            take = min(rows - done, w0 + width - col)
             win = self._buf[slot][:n * width].view(n, width)
-            win[:, col - w0:col - w0 + take] = block[:, done:done + take]
+            piece = win[:, col - w0:col - w0 + take]
+            torch.mm(x, weight[done:done + take].t(), out=piece)
+            ce.add_targets(col, piece)
             done += take
-            if col + take == w0 + width:                 # window full: reduce it a pass of positions at a time
+            if col + take == w0 + width:                 # window full: reduce it a tile of positions at a time
                 for a in range(0, n, self.positions):
-                    self.parts[slot].add(a, w0, win[a:a + self.positions])
-        self._columns[slot] = c0 + block.shape[1]
+                    ce.add(a, w0, win[a:a + self.positions])
+        self._columns[slot] = c0 + rows
 
     @property
     def complete(self) -> bool:

@@ -1,24 +1,24 @@
 """A plain, obviously-correct MeZO loop: the reference that ds_zo must match.
 
-Two separate HF forwards at θ+εz and θ−εz built with torch.func.functional_call (loss: the mean of the per-token
-cross-entropies, taken in float64 from HF's logits; `token_loss` swaps in another definition, e.g. ds_zo's own, for
-bit-for-bit comparisons), z drawn with ds_zo's slice-addressable generator over each whole parameter, then
-θ ← θ − lr·(g·z + wd·θ) (no decay for 1-D)."""
+Two separate HF forwards at θ+εz and θ−εz built with torch.func.functional_call (loss: ds_zo's token loss of those
+logits, the mean of per-token cross-entropies in float64, which tests/test_loss.py holds against a float64
+cross-entropy and HF's own; `token_loss` swaps in another), z drawn with ds_zo's slice-addressable generator over each
+whole parameter, then θ ← θ − lr·(g·z + wd·θ) (no decay for 1-D)."""
 from __future__ import annotations
 
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
+from ds_zo.loss import token_loss_sum
 from ds_zo.perturb import PerturbationGenerator, param_key, step_seed
 
 
 class MeZOReference:
     def __init__(self, model, lr, eps, wd=0.0, seed=0, q=1, distribution="gaussian", trainable=None, rows=None,
                  token_loss=None):
-        self.token_loss = token_loss     # (logits, labels) -> (loss sum, count); default: float64 cross-entropy
+        self.token_loss = token_loss or token_loss_sum     # (logits, labels) -> (loss sum, count)
         self.model = copy.deepcopy(model).eval()
         self.lr, self.eps, self.wd, self.seed, self.q = lr, eps, wd, seed, q
         self.gen = PerturbationGenerator(distribution)
@@ -47,12 +47,8 @@ class MeZOReference:
         params = {n: p + shifts[n] if shifts and n in shifts else p for n, p in self.params().items()}
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits = functional_call(self.model, params, args=(), kwargs=dict(inputs, use_cache=False)).logits
-        if self.token_loss is not None:
-            total, count = self.token_loss(logits, batch["labels"])
-            return total / count
-        per_token = F.cross_entropy(logits[:, :-1].double().flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                    ignore_index=-100, reduction="none")
-        return per_token.sum().item() / (batch["labels"][:, 1:] != -100).sum().item()
+        total, count = self.token_loss(logits, batch["labels"])
+        return total / count
 
     @torch.no_grad()
     def hf_loss(self, batch) -> float:

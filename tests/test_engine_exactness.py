@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import ds_zo
-from ds_zo.loss import token_loss_sum
 from ds_zo.model.perturbed_copies import OUTPUT_ROLE
 from ds_zo.model.streamed import streamed_kind
 from ds_zo.perturb import PerturbationGenerator, param_key
@@ -316,7 +315,7 @@ def test_spans_of_several_chunks_change_nothing(monkeypatch, tied, span_chunks):
     monkeypatch.setattr(PerturbationGenerator, "span", lambda self, device: self.chunk * span_chunks)
     monkeypatch.setattr(PerturbationGenerator, "pass_elements", lambda self, device: self.span(device))
     model = tiny_model("llama", tied)
-    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3, token_loss=token_loss_sum)
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     ref.gen = PerturbationGenerator(chunk_elements=100)
     engine = _engine(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     engine.perturbations.chunk = 100
@@ -350,7 +349,7 @@ def test_tied_weight_z_drawn_once_per_perturbation(threads):
     try:
         model = tiny_model("llama", tied=True)
         trained = sum(p.numel() for p in model.parameters())
-        ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3, token_loss=token_loss_sum)
+        ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
         ref.gen = PerturbationGenerator(chunk_elements=528)
         drawn = {}
         for rows_only in (True, False):
@@ -383,7 +382,7 @@ def test_untied_embedding_draws_only_its_ids_rows():
     if not _has_avx2_fma():
         pytest.skip("the vectorised sampler needs AVX2 and FMA")
     model = tiny_model("llama", tied=False)
-    ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3, token_loss=token_loss_sum)
+    ref = MeZOReference(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     ref.gen = PerturbationGenerator(chunk_elements=528)
     engine = _engine(copy.deepcopy(model), lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     engine.perturbations.chunk = 528
@@ -403,7 +402,7 @@ def test_parameters_spanning_many_z_chunks(tied):
     """With a small z chunk every parameter spans many chunks: the chunked perturbation and update (bounded
     scratch memory) still reproduce the reference exactly, bf16 rounding included via the fp32 path."""
     model = tiny_model("llama", tied)
-    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3, token_loss=token_loss_sum)
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     ref.gen = PerturbationGenerator(chunk_elements=100)
     engine = _engine(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3)
     engine.perturbations.chunk = 100          # shared by the perturbed copies and the optimizer

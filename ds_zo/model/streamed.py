@@ -130,7 +130,7 @@ def linear_forward(unit: Unit, source: RowSource, x: torch.Tensor, slots: int, r
         # the loss takes each block as it is computed: no slot's logits are held whole
         for r0, r1 in _blocks(weight.shape[0], source.block_rows(ref)):
             for s, block in enumerate(source.working_rows(ref, r0, r1)):
-                sink.add(s, r0, F.linear(x[s * rows:(s + 1) * rows], block))
+                sink.add_matmul(s, r0, x[s * rows:(s + 1) * rows], block)
         return sink.placeholder
     out = source.output(unit, shape, x.dtype, x.device)
     for r0, r1 in _blocks(weight.shape[0], source.block_rows(ref)):
