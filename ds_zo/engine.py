@@ -23,6 +23,7 @@ from deepspeed.utils import logger
 from .config import OffloadConfig, ZeroOrderConfig, ZOSGDParams
 from .loss import IGNORE_INDEX, StreamedTokenLoss, default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
+from .model.streamed import streamed_kind
 from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
 from .model.units import Unit, cut_into_units
 from .offload import OffloadPipeline, ParameterStore
@@ -102,7 +103,8 @@ class ZOEngine(DeepSpeedEngine):
         # slot's logits are ever held (loss.StreamedTokenLoss): the ZO step then needs less memory than a plain
         # inference forward of the batch. Turned off for good if the model transforms the layer's output.
         head = self.module.get_output_embeddings() if hasattr(self.module, "get_output_embeddings") else None
-        self._loss_head: Optional[Unit] = next((u for u in self.units if head is not None and u.module is head), None)
+        self._loss_head: Optional[Unit] = next((u for u in self.units if head is not None and u.module is head
+                                                and streamed_kind(u) == "linear"), None)
         self._stream_loss = loss_fn is None and self._loss_head is not None
         self.last_projected_grad: Optional[float | list[float]] = None
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self.module.forward).parameters
@@ -302,8 +304,7 @@ class ZOEngine(DeepSpeedEngine):
         extra, labels = self.scored_positions(labels)
         sink = None
         if self._stream_loss:
-            vocab = self._loss_head.trainable[0].param.shape[0] if self._loss_head.trainable else 0
-            sink = StreamedTokenLoss(labels, slots, vocab, self.device)
+            sink = StreamedTokenLoss(labels, slots, self._loss_head.module.out_features, self.device)
             copies.token_loss = (self._loss_head.name, sink)
         self._in_zo_forward = True
         try:

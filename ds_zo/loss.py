@@ -8,7 +8,6 @@ in float32 (off by an ulp, ~1e-7 of L, which 1/2ε magnifies in g = (L+ − L−
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
