@@ -84,6 +84,8 @@ PROFILE_GROUPS = [   # (group, predicate on (function name, caller file)) — fi
     ("ZO element-wise (θ±εz, update)", lambda f, c: any(s in c for s in ("perturbed_copies", "optimizer.py",
                                                                           "perturb.py", "baselines.py"))),
     ("slot split/merge (torch.cat)", lambda f, c: "dual_forward" in c),
+    # the streamed output layer's matmuls, which write straight into the loss's windows (loss.StreamedTokenLoss)
+    ("forward (HF modules)", lambda f, c: "loss" in c and f == "<built-in method torch.mm>"),
     ("loss", lambda f, c: "loss" in c or "cross_entropy" in f),
     ("forward (HF modules)", lambda f, c: "transformers" in c or "torch/nn" in c or "linear" in f
      or "scaled_dot" in f),
