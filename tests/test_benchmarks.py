@@ -184,8 +184,8 @@ def test_offload_benchmark_smoke_on_cpu(tmp_path):
 def test_offload_benchmark_samples_the_host_between_repetitions():
     """--calibrate: the host's issue rates and the tiny steps are measured before every repetition (the GPU machines'
     host speed drifts) and the model uses their medians, and each repetition's own sample for a paired error; the
-    pipeline diagnosis (upload stalls, the pipeline's host
-    time) is reported per batch, and --no-profile skips the profiled steps."""
+    pipeline diagnosis (upload stalls, the pipeline's host time) is reported per batch, and --no-profile skips the
+    profiled steps."""
     import statistics
     from benchmarks.offload_bench import main
     res = main(["--shape", "tiny", "--seq", "8", "--batch", "1", "--steps", "1", "--reps", "2", "--calibrate",

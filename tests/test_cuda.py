@@ -242,7 +242,7 @@ def test_cuda_z_stream_names_the_sampler_grid():
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_token_loss_is_the_float64_cross_entropy(dtype):
+def test_cuda_token_loss_matches_a_float64_cross_entropy(dtype):
     """On a GPU the loss takes the whole vocabulary per tile (fewer kernels): still the cross-entropy of the logits
     as given to float32 rounding, ignored labels included."""
     from ds_zo.loss import IGNORE_INDEX, token_loss_sum
