@@ -23,8 +23,8 @@ from deepspeed.utils import logger
 from .config import OffloadConfig, ZeroOrderConfig, ZOSGDParams
 from .loss import IGNORE_INDEX, StreamedTokenLoss, default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
-from .model.streamed import streamed_kind
 from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
+from .model.streamed import streamed_kind
 from .model.units import Unit, cut_into_units
 from .offload import OffloadPipeline, ParameterStore
 from .offload.sharded import ShardedOffloadPipeline, ShardedStore, ShardedUnit
@@ -303,7 +303,7 @@ class ZOEngine(DeepSpeedEngine):
         labels = default_labels(batch)
         extra, labels = self.scored_positions(labels)
         sink = None
-        if self._stream_loss:
+        if self._stream_loss and copies.perturbs():     # the output layer streams only in perturbed forwards
             sink = StreamedTokenLoss(labels, slots, self._loss_head.module.out_features, self.device)
             copies.token_loss = (self._loss_head.name, sink)
         self._in_zo_forward = True

@@ -72,8 +72,7 @@ class TokenCrossEntropy:
         self.vocab = vocab
         self._lse = torch.empty(n, dtype=torch.float64, device=device)
         self._target = torch.zeros(n, dtype=torch.float64, device=device)
-        window, positions = loss_tiling(device, vocab)
-        self._scratch = torch.empty(min(n, positions) * window, dtype=torch.float32, device=device)
+        self._scratch: Optional[torch.Tensor] = None     # made on first use: streamed windows never need it
         self._seen = 0
 
     def add(self, a: int, c0: int, part: torch.Tensor) -> None:
@@ -82,6 +81,9 @@ class TokenCrossEntropy:
         if part.dtype == torch.float32 and part.is_contiguous():
             tile = part
         else:
+            if self._scratch is None:
+                window, positions = loss_tiling(part.device, self.vocab)
+                self._scratch = part.new_empty(min(self.targets.numel(), positions) * window, dtype=torch.float32)
             tile = self._scratch[:n * w].view(n, w)
             tile.copy_(part)
         window = tile.amax(1).double() - F.log_softmax(tile, 1).amax(1).double()
