@@ -1,33 +1,42 @@
 """Calibrate ds_zo.perfmodel for the device a benchmark runs on (a GPU; on CPU the same code runs, for tests), from
-micro-measurements in the benchmark's own process, then predict the ZO steps that process timed. No ZO step of the
-predicted shape is used to calibrate, so the comparison is a check of the model, not a fit.
+micro-measurements and small ZO steps in the benchmark's own process, then predict the ZO steps that process timed.
+No ZO step of the predicted shape is used to calibrate, so the comparison is a check of the model, not a fit.
 
-Device rates are timed on the device (CUDA events; wall time after a synchronize on CPU); host rates are the host's
-issue time of many back-to-back calls (on CUDA the kernels queue behind, so issuing is what the host pays):
-- rng_rate: drawing a 2^20-element float32 buffer (one ds_zo z chunk), device time: torch normal_ on CUDA, ds_zo's
-  sampler on CPU (PerturbationGenerator.draw_chunks: the native vectorised mt19937 where it is built);
-- host_pass_s: host time to issue one small element-wise op as ds_zo does (torch.add of slices into a slice);
-- host_chunk_s: host time per chunk to issue ds_zo's PerturbationGenerator.fill of a span of 8 chunks (key, seeding,
-  launch; on CPU, where the draw itself runs on the host: one chunk's fill minus the draw);
+Device rates are the device's own time (CUDA events; wall time after a synchronize on CPU):
+- rng_rate: ds_zo's z draws (PerturbationGenerator.fill of a span of 8 chunks: one seeded torch normal_ per 2^20
+  chunk on CUDA, the native vectorised mt19937 on CPU). On CUDA the draws are queued behind a sleep kernel before
+  the timing starts: issued back to back they are host-bound (a chunk's launch costs the host 8-15 µs, more than
+  the kernel), and timing them that way had measured the host's issue rate as the device's (eighth session's
+  records: 80 G values/s "device", while the profiled steps' kernels added up to less than half the modelled
+  device time);
 - elem_bw: torch.add(x, y, out=o) over 64M float32 elements (12 bytes each); merge_bw: torch.cat of two of them;
 - flops: a plain forward of the benchmark's model at the rows the dual forward computes (2 x batch), over the shape's
   analytic FLOPs (attention, norms, the loss and HF's module code are folded in);
-- unit_host_s: ds_zo's host time per unit visit, from ZO steps of the 4-layer "tiny" shape at 1 x 8 tokens on the
-  same device, where device work is negligible: (measured − modelled without it) / unit visits;
 - h2d_bw / d2h_bw: the pinned memcpy baseline the benchmark measured (CUDA) or a host copy (CPU).
+Host rates:
+- host_pass_s: host time to issue one small element-wise op as ds_zo does (torch.add of slices into a slice);
+- host_chunk_s and unit_host_s, by default fitted to ds_zo's own ZO steps of two small shapes at 1 x 8 tokens
+  (HostSteps), per mode (resident, offload): "tiny" (4 narrow layers: a unit visit's fixed cost) and "wide" (two
+  OPT-1.3B-sized layers, 68 z chunks each: a chunk's cost), the values for which the model reproduces both steps.
+  The micro-measured alternative (kept beside it, "micro" predictions): host_chunk_s from a loop of fills of a span
+  of 8 chunks (key, seeding, launch), unit_host_s from the tiny steps alone. The loops miss what a chunk costs in a
+  real step (slicing, the span's passes, the pipeline's copies competing for the host) and under-predicted the
+  host-bound steps by 9-17 % (eighth session).
 The host's speed drifts on the GPU machines (the same step 0.125-0.209 s within one process), so offload_bench
-measures the host rates and the tiny steps again before each repetition of its timed steps and uses their medians.
+measures the host rates and the calibration steps again before each repetition of its timed steps and uses their
+medians, and predicts each repetition from its own sample as well.
 """
 from __future__ import annotations
 
 import os
 import statistics
 import time
+from typing import Optional
 
 import torch
 
 from ds_zo import perfmodel as pm
-from ds_zo.perturb import CHUNK_ELEMENTS, PerturbationGenerator
+from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS, CHUNK_ELEMENTS, PerturbationGenerator
 
 
 def _sync(device: torch.device) -> None:
@@ -95,21 +104,72 @@ def with_host_rates(micro: dict, rates: dict, device: torch.device) -> dict:
     return out
 
 
+_SLEEP_CYCLES_PER_S: dict = {}
+
+
+def _sleep_cycles_per_s(device: torch.device) -> float:
+    """GPU clock cycles per second as torch.cuda._sleep spins them (its argument is in cycles)."""
+    if device not in _SLEEP_CYCLES_PER_S:
+        cycles = 10**7
+        _SLEEP_CYCLES_PER_S[device] = cycles / device_time(lambda: torch.cuda._sleep(cycles), device, 3)
+    return _SLEEP_CYCLES_PER_S[device]
+
+
+def queued_device_time(fn, device: torch.device, reps: int) -> float:
+    """Median device seconds of fn's kernels alone. On CUDA each timed call is issued behind a sleep kernel long
+    enough for the host to queue every launch of fn before the first runs (checked: the start event must still be
+    pending when the host has issued the end event; otherwise the sleep is lengthened and the call timed again), so
+    a host slower than the kernels does not count. Elsewhere: device_time."""
+    if device.type != "cuda":
+        return device_time(fn, device, reps)
+    lead_s = 2 * host_issue_time(fn, device, 3) + 1e-3
+    rate = _sleep_cycles_per_s(device)
+    times = []
+    while len(times) < reps:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(lead_s * rate))
+        start.record()
+        fn()
+        end.record()
+        queued = not start.query()
+        end.synchronize()
+        if queued:
+            times.append(start.elapsed_time(end) / 1000)
+        elif lead_s > 1.0:
+            raise RuntimeError("queued_device_time: the host could not issue the timed call within 1 s of sleep")
+        else:
+            lead_s *= 4
+    return statistics.median(times)
+
+
 def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
-    chunk = torch.empty(CHUNK_ELEMENTS, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
     zgen = PerturbationGenerator()
-    chunks = 64
-    if device.type == "cuda":    # bare normal_: issuing it is quicker than the kernel, so the device time is its own
-        t_normal = device_time(lambda: [chunk.normal_(generator=gen) for _ in range(chunks)], device, reps) / chunks
-    else:
-        t_normal = device_time(lambda: [zgen.draw_chunks([(chunk, 12345)]) for _ in range(chunks)], device, reps) / chunks
+    if device.type == "cuda":
+        # ds_zo's draws as the engine issues them on an accelerator: fills of a span of 8 chunks (each chunk its own
+        # seeded draw), scaled by ε inside the sampler, timed queued (the device's time, not the host's)
+        span = torch.empty(ACCELERATOR_SPAN_CHUNKS * CHUNK_ELEMENTS, device=device)
+        key = iter(range(10**9))
+        spans = 8
+
+        def draw():
+            for _ in range(spans):
+                zgen.fill(span, 1, 0, next(key), span.numel(), scale=1e-3)
+        t_chunk = queued_device_time(draw, device, reps) / (spans * ACCELERATOR_SPAN_CHUNKS)
+    else:   # one chunk per call: on CPU the draw runs on the host, one thread (with_host_rates subtracts it)
+        chunk = torch.empty(CHUNK_ELEMENTS, device=device)
+        t_chunk = device_time(lambda: [zgen.draw_chunks([(chunk, 12345)]) for _ in range(64)], device, reps) / 64
     x, y, o = (torch.randn(n, device=device) for _ in range(3))
     t_add = device_time(lambda: torch.add(x, y, out=o), device, reps)
     t_cat = device_time(lambda: torch.cat([x, y]), device, reps)
-    out = {"rng_rate": CHUNK_ELEMENTS / t_normal, "elem_bw": 12 * n / t_add, "merge_bw": 8 * n / t_cat,
+    out = {"rng_rate": CHUNK_ELEMENTS / t_chunk, "elem_bw": 12 * n / t_add, "merge_bw": 8 * n / t_cat,
            "fused_passes": zgen.fuses(device, torch.float32)}
-    if device.type != "cuda":
+    if device.type == "cuda":
+        # what the eighth session's calibration measured: bare normal_ calls issued back to back (host-bound)
+        chunk = torch.empty(CHUNK_ELEMENTS, device=device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        out["rng_rate_issue_bound"] = CHUNK_ELEMENTS * 64 / device_time(
+            lambda: [chunk.normal_(generator=gen) for _ in range(64)], device, reps)
+    else:
         t_copy = device_time(lambda: o.copy_(x), device, reps)
         out["copy_bw"] = 4 * n / t_copy
     del x, y, o
@@ -145,7 +205,9 @@ def hardware(micro: dict, flops: float, h2d_bw: float, d2h_bw: float, dtype_byte
 
 def predict(result: dict) -> dict:
     """ds_zo.perfmodel's step times for the runs an offload_bench result holds, from the calibration stored in it
-    (result["model"]: micro, unit_overhead, forward), against the measured medians."""
+    (result["model"]: micro, forward, and host_steps or, in records before the ninth session, unit_overhead), against
+    the measured medians. With host_steps the host costs are fitted per mode (fit_host) and the micro-measured ones
+    predict beside them ("predicted_micro_s", "error_micro")."""
     cal = result["model"]
     micro = cal["micro"]
     if "memcpy" in result:
@@ -156,98 +218,198 @@ def predict(result: dict) -> dict:
     nbytes = 2 if result["dtype"] == "bf16" else 4
     device = torch.device(result["device"])
     spec = pm.shape(result["shape"], result["seq"])
+    prefetch = result.get("prefetch", 1)
     # --calibrate samples the host before every repetition, run after run: sample k of run i is i * reps + k
     samples = cal.get("host_rate_samples") or []
-    overhead = cal["unit_overhead"]
+    steps = cal.get("host_steps")
+    overhead = cal.get("unit_overhead") or tiny_overhead(micro, steps, device)
+    fits, sample_fits = {}, []
+    if steps:
+        fits = {m: fit_host(micro, steps, steps["median"], m, device, h2d, d2h, prefetch) for m in steps["modes"]}
+        if len(steps["samples"]) == len(samples):
+            sample_fits = [{m: fit_host(with_host_rates(micro, rates, device), steps, sample, m, device, h2d, d2h,
+                                        prefetch) for m in steps["modes"]}
+                           for rates, sample in zip(samples, steps["samples"])]
 
     def step_s(rates: dict, unit_host_s: float, b: int, span: int, layout) -> pm.Result:
         hw = hardware(rates, flops[b], h2d, d2h, nbytes, unit_host_s, result["device"], span)
         return pm.simulate(spec, hw, layout, pm.Workload(b, result["seq"]))
 
+    def fitted(rates: dict, fit: dict) -> tuple[dict, float]:
+        return rates | {"host_chunk_s": fit["host_chunk_s"]}, fit["unit_host_s"]
+
     cases = []
     for i, run in enumerate(result["runs"]):
         b = run["batch"]
         span = run.get("span_chunks", 1) if result["device"] == "cuda" else 1
-        for mode, layout in (("resident", pm.Layout("resident")),
-                             ("offload", pm.Layout("zo2", 1, 1, result.get("prefetch", 1)))):
+        for mode, layout in (("resident", pm.Layout("resident")), ("offload", pm.Layout("zo2", 1, 1, prefetch))):
             if f"{mode}_step_s_median" not in run:
                 continue
-            r = step_s(micro, overhead["unit_host_s"], b, span, layout)
             measured = run[f"{mode}_step_s_median"]
+            by_micro = step_s(micro, overhead["unit_host_s"], b, span, layout)
+            r = step_s(*fitted(micro, fits[mode]), b, span, layout) if mode in fits else by_micro
             case = {"batch": b, "span_chunks": run.get("span_chunks"), "mode": mode, "predicted_s": r.step_s,
                     "measured_s": measured, "error": r.step_s / measured - 1, "bottleneck": r.bottleneck,
                     "busy": r.busy}
+            if mode in fits:
+                case.update(host_fit=fits[mode], predicted_micro_s=by_micro.step_s,
+                            error_micro=by_micro.step_s / measured - 1)
             reps = run.get(f"{mode}_step_s_reps") or []
             if reps and len(samples) == len(result["runs"]) * len(reps):
-                # each repetition against the prediction from the host rates sampled just before it (a drifting
-                # host moves both); the per-unit overhead too where its tiny steps were kept per repetition
+                # each repetition against the prediction from the host sampled just before it (a drifting host moves
+                # both): its host rates, and its calibration steps (fitted) or tiny steps (micro)
                 per_rep = []
                 for k, t in enumerate(reps):
-                    rates = with_host_rates(micro, samples[i * len(reps) + k], device)
-                    unit = unit_host_from(overhead, rates, i * len(reps) + k)
+                    n = i * len(reps) + k
+                    rates = with_host_rates(micro, samples[n], device)
+                    if sample_fits:
+                        rates, unit = fitted(rates, sample_fits[n][mode])
+                    else:
+                        unit = unit_host_from(overhead, rates, n)
                     per_rep.append(step_s(rates, unit, b, span, layout).step_s / t - 1)
                 case["error_per_rep"] = per_rep
                 case["error_paired"] = statistics.median(per_rep)
             cases.append(case)
-    errs = [abs(c["error"]) for c in cases]
-    paired = [abs(c["error_paired"]) for c in cases if "error_paired" in c]
-    out = {"cases": cases, "abs_error": {"median": statistics.median(errs), "max": max(errs)} if errs else None}
-    if paired:
-        out["abs_error_paired"] = {"median": statistics.median(paired), "max": max(paired)}
+
+    def spread(key: str) -> Optional[dict]:
+        errs = [abs(c[key]) for c in cases if key in c]
+        return {"median": statistics.median(errs), "max": max(errs)} if errs else None
+    out = {"cases": cases, "abs_error": spread("error")}
+    for key, name in (("error_paired", "abs_error_paired"), ("error_micro", "abs_error_micro")):
+        if spread(key):
+            out[name] = spread(key)
     return out
+
+
+def _solve(f, target: float) -> float:
+    """The x >= 0 at which the non-decreasing f reaches target (0 where f(0) already does)."""
+    if f(0.0) >= target:
+        return 0.0
+    lo, hi = 0.0, 1e-5
+    while f(hi) < target:
+        lo, hi = hi, hi * 4
+        if hi > 10.0:
+            raise ValueError(f"no host cost under 10 s reproduces a step of {target} s")
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def fit_host(rates: dict, steps: dict, times: dict, mode: str, device: torch.device | str, h2d_bw: float,
+             d2h_bw: float, prefetch: int = 1) -> dict:
+    """unit_host_s and host_chunk_s for `mode` with which the model reproduces the measured calibration steps
+    (`times`: "shape/mode" -> seconds; steps["shapes"] = (the unit-cost shape, the chunk-cost shape)): the first
+    shape's step fixes the per-unit cost, the second's the per-chunk cost, alternately until both hold (each by
+    bisection: the modelled step grows with either)."""
+    unit_shape, chunk_shape = steps["shapes"]
+    layout = pm.Layout("resident") if mode == "resident" else pm.Layout("zo2", 1, 1, prefetch)
+
+    def modelled(shape: str, unit: float, chunk: float) -> float:
+        hw = hardware(rates | {"host_chunk_s": chunk}, steps["forward_flops"][shape], h2d_bw, d2h_bw, 4, unit,
+                      device, pm_span(device))
+        return pm.simulate(pm.shape(shape, HOST_SEQ), hw, layout, pm.Workload(1, HOST_SEQ)).step_s
+
+    unit, chunk = 0.0, rates["host_chunk_s"]
+    for _ in range(8):
+        unit_before, chunk_before = unit, chunk
+        unit = _solve(lambda x: modelled(unit_shape, x, chunk), times[f"{unit_shape}/{mode}"])
+        chunk = _solve(lambda x: modelled(chunk_shape, unit, x), times[f"{chunk_shape}/{mode}"])
+        if abs(unit - unit_before) <= 1e-3 * unit and abs(chunk - chunk_before) <= 1e-3 * chunk:
+            break
+    return {"unit_host_s": unit, "host_chunk_s": chunk}
+
+
+def pm_span(device: torch.device | str) -> int:
+    """The z chunks per element-wise pass ds_zo's calibration engines use on this device."""
+    return ACCELERATOR_SPAN_CHUNKS if torch.device(device).type == "cuda" else 1
+
+
+def tiny_overhead(micro: dict, steps: dict, device: torch.device) -> dict:
+    """The micro-measured per-unit host cost (the eighth session's calibration) from the unit-cost shape's resident
+    steps: their median, and each sample's (tiny_step_s_reps, for unit_host_from)."""
+    shape = steps["shapes"][0]
+    flops = steps["forward_flops"][shape]
+    return {"tiny_step_s_reps": [s[f"{shape}/resident"] for s in steps["samples"]], "forward_flops": flops,
+            "device": torch.device(device).type,
+            "unit_host_s": per_unit_host(micro, flops, steps["median"][f"{shape}/resident"], device, shape)}
 
 
 def unit_host_from(overhead: dict, rates: dict, sample: int) -> float:
     """The per-unit host overhead for one sampled repetition: from that repetition's tiny steps and host rates where
-    they were kept (TinySteps.overhead's tiny_step_s_reps, forward_flops), else the calibration's median."""
+    they were kept (tiny_step_s_reps, forward_flops), else the calibration's median."""
     reps, tiny_flops = overhead.get("tiny_step_s_reps"), overhead.get("forward_flops")
     if not reps or tiny_flops is None or sample >= len(reps):
         return overhead["unit_host_s"]
-    spec = pm.shape("tiny", 8)
-    bare = hardware(rates, tiny_flops, float("inf"), float("inf"), 4, 0.0, overhead.get("device", "cuda"))
-    modelled = pm.simulate(spec, bare, pm.Layout("resident"), pm.Workload(1, 8)).step_s
-    return max(0.0, (reps[sample] - modelled) / len(spec.units))
+    return per_unit_host(rates, tiny_flops, reps[sample], overhead.get("device", "cuda"))
 
 
-class TinySteps:
-    """ZO steps of the tiny shape at 1 x 8 tokens on this device, where device work is negligible: their time less
-    the model's time without per-unit overhead, per unit visit, is ds_zo's host time per unit visit."""
+def per_unit_host(rates: dict, flops: float, measured: float, device: torch.device | str, shape: str = "tiny") -> float:
+    """(a step of `shape` at 1 x HOST_SEQ tokens, measured − modelled without per-unit cost) / unit visits."""
+    spec = pm.shape(shape, HOST_SEQ)
+    bare = hardware(rates, flops, float("inf"), float("inf"), 4, 0.0, device)
+    modelled = pm.simulate(spec, bare, pm.Layout("resident"), pm.Workload(1, HOST_SEQ)).step_s
+    return max(0.0, (measured - modelled) / len(spec.units))
 
-    def __init__(self, device: torch.device):
+
+HOST_SHAPES = ("tiny", "wide")    # the unit-cost shape, the chunk-cost shape
+HOST_SEQ = 8
+HOST_STEPS_PER_SAMPLE = 3
+
+
+class HostSteps:
+    """ZO steps of the host-calibration shapes at 1 x HOST_SEQ tokens on this device, in each mode (resident, offload
+    with the benchmark's prefetch depth), where the device's work is small beside the host's: what fit_host fits the
+    model's host costs to. `sample()` times each engine HOST_STEPS_PER_SAMPLE times, interleaved, and keeps the
+    medians (the benchmark samples before every timed repetition)."""
+
+    def __init__(self, device: torch.device, shapes=HOST_SHAPES, modes=("resident", "offload"), prefetch: int = 1):
+        import copy
+
         import ds_zo
         from benchmarks.baselines import zo_config
         from benchmarks.models import build
-        self.device = device
-        model = build("tiny")
-        self.engine, *_ = ds_zo.initialize(model=model, config=zo_config(1))
-        ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-        self.batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        self.time(1)                                 # warm-up
+        self.device, self.shapes, self.modes = device, tuple(shapes), tuple(modes)
+        self.engines, self.batches, self.forward_flops = {}, {}, {}
+        for shape in self.shapes:
+            base = build(shape)
+            for mode in self.modes:
+                cfg = zo_config(1)
+                if mode == "offload":
+                    cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
+                    cfg["zero_order"]["prefetch_depth"] = prefetch
+                model = base if mode == self.modes[-1] else copy.deepcopy(base)
+                self.engines[f"{shape}/{mode}"], *_ = ds_zo.initialize(model=model, config=cfg)
+            ids = torch.randint(0, base.config.vocab_size, (1, HOST_SEQ), generator=torch.Generator().manual_seed(0))
+            self.batches[shape] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        self.samples: list[dict] = []
+        self.time_all(1)                              # warm-up
+        for shape in self.shapes:                     # a plain forward (on the device) of the rows a ZO step runs
+            resident = self.engines.get(f"{shape}/resident")
+            if resident is not None:
+                self.forward_flops[shape] = forward_rate(resident.module, shape, 2, HOST_SEQ)["flops"]
 
-    def time(self, reps: int) -> list[float]:
-        times = []
+    def time_all(self, reps: int) -> dict[str, list[float]]:
+        times = {name: [] for name in self.engines}
         for _ in range(reps):
-            t = time.perf_counter()
-            self.engine.train_batch(self.batch)
-            _sync(self.device)
-            times.append(time.perf_counter() - t)
+            for name, engine in self.engines.items():
+                _sync(self.device)
+                t = time.perf_counter()
+                engine.train_batch(self.batches[name.split("/")[0]])
+                _sync(self.device)
+                times[name].append(time.perf_counter() - t)
         return times
 
-    def overhead(self, micro: dict, times: list[float]) -> dict:
-        measured = statistics.median(times)
-        fwd = forward_rate(self.engine.module, "tiny", 2, 8)
-        spec = pm.shape("tiny", 8)
-        bare = hardware(micro, fwd["flops"], float("inf"), float("inf"), 4, 0.0, self.device)
-        modelled = pm.simulate(spec, bare, pm.Layout("resident"), pm.Workload(1, 8)).step_s
-        return {"tiny_step_s": measured, "tiny_steps": len(times), "tiny_modelled_without_overhead_s": modelled,
-                "unit_host_s": max(0.0, (measured - modelled) / len(spec.units)), "forward_flops": fwd["flops"],
-                "device": self.device.type}
+    def sample(self) -> dict[str, float]:
+        medians = {k: statistics.median(v) for k, v in self.time_all(HOST_STEPS_PER_SAMPLE).items()}
+        self.samples.append(medians)
+        return medians
 
-
-def unit_overhead(micro: dict, device: torch.device, reps: int = 9) -> dict:
-    """ds_zo's host time per unit visit on this device, from ZO steps of the tiny shape (1 x 8 tokens)."""
-    tiny = TinySteps(device)
-    return tiny.overhead(micro, tiny.time(reps))
+    def record(self) -> dict:
+        """What predict() needs: the shapes, modes, forward rates, every sample and their medians."""
+        return {"shapes": list(self.shapes), "modes": list(self.modes), "forward_flops": self.forward_flops,
+                "steps_per_sample": HOST_STEPS_PER_SAMPLE, "samples": self.samples,
+                "median": {k: statistics.median(s[k] for s in self.samples) for k in self.engines}}
 
 
 def main(argv=None) -> None:
@@ -257,13 +419,17 @@ def main(argv=None) -> None:
     import json
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("results", nargs="*", help="offload_bench --calibrate JSON files (rewritten in place)")
-    p.add_argument("--measure", metavar="OUT", help="measure micro rates and the unit overhead here, write them")
+    p.add_argument("--measure", metavar="OUT", help="measure micro rates and the host calibration steps here, write "
+                                                    "them")
     p.add_argument("--micro", metavar="FILE", help="use the rates --measure wrote instead of the stored ones")
     args = p.parse_args(argv)
     if args.measure:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         micro = micro_rates(device)
-        cal = {"micro": micro, "unit_overhead": unit_overhead(micro, device)}
+        host = HostSteps(device)
+        for _ in range(3):
+            host.sample()
+        cal = {"micro": micro, "host_steps": host.record()}
         print(cal)
         with open(args.measure, "w") as f:
             json.dump(cal, f, indent=2)
@@ -281,6 +447,8 @@ def main(argv=None) -> None:
             json.dump(result, f, indent=2)
         for c in result["model"]["cases"]:
             paired = f"; per repetition {c['error_paired']:+.0%}" if "error_paired" in c else ""
+            if "error_micro" in c:
+                paired += f"; micro host rates {c['error_micro']:+.0%}"
             print(f"{result['shape']:>9} batch {c['batch']} span {c['span_chunks']} {c['mode']:>8}: predicted "
                   f"{c['predicted_s']:.3f} s, measured {c['measured_s']:.3f} s ({c['error']:+.0%}{paired}, "
                   f"{c['bottleneck']})")
@@ -290,6 +458,9 @@ def main(argv=None) -> None:
             line += (f"; per repetition (paired with its host sample) median "
                      f"{result['model']['abs_error_paired']['median']:.1%}, "
                      f"max {result['model']['abs_error_paired']['max']:.1%}")
+        if "abs_error_micro" in result["model"]:
+            line += (f"; with the micro-measured host costs median {result['model']['abs_error_micro']['median']:.1%}"
+                     f", max {result['model']['abs_error_micro']['max']:.1%}")
         print(line)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (about 4 minutes on one H100/H200). Prepare here with benchmarks/fetch_gpu_wheels.sh, then run on
+# The GPU check (about 5 minutes on one H100/H200). Prepare here with benchmarks/fetch_gpu_wheels.sh, then run on
 # the device machine from the repository root, carrying .whl:  bash benchmarks/gpu_check.sh
 # Writes its logs and JSON to $OUT (default /tmp/gpu_check) and prints:
 #  - tests/test_cuda.py (CUDA code paths, and the fine-tuning job with ZeRO-3 offload on the GPU);
@@ -8,7 +8,11 @@
 #    (batch 1, the setting of ZO2's published figures), offload-vs-resident exactness; per batch, one diagnosed step:
 #    the H2D rate during the uploads against memcpy, the seconds compute waited for uploads, the host seconds in
 #    the pipeline's begin/enter/exit; the GPU's kernel-busy fraction of a step and each mode's host ops (profiler),
-#    and ds_zo.perfmodel calibrated on this GPU (host rates sampled between the repetitions) against the steps.
+#    and ds_zo.perfmodel calibrated on this GPU against the steps: device rates timed queued (the kernels' own
+#    time), host costs fitted per mode to ZO steps of two small shapes sampled between the repetitions, the
+#    micro-measured host costs beside them;
+#  - SmolLM2-135M's peak GPU memory (bf16, 4 x 64 tokens): inference with and without HF's loss, ds_zo all-resident
+#    and with offload, MeZO's loop (one fresh process each).
 # offload_bench --prefetch 1,2 adds an offload engine per depth; --trace DIR writes each mode's chrome trace.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +28,5 @@ for spec in "opt-1.3b 2 150" "opt-6.7b 1 210"; do
         --span-chunks 8 --steps "$2" --reps 5 --calibrate --out "$OUTDIR/$1.json" 2>&1 | grep -v '^\[' \
         | tee "$OUTDIR/$1.log"
 done
+timeout 150 python3 -m benchmarks.run --sections gpu_memory --out "$OUTDIR/smollm2_gpu_memory.json" 2>&1 \
+    | grep -v '^\[' | grep -v '^|' | tail -4

@@ -8,6 +8,11 @@ same random-init model; then the kernel's resident-set high-water mark is reset 
 read from /proc/self/status. So `peak_rss` is the true peak resident memory of the process while the mode runs (model,
 libraries, buffers, activations, allocator slack), unaffected by the transient peak of model initialisation, and
 `working = peak_rss − rss_after_build` is what the mode adds on top of the model. Prints one JSON line.
+
+--device cuda (a GPU: the model in --dtype, bf16 by default there): the figure is the GPU's, torch's peak allocated
+bytes (`peak_gpu`, reset once the model is built on the host) — for inference and MeZO's loop the model is moved to
+the GPU first, so every mode's peak counts the parameters it holds there (ds_zo all-resident: all of them; ds_zo
+with offload: the resident units and the pipeline's buffers) plus its working memory.
 """
 from __future__ import annotations
 
@@ -17,8 +22,6 @@ import json
 import os
 import resource
 import sys
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "mezo", "adamw")
 
@@ -49,7 +52,11 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (on CPU ds_zo draws that many z chunks "
                    "at once, so its scratch grows with them)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 on CPU, bf16 on CUDA")
     args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
 
     import torch
     import transformers  # noqa: F401  (every mode pays the same imports)
@@ -60,8 +67,17 @@ def main(argv=None) -> dict:
     from benchmarks.models import build
 
     torch.set_num_threads(args.threads)
-    model = build(args.shape)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if cuda else "fp32")]
+    model = build(args.shape, dtype)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     batch = make_batch(model.config.vocab_size, args.rows, args.seq)
+    if cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device")
+        torch.cuda.reset_peak_memory_stats()
+        if not args.mode.startswith("dszo"):       # ds_zo places the model itself (all of it, or its resident units)
+            model = model.to("cuda")
+            batch = {k: v.to("cuda") for k, v in batch.items()}
     gc.collect()
     rss_after_build = _status_kb("VmRSS")
     exact = reset_peak()
@@ -70,7 +86,7 @@ def main(argv=None) -> dict:
     elif args.mode in ("dszo", "dszo_offload", "dszo_tied_z"):
         cfg = zo_config(args.rows, tied_z_cache=args.mode == "dszo_tied_z")
         if args.mode == "dszo_offload":
-            cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+            cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": cuda}}
         engine, *_ = ds_zo.initialize(model=model, config=cfg)
         runner = engine.train_batch
     elif args.mode == "mezo":
@@ -85,6 +101,10 @@ def main(argv=None) -> dict:
            "rss_after_build": rss_after_build, "peak_rss": _status_kb("VmHWM"),
            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "hwm_reset": exact}
     out["working"] = out["peak_rss"] - rss_after_build
+    if cuda:
+        torch.cuda.synchronize()
+        out.update(device="cuda", dtype=str(dtype).removeprefix("torch."), model_bytes=model_bytes,
+                   peak_gpu=torch.cuda.max_memory_allocated())
     if args.mode.startswith("dszo"):
         # where ds_zo's working memory sits: the grow-only copy buffers (θ±εz per slot and z, sized by the largest
         # unit) and the optimizer's float32 update scratch (sized by the largest parameter)

@@ -9,11 +9,15 @@ SHAPES = {
     "small": ("llama", 256, 8, 4, 768, 8192),             # 8.1M parameters: multi-rank runs on a shared 2-core CPU
     "smollm2-135m": ("llama", 576, 30, 9, 1536, 49152),   # SmolLM2-135M's shape: tied 49152-token embedding
     "opt-1.3b": ("opt", 2048, 24, 32, 8192, 50272),
+    # the GPU model's host calibration (benchmarks/device_calibrate.py): two OPT-1.3B-sized layers, 68 z chunks each,
+    # whose ZO step at 1 x 8 tokens is nearly all host time per chunk
+    "wide": ("llama", 2048, 2, 16, 8192, 1024),
     "opt-6.7b": ("opt", 4096, 32, 32, 16384, 50272),
 }
 
 
-def build(shape: str, dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
+def build(shape: str, dtype=torch.float32, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
+    """The shape's model, random-init on CPU (device="meta": its structure only, no values)."""
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
     family, hidden, layers, heads, ffn, vocab = SHAPES[shape]
     torch.manual_seed(seed)
@@ -27,9 +31,9 @@ def build(shape: str, dtype=torch.float32, seed: int = 0) -> torch.nn.Module:
                         num_attention_heads=heads, word_embed_proj_dim=hidden, max_position_embeddings=4096,
                         enable_bias=True)
         cls = OPTForCausalLM
-    if family == "opt" and hidden >= 2048:
+    if family == "opt" and hidden >= 2048 and device != "meta":
         return _fast_opt(cls, cfg, dtype, seed)
-    with torch.device("cpu"):
+    with torch.device(device):
         prev = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:

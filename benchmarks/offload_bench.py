@@ -23,7 +23,6 @@ from benchmarks.models import SHAPES, build
 from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TIMED_TINY = 3          # --calibrate: tiny steps timed before each repetition
 
 
 def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
@@ -97,6 +96,9 @@ def main(argv=None) -> dict:
                         "interleaved (no effect on CPU)")
     p.add_argument("--calibrate", action="store_true",
                    help="also calibrate ds_zo.perfmodel on this device and compare its predictions with the steps")
+    p.add_argument("--host-shapes", dest="host_shapes", default="tiny,wide",
+                   help="--calibrate: the shapes whose ZO steps at 1 x 8 tokens fit the model's host costs (the "
+                        "unit-cost shape, the chunk-cost shape)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the profiled steps (GPU busy fraction, host ops, traces)")
     p.add_argument("--trace", default=None, help="also write each mode's chrome trace of one step (gzipped) here")
@@ -135,11 +137,13 @@ def main(argv=None) -> dict:
             result[f"{mode}_peak_gpu_GB"] = (torch.cuda.max_memory_allocated() - before) / 1e9
             result[f"{mode}_process_peak_gpu_GB"] = torch.cuda.max_memory_allocated() / 1e9
     del base
-    # --calibrate: the host's issue rates and tiny steps, sampled before every repetition (the host's speed drifts)
-    host_samples, tiny, tiny_times = [], None, []
+    # --calibrate: the host's issue rates and the calibration steps, sampled before every repetition (the host's
+    # speed drifts)
+    host_samples, host_steps = [], None
     if args.calibrate:
         from benchmarks import device_calibrate as dc
-        tiny = dc.TinySteps(engines[modes[0]].device)
+        host_steps = dc.HostSteps(engines[modes[0]].device, args.host_shapes.split(","),
+                                  prefetch=result["prefetch"])
     runs = []
     for b in batches:
         for span in spans:
@@ -150,9 +154,9 @@ def main(argv=None) -> dict:
                     engines[m].train_batch(batch_of[b])   # warm-up at this size (scratch sized by the span)
             times = {m: [] for m in modes}
             for _ in range(args.reps):                     # interleaved: both modes see the same machine noise
-                if tiny is not None:
-                    host_samples.append(dc.host_rates(tiny.device))
-                    tiny_times += tiny.time(TIMED_TINY)
+                if host_steps is not None:
+                    host_samples.append(dc.host_rates(host_steps.device))
+                    host_steps.sample()
                 for m in modes:
                     times[m].append(timed_steps(engines[m], batch_of[b], args.steps))
             for m in modes:
@@ -187,8 +191,7 @@ def main(argv=None) -> dict:
         trace = os.path.join(args.trace, f"{args.shape}_b{batches[0]}_{m}.json") if args.trace else None
         result[f"{m}_host_ops"] = host_ops(engines[m], batch_of[batches[0]], trace=trace)
     if args.calibrate and "resident" in engines:
-        result["model"] = calibrate_and_predict(engines["resident"], args, batches, result, host_samples, tiny,
-                                                tiny_times)
+        result["model"] = calibrate_and_predict(engines["resident"], args, batches, result, host_samples, host_steps)
     for k, v in result.items():
         if k not in ("runs", "model") and not k.endswith("_host_ops"):
             print(f"{k:>36}: {v}")
@@ -301,23 +304,21 @@ def host_ops(engine, batch, top: int = 15, trace: str | None = None) -> dict:
         return {"error": repr(e)}
 
 
-def calibrate_and_predict(resident, args, batches: list[int], result: dict, host_samples: list[dict], tiny,
-                          tiny_times: list[float]) -> dict:
+def calibrate_and_predict(resident, args, batches: list[int], result: dict, host_samples: list[dict],
+                          host_steps) -> dict:
     """ds_zo.perfmodel calibrated here (benchmarks/device_calibrate.py) against the steps timed above: device rates
-    measured now, host rates and the per-unit overhead as the medians of their samples between the repetitions."""
+    measured now, host rates as the medians of their samples between the repetitions, and the host calibration
+    steps sampled with them (fitted per mode by predict)."""
     from benchmarks import device_calibrate as dc
     device = resident.device
     micro = dc.micro_rates(device)
     once = {k: micro[k] for k in host_samples[0]}
     micro = dc.with_host_rates(micro, {k: statistics.median(s[k] for s in host_samples) for k in once}, device)
-    cal = {"micro": micro, "host_rates_measured_once": once,
-           "host_rate_samples": host_samples,
-           "unit_overhead": tiny.overhead(micro, tiny_times) | {
-               # each repetition's tiny steps (TIMED_TINY per sample), for the paired per-repetition predictions
-               "tiny_step_s_reps": [statistics.median(tiny_times[k:k + TIMED_TINY])
-                                    for k in range(0, len(tiny_times), TIMED_TINY)]},
+    cal = {"micro": micro, "host_rates_measured_once": once, "host_rate_samples": host_samples,
+           "host_steps": host_steps.record(),
            "forward": [dc.forward_rate(resident.module, args.shape, 2 * b, args.seq) for b in batches]}
     return cal | dc.predict(result | {"model": cal})
+
 
 if __name__ == "__main__":
     main()

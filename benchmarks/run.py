@@ -175,32 +175,39 @@ def bench_step(shape: str, rows: int, seq: int, reps: int, full: bool, threads: 
 
 def bench_memory(shape: str, rows: int, seq: int, reps: int,
                  modes=("inference", "inference_logits", "dszo", "mezo", "adamw"),
-                 threads: int = 1) -> dict:
+                 threads: int = 1, device: str = "cpu") -> dict:
+    """Peak memory per mode, one fresh process each (benchmarks/memory_probe.py): the process's peak RSS on CPU, the
+    GPU's peak allocated bytes with device="cuda" (bf16 there)."""
+    key = "peak_gpu" if device == "cuda" else "peak_rss"
     runs = {m: [] for m in modes}
-    env = child_env(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    env = child_env(DS_ACCELERATOR=device, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     for _ in range(reps):
         for mode in modes:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", "--mode", mode, "--shape", shape,
-                                   "--rows", str(rows), "--seq", str(seq), "--steps", "2", "--threads", str(threads)],
+                                   "--rows", str(rows), "--seq", str(seq), "--steps", "2", "--threads", str(threads),
+                                   "--device", device],
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
                 raise RuntimeError(f"memory probe {mode} failed: {proc.stderr[-2000:]}")
             runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    out = {"shape": shape, "rows": rows, "seq": seq, "reps": reps, "threads": threads, "runs": runs,
+    out = {"shape": shape, "rows": rows, "seq": seq, "reps": reps, "threads": threads, "device": device,
+           "measure": key, "runs": runs,
            "peak_rss": {m: summary([r["peak_rss"] for r in rs]) for m, rs in runs.items()},
            "working": {m: summary([r["working"] for r in rs]) for m, rs in runs.items()}}
+    if device == "cuda":
+        out["peak_gpu"] = {m: summary([r["peak_gpu"] for r in rs]) for m, rs in runs.items()}
     if "dszo" in runs:
         out["dszo_buffers"] = runs["dszo"][-1].get("dszo_buffers")
+    def ratio(a: str, b: str) -> dict:
+        return summary([x[key] / y[key] for x, y in zip(runs[a], runs[b])])
     for m in modes:
         if m != "inference" and "inference" in runs:
-            out[f"ratio_{m}_over_inference"] = summary([a["peak_rss"] / b["peak_rss"]
-                                                        for a, b in zip(runs[m], runs["inference"])])
-    if "inference_logits" in runs and "dszo" in runs:
-        out["ratio_dszo_over_inference_logits"] = summary([a["peak_rss"] / b["peak_rss"] for a, b in
-                                                           zip(runs["dszo"], runs["inference_logits"])])
+            out[f"ratio_{m}_over_inference"] = ratio(m, "inference")
+    for m in ("dszo", "dszo_offload"):
+        if "inference_logits" in runs and m in runs:
+            out[f"ratio_{m}_over_inference_logits"] = ratio(m, "inference_logits")
     if "adamw" in runs and "dszo" in runs:
-        out["ratio_dszo_over_adamw"] = summary([a["peak_rss"] / b["peak_rss"] for a, b in zip(runs["dszo"],
-                                                                                              runs["adamw"])])
+        out["ratio_dszo_over_adamw"] = ratio("dszo", "adamw")
     return out
 
 
@@ -486,7 +493,7 @@ def main(argv=None) -> dict:
     if args.prior:
         with open(args.prior) as f:
             prior = json.load(f)
-        for key in ("step", "step_more", "memory", "memory_2threads", "memory_16x64", "dist", "model"):
+        for key in ("step", "step_more", "memory", "memory_2threads", "memory_16x64", "gpu_memory", "dist", "model"):
             if key in prior:
                 res[key] = prior[key]
         res["parts"] = prior.get("parts", [prior.get("command")]) + [res["command"]]
@@ -510,6 +517,17 @@ def main(argv=None) -> dict:
             # 4x the tokens: the logits (both slots' at once in ds_zo) grow with the batch, the working copies don't
             res["memory_16x64"] = bench_memory("smollm2-135m", 16, 64, 1,
                                                modes=("inference", "inference_logits", "dszo", "mezo"))
+    if "gpu_memory" in sections:
+        # the GPU path (bf16): SmolLM2-135M's peak GPU memory per mode, ds_zo all-resident and with offload
+        if not torch.cuda.is_available():
+            raise SystemExit("--sections gpu_memory needs a CUDA device")
+        print("[run] GPU memory ...", flush=True)
+        modes = ("inference", "inference_logits", "dszo", "dszo_offload", "mezo")
+        res["gpu_memory"] = [bench_memory("smollm2-135m", 4, 64, 1, modes=modes, device="cuda")]
+        for m in res["gpu_memory"]:
+            print(f"GPU peak (bf16, {m['rows']}x{m['seq']}): " + ", ".join(
+                f"{mode} {v['median'] / 1e6:.0f} MB" for mode, v in m["peak_gpu"].items()) + "; " + ", ".join(
+                f"{k.removeprefix('ratio_')} {v['median']:.3f}" for k, v in m.items() if k.startswith("ratio_")))
     if "dist" in sections:
         print("[run] multi-rank ...", flush=True)
         res["dist"] = bench_dist("small", 4, 64, 3 if q else 5, 2 if q else 3)

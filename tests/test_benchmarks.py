@@ -84,8 +84,8 @@ def test_adamw_step_and_inference_forward(tiny64):
 
 def test_perfmodel_shapes_match_the_benchmark_models():
     from ds_zo import perfmodel as pm
-    for name in ("tiny", "small"):
-        model = build(name)
+    for name in ("tiny", "small", "wide", "smollm2-135m"):
+        model = build(name, device="meta")
         spec = pm.shape(name, 16)
         assert spec.params == sum(p.numel() for p in model.parameters())
         assert spec.layer_params() == sum(p.numel() for p in model.model.layers.parameters())
@@ -182,27 +182,59 @@ def test_offload_benchmark_smoke_on_cpu(tmp_path):
 
 
 def test_offload_benchmark_samples_the_host_between_repetitions():
-    """--calibrate: the host's issue rates and the tiny steps are measured before every repetition (the GPU machines'
-    host speed drifts) and the model uses their medians, and each repetition's own sample for a paired error; the
-    pipeline diagnosis (upload stalls, the pipeline's host time) is reported per batch, and --no-profile skips the
-    profiled steps."""
+    """--calibrate: the host's issue rates and the host calibration steps (two shapes, each mode) are measured before
+    every repetition (the GPU machines' host speed drifts); the model's host costs are fitted per mode to the
+    calibration steps' medians, and per repetition to its own sample for a paired error; the micro-measured host
+    costs predict beside them. The pipeline diagnosis (upload stalls, the pipeline's host time) is reported per
+    batch, and --no-profile skips the profiled steps."""
     import statistics
+    from benchmarks import device_calibrate as dc
     from benchmarks.offload_bench import main
     res = main(["--shape", "tiny", "--seq", "8", "--batch", "1", "--steps", "1", "--reps", "2", "--calibrate",
-                "--no-profile"])
+                "--no-profile", "--host-shapes", "tiny,small"])
     cal = res["model"]
     samples = cal["host_rate_samples"]
-    assert len(samples) == 2 and cal["unit_overhead"]["tiny_steps"] == 6
+    steps = cal["host_steps"]
+    assert len(samples) == 2 and len(steps["samples"]) == 2 and steps["shapes"] == ["tiny", "small"]
+    assert set(steps["samples"][0]) == {"tiny/resident", "tiny/offload", "small/resident", "small/offload"}
+    assert steps["median"]["small/offload"] == statistics.median(s["small/offload"] for s in steps["samples"])
     assert cal["micro"]["host_pass_s"] == statistics.median(s["host_pass_s"] for s in samples)
     assert {c["mode"] for c in cal["cases"]} == {"resident", "offload"}
-    # each repetition is also predicted from the host sample taken just before it (and its own tiny steps)
-    assert len(cal["unit_overhead"]["tiny_step_s_reps"]) == 2
     for c in cal["cases"]:
+        # the fitted host costs reproduce both calibration steps of the case's mode
+        fit = c["host_fit"]
+        assert fit["unit_host_s"] >= 0 and fit["host_chunk_s"] >= 0
+        assert c["predicted_micro_s"] > 0 and c["error_micro"] == c["predicted_micro_s"] / c["measured_s"] - 1
+        # each repetition is also predicted from the host sample taken just before it
         assert len(c["error_per_rep"]) == 2 and c["error_paired"] == statistics.median(c["error_per_rep"])
     assert cal["abs_error_paired"]["max"] == max(abs(c["error_paired"]) for c in cal["cases"])
+    assert cal["abs_error_micro"]["max"] == max(abs(c["error_micro"]) for c in cal["cases"])
     run = res["runs"][0]
     assert run["offload_upload_stall_s"] is not None and run["offload_pipeline_host_s"] > 0
     assert len(run["offload_step_s_reps"]) == 2 and not any(k.endswith("_host_ops") for k in res)
+
+
+def test_host_fit_reproduces_the_calibration_steps():
+    """fit_host finds the per-unit and per-chunk host costs with which the model gives both calibration steps: steps
+    made by the model itself from known costs give those costs back (GPU-like overlap, resident and offload)."""
+    from ds_zo import perfmodel as pm
+    rates = {"rng_rate": 3e11, "elem_bw": 3e12, "merge_bw": 1.5e12, "host_pass_s": 8e-6, "host_chunk_s": 1e-5}
+    steps = {"shapes": ["tiny", "wide"], "forward_flops": {"tiny": 1e9, "wide": 5e10}}
+    for mode, layout in (("resident", pm.Layout("resident")), ("offload", pm.Layout("zo2", 1, 1, 1))):
+        truth = {"unit_host_s": 1.5e-3, "host_chunk_s": 3e-5}
+        times = {}
+        for shape in steps["shapes"]:
+            hw = dc_hardware(rates | {"host_chunk_s": truth["host_chunk_s"]}, steps["forward_flops"][shape],
+                             truth["unit_host_s"])
+            times[f"{shape}/{mode}"] = pm.simulate(pm.shape(shape, 8), hw, layout, pm.Workload(1, 8)).step_s
+        from benchmarks.device_calibrate import fit_host
+        fit = fit_host(rates, steps, times, mode, "cuda", 5e10, 5e10, 1)
+        assert fit == {k: pytest.approx(v, rel=1e-3) for k, v in truth.items()}, (mode, fit)
+
+
+def dc_hardware(rates: dict, flops: float, unit_host_s: float):
+    from benchmarks.device_calibrate import hardware, pm_span
+    return hardware(rates, flops, 5e10, 5e10, 4, unit_host_s, "cuda", pm_span("cuda"))
 
 
 def test_median_calibration_of_launches():

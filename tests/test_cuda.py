@@ -255,3 +255,46 @@ def test_cuda_token_loss_matches_a_float64_cross_entropy(dtype):
                                                  ignore_index=IGNORE_INDEX, reduction="sum").item()
     assert count == 2 * 299 - 6
     assert total == pytest.approx(expected, rel=1e-6)
+
+
+@cuda
+def test_queued_device_time_counts_the_kernels_not_the_host():
+    """The GPU calibration's device rates: a call whose host is slow between its launches (here 4 ms of sleep per
+    launch of a microsecond kernel) is timed queued behind a sleep kernel, so the host's gaps do not count; issued
+    unqueued they do."""
+    import time
+
+    from benchmarks.device_calibrate import device_time, queued_device_time
+    x = torch.zeros(1024, device="cuda")
+
+    def slow_host():
+        for _ in range(5):
+            x.add_(1)
+            time.sleep(0.004)
+    assert device_time(slow_host, x.device, 3) > 0.015
+    assert queued_device_time(slow_host, x.device, 3) < 0.005
+
+
+@cuda
+@pytest.mark.timeout(300)
+def test_memory_probe_measures_the_gpu_peak():
+    """benchmarks.memory_probe --device cuda: each mode's peak GPU memory counts the model's parameters on the GPU
+    (inference: moved there; ds_zo all-resident: placed there by the engine) plus the mode's working memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR",
+                                                                "LOCAL_RANK", "LOCAL_WORLD_SIZE", "DS_ACCELERATOR")}
+    res = {}
+    for mode in ("inference", "dszo", "dszo_offload"):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", "--device", "cuda", "--mode", mode,
+                              "--shape", "tiny", "--rows", "2", "--seq", "8"], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-2000:]
+        res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(r["device"] == "cuda" and r["dtype"] == "bfloat16" for r in res.values())
+    for mode in ("inference", "dszo"):
+        assert res[mode]["peak_gpu"] > res[mode]["model_bytes"] > 0
+    assert 0 < res["dszo_offload"]["peak_gpu"]
