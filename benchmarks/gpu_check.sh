@@ -12,6 +12,7 @@
 #    time), host costs fitted per mode to ZO steps of two small shapes sampled between the repetitions, the
 #    micro-measured host costs beside them;
 #  - SmolLM2-135M's peak GPU memory (bf16, 4 x 64 tokens): inference with and without HF's loss, ds_zo all-resident
+#    (embedding and output layer from whole copies, the default, and from row blocks: zero_order.row_blocks "on")
 #    and with offload, MeZO's loop (one fresh process each).
 # offload_bench --prefetch 1,2 adds an offload engine per depth; --trace DIR writes each mode's chrome trace.
 set -uo pipefail

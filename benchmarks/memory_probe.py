@@ -23,7 +23,9 @@ import os
 import resource
 import sys
 
-MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "mezo", "adamw")
+# dszo_row_blocks: zero_order.row_blocks "on" (the embedding and output layer from row blocks on any device; on CPU
+# the default already)
+MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "dszo_row_blocks", "mezo", "adamw")
 
 
 def _status_kb(field: str) -> int:
@@ -83,8 +85,10 @@ def main(argv=None) -> dict:
     exact = reset_peak()
     if args.mode in ("inference", "inference_logits"):
         runner = InferenceForward(model, with_loss=args.mode == "inference").step
-    elif args.mode in ("dszo", "dszo_offload", "dszo_tied_z"):
+    elif args.mode.startswith("dszo"):
         cfg = zo_config(args.rows, tied_z_cache=args.mode == "dszo_tied_z")
+        if args.mode == "dszo_row_blocks":
+            cfg["zero_order"]["row_blocks"] = "on"
         if args.mode == "dszo_offload":
             cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": cuda}}
         engine, *_ = ds_zo.initialize(model=model, config=cfg)

@@ -37,6 +37,10 @@ class ZeroOrderConfig(DeepSpeedConfigModel):
     fuse_update: bool = True                            # apply step t's update inside step t+1's forward
     tied_z_cache: bool = False                          # keep a tied weight's ε·z from its first unit to its second
                                                         # (drawn once, not twice; costs one float32 copy of it)
+    row_blocks: Literal["auto", "on", "off"] = "auto"   # embedding / output-layer units from row blocks of their
+                                                        # working copies, never whole ones: "auto" for CPU
+                                                        # parameters only, "on" on every device (on GPUs a block's
+                                                        # logits round unlike the whole matmul's), "off" nowhere
     # offload (active with zero_optimization.offload_param.device = "cpu")
     prefetch_depth: int = Field(1, ge=1)                # uploads run this many units ahead of compute
     overlap: bool = True                                # separate h2d / d2h / compute CUDA streams

@@ -99,12 +99,14 @@ class ZOEngine(DeepSpeedEngine):
         self.copies.shared = {p for p, n in uses.items() if n > 1}
         if self.zo_config.tied_z_cache:
             self.copies.keep_whole = set(self.copies.shared)
-        # With the default loss, a streamed output layer (CPU) hands its logits to the loss block by block and no
-        # slot's logits are ever held (loss.StreamedTokenLoss): the ZO step then needs less memory than a plain
-        # inference forward of the batch. Turned off for good if the model transforms the layer's output.
+        self.copies.row_blocks = self.zo_config.row_blocks
+        # With the default loss, a streamed output layer (CPU; any device with row_blocks "on") hands its logits to
+        # the loss block by block and no slot's logits are ever held (loss.StreamedTokenLoss): the ZO step then needs
+        # less memory than a plain inference forward of the batch. Turned off for good if the model transforms the
+        # layer's output.
         head = self.module.get_output_embeddings() if hasattr(self.module, "get_output_embeddings") else None
         self._loss_head: Optional[Unit] = next((u for u in self.units if head is not None and u.module is head
-                                                and streamed_kind(u) == "linear"), None)
+                                                and streamed_kind(u, self.zo_config.row_blocks) == "linear"), None)
         self._stream_loss = loss_fn is None and self._loss_head is not None
         self.last_projected_grad: Optional[float | list[float]] = None
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self.module.forward).parameters

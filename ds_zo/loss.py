@@ -33,18 +33,19 @@ def default_labels(batch: dict) -> torch.Tensor:
 # GPU step pays per launch: 2 × 2048 positions of OPT's 50272-token vocabulary take 100 tiles of 7 kernels).
 CPU_TILE_ELEMENTS = 1 << 18
 DEVICE_TILE_ELEMENTS = 1 << 21
-# Columns per vocabulary window on CPU. Fixed, so a position's loss does not depend on whether its logits arrive whole
-# or block by block from the streamed output layer. Other devices take the whole vocabulary as one window.
+# Columns per vocabulary window. Fixed per device, so a position's loss does not depend on whether its logits arrive
+# whole or block by block from a streamed output layer, whose window buffers hold positions × window logits per slot.
+# Elsewhere than on CPU the tiles are as many as with whole-vocabulary windows (2 × 2048 positions of a 50272-token
+# vocabulary: 112 tiles of 256 positions × 8192 columns, against 100 of 41 × 50272).
 CPU_VOCAB_WINDOW = 2048
+DEVICE_VOCAB_WINDOW = 8192
 
 
 def loss_tiling(device: torch.device, vocab: int) -> tuple[int, int]:
     """(vocabulary columns per window, positions per reduction tile) for logits on `device`."""
-    if device.type == "cpu":
-        window = max(1, min(vocab, CPU_VOCAB_WINDOW))
-        return window, max(1, CPU_TILE_ELEMENTS // window)
-    window = max(1, vocab)
-    return window, max(1, DEVICE_TILE_ELEMENTS // window)
+    cpu = torch.device(device).type == "cpu"
+    window = max(1, min(vocab, CPU_VOCAB_WINDOW if cpu else DEVICE_VOCAB_WINDOW))
+    return window, max(1, (CPU_TILE_ELEMENTS if cpu else DEVICE_TILE_ELEMENTS) // window)
 
 
 def shifted_targets(labels: torch.Tensor, device) -> torch.Tensor:
@@ -155,8 +156,8 @@ class StreamedTokenLoss:
     def add_matmul(self, slot: int, c0: int, x: torch.Tensor, weight: torch.Tensor) -> None:
         """The slot's logits x · weightᵀ for output features [c0, c0 + weight.shape[0]); x is (..., in_features) with
         every position of the slot; blocks in order. Each piece of the block inside one window is one matmul written
-        straight into the window (a block starts at a multiple of 64 rows and a window at a multiple of 2048: the
-        pieces round like the whole block, see model/streamed.py)."""
+        straight into the window (a block starts at a multiple of 64 rows and a window at a multiple of 2048: on CPU
+        the pieces round like the whole block, see model/streamed.py)."""
         self.started = True
         if c0 != self._columns[slot]:
             raise RuntimeError(f"output-layer block at column {c0}, expected {self._columns[slot]}")

@@ -243,7 +243,7 @@ def test_cuda_z_stream_names_the_sampler_grid():
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_token_loss_matches_a_float64_cross_entropy(dtype):
-    """On a GPU the loss takes the whole vocabulary per tile (fewer kernels): still the cross-entropy of the logits
+    """On a GPU the loss takes windows of 8192 columns and tiles of 2^21 logits: still the cross-entropy of the logits
     as given to float32 rounding, ignored labels included."""
     from ds_zo.loss import IGNORE_INDEX, token_loss_sum
     g = torch.Generator().manual_seed(0)
@@ -298,3 +298,30 @@ def test_memory_probe_measures_the_gpu_peak():
     for mode in ("inference", "dszo"):
         assert res[mode]["peak_gpu"] > res[mode]["model_bytes"] > 0
     assert 0 < res["dszo_offload"]["peak_gpu"]
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cuda_row_blocks_on_trains_like_whole_copies_without_them(arch):
+    """zero_order.row_blocks "on" on a GPU: the embedding and output layer compute from row blocks of their working
+    copies (blocks of a span of 100-element chunks here, so several) and the loss takes the output layer's blocks,
+    so no whole copy of them and no slot's logits exist; the steps are the whole-copy path's to the rounding of
+    cuBLAS's block matmuls (fp32)."""
+    import copy
+    import ds_zo
+    from conftest import ds_config
+    base = tiny_model(arch, True)
+    runs = {}
+    for row_blocks in ("off", "on"):
+        engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=ds_config(
+            lr=1e-2, eps=1e-3, wd=0.1, row_blocks=row_blocks))
+        assert engine.device.type == "cuda"
+        engine.perturbations.chunk = 100
+        losses = [engine.train_batch(batch(seed=t)) for t in range(3)]
+        runs[row_blocks] = (losses, engine.last_projected_grad, engine.module_state_dict(), engine._stream_loss,
+                            engine.copies.buffers.nbytes("rows"))
+    (l_off, g_off, sd_off, stream_off, rows_off), (l_on, g_on, sd_on, stream_on, rows_on) = runs["off"], runs["on"]
+    assert stream_on and not stream_off
+    assert rows_on > 0 == rows_off                    # row-block buffers: only where the units stream
+    assert l_on == pytest.approx(l_off, rel=1e-5) and g_on == pytest.approx(g_off, rel=1e-3, abs=1e-3)
+    assert all(torch.allclose(sd_on[k], sd_off[k], rtol=1e-4, atol=1e-6) for k in sd_off)

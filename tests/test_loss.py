@@ -77,6 +77,31 @@ def test_streamed_blocks_give_the_whole_logits_value_bit_for_bit(threads):
         torch.set_num_threads(before)
 
 
+def test_accelerator_tiling_streamed_equals_whole_and_the_cross_entropy(monkeypatch):
+    """The tiling logits on a GPU get (windows of 8192 columns, tiles of 2^21 logits), here on CPU tensors: blocks
+    streamed into the windows give the whole logits' value bit for bit, and it is the float64 cross-entropy to
+    float32 rounding. (On a GPU the output layer streams with zero_order.row_blocks "on".)"""
+    import ds_zo.loss as loss
+    device_tiling = loss.loss_tiling(torch.device("cuda"), 20000)
+    assert device_tiling == (loss.DEVICE_VOCAB_WINDOW, (1 << 21) // loss.DEVICE_VOCAB_WINDOW)
+    assert loss.loss_tiling(torch.device("cuda"), 300) == (300, (1 << 21) // 300)
+    real = loss.loss_tiling
+    monkeypatch.setattr(loss, "loss_tiling", lambda device, vocab: real(torch.device("cuda"), vocab))
+    vocab = 2 * loss.DEVICE_VOCAB_WINDOW + 123
+    logits, labels = _logits_and_labels(vocab=vocab)
+    total, count = token_loss_sum(logits, labels)
+    ref_total, _ = _float64_reference(logits, labels)
+    assert abs(total - ref_total) <= 2e-6 * count + 1e-6 * abs(ref_total)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, 24, generator=g)
+    weight = torch.randn(vocab, 24, generator=g)
+    sink = StreamedTokenLoss(labels, 1, vocab, torch.device("cpu"))
+    assert sink.window == loss.DEVICE_VOCAB_WINDOW
+    for c0, c1 in _blocks_of(vocab, random.Random(5)):
+        sink.add_matmul(0, c0, x, weight[c0:c1])
+    assert sink.results() == [token_loss_sum(F.linear(x, weight), labels)]
+
+
 def test_blocks_out_of_order_and_incomplete_losses_are_refused():
     _, labels = _logits_and_labels(vocab=300)
     x, weight = torch.randn(3, 40, 8), torch.randn(300, 8)

@@ -116,6 +116,12 @@ def test_which_units_stream():
     assert streamed_kind(Unit("e", emb, [ParamRef("e.weight", emb.weight, True, rows=torch.tensor([1]))])) \
         == "embedding"
     assert streamed_kind(Unit("e", emb, [ParamRef("e.weight", emb.weight, False)])) is None
+    # zero_order.row_blocks: "auto" streams CPU parameters only, "on" every device's, "off" none
+    head = _unit("head", nn.Linear(4, 4, bias=False, device="meta"))
+    assert streamed_kind(head) is None and streamed_kind(head, "on") == "linear"
+    assert streamed_kind(_unit("e", emb), "off") is None and streamed_kind(_unit("e", emb), "on") == "embedding"
+    with pytest.raises(ValueError, match="row_blocks 'yes'"):
+        streamed_kind(head, "yes")
 
 
 def test_dual_forward_with_small_chunks_matches_two_plain_forwards():
@@ -159,6 +165,10 @@ def test_blocks_are_the_whole_weight_off_cpu_and_empty_weights_work():
     assert copies.block_rows(off_cpu) == 5000    # cuBLAS rounds a block differently from the whole matmul
     on_cpu = ParamRef("w", nn.Parameter(torch.empty(5000, 8)), True)
     assert copies.block_rows(on_cpu) == 64
+    copies.row_blocks = "on"                     # off CPU too: a span (8 chunks of 100 here) of rows, 64 at least
+    assert copies.block_rows(off_cpu) == 64
+    wide = ParamRef("w", nn.Parameter(torch.empty(5000, 2, device="meta")), True)
+    assert copies.block_rows(wide) == 384        # 800 elements / 2 per row, down to a multiple of 64
     empty = nn.Embedding(0, 4)
     out = embedding_forward(_unit("e", empty), _copies({"e.weight": empty.weight}, chunk=100),
                             torch.zeros(2, 0, dtype=torch.long), 2, 1, split_block, merge_blocks)
@@ -166,21 +176,20 @@ def test_blocks_are_the_whole_weight_off_cpu_and_empty_weights_work():
 
 
 @pytest.mark.parametrize("row_blocks", [True, False])
-def test_tied_z_cache_draws_a_tied_weight_once_and_changes_nothing(row_blocks, monkeypatch):
+def test_tied_z_cache_draws_a_tied_weight_once_and_changes_nothing(row_blocks):
     """zero_order.tied_z_cache keeps the tied weight's ε·z from the embedding to the head: with a 100-element chunk
     the tied 96 x 32 weight spans 31 chunks (more than the cache holds), so without the option the head draws it
     again; with it, z drawn per step = 2 per parameter exactly (perturb + update) and the parameters are the same."""
     import ds_zo
-    import ds_zo.model.dual_forward as dual
     from models import batch as make_batch
-    if not row_blocks:    # whole copies (as on a GPU): acquire takes the kept ε·z too
-        monkeypatch.setattr(dual, "streamed_kind", lambda unit: None)
     from test_engine_exactness import ds_config
 
     def run(keep):
         model = tiny_model("llama", tied=True)
         cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
         cfg["zero_order"]["tied_z_cache"] = keep
+        if not row_blocks:    # whole copies (as on a GPU by default): acquire takes the kept ε·z too
+            cfg["zero_order"]["row_blocks"] = "off"
         engine, *_ = ds_zo.initialize(model=model, config=cfg)
         engine.perturbations.chunk = 100
         gen = engine.perturbations
@@ -263,3 +272,24 @@ def test_kept_logits_buffer_changes_nothing_and_is_released_for_direct_forwards(
                 engine.module(input_ids=batch()["input_ids"])
         assert engine.copies.buffers.nbytes(OUTPUT_ROLE) == 0            # dropped (kept) or never made (fresh)
     assert_same_state(*results)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_row_blocks_off_is_the_whole_copy_path_and_gives_the_same_steps(arch):
+    """zero_order.row_blocks "off" (the GPU default's whole copies, here on CPU) and "auto" (row blocks on CPU) train
+    the same over two steps (the second with the fused update): the same losses, g and parameters, bit for bit (the
+    block matmuls round like the whole one on these shapes, see model/streamed.py)."""
+    import ds_zo
+    from models import batch as make_batch
+    from test_engine_exactness import ds_config
+
+    def run(row_blocks):
+        cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
+        cfg["zero_order"]["row_blocks"] = row_blocks
+        engine, *_ = ds_zo.initialize(model=tiny_model(arch, tied=True), config=cfg)
+        losses = [engine.train_batch(make_batch(seed=t)) for t in range(2)]
+        return losses, engine.last_projected_grad, engine.module_state_dict(), engine._stream_loss
+    off, auto = run("off"), run("auto")
+    assert not off[3] and auto[3]                # the loss takes the output layer's blocks only when it streams
+    assert off[0] == auto[0] and off[1] == auto[1]
+    assert all(torch.equal(off[2][k], auto[2][k]) for k in off[2])

@@ -82,7 +82,7 @@ def pointed_at(params: Sequence[torch.nn.Parameter], tensors: Sequence[torch.Ten
 
 def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provider: SlotParams):
     params = [r.param for r in unit.trainable]
-    kind = streamed_kind(unit) if hasattr(provider, "working_rows") else None
+    kind = streamed_kind(unit, getattr(provider, "row_blocks", "auto")) if hasattr(provider, "working_rows") else None
 
     def forward(*args, **kwargs):
         if kind is not None and provider.perturbs():

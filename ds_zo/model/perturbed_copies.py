@@ -88,6 +88,8 @@ class PerturbedCopies:
         # (unit name, loss.StreamedTokenLoss): set by the engine around a forward whose loss takes that streamed
         # unit's output block by block
         self.token_loss: Optional[tuple] = None
+        # zero_order.row_blocks: which devices' embedding / output-layer units compute from row blocks (streamed.py)
+        self.row_blocks = "auto"
         self.seed: Optional[int] = None
         self.slots: list[Slot] = [None]
         self._dirty: dict[int, bool] = {}
@@ -247,9 +249,10 @@ class PerturbedCopies:
         multiple of 64 — measured, a matmul over a block of output features differs from the whole matmul whenever a
         block starts off a multiple of 16 (for inputs of <= 5 rows), and matched it in 400 random shapes otherwise.
         On other devices: the whole weight — cuBLAS picks a different kernel for a block than for the whole vocabulary
-        (measured on an H200: logits differ by up to 6e-6 in fp32)."""
+        (measured on an H200: logits differ by up to 6e-6 in fp32) — unless row_blocks is "on": then a drawing span's
+        rows (8 chunks), a multiple of 64 too."""
         p = ref.param
-        if p.device.type != "cpu":
+        if p.device.type != "cpu" and self.row_blocks != "on":
             return max(1, p.shape[0])
         rows = self.generator.span(p.device) // max(1, p.numel() // max(1, p.shape[0]))
         return max(64, rows // 64 * 64)

@@ -13,9 +13,11 @@ The working rows are the values whole copies hold, bit for bit (same element-wis
 embedding's output. The output layer's logits are the whole matmul's up to float32 rounding: a block of output
 features (starting at a multiple of 64 rows) rounded like the whole matmul in the exactness tests and in 400 random
 shapes, but MKL's sgemm also depends on operand alignment and layout (with the real SmolLM2 job's non-contiguous
-hidden states the last bit of some logits differs; g by ~2e-6 relative). Only CPU parameters stream: on a GPU the
-whole weight is one block (cuBLAS picks other kernels for blocks). A row block spans about one drawing span (one z
-chunk per drawing thread), its missing chunks are drawn at once, and each chunk once per perturbation.
+hidden states the last bit of some logits differs; g by ~2e-6 relative). By default (zero_order.row_blocks "auto")
+only CPU parameters stream: cuBLAS picks other kernels for a block than for the whole weight (logits up to 6e-6 off
+in fp32, measured on an H200), so on GPUs these units keep whole copies unless row_blocks is "on". A row block spans
+about one drawing span (one z chunk per drawing thread on CPU, a span of chunks on accelerators), its missing chunks
+are drawn at once, and each chunk once per perturbation.
 """
 from __future__ import annotations
 
@@ -57,16 +59,22 @@ class RowSource(Protocol):
         None."""
 
 
-def streamed_kind(unit: Unit) -> Optional[str]:
+ROW_BLOCKS = ("auto", "on", "off")
+
+
+def streamed_kind(unit: Unit, row_blocks: str = "auto") -> Optional[str]:
     """'embedding' or 'linear' when the unit is a plain module of that type whose only trainable parameter is its
-    weight (all of it, or a row subset); None otherwise (the unit then computes from whole working copies)."""
+    weight (all of it, or a row subset) and `row_blocks` (zero_order.row_blocks) lets it stream on its device; None
+    otherwise (the unit then computes from whole working copies)."""
+    if row_blocks not in ROW_BLOCKS:
+        raise ValueError(f"row_blocks {row_blocks!r}; allowed: {ROW_BLOCKS}")
     refs = unit.trainable
-    if len(refs) != 1:
+    if len(refs) != 1 or row_blocks == "off":
         return None
     mod, p = unit.module, refs[0].param
-    if p.device.type != "cpu":
-        # on a GPU a block is the whole weight anyway (see PerturbedCopies.block_rows) and the id lookup would cost
-        # host synchronisations: whole copies there
+    if p.device.type != "cpu" and row_blocks != "on":
+        # by default whole copies on GPUs: a block's logits round unlike the whole matmul's there, and the id lookup
+        # costs host synchronisations
         return None
     if type(mod) is nn.Embedding and mod.weight is p and mod.max_norm is None:
         return "embedding"
