@@ -23,9 +23,10 @@ import os
 import resource
 import sys
 
-# dszo_row_blocks: zero_order.row_blocks "on" (the embedding and output layer from row blocks on any device; on CPU
-# the default already)
-MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "dszo_row_blocks", "mezo", "adamw")
+# dszo_row_blocks / dszo_whole_copies: zero_order.row_blocks "on" / "off" (the embedding and output layer from row
+# blocks on any device, on CPU the default already / from whole copies, on GPUs the default already)
+MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "dszo_row_blocks", "dszo_whole_copies",
+         "mezo", "adamw")
 
 
 def _status_kb(field: str) -> int:
@@ -87,8 +88,8 @@ def main(argv=None) -> dict:
         runner = InferenceForward(model, with_loss=args.mode == "inference").step
     elif args.mode.startswith("dszo"):
         cfg = zo_config(args.rows, tied_z_cache=args.mode == "dszo_tied_z")
-        if args.mode == "dszo_row_blocks":
-            cfg["zero_order"]["row_blocks"] = "on"
+        if args.mode in ("dszo_row_blocks", "dszo_whole_copies"):
+            cfg["zero_order"]["row_blocks"] = "on" if args.mode == "dszo_row_blocks" else "off"
         if args.mode == "dszo_offload":
             cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": cuda}}
         engine, *_ = ds_zo.initialize(model=model, config=cfg)

@@ -11,7 +11,7 @@ SHAPES = {
     "opt-1.3b": ("opt", 2048, 24, 32, 8192, 50272),
     # the GPU model's host calibration (benchmarks/device_calibrate.py): two OPT-1.3B-sized layers, 68 z chunks each,
     # whose ZO step at 1 x 8 tokens is nearly all host time per chunk
-    "wide": ("llama", 2048, 2, 16, 8192, 1024),
+    "wide": ("llama", 2048, 2, 8, 8192, 1024),
     "opt-6.7b": ("opt", 4096, 32, 32, 16384, 50272),
 }
 

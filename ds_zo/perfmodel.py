@@ -178,7 +178,7 @@ SHAPES = {   # name: (family, hidden, layers, ffn, vocab, heads, kv_heads, tied)
     "small": ("llama", 256, 8, 768, 8192, 4, 1, True),
     "smollm2-135m": ("llama", 576, 30, 1536, 49152, 9, 3, True),
     "opt-1.3b": ("opt", 2048, 24, 8192, 50272, 32, 32, True),
-    "wide": ("llama", 2048, 2, 8192, 1024, 16, 5, True),     # benchmarks' host calibration on GPUs
+    "wide": ("llama", 2048, 2, 8192, 1024, 8, 2, True),      # benchmarks' host calibration on GPUs
     "opt-6.7b": ("opt", 4096, 32, 16384, 50272, 32, 32, True),
     "opt-175b": ("opt", 12288, 96, 49152, 50272, 96, 96, True),
 }
