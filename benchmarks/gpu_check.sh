@@ -13,7 +13,8 @@
 #    micro-measured host costs beside them;
 #  - SmolLM2-135M's peak GPU memory (bf16, 4 x 64 tokens): inference with and without HF's loss, ds_zo all-resident
 #    (embedding and output layer from whole copies, the default, and from row blocks: zero_order.row_blocks "on")
-#    and with offload, MeZO's loop (one fresh process each).
+#    and with offload, MeZO's loop (one fresh process each); and its ZO step with zero_order.row_blocks "on" beside
+#    the default (all-resident, interleaved: step times, each engine's peak, host ops, GPU busy fraction).
 # offload_bench --prefetch 1,2 adds an offload engine per depth; --trace DIR writes each mode's chrome trace.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,5 +30,8 @@ for spec in "opt-1.3b 2 150" "opt-6.7b 1 210"; do
         --span-chunks 8 --steps "$2" --reps 5 --calibrate --out "$OUTDIR/$1.json" 2>&1 | grep -v '^\[' \
         | tee "$OUTDIR/$1.log"
 done
-timeout 150 python3 -m benchmarks.run --sections gpu_memory --out "$OUTDIR/smollm2_gpu_memory.json" 2>&1 \
+timeout 90 python3 -m benchmarks.offload_bench --shape smollm2-135m --dtype bf16 --seq 64 --batch 4 --steps 3 \
+    --reps 5 --modes resident,resident_row_blocks --out "$OUTDIR/smollm2_row_blocks.json" 2>&1 | grep -v '^\[' \
+    | tee "$OUTDIR/smollm2_row_blocks.log" | grep -E "_median|_over_|peak_gpu|identical"
+timeout 120 python3 -m benchmarks.run --sections gpu_memory --out "$OUTDIR/smollm2_gpu_memory.json" 2>&1 \
     | grep -v '^\[' | grep -v '^|' | tail -4

@@ -35,9 +35,16 @@ def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
     return out
 
 
+MODES = ("resident", "offload", "resident_row_blocks")
+
+
 def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     """Each timed mode and its prefetch depth (None: all-resident). The first depth is "offload"; every further depth
-    is one more offload engine, "offload_p<depth>", timed interleaved with the others."""
+    is one more offload engine, "offload_p<depth>", timed interleaved with the others. "resident_row_blocks": an
+    all-resident engine with zero_order.row_blocks "on" (the embedding and output layer from row blocks on a GPU)."""
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise SystemExit(f"--modes: unknown {sorted(unknown)}; allowed: {list(MODES)}")
     out = {}
     for m in modes:
         if m == "offload":
@@ -47,7 +54,7 @@ def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     return out
 
 
-def make_engine(model, prefetch: int | None, args):
+def make_engine(model, prefetch: int | None, args, row_blocks: bool = False):
     import ds_zo
     offload = prefetch is not None
     # one micro-batch of up to the largest batch size: each timed batch is a single forward pass per mode
@@ -58,6 +65,8 @@ def make_engine(model, prefetch: int | None, args):
         cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
     else:
         cfg["zero_order"].pop("prefetch_depth")
+    if row_blocks:
+        cfg["zero_order"]["row_blocks"] = "on"
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     return engine
 
@@ -90,7 +99,7 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--prefetch", default="1", help="the offload pipeline's prefetch depth; a comma-separated list "
                                                    "builds one offload engine per depth (offload, offload_p<d>)")
-    p.add_argument("--modes", default="resident,offload")
+    p.add_argument("--modes", default="resident,offload", help=f"a comma-separated subset of {list(MODES)}")
     p.add_argument("--span-chunks", dest="span_chunks", default=str(ACCELERATOR_SPAN_CHUNKS),
                    help="z chunks per element-wise pass on an accelerator; a comma-separated list times each, "
                         "interleaved (no effect on CPU)")
@@ -130,7 +139,7 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()   # what the engines built earlier keep on the GPU
-        engines[mode] = make_engine(model, depth_of[mode], args)
+        engines[mode] = make_engine(model, depth_of[mode], args, row_blocks=mode.endswith("_row_blocks"))
         engines[mode].train_batch(batch_of[batches[0]])  # warm-up (allocations, kernels)
         if cuda:
             # this mode's own peak: the process peak minus what the other engine already held

@@ -181,6 +181,19 @@ def test_offload_benchmark_smoke_on_cpu(tmp_path):
     assert ops["offload"]["ops"] > ops["resident"]["ops"] and copies["offload"] > copies["resident"], copies
 
 
+def test_offload_benchmark_modes():
+    """The GPU check's comparisons: offload engines per prefetch depth, an all-resident engine with
+    zero_order.row_blocks "on"; an unknown mode is refused by name."""
+    from benchmarks.offload_bench import main, mode_names
+    assert mode_names(["resident", "offload", "resident_row_blocks"], [1, 2]) == {
+        "resident": None, "offload": 1, "offload_p2": 2, "resident_row_blocks": None}
+    with pytest.raises(SystemExit, match="unknown \\['fast'\\]"):
+        mode_names(["resident", "fast"], [1])
+    res = main(["--shape", "tiny", "--seq", "8", "--batch", "1", "--steps", "1", "--reps", "1", "--no-profile",
+                "--modes", "resident,resident_row_blocks"])
+    assert res["resident_row_blocks_step_s_median"] > 0 and res["params_identical"] is True   # on CPU: the same path
+
+
 def test_offload_benchmark_samples_the_host_between_repetitions():
     """--calibrate: the host's issue rates and the host calibration steps (two shapes, each mode) are measured before
     every repetition (the GPU machines' host speed drifts); the model's host costs are fitted per mode to the
