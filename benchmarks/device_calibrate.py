@@ -254,6 +254,9 @@ def predict(result: dict) -> dict:
             if mode in fits:
                 case.update(host_fit=fits[mode], predicted_micro_s=by_micro.step_s,
                             error_micro=by_micro.step_s / measured - 1)
+            kernels = (run.get(f"{mode}_gpu_busy") or {}).get("kernel_s")
+            if kernels is not None:      # the profiled step's kernel time, beside the modelled "compute" busy time
+                case["measured_kernel_s"] = kernels
             reps = run.get(f"{mode}_step_s_reps") or []
             if reps and len(samples) == len(result["runs"]) * len(reps):
                 # each repetition against the prediction from the host sampled just before it (a drifting host moves

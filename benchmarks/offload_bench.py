@@ -176,6 +176,11 @@ def main(argv=None) -> dict:
                 for m in (m for m in modes if m != "resident"):
                     run[f"{m}_over_resident_throughput"] = run["resident_step_s_median"] / run[f"{m}_step_s_median"]
             run.update(pipeline_diagnosis(engines, batch_of[b]))
+            if cuda and args.profile:
+                # the step's kernel time at this batch (beside the model's "compute" busy time): separates a device
+                # misprediction from a host one
+                for m in modes:
+                    run[f"{m}_gpu_busy"] = gpu_busy(engines[m], batch_of[b])
             runs.append(run)
     set_span(engines, default_span)
     # the first batch at the default span: its figures at top level
