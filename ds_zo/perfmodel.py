@@ -223,7 +223,9 @@ class Hardware:
 
 # H100 SXM. Measured on this project's H200 machine (benchmarks/results/gpu_h200_2026-11-26c, the same GH100 chip
 # and host software): pinned PCIe ≈ 55 GB/s each way; a model forward at ≈ 600 TFLOP/s of its analytic FLOPs (OPT
-# 1.3B/6.7B, 550–645); torch's normal_ into a 2^20-element chunk ≈ 9e10 values/s (launch-bound, not HBM-bound);
+# 1.3B/6.7B, 550–645); torch's normal_ into a 2^20-element chunk ≈ 9e10 values/s (timed back to back: the ninth
+# session found this to be the host's issue rate, not the kernels'; kept until a GPU measures the queued rate, see
+# docs/performance.md, ninth pass);
 # host time 22 µs per z chunk (blake2b key, Generator.manual_seed, normal_ launch), 8 µs per element-wise op, 1.7 ms
 # per unit visit; ds_zo's span of 8 chunks. Assumed: HBM3 ≈ 3.0 TB/s achieved by element-wise kernels (the H200
 # reached 4.1 of its 4.8 TB/s); NVLink 4 ≈ 450 GB/s per direction; a DGX-H100-class node with 2 sockets × 8
