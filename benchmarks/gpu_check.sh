@@ -24,7 +24,7 @@ python3 -c "import torch, transformers, deepspeed; print('torch', torch.__versio
 transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1
 timeout 170 python3 -m pytest -q -p no:cacheprovider -m "not multiprocess" tests/test_cuda.py 2>&1 \
     | tee "$OUTDIR/cuda_tests.log" | tail -8
-for spec in "opt-1.3b 2 150" "opt-6.7b 1 210"; do
+for spec in "opt-1.3b 2 160" "opt-6.7b 1 230"; do
     set -- $spec
     timeout "$3" python3 -m benchmarks.offload_bench --shape "$1" --dtype bf16 --seq 2048 --batch 1,4 \
         --span-chunks 8 --steps "$2" --reps 5 --calibrate --out "$OUTDIR/$1.json" 2>&1 | grep -v '^\[' \
