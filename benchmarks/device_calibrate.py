@@ -265,7 +265,7 @@ def predict(result: dict) -> dict:
                 for k, t in enumerate(reps):
                     n = i * len(reps) + k
                     rates = with_host_rates(micro, samples[n], device)
-                    if sample_fits:
+                    if sample_fits and mode in sample_fits[n]:
                         rates, unit = fitted(rates, sample_fits[n][mode])
                     else:
                         unit = unit_host_from(overhead, rates, n)

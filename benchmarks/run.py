@@ -198,6 +198,7 @@ def bench_memory(shape: str, rows: int, seq: int, reps: int,
         out["peak_gpu"] = {m: summary([r["peak_gpu"] for r in rs]) for m, rs in runs.items()}
     if "dszo" in runs:
         out["dszo_buffers"] = runs["dszo"][-1].get("dszo_buffers")
+
     def ratio(a: str, b: str) -> dict:
         return summary([x[key] / y[key] for x, y in zip(runs[a], runs[b])])
     for m in modes:

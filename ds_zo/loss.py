@@ -30,13 +30,14 @@ def default_labels(batch: dict) -> torch.Tensor:
 
 # Logits per reduction tile (positions × vocabulary window; a float32 tile and its log-softmax are the scratch): 1 MB
 # on CPU, where the tile should stay in cache; 8 MB elsewhere, where fewer, larger kernels matter more (a host-bound
-# GPU step pays per launch: 2 × 2048 positions of OPT's 50272-token vocabulary take 100 tiles of 7 kernels).
+# GPU step pays per launch: 2 × 2048 positions of OPT's 50272-token vocabulary take 112 tiles of 7 kernels).
 CPU_TILE_ELEMENTS = 1 << 18
 DEVICE_TILE_ELEMENTS = 1 << 21
 # Columns per vocabulary window. Fixed per device, so a position's loss does not depend on whether its logits arrive
 # whole or block by block from a streamed output layer, whose window buffers hold positions × window logits per slot.
-# Elsewhere than on CPU the tiles are as many as with whole-vocabulary windows (2 × 2048 positions of a 50272-token
-# vocabulary: 112 tiles of 256 positions × 8192 columns, against 100 of 41 × 50272).
+# Elsewhere than on CPU the windows are narrower than a large vocabulary for that (zero_order.row_blocks "on"), and
+# the tiles about as many as with whole-vocabulary windows (the 112 tiles of 256 positions × 8192 columns above,
+# against 100 of 41 positions × 50272).
 CPU_VOCAB_WINDOW = 2048
 DEVICE_VOCAB_WINDOW = 8192
 
