@@ -17,7 +17,8 @@ Host rates:
 - host_pass_s: host time to issue one small element-wise op as ds_zo does (torch.add of slices into a slice);
 - host_chunk_s and unit_host_s, by default fitted to ds_zo's own ZO steps of two small shapes at 1 x 8 tokens
   (HostSteps), per mode (resident, offload): "tiny" (4 narrow layers: a unit visit's fixed cost) and "wide" (two
-  OPT-1.3B-sized layers, 68 z chunks each: a chunk's cost), the values for which the model reproduces both steps.
+  OPT-1.3B-sized layers, about 60 z chunks each: a chunk's cost), the values for which the model reproduces both
+  steps.
   The micro-measured alternative (kept beside it, "micro" predictions): host_chunk_s from a loop of fills of a span
   of 8 chunks (key, seeding, launch), unit_host_s from the tiny steps alone. The loops miss what a chunk costs in a
   real step (slicing, the span's passes, the pipeline's copies competing for the host) and under-predicted the

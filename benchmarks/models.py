@@ -9,8 +9,8 @@ SHAPES = {
     "small": ("llama", 256, 8, 4, 768, 8192),             # 8.1M parameters: multi-rank runs on a shared 2-core CPU
     "smollm2-135m": ("llama", 576, 30, 9, 1536, 49152),   # SmolLM2-135M's shape: tied 49152-token embedding
     "opt-1.3b": ("opt", 2048, 24, 32, 8192, 50272),
-    # the GPU model's host calibration (benchmarks/device_calibrate.py): two OPT-1.3B-sized layers, 68 z chunks each,
-    # whose ZO step at 1 x 8 tokens is nearly all host time per chunk
+    # the GPU model's host calibration (benchmarks/device_calibrate.py): two OPT-1.3B-sized layers, about 60 z chunks
+    # each, whose ZO step at 1 x 8 tokens is nearly all host time per chunk
     "wide": ("llama", 2048, 2, 8, 8192, 1024),
     "opt-6.7b": ("opt", 4096, 32, 32, 16384, 50272),
 }
