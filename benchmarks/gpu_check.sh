@@ -14,7 +14,8 @@
 #  - SmolLM2-135M's peak GPU memory (bf16, 4 x 64 tokens): inference with and without HF's loss, ds_zo all-resident
 #    (embedding and output layer from whole copies, the default, and from row blocks: zero_order.row_blocks "on")
 #    and with offload, MeZO's loop (one fresh process each); and its ZO step with zero_order.row_blocks "on" beside
-#    the default (all-resident, interleaved: step times, each engine's peak, host ops, GPU busy fraction).
+#    the default (all-resident, interleaved: step times, each engine's peak, host ops, GPU busy fraction);
+#  - at the end, benchmarks/gpu_summary.py: the figures issue #6 needs, in a few lines.
 # offload_bench --prefetch 1,2 adds an offload engine per depth; --trace DIR writes each mode's chrome trace.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,3 +36,5 @@ timeout 90 python3 -m benchmarks.offload_bench --shape smollm2-135m --dtype bf16
     | tee "$OUTDIR/smollm2_row_blocks.log" | grep -E "_median|_over_|peak_gpu|identical"
 timeout 120 python3 -m benchmarks.run --sections gpu_memory --out "$OUTDIR/smollm2_gpu_memory.json" 2>&1 \
     | grep -v '^\[' | grep -v '^|' | tail -4
+echo "--- summary (python -m benchmarks.gpu_summary) ---"
+python3 -m benchmarks.gpu_summary "$OUTDIR" 2>&1 | grep -v '^\['

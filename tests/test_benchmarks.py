@@ -194,17 +194,25 @@ def test_offload_benchmark_modes():
     assert res["resident_row_blocks_step_s_median"] > 0 and res["params_identical"] is True   # on CPU: the same path
 
 
-def test_offload_benchmark_samples_the_host_between_repetitions():
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory):
+    """One offload_bench --calibrate run on CPU (2 repetitions, host calibration shapes tiny and small), its result
+    and the folder its JSON is in."""
+    from benchmarks.offload_bench import main
+    folder = tmp_path_factory.mktemp("gpu_check")
+    res = main(["--shape", "tiny", "--seq", "8", "--batch", "1", "--steps", "1", "--reps", "2", "--calibrate",
+                "--no-profile", "--host-shapes", "tiny,small", "--out", str(folder / "opt-tiny.json")])
+    return res, folder
+
+
+def test_offload_benchmark_samples_the_host_between_repetitions(calibrated_run):
     """--calibrate: the host's issue rates and the host calibration steps (two shapes, each mode) are measured before
     every repetition (the GPU machines' host speed drifts); the model's host costs are fitted per mode to the
     calibration steps' medians, and per repetition to its own sample for a paired error; the micro-measured host
     costs predict beside them. The pipeline diagnosis (upload stalls, the pipeline's host time) is reported per
     batch, and --no-profile skips the profiled steps."""
     import statistics
-    from benchmarks import device_calibrate as dc
-    from benchmarks.offload_bench import main
-    res = main(["--shape", "tiny", "--seq", "8", "--batch", "1", "--steps", "1", "--reps", "2", "--calibrate",
-                "--no-profile", "--host-shapes", "tiny,small"])
+    res, _ = calibrated_run
     cal = res["model"]
     samples = cal["host_rate_samples"]
     steps = cal["host_steps"]
@@ -225,6 +233,29 @@ def test_offload_benchmark_samples_the_host_between_repetitions():
     run = res["runs"][0]
     assert run["offload_upload_stall_s"] is not None and run["offload_pipeline_host_s"] > 0
     assert len(run["offload_step_s_reps"]) == 2 and not any(k.endswith("_host_ops") for k in res)
+
+
+def test_gpu_summary_reads_the_gpu_checks_results(calibrated_run, tmp_path):
+    """benchmarks.gpu_summary: one offload_bench --calibrate result (here a CPU run) and a GPU memory section give
+    the throughput ratios, each case's errors (fitted and micro host costs) and the memory ratios; an empty folder
+    says so."""
+    import json
+    import shutil
+    from benchmarks.gpu_summary import main, summary
+    shutil.copy(calibrated_run[1] / "opt-tiny.json", tmp_path / "opt-tiny.json")
+    mb = {"median": 2.5e8}
+    (tmp_path / "smollm2_gpu_memory.json").write_text(json.dumps({"gpu_memory": [{
+        "shape": "smollm2-135m", "rows": 4, "seq": 64, "device": "cuda", "measure": "peak_gpu",
+        "peak_gpu": {"inference": mb, "dszo": {"median": 3e8}}, "ratio_dszo_over_inference": {"median": 1.2}}]}))
+    text = "\n".join(summary(str(tmp_path)))
+    assert "batch 1: offload / resident" in text and "model batch 1 resident" in text
+    assert "micro host costs" in text and "fitted host" in text and "|error| as predicted" in text
+    assert "inference 250, dszo 300" in text and "dszo_over_inference 1.200" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="usage"):
+        main([])
+    main([str(empty)])
 
 
 def test_host_fit_reproduces_the_calibration_steps():
