@@ -310,8 +310,8 @@ def fit_host(rates: dict, steps: dict, times: dict, mode: str, device: torch.dev
     layout = pm.Layout("resident") if mode == "resident" else pm.Layout("zo2", 1, 1, prefetch)
 
     def modelled(shape: str, unit: float, chunk: float) -> float:
-        hw = hardware(rates | {"host_chunk_s": chunk}, steps["forward_flops"][shape], h2d_bw, d2h_bw, 4, unit,
-                      device, pm_span(device))
+        hw = hardware(rates | {"host_chunk_s": chunk}, steps["forward_flops"][shape], h2d_bw, d2h_bw,
+                      steps.get("dtype_bytes", 4), unit, device, pm_span(device))
         return pm.simulate(pm.shape(shape, HOST_SEQ), hw, layout, pm.Workload(1, HOST_SEQ)).step_s
 
     unit, chunk = 0.0, rates["host_chunk_s"]
@@ -365,18 +365,20 @@ class HostSteps:
     """ZO steps of the host-calibration shapes at 1 x HOST_SEQ tokens on this device, in each mode (resident, offload
     with the benchmark's prefetch depth), where the device's work is small beside the host's: what fit_host fits the
     model's host costs to. `sample()` times each engine HOST_STEPS_PER_SAMPLE times, interleaved, and keeps the
-    medians (the benchmark samples before every timed repetition)."""
+    medians (the benchmark samples before every timed repetition). The models are built in the benchmark's dtype
+    (bf16 halves the offload mode's transfers, which the steps should not be bound by)."""
 
-    def __init__(self, device: torch.device, shapes=HOST_SHAPES, modes=("resident", "offload"), prefetch: int = 1):
+    def __init__(self, device: torch.device, shapes=HOST_SHAPES, modes=("resident", "offload"), prefetch: int = 1,
+                 dtype: torch.dtype = torch.float32):
         import copy
 
         import ds_zo
         from benchmarks.baselines import zo_config
         from benchmarks.models import build
-        self.device, self.shapes, self.modes = device, tuple(shapes), tuple(modes)
+        self.device, self.shapes, self.modes, self.dtype = device, tuple(shapes), tuple(modes), dtype
         self.engines, self.batches, self.forward_flops = {}, {}, {}
         for shape in self.shapes:
-            base = build(shape)
+            base = build(shape, dtype)
             for mode in self.modes:
                 cfg = zo_config(1)
                 if mode == "offload":
@@ -412,6 +414,7 @@ class HostSteps:
     def record(self) -> dict:
         """What predict() needs: the shapes, modes, forward rates, every sample and their medians."""
         return {"shapes": list(self.shapes), "modes": list(self.modes), "forward_flops": self.forward_flops,
+                "dtype_bytes": torch.empty(0, dtype=self.dtype).element_size(),
                 "steps_per_sample": HOST_STEPS_PER_SAMPLE, "samples": self.samples,
                 "median": {k: statistics.median(s[k] for s in self.samples) for k in self.engines}}
 

@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     if args.calibrate:
         from benchmarks import device_calibrate as dc
         host_steps = dc.HostSteps(engines[modes[0]].device, args.host_shapes.split(","),
-                                  prefetch=result["prefetch"])
+                                  prefetch=result["prefetch"], dtype=DTYPES[args.dtype])
     runs = []
     for b in batches:
         for span in spans:
