@@ -222,7 +222,7 @@ def test_offload_benchmark_samples_the_host_between_repetitions(calibrated_run):
     assert cal["micro"]["host_pass_s"] == statistics.median(s["host_pass_s"] for s in samples)
     assert {c["mode"] for c in cal["cases"]} == {"resident", "offload"}
     for c in cal["cases"]:
-        # the fitted host costs reproduce both calibration steps of the case's mode
+        # host costs fitted for the case's mode (that they reproduce the steps: test_host_fit_reproduces_...)
         fit = c["host_fit"]
         assert fit["unit_host_s"] >= 0 and fit["host_chunk_s"] >= 0
         assert c["predicted_micro_s"] > 0 and c["error_micro"] == c["predicted_micro_s"] / c["measured_s"] - 1
