@@ -275,10 +275,13 @@ def test_kept_logits_buffer_changes_nothing_and_is_released_for_direct_forwards(
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_row_blocks_off_is_the_whole_copy_path_and_gives_the_same_steps(arch):
+@pytest.mark.parametrize("gpu_like_span", [False, True])
+def test_row_blocks_off_is_the_whole_copy_path_and_gives_the_same_steps(arch, gpu_like_span):
     """zero_order.row_blocks "off" (the GPU default's whole copies, here on CPU) and "auto" (row blocks on CPU) train
     the same over two steps (the second with the fused update): the same losses, g and parameters, bit for bit (the
-    block matmuls round like the whole one on these shapes, see model/streamed.py)."""
+    block matmuls round like the whole one on these shapes, see model/streamed.py). With 100-element z chunks, so
+    blocks straddle chunks; gpu_like_span: the drawing span of an accelerator (8 chunks, whatever the threads), as
+    row_blocks "on" uses on a GPU: blocks larger than the ε·z cache, formed a span at a time."""
     import ds_zo
     from models import batch as make_batch
     from test_engine_exactness import ds_config
@@ -287,6 +290,10 @@ def test_row_blocks_off_is_the_whole_copy_path_and_gives_the_same_steps(arch):
         cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
         cfg["zero_order"]["row_blocks"] = row_blocks
         engine, *_ = ds_zo.initialize(model=tiny_model(arch, tied=True), config=cfg)
+        gen = engine.perturbations
+        gen.chunk = 100
+        if gpu_like_span:           # on this engine's generator only
+            gen.span = lambda device: 8 * gen.chunk
         losses = [engine.train_batch(make_batch(seed=t)) for t in range(2)]
         return losses, engine.last_projected_grad, engine.module_state_dict(), engine._stream_loss
     off, auto = run("off"), run("auto")
