@@ -30,6 +30,11 @@ def offload_lines(name: str, r: dict) -> list[str]:
              if k.endswith("_peak_gpu_GB") and "_process_" not in k}
     if peaks:
         out.append("  peak GPU memory (GB): " + ", ".join(f"{m} {v:.2f}" for m, v in peaks.items()))
+    same = [f"{k} {r[k]}" for k in ("params_identical", "row_blocks_params_identical") if k in r]
+    if "row_blocks_max_param_diff" in r:
+        same.append(f"row blocks' largest parameter difference {r['row_blocks_max_param_diff']:.2e}")
+    if same:
+        out.append("  " + ", ".join(same))
     model = r.get("model")
     if model:
         micro = model.get("micro", {})
