@@ -200,16 +200,24 @@ def main(argv=None) -> dict:
     # the same parameters after the same steps: offload and resident exactly; row blocks against the default path
     # to its rounding (on a GPU cuBLAS rounds a block's logits unlike the whole matmul's; on CPU exactly too)
     plain = [m for m in modes if not m.endswith("_row_blocks")]
-    states = {m: {n: t.cpu() for n, t in engines[m].module_state_dict().items()} for m in modes}
-    if len(plain) >= 2:
-        result["params_identical"] = all(torch.equal(states[plain[0]][n], states[m][n])
-                                         for m in plain[1:] for n in states[plain[0]])
     blocks = [m for m in modes if m.endswith("_row_blocks")]
-    if blocks and plain:
-        ref = states[plain[0]]
-        result["row_blocks_params_identical"] = all(torch.equal(ref[n], states[m][n]) for m in blocks for n in ref)
-        result["row_blocks_max_param_diff"] = max(float((ref[n].float() - states[m][n].float()).abs().max())
-                                                  for m in blocks for n in ref if ref[n].numel())
+    if plain and len(modes) >= 2:
+        # one parameter at a time on the host: a 6.7B model's parameters are not all copied off the GPU at once
+        states = {m: engines[m].module_state_dict() for m in modes}
+        same, same_blocks, diff = True, True, 0.0
+        for n, t in states[plain[0]].items():
+            ref = t.cpu()
+            same &= all(torch.equal(ref, states[m][n].cpu()) for m in plain[1:])
+            for m in blocks:
+                other = states[m][n].cpu()
+                same_blocks &= torch.equal(ref, other)
+                if ref.numel():
+                    diff = max(diff, float((ref.float() - other.float()).abs().max()))
+        if len(plain) >= 2:
+            result["params_identical"] = same
+        if blocks:
+            result["row_blocks_params_identical"] = same_blocks
+            result["row_blocks_max_param_diff"] = diff
     for m in modes if args.profile else ():
         if cuda:
             result[f"{m}_gpu_busy"] = gpu_busy(engines[m], batch_of[batches[0]])
