@@ -180,7 +180,9 @@ def bench_memory(shape: str, rows: int, seq: int, reps: int,
     GPU's peak allocated bytes with device="cuda" (bf16 there)."""
     key = "peak_gpu" if device == "cuda" else "peak_rss"
     runs = {m: [] for m in modes}
-    env = child_env(DS_ACCELERATOR=device, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    # ROOT first, then what this process had (the GPU machine carries deepspeed in via PYTHONPATH)
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = child_env(DS_ACCELERATOR=device, OMP_NUM_THREADS=str(threads), PYTHONPATH=pythonpath)
     for _ in range(reps):
         for mode in modes:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", "--mode", mode, "--shape", shape,
