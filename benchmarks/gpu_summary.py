@@ -2,8 +2,8 @@
 
     python -m benchmarks.gpu_summary /tmp/gpu_check
 
-For each offload_bench result (the OPT runs; SmolLM2 with zero_order.row_blocks "on"): offload / resident (or row
-blocks / default) throughput, each mode's peak GPU memory, and with --calibrate the model's error per case — with
+For each offload_bench result (the OPT runs; SmolLM2 with zero_order.row_blocks "off"): offload / resident (or
+whole copies / default; older records: row blocks / default) throughput, each mode's peak GPU memory, and with --calibrate the model's error per case — with
 the host costs fitted to the calibration steps and with the micro-measured ones — beside the profiled kernel time
 against the modelled compute time (which side of the model misses) and the draws' queued rate against the old
 back-to-back one. For the GPU memory section of benchmarks.run: each mode's peak and the ratios to inference.
@@ -30,9 +30,12 @@ def offload_lines(name: str, r: dict) -> list[str]:
              if k.endswith("_peak_gpu_GB") and "_process_" not in k}
     if peaks:
         out.append("  peak GPU memory (GB): " + ", ".join(f"{m} {v:.2f}" for m, v in peaks.items()))
-    same = [f"{k} {r[k]}" for k in ("params_identical", "row_blocks_params_identical") if k in r]
-    if "row_blocks_max_param_diff" in r:
-        same.append(f"row blocks' largest parameter difference {r['row_blocks_max_param_diff']:.2e}")
+    same = [f"{k} {r[k]}" for k in ("params_identical", "whole_copies_params_identical",
+                                     "row_blocks_params_identical") if k in r]
+    for variant in ("whole_copies", "row_blocks"):      # the second in records before the tenth session
+        if f"{variant}_max_param_diff" in r:
+            same.append(f"{variant.replace('_', ' ')}' largest parameter difference "
+                        f"{r[variant + '_max_param_diff']:.2e}")
     if same:
         out.append("  " + ", ".join(same))
     model = r.get("model")

@@ -24,7 +24,7 @@ import resource
 import sys
 
 # dszo_row_blocks / dszo_whole_copies: zero_order.row_blocks "on" / "off" (the embedding and output layer from row
-# blocks on any device, on CPU the default already / from whole copies, on GPUs the default already)
+# blocks, the default's path / from whole copies)
 MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "dszo_row_blocks", "dszo_whole_copies",
          "mezo", "adamw")
 

@@ -35,14 +35,14 @@ def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
     return out
 
 
-MODES = ("resident", "offload", "resident_row_blocks", "offload_row_blocks")
+MODES = ("resident", "offload", "resident_whole_copies", "offload_whole_copies")
 
 
 def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     """Each timed mode and its prefetch depth (None: all-resident). The first depth is "offload"; every further depth
-    is one more offload engine, "offload_p<depth>", timed interleaved with the others. "resident_row_blocks" /
-    "offload_row_blocks": an all-resident / offload (first depth) engine with zero_order.row_blocks "on" (the
-    embedding and output layer from row blocks on a GPU too)."""
+    is one more offload engine, "offload_p<depth>", timed interleaved with the others. "resident_whole_copies" /
+    "offload_whole_copies": an all-resident / offload (first depth) engine with zero_order.row_blocks "off" (the
+    embedding and output layer from whole working copies, not the default's row blocks)."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"--modes: unknown {sorted(unknown)}; allowed: {list(MODES)}")
@@ -55,7 +55,7 @@ def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     return out
 
 
-def make_engine(model, prefetch: int | None, args, row_blocks: bool = False):
+def make_engine(model, prefetch: int | None, args, whole_copies: bool = False):
     import ds_zo
     offload = prefetch is not None
     # one micro-batch of up to the largest batch size: each timed batch is a single forward pass per mode
@@ -66,8 +66,8 @@ def make_engine(model, prefetch: int | None, args, row_blocks: bool = False):
         cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
     else:
         cfg["zero_order"].pop("prefetch_depth")
-    if row_blocks:
-        cfg["zero_order"]["row_blocks"] = "on"
+    if whole_copies:
+        cfg["zero_order"]["row_blocks"] = "off"
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     return engine
 
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()   # what the engines built earlier keep on the GPU
-        engines[mode] = make_engine(model, depth_of[mode], args, row_blocks=mode.endswith("_row_blocks"))
+        engines[mode] = make_engine(model, depth_of[mode], args, whole_copies=mode.endswith("_whole_copies"))
         engines[mode].train_batch(batch_of[batches[0]])  # warm-up (allocations, kernels)
         if cuda:
             # this mode's own peak: the process peak minus what the other engine already held
@@ -197,10 +197,10 @@ def main(argv=None) -> dict:
         rate = first.get("offload_h2d_during_transfer_GBps")
         if rate and "memcpy" in result:
             result["h2d_during_transfer_over_memcpy"] = rate / result["memcpy"]["h2d_GBps"]
-    # the same parameters after the same steps: offload and resident exactly; row blocks against the default path
-    # to its rounding (on a GPU cuBLAS rounds a block's logits unlike the whole matmul's; on CPU exactly too)
-    plain = [m for m in modes if not m.endswith("_row_blocks")]
-    blocks = [m for m in modes if m.endswith("_row_blocks")]
+    # the same parameters after the same steps: offload and resident exactly; whole copies against the default path
+    # (row blocks) to its rounding (on a GPU cuBLAS rounds a block's logits unlike the whole matmul's; on CPU exactly)
+    plain = [m for m in modes if not m.endswith("_whole_copies")]
+    blocks = [m for m in modes if m.endswith("_whole_copies")]
     if plain and len(modes) >= 2:
         # one parameter at a time on the host: a 6.7B model's parameters are not all copied off the GPU at once
         states = {m: engines[m].module_state_dict() for m in modes}
@@ -216,8 +216,8 @@ def main(argv=None) -> dict:
         if len(plain) >= 2:
             result["params_identical"] = same
         if blocks:
-            result["row_blocks_params_identical"] = same_blocks
-            result["row_blocks_max_param_diff"] = diff
+            result["whole_copies_params_identical"] = same_blocks
+            result["whole_copies_max_param_diff"] = diff
     for m in modes if args.profile else ():
         if cuda:
             result[f"{m}_gpu_busy"] = gpu_busy(engines[m], batch_of[batches[0]])

@@ -38,9 +38,10 @@ class ZeroOrderConfig(DeepSpeedConfigModel):
     tied_z_cache: bool = False                          # keep a tied weight's ε·z from its first unit to its second
                                                         # (drawn once, not twice; costs one float32 copy of it)
     row_blocks: Literal["auto", "on", "off"] = "auto"   # embedding / output-layer units from row blocks of their
-                                                        # working copies, never whole ones: "auto" for CPU
-                                                        # parameters only, "on" on every device (on GPUs a block's
-                                                        # logits round unlike the whole matmul's), "off" nowhere
+                                                        # working copies, never whole ones: "auto" and "on" on
+                                                        # every device (on GPUs a block's logits round unlike the
+                                                        # whole matmul's), "off" nowhere (whole copies: more
+                                                        # memory, fewer launches)
     # offload (active with zero_optimization.offload_param.device = "cpu")
     prefetch_depth: int = Field(1, ge=1)                # uploads run this many units ahead of compute
     overlap: bool = True                                # separate h2d / d2h / compute CUDA streams

@@ -100,7 +100,7 @@ class ZOEngine(DeepSpeedEngine):
         if self.zo_config.tied_z_cache:
             self.copies.keep_whole = set(self.copies.shared)
         self.copies.row_blocks = self.zo_config.row_blocks
-        # With the default loss, a streamed output layer (CPU; any device with row_blocks "on") hands its logits to
+        # With the default loss, a streamed output layer (unless row_blocks is "off") hands its logits to
         # the loss block by block and no slot's logits are ever held (loss.StreamedTokenLoss): the ZO step then needs
         # less memory than a plain inference forward of the batch. Turned off for good if the model transforms the
         # layer's output.

@@ -35,7 +35,7 @@ CPU_TILE_ELEMENTS = 1 << 18
 DEVICE_TILE_ELEMENTS = 1 << 21
 # Columns per vocabulary window. Fixed per device, so a position's loss does not depend on whether its logits arrive
 # whole or block by block from a streamed output layer, whose window buffers hold positions × window logits per slot.
-# Elsewhere than on CPU the windows are narrower than a large vocabulary for that (zero_order.row_blocks "on"), and
+# Elsewhere than on CPU the windows are narrower than a large vocabulary for that (row blocks on GPUs too), and
 # the tiles about as many as with whole-vocabulary windows (the 112 tiles of 256 positions × 8192 columns above,
 # against 100 of 41 positions × 50272).
 CPU_VOCAB_WINDOW = 2048

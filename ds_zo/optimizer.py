@@ -43,7 +43,7 @@ Piece = tuple[torch.Tensor, int, int, int, bool]
 
 
 def apply_step(param: torch.Tensor, key: int, record: StepRecord, decays: bool, generator: PerturbationGenerator,
-               buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None, start: int = 0,
+               buffers: Optional[tuple[torch.Tensor, ...]] = None, start: int = 0,
                numel: Optional[int] = None) -> None:
     """Apply one recorded step to `param` in place: the whole parameter, or (ZeRO shards) the flat slice
     [start, start + param.numel()) of a parameter of `numel` elements."""
@@ -52,7 +52,7 @@ def apply_step(param: torch.Tensor, key: int, record: StepRecord, decays: bool, 
 
 
 def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: PerturbationGenerator,
-                      buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+                      buffers: Optional[tuple[torch.Tensor, ...]] = None) -> None:
     """Apply one recorded step to several parameter slices at once (their z drawn together, in parallel on CPU).
     Evaluated in the order of the plain expression θ − lr·(g·z + wd·θ), so that a reference written that way agrees
     bit for bit (up to the sign of an exact zero)."""
@@ -63,11 +63,12 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
     sizes = [flat.numel() for flat, *_ in pieces]
     total = sum(sizes)
     device = pieces[0][0].device
-    if buffers is None:
-        buffers = (torch.empty(total, device=device), torch.empty(total, device=device))
-    u, z = buffers[0][:total], buffers[1][:total]
-    offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
     q = len(record.g)
+    if buffers is None:
+        buffers = tuple(torch.empty(total, device=device) for _ in range(min(q, 2)))
+    # z is a second draw's scratch: only several perturbations (q > 1) need it
+    u, z = buffers[0][:total], (buffers[1][:total] if q > 1 else None)
+    offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
     # z·g comes from the sampler as z·|g| (its own pass, no multiply pass): u holds sign · Σ g_j·z_j, and since
     # rounding is symmetric, adding or subtracting |g_j|·z_j gives the plain expression's values exactly (as numbers:
     # an exact zero can come out with the other sign)
@@ -115,7 +116,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.step_log: list[StepRecord] = []
         self.pending: Optional[StepRecord] = None
         self._pending_done: set[int] = set()
-        self._buffers = None  # float32 scratch (update, z), one span each, reused across parameters
+        self._buffers = None  # float32 scratch (update; z when q > 1), one span each, reused across parameters
         self._decay_of: Optional[dict[int, float]] = None
 
     # -- wiring -------------------------------------------------------------------------------------------------
@@ -167,17 +168,19 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _apply_pieces(self, pieces: list[Piece]) -> None:
         """The pending step on these pieces: by the fused native sweep where it applies (CPU float32: no scratch),
-        the rest a span at a time, whose float32 scratch stays two spans (a few z chunks), not two copies of the
-        largest parameter (the update is elementwise: same result bit for bit)."""
+        the rest a span at a time, whose float32 scratch stays one span (two with several perturbations), not
+        copies of the largest parameter (the update is elementwise: same result bit for bit)."""
         if pieces:   # the fused native sweep takes all it can at once (its chunks spread over the threads)
             pieces = self.generator.update_fused(pieces, self.pending.seed, self.pending.g, self.pending.lr,
                                                  self.pending.wd)
         if not pieces:
             return
         device = pieces[0][0].device
-        span = self.generator.span(device)
-        if self._buffers is None or self._buffers[0].device != device or self._buffers[0].numel() < span:
-            self._buffers = tuple(torch.empty(span, dtype=torch.float32, device=device) for _ in range(2))
+        span, wanted = self.generator.span(device), min(2, len(self.pending.g))
+        if (self._buffers is None or self._buffers[0].device != device or self._buffers[0].numel() < span
+                or len(self._buffers) < wanted):
+            # one span for the update; a second for z only with several perturbations (a GPU's span is 32 MiB)
+            self._buffers = tuple(torch.empty(span, dtype=torch.float32, device=device) for _ in range(wanted))
         for group in span_groups(pieces, [piece[0].numel() for piece in pieces], span):   # pieces fit in a span
             apply_step_pieces(group, self.pending, self.generator, self._buffers)
 

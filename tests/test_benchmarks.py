@@ -182,18 +182,18 @@ def test_offload_benchmark_smoke_on_cpu(tmp_path):
 
 
 def test_offload_benchmark_modes():
-    """The GPU check's comparisons: offload engines per prefetch depth, an all-resident engine with
-    zero_order.row_blocks "on"; an unknown mode is refused by name."""
+    """The GPU check's comparisons: offload engines per prefetch depth, engines with zero_order.row_blocks "off"
+    (whole copies); an unknown mode is refused by name."""
     from benchmarks.offload_bench import main, mode_names
-    assert mode_names(["resident", "offload", "resident_row_blocks", "offload_row_blocks"], [1, 2]) == {
-        "resident": None, "offload": 1, "offload_p2": 2, "resident_row_blocks": None, "offload_row_blocks": 1}
+    assert mode_names(["resident", "offload", "resident_whole_copies", "offload_whole_copies"], [1, 2]) == {
+        "resident": None, "offload": 1, "offload_p2": 2, "resident_whole_copies": None, "offload_whole_copies": 1}
     with pytest.raises(SystemExit, match="unknown \\['fast'\\]"):
         mode_names(["resident", "fast"], [1])
     res = main(["--shape", "tiny", "--seq", "8", "--batch", "1", "--steps", "1", "--reps", "1", "--no-profile",
-                "--modes", "resident,offload,offload_row_blocks"])
-    assert res["offload_row_blocks_step_s_median"] > 0 and res["params_identical"] is True
-    # on CPU row blocks are the default path already: the same parameters
-    assert res["row_blocks_params_identical"] is True and res["row_blocks_max_param_diff"] == 0.0
+                "--modes", "resident,offload,offload_whole_copies"])
+    assert res["offload_whole_copies_step_s_median"] > 0 and res["params_identical"] is True
+    # on CPU whole copies and row blocks give the same parameters (on these shapes)
+    assert res["whole_copies_params_identical"] is True and res["whole_copies_max_param_diff"] == 0.0
 
 
 @pytest.fixture(scope="module")

@@ -116,9 +116,9 @@ def test_which_units_stream():
     assert streamed_kind(Unit("e", emb, [ParamRef("e.weight", emb.weight, True, rows=torch.tensor([1]))])) \
         == "embedding"
     assert streamed_kind(Unit("e", emb, [ParamRef("e.weight", emb.weight, False)])) is None
-    # zero_order.row_blocks: "auto" streams CPU parameters only, "on" every device's, "off" none
+    # zero_order.row_blocks: "auto" (the default) and "on" stream on every device, "off" nowhere
     head = _unit("head", nn.Linear(4, 4, bias=False, device="meta"))
-    assert streamed_kind(head) is None and streamed_kind(head, "on") == "linear"
+    assert streamed_kind(head) == streamed_kind(head, "on") == "linear" and streamed_kind(head, "off") is None
     assert streamed_kind(_unit("e", emb), "off") is None and streamed_kind(_unit("e", emb), "on") == "embedding"
     with pytest.raises(ValueError, match="row_blocks 'yes'"):
         streamed_kind(head, "yes")
@@ -159,14 +159,15 @@ def test_each_chunk_drawn_once_with_three_perturbations():
         assert torch.equal(out[2 * s:2 * s + 2], nn.functional.linear(x[2 * s:2 * s + 2], whole[s][0]))
 
 
-def test_blocks_are_the_whole_weight_off_cpu_and_empty_weights_work():
+def test_blocks_are_a_span_of_rows_and_empty_weights_work(monkeypatch):
+    monkeypatch.setattr(PerturbationGenerator, "parallel_chunks", lambda self, device: 1)
     copies = _copies({}, chunk=100)
-    off_cpu = ParamRef("w", nn.Parameter(torch.empty(5000, 8, device="meta")), True)
-    assert copies.block_rows(off_cpu) == 5000    # cuBLAS rounds a block differently from the whole matmul
     on_cpu = ParamRef("w", nn.Parameter(torch.empty(5000, 8)), True)
-    assert copies.block_rows(on_cpu) == 64
-    copies.row_blocks = "on"                     # off CPU too: a span (8 chunks of 100 here) of rows, 64 at least
-    assert copies.block_rows(off_cpu) == 64
+    assert copies.block_rows(on_cpu) == 64       # one chunk per drawing thread: 100 elements, 64 rows at least
+    off_cpu = ParamRef("w", nn.Parameter(torch.empty(5000, 8, device="meta")), True)
+    assert copies.block_rows(off_cpu) == 64      # elsewhere a span (8 chunks of 100 here) of rows, 64 at least
+    big = ParamRef("w", nn.Parameter(torch.empty(50000, 8, device="meta")), True)
+    assert _copies({}, chunk=1000).block_rows(big) == 960     # 8000 elements / 8 per row, down to a multiple of 64
     wide = ParamRef("w", nn.Parameter(torch.empty(5000, 2, device="meta")), True)
     assert copies.block_rows(wide) == 384        # 800 elements / 2 per row, down to a multiple of 64
     empty = nn.Embedding(0, 4)
@@ -188,7 +189,7 @@ def test_tied_z_cache_draws_a_tied_weight_once_and_changes_nothing(row_blocks):
         model = tiny_model("llama", tied=True)
         cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
         cfg["zero_order"]["tied_z_cache"] = keep
-        if not row_blocks:    # whole copies (as on a GPU by default): acquire takes the kept ε·z too
+        if not row_blocks:    # whole copies (zero_order.row_blocks "off"): acquire takes the kept ε·z too
             cfg["zero_order"]["row_blocks"] = "off"
         engine, *_ = ds_zo.initialize(model=model, config=cfg)
         engine.perturbations.chunk = 100
@@ -235,6 +236,37 @@ def test_blocks_draw_their_chunks_together(threads, q):
         torch.set_num_threads(before_threads)
 
 
+@pytest.mark.parametrize("q", [1, 2])
+def test_span_sized_blocks_form_whole_chunks_a_span_at_a_time(monkeypatch, q):
+    """An accelerator's row blocks: a span of 8 chunks per block, drawn one chunk per sampler
+    request (parallel_chunks 1), as on a GPU, run here on CPU. Each block's whole chunks are formed in one pass per
+    slot and span, only the edge chunks a block shares with a neighbour go through the ε·z cache, which then holds 2
+    chunks per perturbation (not a span's 9); every chunk is still drawn once, and the logits equal whole copies."""
+    monkeypatch.setattr(PerturbationGenerator, "parallel_chunks", lambda self, device: 1)
+    monkeypatch.setattr(PerturbationGenerator, "span", lambda self, device: 8 * self.chunk)
+    lin = nn.Linear(24, 1000, bias=False)               # 24,000 elements: 240 chunks of 100
+    unit = _unit("head", lin)
+    slots = [(j, s) for j in range(q) for s in (1, -1)]
+    copies = _copies({"head.weight": lin.weight}, chunk=100, slots=slots)
+    rows = copies.block_rows(unit.trainable[0])
+    assert rows == 64 and (rows * 24) % 100                # 1536 elements: 15.36 chunks, blocks straddle chunks
+    shifted = []
+    real = __import__("ds_zo.model.perturbed_copies", fromlist=["_shifted"])._shifted
+    monkeypatch.setattr("ds_zo.model.perturbed_copies._shifted",
+                        lambda master, ez, sign, out: (shifted.append(master.numel()), real(master, ez, sign, out)))
+    x = torch.randn(2 * q * 2, 3, 24)
+    out = linear_forward(unit, copies, x, 2 * q, 2)
+    assert copies.generator.elements_drawn == q * 24000                     # each chunk once per perturbation
+    cached = [k for k in copies.buffers._bufs if k[0].startswith("ez")]
+    assert len(cached) == 2 * q                                              # the edge chunks only
+    # per block (16, the last partial) and slot: a pass per span-aligned piece of its whole chunks (at most 3 for
+    # these blocks of about 2 spans) and one per edge chunk, where chunk by chunk would be about 16 passes
+    assert len(shifted) <= 2 * q * 16 * 5 and max(shifted) == 800
+    whole = _copies({"head.weight": lin.weight}, chunk=100, slots=slots).acquire(unit)
+    for s in range(2 * q):
+        assert torch.equal(out[2 * s:2 * s + 2], nn.functional.linear(x[2 * s:2 * s + 2], whole[s][0]))
+
+
 def _opt_with_projections():
     """OPT with word_embed_proj_dim < hidden: project_out and the output layer are both streamed linear units, the
     first one's output the second one's input."""
@@ -277,11 +309,11 @@ def test_kept_logits_buffer_changes_nothing_and_is_released_for_direct_forwards(
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("gpu_like_span", [False, True])
 def test_row_blocks_off_is_the_whole_copy_path_and_gives_the_same_steps(arch, gpu_like_span):
-    """zero_order.row_blocks "off" (the GPU default's whole copies, here on CPU) and "auto" (row blocks on CPU) train
-    the same over two steps (the second with the fused update): the same losses, g and parameters, bit for bit (the
-    block matmuls round like the whole one on these shapes, see model/streamed.py). With 100-element z chunks, so
+    """zero_order.row_blocks "off" (whole copies) and "auto" (row blocks, the default) train the same over two
+    steps (the second with the fused update): the same losses, g and parameters, bit for bit (on CPU the block
+    matmuls round like the whole one on these shapes, see model/streamed.py). With 100-element z chunks, so
     blocks straddle chunks; gpu_like_span: the drawing span of an accelerator (8 chunks, whatever the threads), as
-    row_blocks "on" uses on a GPU: blocks larger than the ε·z cache, formed a span at a time."""
+    row blocks use on a GPU: blocks larger than the ε·z cache, formed a span at a time."""
     import ds_zo
     from models import batch as make_batch
     from test_engine_exactness import ds_config

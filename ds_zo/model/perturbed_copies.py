@@ -88,7 +88,7 @@ class PerturbedCopies:
         # (unit name, loss.StreamedTokenLoss): set by the engine around a forward whose loss takes that streamed
         # unit's output block by block
         self.token_loss: Optional[tuple] = None
-        # zero_order.row_blocks: which devices' embedding / output-layer units compute from row blocks (streamed.py)
+        # zero_order.row_blocks: whether embedding / output-layer units compute from row blocks (streamed.py)
         self.row_blocks = "auto"
         self.seed: Optional[int] = None
         self.slots: list[Slot] = [None]
@@ -216,8 +216,11 @@ class PerturbedCopies:
         return True
 
     def _ez_room(self, device: torch.device) -> int:
-        """ε·z chunks the cache holds per perturbation: one span and the chunk a block shares with the last."""
-        return self.generator.span(device) // self.generator.chunk + 1
+        """ε·z chunks the cache holds per perturbation: the chunks one sampler call draws at once (a CPU row block's,
+        on its threads) and the chunk a block shares with the last. On accelerators, whose blocks span several chunks
+        drawn one launch each, that is 2: the edge chunks a block shares with its neighbours; its whole chunks are
+        formed a span at a time (`_perturb_spans`: one pass per slot, not one per chunk, and no cache of a span)."""
+        return self.generator.parallel_chunks(device) + 1
 
     def _perturbations(self) -> list[int]:
         """The perturbation indices the current slots use, in order."""
@@ -245,15 +248,11 @@ class PerturbedCopies:
         return z
 
     def block_rows(self, ref) -> int:
-        """Rows per block of `working_rows`. On CPU: about one drawing span (its z chunks are drawn at once), and a
-        multiple of 64 — measured, a matmul over a block of output features differs from the whole matmul whenever a
-        block starts off a multiple of 16 (for inputs of <= 5 rows), and matched it in 400 random shapes otherwise.
-        On other devices: the whole weight — cuBLAS picks a different kernel for a block than for the whole vocabulary
-        (measured on an H200: logits differ by up to 6e-6 in fp32) — unless row_blocks is "on": then a drawing span's
-        rows (8 chunks), a multiple of 64 too."""
+        """Rows per block of `working_rows`: about one drawing span's (on CPU the chunks drawn at once, one per
+        thread; on accelerators 8 chunks), a multiple of 64 — measured on CPU, a matmul over a block of output
+        features differs from the whole matmul whenever a block starts off a multiple of 16 (for inputs of <= 5
+        rows), and matched it in 400 random shapes otherwise (cuBLAS rounds a block unlike the whole: streamed.py)."""
         p = ref.param
-        if p.device.type != "cpu" and self.row_blocks != "on":
-            return max(1, p.shape[0])
         rows = self.generator.span(p.device) // max(1, p.numel() // max(1, p.shape[0]))
         return max(64, rows // 64 * 64)
 
@@ -285,9 +284,9 @@ class PerturbedCopies:
     def _perturb_range(self, ref, base: torch.Tensor, a: int, b: int, numel: int, outs: list) -> None:
         """outs[i][:b-a] = base ± ε·z_j over elements [a, b) of a z space of `numel` elements (base holds the master
         values of those elements): every slot of a perturbation from one ε·z draw. A range of up to the ε·z cache's
-        room (a CPU row block) goes chunk by chunk through the cache; a larger one (a whole weight on an accelerator)
-        forms its whole chunks a span at a time and only its partial edge chunks, which a neighbouring block may
-        share, through the cache: either way each chunk is drawn once per unit visit."""
+        room (a CPU row block) goes chunk by chunk through the cache; a larger one (an accelerator's row block, a span
+        of rows: see _ez_room) forms its whole chunks a span at a time and only its partial edge chunks, which a
+        neighbouring block may share, through the cache: either way each chunk is drawn once per unit visit."""
         c = self.generator.chunk
         if id(ref.param) in self.keep_whole:
             self._perturb_chunks(ref, base, a, a, b, numel, outs)

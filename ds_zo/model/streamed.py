@@ -13,11 +13,12 @@ The working rows are the values whole copies hold, bit for bit (same element-wis
 embedding's output. The output layer's logits are the whole matmul's up to float32 rounding: a block of output
 features (starting at a multiple of 64 rows) rounded like the whole matmul in the exactness tests and in 400 random
 shapes, but MKL's sgemm also depends on operand alignment and layout (with the real SmolLM2 job's non-contiguous
-hidden states the last bit of some logits differs; g by ~2e-6 relative). By default (zero_order.row_blocks "auto")
-only CPU parameters stream: cuBLAS picks other kernels for a block than for the whole weight (logits up to 6e-6 off
-in fp32, measured on an H200), so on GPUs these units keep whole copies unless row_blocks is "on". A row block spans
-about one drawing span (one z chunk per drawing thread on CPU, a span of chunks on accelerators), its missing chunks
-are drawn at once, and each chunk once per perturbation.
+hidden states the last bit of some logits differs; g by ~2e-6 relative). On GPUs cuBLAS picks other kernels for a
+block than for the whole weight (fp32 logits up to 6e-6 apart, measured on an H200): the same loss to float32
+rounding. These units stream on every device unless zero_order.row_blocks is "off" (whole copies): on an H200 row
+blocks took SmolLM2's GPU peak from 1.36× to 1.03× inference's and OPT-1.3B's offloaded one from 1.85 to 0.93 GB,
+for 5 % of a host-bound step (docs/performance.md, tenth pass). A row block spans about one drawing span (one z
+chunk per drawing thread on CPU, a span of chunks on accelerators), and each chunk is drawn once per perturbation.
 """
 from __future__ import annotations
 
@@ -64,18 +65,14 @@ ROW_BLOCKS = ("auto", "on", "off")
 
 def streamed_kind(unit: Unit, row_blocks: str = "auto") -> Optional[str]:
     """'embedding' or 'linear' when the unit is a plain module of that type whose only trainable parameter is its
-    weight (all of it, or a row subset) and `row_blocks` (zero_order.row_blocks) lets it stream on its device; None
-    otherwise (the unit then computes from whole working copies)."""
+    weight (all of it, or a row subset) and `row_blocks` (zero_order.row_blocks) is not "off"; None otherwise (the
+    unit then computes from whole working copies)."""
     if row_blocks not in ROW_BLOCKS:
         raise ValueError(f"row_blocks {row_blocks!r}; allowed: {ROW_BLOCKS}")
     refs = unit.trainable
     if len(refs) != 1 or row_blocks == "off":
         return None
     mod, p = unit.module, refs[0].param
-    if p.device.type != "cpu" and row_blocks != "on":
-        # by default whole copies on GPUs: a block's logits round unlike the whole matmul's there, and the id lookup
-        # costs host synchronisations
-        return None
     if type(mod) is nn.Embedding and mod.weight is p and mod.max_norm is None:
         return "embedding"
     if type(mod) is nn.Linear and mod.weight is p and mod.bias is None:
@@ -103,17 +100,18 @@ def embedding_forward(unit: Unit, source: RowSource, ids: torch.Tensor, slots: i
     weight = ref.param
     parts = [split(ids, s, rows, slots) for s in range(slots)]
     needed = torch.unique(torch.cat([p.reshape(-1) for p in parts]))   # sorted
-    if needed.numel() and (int(needed[0]) < 0 or int(needed[-1]) >= weight.shape[0]):
-        raise IndexError(f"{unit.name}: token id out of range [0, {weight.shape[0]}): "
-                         f"{int(needed[0])}..{int(needed[-1])}")
+    vocab = weight.shape[0]
+    blocks = list(_blocks(vocab, source.block_rows(ref)))
+    # needed[bounds[b]:bounds[b+1]] are the ids in block b; ids below 0 come before bounds[0], ids from the vocabulary
+    # size on after bounds[-1]: one host synchronisation for both (on a GPU, besides unique's own)
+    bounds = torch.searchsorted(needed, torch.tensor([r0 for r0, _ in blocks] + [vocab],
+                                                     device=needed.device)).tolist()
+    if needed.numel() and (bounds[0] > 0 or bounds[-1] < needed.numel()):
+        raise IndexError(f"{unit.name}: token id out of range [0, {vocab}): {int(needed[0])}..{int(needed[-1])}")
     direct = source.id_rows(ref, needed)
     if direct is not None:         # only the used rows were formed
         return merge([F.embedding(torch.searchsorted(needed, part), direct[s]) for s, part in enumerate(parts)], rows)
     gathered = [weight.new_empty(needed.numel(), *weight.shape[1:]) for _ in range(slots)]
-    blocks = list(_blocks(weight.shape[0], source.block_rows(ref)))
-    # needed[bounds[b]:bounds[b+1]] are the ids in block b
-    bounds = torch.searchsorted(needed, torch.tensor([r0 for r0, _ in blocks] + [weight.shape[0]],
-                                                     device=needed.device)).tolist()
     for b, (r0, r1) in enumerate(blocks):
         a, e = bounds[b], bounds[b + 1]
         if a == e:          # no id of the batch in this block: its z chunks are not even drawn
