@@ -223,15 +223,15 @@ class Hardware:
 
 # H100 SXM. Measured on this project's H200 machine (benchmarks/results/gpu_h200_2026-11-26c, the same GH100 chip
 # and host software): pinned PCIe ≈ 55 GB/s each way; a model forward at ≈ 600 TFLOP/s of its analytic FLOPs (OPT
-# 1.3B/6.7B, 550–645); torch's normal_ into a 2^20-element chunk ≈ 9e10 values/s (timed back to back: the ninth
-# session found this to be the host's issue rate, not the kernels'; kept until a GPU measures the queued rate, see
-# docs/performance.md, ninth pass);
+# 1.3B/6.7B, 550–645); torch's normal_ ≈ 1.77e11 values/s, timed queued behind a sleep kernel in fills of a span of
+# 2^20-element chunks (gpu_h200_2026-11-26j: 1.76e11 and 1.78e11; the earlier 9e10, timed back to back, was the
+# host's issue rate: docs/performance.md, ninth and tenth passes);
 # host time 22 µs per z chunk (blake2b key, Generator.manual_seed, normal_ launch), 8 µs per element-wise op, 1.7 ms
 # per unit visit; ds_zo's span of 8 chunks. Assumed: HBM3 ≈ 3.0 TB/s achieved by element-wise kernels (the H200
 # reached 4.1 of its 4.8 TB/s); NVLink 4 ≈ 450 GB/s per direction; a DGX-H100-class node with 2 sockets × 8
 # DDR5-4800 channels (614 GB/s peak), of which ≈ 450 GB/s is taken to be available to the GPUs' DMA in both
 # directions together; 20 µs per collective.
-H100 = Hardware("H100-SXM (8 per node)", flops=600e12, rng_rate=9e10, elem_bw=3.0e12, h2d_bw=55e9, d2h_bw=55e9,
+H100 = Hardware("H100-SXM (8 per node)", flops=600e12, rng_rate=1.77e11, elem_bw=3.0e12, h2d_bw=55e9, d2h_bw=55e9,
                 link_bw=450e9, host_bw=450e9, gpus_per_node=8, overlap=True, host_chunk_s=22e-6, host_pass_s=8e-6,
                 span_chunks=8, unit_host_s=1.7e-3, collective_latency_s=20e-6, dtype_bytes=2)
 
