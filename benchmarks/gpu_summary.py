@@ -1,12 +1,15 @@
 """The figures issue #6 still needs from a GPU, read from the GPU check's output folder, in a few lines.
 
     python -m benchmarks.gpu_summary /tmp/gpu_check
+    python -m benchmarks.gpu_summary --repredict benchmarks/results/gpu_h200_2026-11-26j   # today's ds_zo.perfmodel
 
 For each offload_bench result (the OPT runs; SmolLM2 with zero_order.row_blocks "off"): offload / resident (or
 whole copies / default; older records: row blocks / default) throughput, each mode's peak GPU memory, and with --calibrate the model's error per case — with
 the host costs fitted to the calibration steps and with the micro-measured ones — beside the profiled kernel time
 against the modelled compute time (which side of the model misses) and the draws' queued rate against the old
 back-to-back one. For the GPU memory section of benchmarks.run: each mode's peak and the ratios to inference.
+--repredict: the model's cases from the calibration stored in each record, by the current ds_zo.perfmodel (a record
+keeps the predictions of the model it ran with).
 """
 from __future__ import annotations
 
@@ -73,13 +76,17 @@ def memory_lines(name: str, sections: list[dict]) -> list[str]:
     return out
 
 
-def summary(folder: str) -> list[str]:
+def summary(folder: str, repredict: bool = False) -> list[str]:
     lines = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
             r = json.load(f)
         name = os.path.basename(path)
         if "runs" in r and "shape" in r:
+            if repredict and r.get("model"):
+                from benchmarks.device_calibrate import predict
+                r["model"] = r["model"] | predict(r)
+                name += " (re-predicted)"
             lines += offload_lines(name, r)
         elif "gpu_memory" in r:
             lines += memory_lines(name, r["gpu_memory"])
@@ -87,10 +94,12 @@ def summary(folder: str) -> list[str]:
 
 
 def main(argv=None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    repredict = "--repredict" in args
+    args = [a for a in args if a != "--repredict"]
     if len(args) != 1 or not os.path.isdir(args[0]):
-        raise SystemExit("usage: python -m benchmarks.gpu_summary FOLDER (the GPU check's output)")
-    lines = summary(args[0])
+        raise SystemExit("usage: python -m benchmarks.gpu_summary [--repredict] FOLDER (the GPU check's output)")
+    lines = summary(args[0], repredict)
     print("\n".join(lines) if lines else f"no GPU check results in {args[0]}")
 
 

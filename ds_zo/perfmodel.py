@@ -21,7 +21,9 @@ computes, and the hardware rates: forward FLOPs / `flops`; z draws / `rng_rate`;
 from ds_zo's own kernels, below) / `elem_bw`; host↔device bytes / the per-GPU PCIe rate, capped by the node's host
 memory bandwidth shared by every GPU that moves data at once; all-gathers ((k−1)·shard bytes received per rank) /
 `link_bw` (NVLink) plus a latency; on the host, `host_chunk_s` per 2^20-element z chunk (seeding + launch, issued by
-Python) and `host_pass_s` per element-wise op, issued once per piece of `span_chunks` chunks (ds_zo.perturb's span).
+Python) and `host_pass_s` per element-wise op, issued once per piece of `span_chunks` chunks (ds_zo.perturb's span),
+and after the last unit the token loss's ops at `host_pass_s` each (LOSS_OPS_PER_TILE per tile of positions ×
+vocabulary window; ds_zo.loss).
 
 Layouts (`Layout.kind`): "resident" (everything on the device; ZO-DDP / PertP without offload), "zo2" (one GPU,
 decoder layers stream over PCIe), "naive" (DistZO2 without reslicing: every GPU moves whole units over its own
@@ -134,6 +136,7 @@ class ModelSpec:
     name: str
     units: tuple[UnitSpec, ...]
     hidden: int
+    vocab: int = 0           # the token loss's columns (0: no loss modelled)
 
     @property
     def params(self) -> int:
@@ -170,7 +173,7 @@ def decoder(name: str, family: str, hidden: int, layers: int, ffn: int, vocab: i
     # the output layer writes every slot's logits into one tensor (model/streamed.py): nothing to concatenate
     units += final + [UnitSpec("lm_head", vocab * h, 0 if tied else vocab * h, 2.0 * vocab * h, 0, False,
                                row_blocks=True)]
-    return ModelSpec(name, tuple(units), h)
+    return ModelSpec(name, tuple(units), h, vocab)
 
 
 SHAPES = {   # name: (family, hidden, layers, ffn, vocab, heads, kv_heads, tied)
@@ -209,6 +212,11 @@ class Hardware:
     host_pass_s: float = 0.0          # host time per element-wise op (θ±εz, the update), one per piece of a span
     span_chunks: int = 1              # z chunks per element-wise pass (ds_zo.perturb span: ACCELERATOR_SPAN_CHUNKS)
     unit_host_s: float = 0.0          # host time per unit visit (wrappers, HF module code)
+    # the token loss (ds_zo.loss), reduced a tile of positions × vocabulary window at a time, each tile about
+    # LOSS_OPS_PER_TILE small ops issued by the host at host_pass_s (its device time is in `flops`, which is
+    # measured on forwards that compute HF's loss); the accelerators' tiling by default
+    loss_window: int = 8192
+    loss_tile_elements: int = 1 << 21
     collective_latency_s: float = 0.0     # per all-gather / all-reduce call
     dtype_bytes: int = 2              # bytes per stored and computed element (2: bf16/fp16, 4: fp32)
     merge_bw: Optional[float] = None  # bytes/s written by the slot concatenation (torch.cat into a new tensor);
@@ -322,6 +330,20 @@ class Result:
     tokens_per_s: float           # global tokens per second
     layout: Layout
     per_rank_rows: int
+
+
+# ops per loss tile (TokenCrossEntropy.add): the float32 copy, amax, log_softmax, its amax, two widenings, the
+# difference, the running log-sum-exp (logaddexp and its store)
+LOSS_OPS_PER_TILE = 9
+
+
+def loss_tiles(positions: int, vocab: int, window: int, tile_elements: int) -> int:
+    """Tiles one slot's loss is reduced in: position groups × vocabulary windows (ds_zo.loss.loss_tiling)."""
+    if positions <= 0 or vocab <= 0:
+        return 0
+    window = max(1, min(vocab, window))
+    group = max(1, tile_elements // window)
+    return math.ceil(positions / group) * math.ceil(vocab / window)
 
 
 def _chunks(n: float, tensors: int = 1, size: int = CHUNK) -> int:
@@ -445,8 +467,11 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
             else:
                 c = sim.add(f"s{s} compute {u.name}", res("compute"), dur, [host])
             last_compute = c
+        # the loss: its tiles' ops issued after the output layer's, their device time inside the forward's
+        tiles = slots * loss_tiles(tokens, model.vocab, hw.loss_window, hw.loss_tile_elements)
+        loss = sim.add(f"s{s} issue loss", res("host"), tiles * LOSS_OPS_PER_TILE * hw.host_pass_s, [sync])
         allreduce = hw.collective_latency_s if layout.gpus > 1 else 0.0
-        sync = sim.add(f"s{s} loss sync", res("host"), allreduce, [last_compute])
+        sync = sim.add(f"s{s} loss sync", res("host"), allreduce, [last_compute, loss])
         step_end.append(sync)
         for p, op in free_of.items():
             prev_free[p % nbuf] = op

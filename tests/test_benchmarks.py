@@ -253,6 +253,9 @@ def test_gpu_summary_reads_the_gpu_checks_results(calibrated_run, tmp_path):
     assert "batch 1: offload / resident" in text and "model batch 1 resident" in text
     assert "micro host costs" in text and "fitted host" in text and "|error| as predicted" in text
     assert "inference 250, dszo 300" in text and "dszo_over_inference 1.200" in text
+    # the stored calibration predicted again by today's model: the same cases
+    again = "\n".join(summary(str(tmp_path), repredict=True))
+    assert "opt-tiny.json (re-predicted)" in again and again.count("model batch") == text.count("model batch")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SystemExit, match="usage"):

@@ -192,6 +192,26 @@ def test_shapes_and_constants_agree_with_ds_zo():
     assert opt.layer_params() * 2 / 1e9 == pytest.approx(348, rel=0.01)   # ≈ 350 GB in 16-bit (DESIGN.md §6)
     smol = pm.shape("smollm2-135m", 64)
     assert smol.params == 134_515_008                          # SmolLM2-135M, tied embedding counted once
+    # the loss's tiling is ds_zo.loss's on accelerators: OPT's 50272 columns at 2 x 2048 positions are 112 tiles
+    from ds_zo.loss import DEVICE_TILE_ELEMENTS, DEVICE_VOCAB_WINDOW, loss_tiling
+    assert (pm.H100.loss_window, pm.H100.loss_tile_elements) == (DEVICE_VOCAB_WINDOW, DEVICE_TILE_ELEMENTS)
+    window, group = loss_tiling("cuda", 50272)
+    assert 2 * pm.loss_tiles(2048, 50272, pm.H100.loss_window, pm.H100.loss_tile_elements) == 112 \
+        == 2 * -(-2048 // group) * -(-50272 // window)
+    assert (opt.vocab, smol.vocab) == (50272, 49152)
+
+
+def test_the_loss_tiles_cost_host_time_after_the_last_unit():
+    """The loss's ops are issued by the host after the output layer's: with only host_pass_s costing, the step is
+    the tiles' ops (slots x tiles x LOSS_OPS_PER_TILE x host_pass_s); a model with no vocabulary has none."""
+    units = (pm.UnitSpec("lm_head", 0, 0, 0.0, 0, False),)
+    model = pm.ModelSpec("head", units, 8, vocab=20000)
+    h = hw(host_pass_s=1e-3, loss_window=8192, loss_tile_elements=1 << 14)     # tiles of 2 positions x 8192
+    r = pm.simulate(model, h, pm.Layout("resident"), WORK)                     # 10 positions, 2 slots
+    tiles = 2 * 5 * 3
+    assert pm.loss_tiles(10, 20000, 8192, 1 << 14) == 15
+    assert r.step_s == pytest.approx(tiles * pm.LOSS_OPS_PER_TILE * 1e-3)
+    assert pm.simulate(pm.ModelSpec("head", units, 8), h, pm.Layout("resident"), WORK).step_s == 0.0
 
 
 def test_opt175b_zo2_on_one_h100_is_pcie_bound_when_zo_kernels_are_fused():
