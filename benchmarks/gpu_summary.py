@@ -4,8 +4,9 @@
     python -m benchmarks.gpu_summary --repredict benchmarks/results/gpu_h200_2026-11-26j   # today's ds_zo.perfmodel
 
 For each offload_bench result (the OPT runs; SmolLM2 with zero_order.row_blocks "off"): offload / resident (or
-whole copies / default; older records: row blocks / default) throughput, each mode's peak GPU memory, and with --calibrate the model's error per case — with
-the host costs fitted to the calibration steps and with the micro-measured ones — beside the profiled kernel time
+whole copies / default; older records: row blocks / default) throughput, each mode's peak GPU memory, and with
+--calibrate the model's error per case — with the host costs fitted to the calibration steps and with the
+micro-measured ones — beside the profiled kernel time
 against the modelled compute time (which side of the model misses) and the draws' queued rate against the old
 back-to-back one. For the GPU memory section of benchmarks.run: each mode's peak and the ratios to inference.
 --repredict: the model's cases from the calibration stored in each record, by the current ds_zo.perfmodel (a record
