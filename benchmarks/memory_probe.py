@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
         out["dszo_buffers"] = {
             "perturbed_copies": engine.copies.buffers.nbytes() - kept,
             "kept_logits": kept,
-            "update_scratch": sum(t.numel() * t.element_size() for t in (getattr(opt, "_buffers", None) or ())),
+            "update_scratch": opt.scratch_nbytes(),
             "z_chunk_scratch": sum(t.numel() * t.element_size()
                                    for t in getattr(engine.perturbations, "_scratch", {}).values()),
             "offload_device_buffers": engine.pipeline.nbytes_device() if engine.pipeline is not None else 0,

@@ -327,3 +327,18 @@ def test_cuda_row_blocks_on_trains_like_whole_copies_without_them(arch):
     # then differ by ~1e-5
     assert l_on == pytest.approx(l_off, rel=1e-5) and g_on == pytest.approx(g_off, rel=1e-3, abs=1e-3)
     assert all(torch.allclose(sd_on[k], sd_off[k], rtol=0, atol=1e-4) for k in sd_off)
+
+
+@cuda
+def test_cuda_update_scratch_is_per_stream():
+    """A resliced unit's shard is updated on the all-gather's stream while the compute stream updates resident units:
+    each stream gets its own scratch, so the two updates never write the same memory."""
+    from ds_zo.optimizer import ZOSGD
+    opt = ZOSGD([torch.nn.Parameter(torch.zeros(4))], lr=0.1)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    mine = opt.scratch(dev, 1 << 20, 1)
+    side = torch.cuda.Stream(dev)
+    with torch.cuda.stream(side):
+        other = opt.scratch(dev, 1 << 20, 1)
+    assert other[0].data_ptr() != mine[0].data_ptr() and opt.scratch(dev, 1 << 20, 1) is mine
+    assert len(opt._scratch) == 2 and opt.scratch_nbytes() == 2 * 4 << 20

@@ -329,7 +329,7 @@ def test_spans_of_several_chunks_change_nothing(monkeypatch, tied, span_chunks):
         tied_numel = model.get_input_embeddings().weight.numel() if tied else 0
         assert params + tied_numel - 4 * 100 <= per_step - (params if t else 0) <= params + tied_numel
     _assert_params_equal(engine, ref, rtol=0)
-    assert engine.optimizer._buffers[0].numel() == 100 * span_chunks
+    assert [b.numel() for b in engine.optimizer._scratch[(torch.device("cpu"), None)]] == [100 * span_chunks]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -416,7 +416,7 @@ def test_parameters_spanning_many_z_chunks(tied):
     # vocabulary size, and no logits: the output layer hands its blocks to the loss (StreamedTokenLoss)
     span = engine.perturbations.span(torch.device("cpu"))   # chunks drawn at once: 100 x min(threads, 4)
     cached = span + 100
-    assert span % 100 == 0 and [b.numel() for b in engine.optimizer._buffers] == [span]
+    assert span % 100 == 0 and [b.numel() for b in engine.optimizer._scratch[(torch.device("cpu"), None)]] == [span]
     streamed = [u for u in engine.units if streamed_kind(u)]
     assert {streamed_kind(u) for u in streamed} == {"embedding", "linear"}
     block = max(min(engine.copies.block_rows(u.trainable[0]), u.trainable[0].param.shape[0])

@@ -37,3 +37,16 @@ def test_update_rounds_once_into_16_bit_parameters():
     apply_step(got, 9, record, True, gen)
     want = plain(theta.float(), [gen.z(2, 0, 9, 200)], (-4.0,), 0.5, 0.0, True).to(torch.bfloat16)
     assert torch.equal(got, want)
+
+
+def test_update_scratch_is_one_span_and_a_second_only_for_several_perturbations():
+    """The optimizer's float32 scratch: one span for one perturbation, two for several; reused, grown when asked
+    for more; one set per device and stream (on CPU: the device alone)."""
+    from ds_zo.optimizer import ZOSGD
+    opt = ZOSGD([torch.nn.Parameter(torch.zeros(4))], lr=0.1)
+    cpu = torch.device("cpu")
+    one = opt.scratch(cpu, 100, 1)
+    assert [t.numel() for t in one] == [100] and opt.scratch(cpu, 50, 1) is one
+    two = opt.scratch(cpu, 100, 2)
+    assert [t.numel() for t in two] == [100, 100] and opt.scratch(cpu, 100, 1) is two
+    assert list(opt._scratch) == [(cpu, None)] and opt.scratch_nbytes() == 800
