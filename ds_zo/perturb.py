@@ -105,7 +105,7 @@ class PerturbationGenerator:
         self.chunk = chunk_elements
         self.accelerator_span_chunks = ACCELERATOR_SPAN_CHUNKS
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}    # (device, CUDA stream) -> a chunk of float32
         self._local = threading.local()       # per worker thread: its own CPU generator
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_size, self._pool_pid = 0, 0
@@ -324,9 +324,12 @@ class PerturbationGenerator:
         return rest
 
     def _scratch_chunk(self, device: torch.device) -> torch.Tensor:
-        buf = self._scratch.get(device)
+        """A chunk of float32 scratch per device and CUDA stream (a ZeRO shard's partial chunks are drawn on the
+        all-gather's stream while the compute stream draws too)."""
+        key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+        buf = self._scratch.get(key)
         if buf is None:
-            buf = self._scratch[device] = torch.empty(self.chunk, dtype=torch.float32, device=device)
+            buf = self._scratch[key] = torch.empty(self.chunk, dtype=torch.float32, device=device)
         return buf
 
     def fill(self, out: torch.Tensor, seed: int, index: int, key: int, numel: int, start: int = 0,
