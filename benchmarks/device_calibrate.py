@@ -193,7 +193,8 @@ def forward_rate(model: torch.nn.Module, shape: str, rows: int, seq: int, reps: 
 
 
 def hardware(micro: dict, flops: float, h2d_bw: float, d2h_bw: float, dtype_bytes: int, unit_host_s: float,
-             device: torch.device | str, span_chunks: int = 1) -> pm.Hardware:
+             device: torch.device | str, span_chunks: int = 1,
+             loss_tile_elements: int = pm.Hardware.loss_tile_elements) -> pm.Hardware:
     """On CUDA host issue, copies and compute overlap (streams); on CPU everything runs in turn on the host."""
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -201,7 +202,8 @@ def hardware(micro: dict, flops: float, h2d_bw: float, d2h_bw: float, dtype_byte
                        elem_bw=micro["elem_bw"], h2d_bw=h2d_bw, d2h_bw=d2h_bw, gpus_per_node=1, overlap=cuda,
                        host_chunk_s=micro["host_chunk_s"], host_pass_s=micro.get("host_pass_s", 0.0) if cuda else 0.0,
                        span_chunks=span_chunks, unit_host_s=unit_host_s, dtype_bytes=dtype_bytes,
-                       merge_bw=micro["merge_bw"], fused_passes=micro.get("fused_passes", False) and dtype_bytes == 4)
+                       merge_bw=micro["merge_bw"], fused_passes=micro.get("fused_passes", False) and dtype_bytes == 4,
+                       loss_tile_elements=loss_tile_elements)
 
 
 def predict(result: dict) -> dict:
@@ -232,8 +234,11 @@ def predict(result: dict) -> dict:
                                         prefetch) for m in steps["modes"]}
                            for rates, sample in zip(samples, steps["samples"])]
 
+    # the loss's tiles as the run had them (records before the tenth session's change: 2^21 logits)
+    tile = result.get("loss_tile_elements", 1 << 21)
+
     def step_s(rates: dict, unit_host_s: float, b: int, span: int, layout) -> pm.Result:
-        hw = hardware(rates, flops[b], h2d, d2h, nbytes, unit_host_s, result["device"], span)
+        hw = hardware(rates, flops[b], h2d, d2h, nbytes, unit_host_s, result["device"], span, tile)
         return pm.simulate(spec, hw, layout, pm.Workload(b, result["seq"]))
 
     def fitted(rates: dict, fit: dict) -> tuple[dict, float]:

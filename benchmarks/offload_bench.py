@@ -20,6 +20,7 @@ import time
 import torch
 
 from benchmarks.models import SHAPES, build
+from ds_zo.loss import CPU_TILE_ELEMENTS, DEVICE_TILE_ELEMENTS
 from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -128,7 +129,9 @@ def main(argv=None) -> dict:
     result = {"shape": args.shape, "dtype": args.dtype, "seq": args.seq, "batch": batches[0], "batches": batches,
               "prefetch": int(args.prefetch.split(",")[0]),
               "params": sum(p.numel() for p in base.parameters()), "device": "cuda" if cuda else "cpu",
-              "build_s": time.perf_counter() - t0}
+              "build_s": time.perf_counter() - t0,
+              # the token loss's tiling this code ran with (the model counts its host ops)
+              "loss_tile_elements": DEVICE_TILE_ELEMENTS if cuda else CPU_TILE_ELEMENTS}
     if cuda:
         result["gpu"] = torch.cuda.get_device_name()
         result["memcpy"] = memcpy_baseline()

@@ -29,15 +29,18 @@ def default_labels(batch: dict) -> torch.Tensor:
 
 
 # Logits per reduction tile (positions × vocabulary window; a float32 tile and its log-softmax are the scratch): 1 MB
-# on CPU, where the tile should stay in cache; 8 MB elsewhere, where fewer, larger kernels matter more (a host-bound
-# GPU step pays per launch: 2 × 2048 positions of OPT's 50272-token vocabulary take 112 tiles of 7 kernels).
+# on CPU, where the tile should stay in cache; 32 MB elsewhere, where fewer, larger kernels matter more: a host-bound
+# GPU step pays per launch, and a tile is 9 host-issued ops (ds_zo.perfmodel.LOSS_OPS_PER_TILE; 19 µs each on the
+# H200 machine's host). 2 × 2048 positions of OPT's 50272-token vocabulary take 28 tiles (112 with 8 MB tiles,
+# which were 10 % of an OPT-1.3B step at 1 × 2048 tokens and 29 % at 4 × 2048 by the model: tenth pass). The tile
+# scratch is one per loss, shared by its slots (reduced one after another on one stream).
 CPU_TILE_ELEMENTS = 1 << 18
-DEVICE_TILE_ELEMENTS = 1 << 21
+DEVICE_TILE_ELEMENTS = 1 << 23
 # Columns per vocabulary window. Fixed per device, so a position's loss does not depend on whether its logits arrive
 # whole or block by block from a streamed output layer, whose window buffers hold positions × window logits per slot.
 # Elsewhere than on CPU the windows are narrower than a large vocabulary for that (row blocks on GPUs too), and
-# the tiles about as many as with whole-vocabulary windows (the 112 tiles of 256 positions × 8192 columns above,
-# against 100 of 41 positions × 50272).
+# the tiles about as many as with whole-vocabulary windows (the 28 tiles of 1024 positions × 8192 columns above,
+# against 26 of 166 positions × 50272).
 CPU_VOCAB_WINDOW = 2048
 DEVICE_VOCAB_WINDOW = 8192
 
@@ -68,13 +71,15 @@ class TokenCrossEntropy:
     reduced as contiguous float32 tensors. (A float64 log-softmax is exact to ~1e-15 but took 2.2 ns per logit
     against 0.6: 3 % of a SmolLM2 step at 16 × 64 tokens, measured side by side.)"""
 
-    def __init__(self, targets: torch.Tensor, vocab: int):
+    def __init__(self, targets: torch.Tensor, vocab: int, scratch: Optional[dict] = None):
         n, device = targets.numel(), targets.device
         self.targets = targets
         self.vocab = vocab
         self._lse = torch.empty(n, dtype=torch.float64, device=device)
         self._target = torch.zeros(n, dtype=torch.float64, device=device)
-        self._scratch: Optional[torch.Tensor] = None     # made on first use: streamed windows never need it
+        # the float32 tile, made on first use (float32 contiguous parts never need it); `scratch` shares it with
+        # the other parts of one loss, which are reduced one after another
+        self._scratch = {} if scratch is None else scratch
         self._seen = 0
 
     def add(self, a: int, c0: int, part: torch.Tensor) -> None:
@@ -83,10 +88,12 @@ class TokenCrossEntropy:
         if part.dtype == torch.float32 and part.is_contiguous():
             tile = part
         else:
-            if self._scratch is None:
+            buf = self._scratch.get("tile")
+            if buf is None:
                 window, positions = loss_tiling(part.device, self.vocab)
-                self._scratch = part.new_empty(min(self.targets.numel(), positions) * window, dtype=torch.float32)
-            tile = self._scratch[:n * w].view(n, w)
+                buf = self._scratch["tile"] = part.new_empty(min(self.targets.numel(), positions) * window,
+                                                             dtype=torch.float32)
+            tile = buf[:n * w].view(n, w)
             tile.copy_(part)
         window = tile.amax(1).double() - F.log_softmax(tile, 1).amax(1).double()
         if c0 == 0:
@@ -146,7 +153,8 @@ class StreamedTokenLoss:
     def __init__(self, labels: torch.Tensor, slots: int, vocab: int, device: torch.device):
         self.labels = labels
         targets = shifted_targets(labels, device)
-        self.parts = [TokenCrossEntropy(targets, vocab) for _ in range(slots)]
+        scratch: dict = {}
+        self.parts = [TokenCrossEntropy(targets, vocab, scratch) for _ in range(slots)]
         self.window, self.positions = loss_tiling(device, vocab)
         self.vocab = vocab
         self.placeholder = torch.empty(slots * labels.shape[0], labels.shape[1], vocab, device="meta")

@@ -216,7 +216,7 @@ class Hardware:
     # LOSS_OPS_PER_TILE small ops issued by the host at host_pass_s (its device time is in `flops`, which is
     # measured on forwards that compute HF's loss); the accelerators' tiling by default
     loss_window: int = 8192
-    loss_tile_elements: int = 1 << 21
+    loss_tile_elements: int = 1 << 23                 # 1 << 21 until the tenth session
     collective_latency_s: float = 0.0     # per all-gather / all-reduce call
     dtype_bytes: int = 2              # bytes per stored and computed element (2: bf16/fp16, 4: fp32)
     merge_bw: Optional[float] = None  # bytes/s written by the slot concatenation (torch.cat into a new tensor);

@@ -78,13 +78,14 @@ def test_streamed_blocks_give_the_whole_logits_value_bit_for_bit(threads):
 
 
 def test_accelerator_tiling_streamed_equals_whole_and_the_cross_entropy(monkeypatch):
-    """The tiling logits on a GPU get (windows of 8192 columns, tiles of 2^21 logits), here on CPU tensors: blocks
+    """The tiling logits on a GPU get (windows of 8192 columns, tiles of 2^23 logits), here on CPU tensors: blocks
     streamed into the windows give the whole logits' value bit for bit, and it is the float64 cross-entropy to
-    float32 rounding. (On a GPU the output layer streams with zero_order.row_blocks "on".)"""
+    float32 rounding; in bf16 with two slots, which share one float32 tile, each slot's value is its whole logits'.
+    (On a GPU the output layer streams by default.)"""
     import ds_zo.loss as loss
     device_tiling = loss.loss_tiling(torch.device("cuda"), 20000)
-    assert device_tiling == (loss.DEVICE_VOCAB_WINDOW, (1 << 21) // loss.DEVICE_VOCAB_WINDOW)
-    assert loss.loss_tiling(torch.device("cuda"), 300) == (300, (1 << 21) // 300)
+    assert device_tiling == (loss.DEVICE_VOCAB_WINDOW, (1 << 23) // loss.DEVICE_VOCAB_WINDOW)
+    assert loss.loss_tiling(torch.device("cuda"), 300) == (300, (1 << 23) // 300)
     real = loss.loss_tiling
     monkeypatch.setattr(loss, "loss_tiling", lambda device, vocab: real(torch.device("cuda"), vocab))
     vocab = 2 * loss.DEVICE_VOCAB_WINDOW + 123
@@ -100,6 +101,14 @@ def test_accelerator_tiling_streamed_equals_whole_and_the_cross_entropy(monkeypa
     for c0, c1 in _blocks_of(vocab, random.Random(5)):
         sink.add_matmul(0, c0, x, weight[c0:c1])
     assert sink.results() == [token_loss_sum(F.linear(x, weight), labels)]
+    xs, w16 = [(x + s).bfloat16() for s in range(2)], weight.bfloat16()
+    sink = StreamedTokenLoss(labels, 2, vocab, torch.device("cpu"))
+    for c0, c1 in _blocks_of(vocab, random.Random(6)):
+        for s in range(2):
+            sink.add_matmul(s, c0, xs[s], w16[c0:c1])
+    assert sink.results() == [token_loss_sum(F.linear(xs[s], w16), labels) for s in range(2)]
+    tiles = [p._scratch["tile"] for p in sink.parts]
+    assert tiles[0] is tiles[1] and tiles[0].dtype == torch.float32           # one float32 tile for both slots
 
 
 def test_blocks_out_of_order_and_incomplete_losses_are_refused():

@@ -192,11 +192,11 @@ def test_shapes_and_constants_agree_with_ds_zo():
     assert opt.layer_params() * 2 / 1e9 == pytest.approx(348, rel=0.01)   # ≈ 350 GB in 16-bit (DESIGN.md §6)
     smol = pm.shape("smollm2-135m", 64)
     assert smol.params == 134_515_008                          # SmolLM2-135M, tied embedding counted once
-    # the loss's tiling is ds_zo.loss's on accelerators: OPT's 50272 columns at 2 x 2048 positions are 112 tiles
+    # the loss's tiling is ds_zo.loss's on accelerators: OPT's 50272 columns at 2 x 2048 positions are 28 tiles
     from ds_zo.loss import DEVICE_TILE_ELEMENTS, DEVICE_VOCAB_WINDOW, loss_tiling
     assert (pm.H100.loss_window, pm.H100.loss_tile_elements) == (DEVICE_VOCAB_WINDOW, DEVICE_TILE_ELEMENTS)
     window, group = loss_tiling("cuda", 50272)
-    assert 2 * pm.loss_tiles(2048, 50272, pm.H100.loss_window, pm.H100.loss_tile_elements) == 112 \
+    assert 2 * pm.loss_tiles(2048, 50272, pm.H100.loss_window, pm.H100.loss_tile_elements) == 28 \
         == 2 * -(-2048 // group) * -(-50272 // window)
     assert (opt.vocab, smol.vocab) == (50272, 49152)
 
