@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .perturb import PerturbationGenerator, span_groups
+from .perturb import PerturbationGenerator, span_groups, stream_key
 
 
 @dataclass(frozen=True)
@@ -187,8 +187,7 @@ class ZOSGD(torch.optim.Optimizer):
     def scratch(self, device: torch.device, span: int, wanted: int) -> tuple[torch.Tensor, ...]:
         """The float32 scratch of the current stream on `device`: `wanted` spans (one for the update; a second for
         z only with several perturbations: a GPU's span is 32 MiB), grown when asked for more."""
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-        key = (device, stream)
+        key = stream_key(device)
         bufs = self._scratch.get(key)
         if bufs is None or bufs[0].numel() < span or len(bufs) < wanted:
             bufs = self._scratch[key] = tuple(torch.empty(span, dtype=torch.float32, device=device)

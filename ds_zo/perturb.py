@@ -57,6 +57,12 @@ def chunk_key(seed: int, index: int, key: int, chunk: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
 
 
+def stream_key(device: torch.device) -> tuple:
+    """(device, its current CUDA stream) — or (device, None) off CUDA: the key of scratch buffers that two streams
+    must not share (a resliced shard is updated on the all-gather's stream while the compute stream updates too)."""
+    return device, (torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+
+
 def span_groups(items: Sequence, sizes: Sequence[int], span: int) -> list[list]:
     """Consecutive items in groups of at most `span` elements in all (an item larger than `span` stands alone): the
     batches of whole z chunks that one `fill_many` call draws together."""
@@ -324,9 +330,8 @@ class PerturbationGenerator:
         return rest
 
     def _scratch_chunk(self, device: torch.device) -> torch.Tensor:
-        """A chunk of float32 scratch per device and CUDA stream (a ZeRO shard's partial chunks are drawn on the
-        all-gather's stream while the compute stream draws too)."""
-        key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None)
+        """A chunk of float32 scratch per device and CUDA stream (stream_key)."""
+        key = stream_key(device)
         buf = self._scratch.get(key)
         if buf is None:
             buf = self._scratch[key] = torch.empty(self.chunk, dtype=torch.float32, device=device)
