@@ -13,6 +13,7 @@ from .parallel.dims import default_partition_size
 from .parallel.launch_env import ensure_launch_env
 from .parallel.mpu import ZOParallelMPU
 from .parallel.partition import partition_model, replicate_from_rank0
+from .parallel.shm_segments import release_shm_segment
 
 
 def build_optimizer(model: nn.Module, trainable: set[str], lr: float, eps: float, weight_decay: float) -> ZOSGD:
@@ -77,6 +78,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         dims = ParallelDims(world=world, rank=rank, pertp=zo.perturbation_parallel, partition=partition)
         dims.build_groups(zo.collective_timeout_s)
         comm = Communicator(dims, zo.collective_timeout_s)
+        release_shm_segment(rank, world, comm.barrier)     # DeepSpeed would leave 66 MB of /dev/shm per rank
         if offload.partitioned:
             partition_model(model, comm, ds_config)
         elif world > 1:

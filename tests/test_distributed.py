@@ -11,6 +11,7 @@ import torch
 
 from dist_worker import run_case
 from ds_zo.parallel.local_ranks import ROOT, free_port, loopback_env, run_ranks
+from ds_zo.parallel.shm_segments import leftover_shm_segments
 from models import tiny_model
 
 pytestmark = pytest.mark.multiprocess
@@ -147,10 +148,12 @@ def _two_rank_launcher_run(tmp_path, cmd, env):
 @pytest.mark.parametrize("launcher, ranks_flag", [("torchrun", "--nproc_per_node"), ("deepspeed", "--num_gpus")])
 def test_torchrun_and_deepspeed_launchers(tmp_path, baseline, launcher, ranks_flag):
     exe = os.path.join(os.path.dirname(sys.executable), launcher)
+    port = free_port()
     out = _two_rank_launcher_run(tmp_path, [exe, ranks_flag, "2", "--master_addr", "127.0.0.1",
-                                            "--master_port", str(free_port())], loopback_env())
+                                            "--master_port", str(port)], loopback_env())
     for rank in range(2):
         _assert_same(baseline, *_load(out, "pertp2", rank), f"{launcher} rank {rank}")
+    assert leftover_shm_segments(port) == []     # the deepspeed launcher makes DeepSpeed create them
 
 
 @pytest.mark.timeout(300)
