@@ -111,14 +111,13 @@ def main(argv=None) -> dict:
         out.update(device="cuda", dtype=str(dtype).removeprefix("torch."), model_bytes=model_bytes,
                    peak_gpu=torch.cuda.max_memory_allocated())
     if args.mode.startswith("dszo"):
-        # where ds_zo's working memory sits: the grow-only copy buffers (θ±εz per slot and z, sized by the largest
-        # unit) and the optimizer's float32 update scratch (sized by the largest parameter)
-        opt = engine.optimizer
+        # where ds_zo's working memory sits: the grow-only copy buffers (θ±εz per slot, sized by the largest unit;
+        # row blocks; cached ε·z chunks) and the float32 span scratch the update and the copies' ε·z share
         kept = engine.copies.buffers.nbytes(OUTPUT_ROLE)
         out["dszo_buffers"] = {
             "perturbed_copies": engine.copies.buffers.nbytes() - kept,
             "kept_logits": kept,
-            "update_scratch": opt.scratch_nbytes(),
+            "span_scratch": engine.perturbations.span_scratch_nbytes(),
             "z_chunk_scratch": sum(t.numel() * t.element_size()
                                    for t in getattr(engine.perturbations, "_scratch", {}).values()),
             "offload_device_buffers": engine.pipeline.nbytes_device() if engine.pipeline is not None else 0,

@@ -60,10 +60,12 @@ def memory_tables(res: dict) -> list[str]:
     b = m.get("dszo_buffers")
     if b:
         out.append("")
+        # records before the eleventh session kept the update's scratch apart ("update_scratch")
+        span = b.get("span_scratch", b.get("update_scratch", 0))
         out.append(f"ds_zo's buffers after two steps: perturbed copies (row blocks of the embedding/head copies, "
-                   f"cached ε·z chunks and z scratch; the decoder-layer copies are freed while the head computes) "
-                   f"{_mb(b['perturbed_copies'])} MB, optimizer update scratch (two spans of z chunks; the largest "
-                   f"parameter has {b['largest_parameter_elements']:,} elements) {_mb(b['update_scratch'])} MB.")
+                   f"cached ε·z chunks; the decoder-layer copies are freed while the head computes) "
+                   f"{_mb(b['perturbed_copies'])} MB, float32 span scratch of the update and the copies' ε·z (the "
+                   f"largest parameter has {b['largest_parameter_elements']:,} elements) {_mb(span)} MB.")
     return out
 
 

@@ -25,12 +25,12 @@ from .loss import IGNORE_INDEX, StreamedTokenLoss, default_labels, mean_loss, to
 from .model.dual_forward import dual_forward
 from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
 from .model.streamed import streamed_kind
-from .model.units import Unit, cut_into_units
+from .model.units import Unit, cut_into_units, full_numel
 from .offload import OffloadPipeline, ParameterStore
 from .offload.sharded import ShardedOffloadPipeline, ShardedStore, ShardedUnit
 from .optimizer import ZOSGD
 from .parallel import Communicator, ParallelDims
-from .perturb import PerturbationGenerator, param_key, step_seed, z_stream
+from .perturb import PerturbationGenerator, accelerator_span_chunks, param_key, step_seed, z_stream
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
 MAX_KEPT_POSITIONS = 8
@@ -82,6 +82,10 @@ class ZOEngine(DeepSpeedEngine):
         self.units: list[Unit] = cut_into_units(self.module, trainable, self.trainable_rows)
         self.param_keys = {id(p): param_key(n) for n, p in self.module.named_parameters() if n in trainable}
         self.perturbations = PerturbationGenerator(zo_config.distribution)
+        whole = [sum(full_numel(r.param) for r in u.trainable) for u in self.units
+                 if u.trainable and streamed_kind(u, zo_config.row_blocks) is None]
+        self.perturbations.accelerator_span_chunks = accelerator_span_chunks(max(whole, default=None),
+                                                                             self.perturbations.chunk)
         self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device))
         params = dict(self.module.named_parameters())
         self.optimizer.attach(self.perturbations, self.param_keys,

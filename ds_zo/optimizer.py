@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .perturb import PerturbationGenerator, span_groups, stream_key
+from .perturb import PerturbationGenerator, span_groups
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,6 @@ class ZOSGD(torch.optim.Optimizer):
         self.step_log: list[StepRecord] = []
         self.pending: Optional[StepRecord] = None
         self._pending_done: set[int] = set()
-        # float32 scratch (update; z when q > 1), one span each, reused across parameters: one set per device and
-        # CUDA stream, since a resliced unit's shard is updated on the all-gather's stream while the compute stream
-        # updates the resident units (one set would be written by both at once)
-        self._scratch: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._decay_of: Optional[dict[int, float]] = None
 
     # -- wiring -------------------------------------------------------------------------------------------------
@@ -179,23 +175,11 @@ class ZOSGD(torch.optim.Optimizer):
         if not pieces:
             return
         device = pieces[0][0].device
-        span = self.generator.span(device)
-        buffers = self.scratch(device, span, min(2, len(self.pending.g)))
-        for group in span_groups(pieces, [piece[0].numel() for piece in pieces], span):   # pieces fit in a span
+        # the generator's span scratch of this stream (a resliced shard is updated on the all-gather's stream while
+        # the compute stream updates the resident units: each stream has its own), shared with the working copies
+        buffers = self.generator.span_scratch(device, min(2, len(self.pending.g)))
+        for group in span_groups(pieces, [piece[0].numel() for piece in pieces], self.generator.span(device)):
             apply_step_pieces(group, self.pending, self.generator, buffers)
-
-    def scratch(self, device: torch.device, span: int, wanted: int) -> tuple[torch.Tensor, ...]:
-        """The float32 scratch of the current stream on `device`: `wanted` spans (one for the update; a second for
-        z only with several perturbations: a GPU's span is 32 MiB), grown when asked for more."""
-        key = stream_key(device)
-        bufs = self._scratch.get(key)
-        if bufs is None or bufs[0].numel() < span or len(bufs) < wanted:
-            bufs = self._scratch[key] = tuple(torch.empty(span, dtype=torch.float32, device=device)
-                                              for _ in range(wanted))
-        return bufs
-
-    def scratch_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for bufs in self._scratch.values() for t in bufs)
 
     def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:
         """Apply the pending update to these parameters (each at most once): the fused path, unit by unit.

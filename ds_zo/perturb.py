@@ -57,6 +57,18 @@ def chunk_key(seed: int, index: int, key: int, chunk: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
 
 
+def accelerator_span_chunks(largest_unit: Optional[int], chunk: int) -> int:
+    """Chunks per element-wise pass on accelerators for a model whose largest unit computed from whole working copies
+    has `largest_unit` trainable elements (None: no such unit): ACCELERATOR_SPAN_CHUNKS, but not more chunks than
+    that unit covers. A span sizes the scratch every pass works in (float32) and the row blocks of an embedding or
+    output layer (one block per slot); larger than the model's largest unit, it would only add to the peak (a GPU's
+    8 chunks are 32 MiB of scratch and 2 × 16 MB of bf16 row blocks beside SmolLM2-135M's 3.5 M-element layers) and
+    save launches that unit never needed."""
+    if largest_unit is None:
+        return ACCELERATOR_SPAN_CHUNKS
+    return max(1, min(ACCELERATOR_SPAN_CHUNKS, -(-largest_unit // chunk)))
+
+
 def stream_key(device: torch.device) -> tuple:
     """(device, its current CUDA stream) — or (device, None) off CUDA: the key of scratch buffers that two streams
     must not share (a resliced shard is updated on the all-gather's stream while the compute stream updates too)."""
@@ -112,6 +124,7 @@ class PerturbationGenerator:
         self.accelerator_span_chunks = ACCELERATOR_SPAN_CHUNKS
         self._generators: dict[torch.device, torch.Generator] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}    # (device, CUDA stream) -> a chunk of float32
+        self._spans: dict[tuple, tuple[torch.Tensor, ...]] = {}    # (device, CUDA stream) -> spans of float32
         self._local = threading.local()       # per worker thread: its own CPU generator
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_size, self._pool_pid = 0, 0
@@ -123,7 +136,7 @@ class PerturbationGenerator:
     def __getstate__(self) -> dict:
         # the worker pool and the per-thread generators belong to this process: a copy makes its own
         state = dict(self.__dict__)
-        state.update(_local=None, _pool=None, _pool_size=0, _pool_pid=0, _generators={}, _scratch={})
+        state.update(_local=None, _pool=None, _pool_size=0, _pool_pid=0, _generators={}, _scratch={}, _spans={})
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -328,6 +341,22 @@ class PerturbationGenerator:
         if thetas:
             self.elements_drawn += kernels.update_pieces(thetas, keys, sizes, froms, list(grads), lr, wd, decays)
         return rest
+
+    def span_scratch(self, device: torch.device, wanted: int = 1) -> tuple[torch.Tensor, ...]:
+        """`wanted` spans of float32 scratch of the current stream on `device` (stream_key), grown when asked for more
+        or when the span grows. One pool serves every caller that works a span at a time on that stream, each use
+        done before the next starts in stream order: the update (its ε·z or z, and a second span for z with several
+        perturbations) and the working copies' ε·z. On a GPU a span is up to 32 MiB: one pool instead of one per
+        caller is that much less peak memory."""
+        key, span = stream_key(device), self.span(device)
+        bufs = self._spans.get(key)
+        if bufs is None or bufs[0].numel() < span or len(bufs) < wanted:
+            bufs = self._spans[key] = tuple(torch.empty(span, dtype=torch.float32, device=device)
+                                            for _ in range(max(wanted, len(bufs or ()))))
+        return bufs
+
+    def span_scratch_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for bufs in self._spans.values() for t in bufs)
 
     def _scratch_chunk(self, device: torch.device) -> torch.Tensor:
         """A chunk of float32 scratch per device and CUDA stream (stream_key)."""

@@ -332,16 +332,14 @@ def test_cuda_row_blocks_on_trains_like_whole_copies_without_them(arch):
 @cuda
 def test_cuda_update_scratch_is_per_stream():
     """A resliced unit's shard is updated on the all-gather's stream while the compute stream updates resident units:
-    each stream gets its own scratch (the optimizer's spans, the sampler's partial-chunk buffer), so the two updates
-    never write the same memory."""
-    from ds_zo.optimizer import ZOSGD
-    opt = ZOSGD([torch.nn.Parameter(torch.zeros(4))], lr=0.1)
+    each stream gets its own scratch (the generator's spans, which the update uses, and its partial-chunk buffer),
+    so the two updates never write the same memory."""
     gen = PerturbationGenerator()
     dev = torch.device("cuda", torch.cuda.current_device())
-    mine, chunk = opt.scratch(dev, 1 << 20, 1), gen._scratch_chunk(dev)
+    mine, chunk = gen.span_scratch(dev), gen._scratch_chunk(dev)
     side = torch.cuda.Stream(dev)
     with torch.cuda.stream(side):
-        other, other_chunk = opt.scratch(dev, 1 << 20, 1), gen._scratch_chunk(dev)
-    assert other[0].data_ptr() != mine[0].data_ptr() and opt.scratch(dev, 1 << 20, 1) is mine
+        other, other_chunk = gen.span_scratch(dev), gen._scratch_chunk(dev)
+    assert other[0].data_ptr() != mine[0].data_ptr() and gen.span_scratch(dev) is mine
     assert other_chunk.data_ptr() != chunk.data_ptr() and gen._scratch_chunk(dev) is chunk
-    assert len(opt._scratch) == 2 and opt.scratch_nbytes() == 2 * 4 << 20
+    assert len(gen._spans) == 2 and gen.span_scratch_nbytes() == 2 * 4 * gen.span(dev)

@@ -329,7 +329,23 @@ def test_spans_of_several_chunks_change_nothing(monkeypatch, tied, span_chunks):
         tied_numel = model.get_input_embeddings().weight.numel() if tied else 0
         assert params + tied_numel - 4 * 100 <= per_step - (params if t else 0) <= params + tied_numel
     _assert_params_equal(engine, ref, rtol=0)
-    assert [b.numel() for b in engine.optimizer._scratch[(torch.device("cpu"), None)]] == [100 * span_chunks]
+    # the update and the working copies' ε·z share one span of scratch
+    assert [b.numel() for b in engine.perturbations._spans[(torch.device("cpu"), None)]] == [100 * span_chunks]
+    assert "z" not in {k[0] for k in engine.copies.buffers._bufs}
+
+
+@pytest.mark.parametrize("row_blocks, span_chunks", [("auto", 1), ("off", 4)])
+def test_the_accelerator_span_is_sized_by_the_largest_whole_copy_unit(monkeypatch, row_blocks, span_chunks):
+    """The engine caps the accelerator span (`accelerator_span_chunks`) by its largest unit computed from whole
+    copies. Training the tied embedding and the final norm with 1000-element chunks: with row blocks the embedding
+    is not such a unit (the norm's 32 elements: 1 chunk), with row_blocks "off" it is (3072 elements: 4 chunks)."""
+    monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", 1000))
+    cfg = ds_config(row_blocks=row_blocks, trainable=["model.embed_tokens.*", "model.norm.*"])
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama", tied=True), config=cfg)
+    assert engine.perturbations.chunk == 1000
+    assert engine.perturbations.accelerator_span_chunks == span_chunks
+    engine.train_batch(batch(seed=0))
+    assert engine.last_projected_grad == engine.last_projected_grad        # a step runs (g finite)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -409,23 +425,25 @@ def test_parameters_spanning_many_z_chunks(tied):
     for t in range(STEPS):
         assert engine.train_batch(batch(seed=t)) == ref.step(batch(seed=t))[0]
     _assert_params_equal(engine, ref, rtol=0)
-    # scratch: the update's one span (one perturbation: no second z scratch); the copies' one span of z, two slot buffers of the largest unit formed
-    # whole (a decoder layer; freed while the output layer computes, so absent after a step) and, for the embedding
-    # and the head (formed in row blocks), two block buffers and at most one span and one chunk of cached ε·z (the
-    # 64-row blocks here are larger than that: only the chunks they share with a neighbour are cached) -- no scratch of
-    # vocabulary size, and no logits: the output layer hands its blocks to the loss (StreamedTokenLoss)
+    # scratch: one span the update (one perturbation: no second z scratch) and the copies' ε·z share, two slot
+    # buffers of the largest unit formed whole (a decoder layer; freed while the output layer computes, so absent
+    # after a step) and, for the embedding and the head (formed in row blocks), two block buffers and at most one
+    # span and one chunk of cached ε·z (the 64-row blocks here are larger than that: only the chunks they share with
+    # a neighbour are cached) -- no scratch of vocabulary size, and no logits: the output layer hands its blocks to
+    # the loss (StreamedTokenLoss)
     span = engine.perturbations.span(torch.device("cpu"))   # chunks drawn at once: 100 x min(threads, 4)
     cached = span + 100
-    assert span % 100 == 0 and [b.numel() for b in engine.optimizer._scratch[(torch.device("cpu"), None)]] == [span]
+    assert span % 100 == 0
+    assert [b.numel() for b in engine.perturbations._spans[(torch.device("cpu"), None)]] == [span]
     streamed = [u for u in engine.units if streamed_kind(u)]
     assert {streamed_kind(u) for u in streamed} == {"embedding", "linear"}
     block = max(min(engine.copies.block_rows(u.trainable[0]), u.trainable[0].param.shape[0])
                 * u.trainable[0].param.shape[1] for u in streamed)
     assert engine.copies.buffers.nbytes(OUTPUT_ROLE) == 0
-    held = engine.copies.buffers.nbytes() - (4 * span + 2 * 4 * block)
+    held = engine.copies.buffers.nbytes() - 2 * 4 * block
     assert 4 * 100 <= held <= 4 * cached
     largest = max(sum(r.param.numel() for r in u.trainable) for u in engine.units if u not in streamed)
     layer = next(u for u in engine.units if u.is_layer)
     engine.copies.acquire(layer)
     engine.copies.release(layer)
-    assert engine.copies.buffers.nbytes() == 2 * 4 * largest + 4 * span + 2 * 4 * block + held
+    assert engine.copies.buffers.nbytes() == 2 * 4 * largest + 2 * 4 * block + held

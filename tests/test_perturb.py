@@ -208,3 +208,16 @@ def test_draw_groups_only_where_the_sampler_can_skip(monkeypatch):
     assert not gen.draw_groups(out, 9, 0.0, groups)                                     # a scale that cannot fold
     monkeypatch.setattr(native, "chunk_draws", lambda: None)
     assert not gen.draw_groups(out, 9, 0.5, groups) and gen.elements_drawn == 32
+
+
+def test_accelerator_span_is_capped_by_the_largest_whole_copy_unit():
+    """A GPU's span: 8 chunks, but no more chunks than the largest unit formed from whole copies covers (its scratch
+    and the row blocks it sizes would only add to the peak); no such unit: 8."""
+    from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS, accelerator_span_chunks
+    c = 1 << 20
+    assert ACCELERATOR_SPAN_CHUNKS == 8
+    assert accelerator_span_chunks(3_539_712, c) == 4          # SmolLM2-135M's decoder layer: 3.4 chunks
+    assert accelerator_span_chunks(50_331_648, c) == 8         # OPT-1.3B's: 48 chunks
+    assert accelerator_span_chunks(1, c) == accelerator_span_chunks(c, c) == 1
+    assert accelerator_span_chunks(c + 1, c) == 2
+    assert accelerator_span_chunks(None, c) == 8

@@ -39,14 +39,18 @@ def test_update_rounds_once_into_16_bit_parameters():
     assert torch.equal(got, want)
 
 
-def test_update_scratch_is_one_span_and_a_second_only_for_several_perturbations():
-    """The optimizer's float32 scratch: one span for one perturbation, two for several; reused, grown when asked
-    for more; one set per device and stream (on CPU: the device alone)."""
-    from ds_zo.optimizer import ZOSGD
-    opt = ZOSGD([torch.nn.Parameter(torch.zeros(4))], lr=0.1)
+def test_span_scratch_is_one_span_and_a_second_only_when_asked():
+    """The generator's float32 span scratch (the update's, shared with the working copies' ε·z): one span unless
+    more are asked for (the update's z with several perturbations); reused, grown when asked for more spans or when
+    the span grows; one set per device and stream (on CPU: the device alone)."""
+    gen = PerturbationGenerator(chunk_elements=100)
+    gen.span = lambda device: 100
     cpu = torch.device("cpu")
-    one = opt.scratch(cpu, 100, 1)
-    assert [t.numel() for t in one] == [100] and opt.scratch(cpu, 50, 1) is one
-    two = opt.scratch(cpu, 100, 2)
-    assert [t.numel() for t in two] == [100, 100] and opt.scratch(cpu, 100, 1) is two
-    assert list(opt._scratch) == [(cpu, None)] and opt.scratch_nbytes() == 800
+    one = gen.span_scratch(cpu)
+    assert [t.numel() for t in one] == [100] and gen.span_scratch(cpu, 1) is one
+    two = gen.span_scratch(cpu, 2)
+    assert [t.numel() for t in two] == [100, 100] and gen.span_scratch(cpu, 1) is two
+    gen.span = lambda device: 300
+    three = gen.span_scratch(cpu)
+    assert [t.numel() for t in three] == [300, 300]          # as many spans as before, each the new span
+    assert list(gen._spans) == [(cpu, None)] and gen.span_scratch_nbytes() == 2400

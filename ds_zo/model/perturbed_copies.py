@@ -319,7 +319,7 @@ class PerturbedCopies:
         span, c = self.generator.span(base.device), self.generator.chunk
         while lo < hi:
             end = min(hi, (lo // span + 1) * span)
-            ez = self.buffers.get("z", end - lo, torch.float32, base.device)
+            ez = self._span_z(base.device, end - lo)
             master = base[lo - a:end - a]
             for j in self._perturbations():
                 self._draw_ez(ref, j, [(ez[k * c - lo:(k + 1) * c - lo], k) for k in range(lo // c, end // c)], numel)
@@ -412,7 +412,7 @@ class PerturbedCopies:
                 # z_j for a group of chunks drawn at once (in parallel on CPU): the scratch is that group, not a copy
                 # of the largest parameter
                 total = sum(hi - lo for _, _, _, _, lo, hi in group)
-                z = self.buffers.get("z", total, torch.float32, group[0][0].param.device)
+                z = self._span_z(group[0][0].param.device, total)
                 requests, at = [], 0
                 for ref, _, m, _, lo, hi in group:
                     requests.append((z[at:at + hi - lo], self.seed, j, self.keys[id(ref.param)], m, lo))
@@ -437,6 +437,14 @@ class PerturbedCopies:
         left = {id(job) for job in self.generator.perturb_fused(jobs, self.eps)}
         done = {id(pc) for pc, job in zip(cands, jobs) if id(job) not in left}
         return [pc for pc in pieces if id(pc) not in done]
+
+    def _span_z(self, device: torch.device, n: int) -> torch.Tensor:
+        """n (at most a span) float32 elements of scratch for ε·z: the generator's span scratch of this stream, which
+        the update uses too, always before or after (`enter` applies it before any copy is formed)."""
+        z = self.generator.span_scratch(device)[0]
+        if n > z.numel():
+            raise RuntimeError(f"{n} z elements at once, more than a span ({z.numel()})")
+        return z[:n]
 
     def _groups(self, pieces: list) -> list[list]:
         """Consecutive pieces on one device, in groups of at most one span (a larger piece stands alone)."""
