@@ -82,9 +82,8 @@ class ZOEngine(DeepSpeedEngine):
         self.units: list[Unit] = cut_into_units(self.module, trainable, self.trainable_rows)
         self.param_keys = {id(p): param_key(n) for n, p in self.module.named_parameters() if n in trainable}
         self.perturbations = PerturbationGenerator(zo_config.distribution)
-        whole = [sum(full_numel(r.param) for r in u.trainable) for u in self.units
-                 if u.trainable and streamed_kind(u, zo_config.row_blocks) is None]
-        self.perturbations.accelerator_span_chunks = accelerator_span_chunks(max(whole, default=None),
+        layers = [sum(full_numel(r.param) for r in u.params) for u in self.units if u.is_layer]
+        self.perturbations.accelerator_span_chunks = accelerator_span_chunks(max(layers, default=None),
                                                                              self.perturbations.chunk)
         self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device))
         params = dict(self.module.named_parameters())

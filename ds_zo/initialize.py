@@ -13,7 +13,8 @@ from .parallel.dims import default_partition_size
 from .parallel.launch_env import ensure_launch_env
 from .parallel.mpu import ZOParallelMPU
 from .parallel.partition import partition_model, replicate_from_rank0
-from .parallel.shm_segments import release_shm_segment
+from .parallel.communicator import startup_barrier
+from .parallel.shm_segments import deepspeed_shm_op_loaded, release_shm_segment
 
 
 def build_optimizer(model: nn.Module, trainable: set[str], lr: float, eps: float, weight_decay: float) -> ZOSGD:
@@ -74,11 +75,13 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                               dist_init_required=dist_init_required, timeout=timedelta(seconds=zo.collective_timeout_s))
         world, rank = dist.get_world_size(), dist.get_rank()
+        # DeepSpeed would leave 66 MiB of /dev/shm per rank; released before anything here can fail
+        release_shm_segment(rank, world, lambda: startup_barrier(rank, world, zo.collective_timeout_s),
+                            deepspeed_shm_op_loaded())
         partition = default_partition_size(world, zo.partition_group_size) if offload.partitioned else 1
         dims = ParallelDims(world=world, rank=rank, pertp=zo.perturbation_parallel, partition=partition)
         dims.build_groups(zo.collective_timeout_s)
         comm = Communicator(dims, zo.collective_timeout_s)
-        release_shm_segment(rank, world, comm.barrier)     # DeepSpeed would leave 66 MB of /dev/shm per rank
         if offload.partitioned:
             partition_model(model, comm, ds_config)
         elif world > 1:

@@ -57,16 +57,16 @@ def chunk_key(seed: int, index: int, key: int, chunk: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
 
 
-def accelerator_span_chunks(largest_unit: Optional[int], chunk: int) -> int:
-    """Chunks per element-wise pass on accelerators for a model whose largest unit computed from whole working copies
-    has `largest_unit` trainable elements (None: no such unit): ACCELERATOR_SPAN_CHUNKS, but not more chunks than
-    that unit covers. A span sizes the scratch every pass works in (float32) and the row blocks of an embedding or
-    output layer (one block per slot); larger than the model's largest unit, it would only add to the peak (a GPU's
-    8 chunks are 32 MiB of scratch and 2 × 16 MB of bf16 row blocks beside SmolLM2-135M's 3.5 M-element layers) and
-    save launches that unit never needed."""
-    if largest_unit is None:
+def accelerator_span_chunks(layer_elements: Optional[int], chunk: int) -> int:
+    """Chunks per element-wise pass on accelerators for a model whose largest decoder layer has `layer_elements`
+    parameters (None: no layer list found): ACCELERATOR_SPAN_CHUNKS, but not more chunks than such a layer covers.
+    A span sizes the float32 scratch of every pass and the row blocks of an embedding or output layer (one block
+    per slot, and the block's logits). A layer is the scale of the model's own per-unit memory (its weights, its
+    working copies): a span beyond it only adds to the peak (a GPU's 8 chunks are 32 MiB of scratch and 2 × 16 MB of
+    bf16 row blocks beside SmolLM2-135M's 3.5 M-element layers) and saves no launch a layer's passes need."""
+    if layer_elements is None:
         return ACCELERATOR_SPAN_CHUNKS
-    return max(1, min(ACCELERATOR_SPAN_CHUNKS, -(-largest_unit // chunk)))
+    return max(1, min(ACCELERATOR_SPAN_CHUNKS, -(-layer_elements // chunk)))
 
 
 def stream_key(device: torch.device) -> tuple:

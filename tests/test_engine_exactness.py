@@ -334,15 +334,16 @@ def test_spans_of_several_chunks_change_nothing(monkeypatch, tied, span_chunks):
     assert "z" not in {k[0] for k in engine.copies.buffers._bufs}
 
 
-@pytest.mark.parametrize("row_blocks, span_chunks", [("auto", 1), ("off", 4)])
-def test_the_accelerator_span_is_sized_by_the_largest_whole_copy_unit(monkeypatch, row_blocks, span_chunks):
-    """The engine caps the accelerator span (`accelerator_span_chunks`) by its largest unit computed from whole
-    copies. Training the tied embedding and the final norm with 1000-element chunks: with row blocks the embedding
-    is not such a unit (the norm's 32 elements: 1 chunk), with row_blocks "off" it is (3072 elements: 4 chunks)."""
-    monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", 1000))
-    cfg = ds_config(row_blocks=row_blocks, trainable=["model.embed_tokens.*", "model.norm.*"])
+@pytest.mark.parametrize("chunk, span_chunks", [(2000, 4), (1000, 8)])
+def test_the_accelerator_span_is_sized_by_the_largest_decoder_layer(monkeypatch, chunk, span_chunks):
+    """The engine caps the accelerator span (`accelerator_span_chunks`) by the model's largest decoder layer, trained
+    or not (the tiny llama's: 7744 parameters): 4 chunks of 2000, and 8 (the most) of 1000 elements. Here only the
+    tied embedding and the final norm are trained, which alone would not say how large the model is."""
+    monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", chunk))
+    cfg = ds_config(trainable=["model.embed_tokens.*", "model.norm.*"])
     engine, *_ = ds_zo.initialize(model=tiny_model("llama", tied=True), config=cfg)
-    assert engine.perturbations.chunk == 1000
+    assert engine.perturbations.chunk == chunk
+    assert max(sum(p.numel() for p in layer.parameters()) for layer in engine.module.model.layers) == 7744
     assert engine.perturbations.accelerator_span_chunks == span_chunks
     engine.train_batch(batch(seed=0))
     assert engine.last_projected_grad == engine.last_projected_grad        # a step runs (g finite)

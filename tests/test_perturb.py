@@ -210,9 +210,9 @@ def test_draw_groups_only_where_the_sampler_can_skip(monkeypatch):
     assert not gen.draw_groups(out, 9, 0.5, groups) and gen.elements_drawn == 32
 
 
-def test_accelerator_span_is_capped_by_the_largest_whole_copy_unit():
-    """A GPU's span: 8 chunks, but no more chunks than the largest unit formed from whole copies covers (its scratch
-    and the row blocks it sizes would only add to the peak); no such unit: 8."""
+def test_accelerator_span_is_capped_by_the_largest_decoder_layer():
+    """A GPU's span: 8 chunks, but no more chunks than the model's largest decoder layer covers (its scratch and
+    the row blocks it sizes would only add to the peak); no layer list: 8."""
     from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS, accelerator_span_chunks
     c = 1 << 20
     assert ACCELERATOR_SPAN_CHUNKS == 8

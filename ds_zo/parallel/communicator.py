@@ -14,6 +14,22 @@ class CollectiveError(RuntimeError):
     pass
 
 
+def collective_error(rank: int, world: int, what: str, group: str, timeout_s: float, err: Exception) -> CollectiveError:
+    return CollectiveError(
+        f"rank {rank}/{world}: {what} over the {group} group failed (timeout {timeout_s:g} s; "
+        f"zero_order.collective_timeout_s): a peer rank probably died or stopped responding. "
+        f"Cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+
+def startup_barrier(rank: int, world: int, timeout_s: float) -> None:
+    """A barrier over the default group (its timeout set at init_distributed), before ds_zo's groups exist."""
+    if world > 1:
+        try:
+            dist.barrier()
+        except Exception as e:
+            raise collective_error(rank, world, "start-up barrier", "world", timeout_s, e) from e
+
+
 class Communicator:
     def __init__(self, dims: ParallelDims, timeout_s: float, staging_device: torch.device | None = None):
         self.dims = dims
@@ -36,10 +52,7 @@ class Communicator:
         t.copy_(staged.cpu())
 
     def _fail(self, what: str, group: str, err: Exception) -> CollectiveError:
-        return CollectiveError(
-            f"rank {self.dims.rank}/{self.dims.world}: {what} over the {group} group failed (timeout "
-            f"{self.timeout_s:g} s; zero_order.collective_timeout_s): a peer rank probably died or stopped "
-            f"responding. Cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        return collective_error(self.dims.rank, self.dims.world, what, group, self.timeout_s, err)
 
     def all_reduce_sum(self, values: torch.Tensor, group: str = "world") -> torch.Tensor:
         """Sum a small float64 vector over every rank of a group (over the world: the only per-step collective of ZO
