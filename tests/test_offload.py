@@ -224,3 +224,28 @@ def test_upload_timing_is_opt_in_and_counts_every_timed_upload():
     stall = engine.pipeline.upload_stall_s()                     # compute's waits for uploads, one per unit visit
     assert stall is not None and 0 <= stall < 1e-3               # CPU: every upload finished before its compute
     assert engine.pipeline.upload_stall_s() is None
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_step_that_fails_mid_forward_loses_no_update(stage):
+    """A batch with an out-of-range token id fails inside the forward, after the pipeline has prefetched its first
+    units. Resliced units (ZeRO-3) take their pending update as they are loaded: those prefetched but never computed
+    are written back when the next pass begins, so the run goes on exactly as if the bad batch had never come (it
+    used to lose that update for good: the optimizer counted it applied). ZO2 offload applies updates on entry."""
+    def run(bad):
+        cfg = offload_config(depth=1)
+        cfg["zero_optimization"]["stage"] = stage
+        cfg["zero_optimization"]["offload_param"]["pin_memory"] = False
+        engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+        for t in range(STEPS):
+            if bad and t == 1:
+                wrong = batch(seed=50)
+                wrong["input_ids"][0, 0] = VOCAB + 5
+                with pytest.raises(IndexError, match="token id out of range"):
+                    engine.train_batch(wrong)
+            engine.train_batch(batch(seed=t))
+        return engine, {k: v.clone() for k, v in engine.module_state_dict().items()}
+    (_, clean), (engine, after_failure) = run(False), run(True)
+    assert type(engine.pipeline).__name__ == ("ShardedOffloadPipeline" if stage == 3 else "OffloadPipeline")
+    assert engine.pipeline.stats["retired"] == 2              # the failed pass's two prefetched units
+    assert all(torch.equal(clean[k], after_failure[k]) for k in clean)

@@ -50,7 +50,7 @@ class OffloadPipeline(Residency):
         self._pos: dict[int, int] = {}
         self._base = self._cursor = 0              # buffer of the pass's first unit; where the next pass starts
         self._computing = True
-        self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "uploads": 0, "offloads": 0, "order_misses": 0}
+        self.stats = {"h2d_bytes": 0, "d2h_bytes": 0, "uploads": 0, "offloads": 0, "order_misses": 0, "retired": 0}
         # benchmarks only: time each upload (CUDA: timing events around the copy on the h2d stream; CPU: the
         # synchronous copy's wall time) and the compute stream's wait for it (timing events around the wait: how long
         # compute stalled); off by default, since timing events cost a little on every unit visit
@@ -77,6 +77,9 @@ class OffloadPipeline(Residency):
         depth + 1 uploads. Buffers are assigned round-robin by position in the pass. compute=False: a pass that only
         updates the stored units (flush), with nothing to assemble for a forward."""
         ks = list(range(len(self.order))) if units is None else [self.index[id(u)] for u in units]
+        for b, k in enumerate(self._occupant):    # units the last pass uploaded but never computed (it ended early)
+            if k is not None:
+                self._retire(k, b)
         self._pass = ks
         # round-robin continues across passes: the first upload of this pass goes to the buffer freed longest ago,
         # not to the one the previous pass's last unit may still be offloading from
@@ -96,7 +99,7 @@ class OffloadPipeline(Residency):
         b = self._buffer_of(k)
         prev = self._occupant[b]
         if prev is not None and prev != k:
-            self._uploaded.pop(prev, None)       # it was prefetched but never computed: upload it again if needed
+            self._retire(prev, b)                # it was prefetched but never computed: upload it again if needed
         st = self.streams
         with st.on(st.h2d):
             if self._free[b] is not None:
@@ -107,6 +110,30 @@ class OffloadPipeline(Residency):
         self._occupant[b] = k
         self.stats["uploads"] += 1
         self._log("upload", k)
+
+    def _retire(self, k: int, b: int) -> None:
+        """Unit k was uploaded into buffer b but never computed (a unit ran out of order and took b, or a pass ended
+        early: an exception in the forward). Buffer b is free once k's load has finished; a load that changed the
+        unit (a resliced shard takes its pending update as it is loaded) is written back first, or that update would
+        be lost: the optimizer counts it as applied."""
+        loaded = self._uploaded.pop(k, None)
+        self._occupant[b] = None
+        if loaded is None:
+            return
+        if self._written_back(k, False):
+            st = self.streams
+            with st.on(st.d2h):
+                st.d2h.wait_event(loaded)
+                self._store(k, b)
+                landed = st.event()
+                landed.record(st.d2h)
+            self._free[b] = landed
+            self._store_ready[k] = landed
+            self.stats["offloads"] += 1
+            self._log("offload", k)
+        else:
+            self._free[b] = loaded
+        self.stats["retired"] += 1
 
     def _copy_in(self, dst: torch.Tensor, src: torch.Tensor, stage: Optional[torch.Tensor]) -> None:
         """Host → device (on the current stream), converting from the storage dtype on the device if needed."""
@@ -234,5 +261,8 @@ class OffloadPipeline(Residency):
                 self._upload(nxt)
 
     def synchronize(self) -> None:
-        """Wait (host) until every offload has landed in the store: only for host-side readers of the store."""
+        """Wait (host) until every transfer touching the store has finished: offloads have landed in it and uploads
+        have finished reading it (a direct forward's last uploads may still be reading when a host writer, such as a
+        checkpoint load, comes next). Only for host-side readers and writers of the store."""
+        self.streams.h2d.synchronize()
         self.streams.d2h.synchronize()

@@ -148,6 +148,10 @@ class ShardedOffloadPipeline(OffloadPipeline):
             ready.record(self.comm_stream)
         return ready
 
+    def synchronize(self) -> None:
+        super().synchronize()
+        self.comm_stream.synchronize()      # shard updates and all-gathers read the uploaded shards, not the store
+
     def _point(self, k: int, b: int) -> None:
         if self._computing:
             self.order[k].point_params_at(self.buffers[b])
