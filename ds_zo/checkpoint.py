@@ -62,9 +62,13 @@ def _sha256(path: str) -> str:
 
 def _safe_tag(tag: str) -> str:
     tag = str(tag)
-    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or tag.endswith(".partial"):
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or tag.endswith((".partial", ".old")):
         raise CheckpointError(f"checkpoint tag {tag!r} must be a plain folder name")
     return tag
+
+
+def _brief(rows: dict) -> str:
+    return "{" + ", ".join(f"{n}: {len(r)} rows" for n, r in rows.items()) + "}" if rows else "none"
 
 
 def model_fingerprint(engine) -> list:
@@ -118,6 +122,8 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
         with open(os.path.join(partial, "steps.jsonl"), "w") as f:
             for r in engine.step_log:
                 f.write(json.dumps(r.to_json()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         state = {
             "format": FORMAT, "tag": tag,
             "global_steps": engine.global_steps, "global_samples": engine.global_samples,
@@ -139,16 +145,16 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
         _write_atomic(os.path.join(partial, "zo_state.json"), json.dumps(state, indent=1).encode())
         _fsync_dir(partial)
         final = os.path.join(save_dir, tag)
-        if os.path.exists(final):                    # replacing a tag: move the old one aside first
-            old = final + ".old"
+        old = final + ".old"
+        if os.path.exists(final):
+            # replacing a tag: the old one is moved aside first; until the new one is in place, `read_state` reads
+            # the tag from `<tag>.old` (a save killed between the two renames leaves only that)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, final)
+        os.replace(partial, final)
         _fsync_dir(save_dir)
         _write_atomic(os.path.join(save_dir, "latest"), tag.encode())
+        shutil.rmtree(old, ignore_errors=True)
     comm.barrier()
     return os.path.join(save_dir, tag)
 
@@ -163,6 +169,8 @@ def read_state(load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
         with open(latest) as f:
             tag = f.read().strip()
     folder = os.path.join(load_dir, _safe_tag(tag))
+    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):
+        folder += ".old"            # a save replacing this tag was killed between its two renames: the tag as it was
     state_path = os.path.join(folder, "zo_state.json")
     if not os.path.isfile(state_path):
         raise CheckpointError(f"checkpoint {folder!r} is incomplete: zo_state.json is missing")
@@ -201,6 +209,16 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
                               f"{engine.dims.partition}{'' if resliced else ' without reslicing'}")
     if sorted(engine.trainable_names) != state["trainable"]:
         raise CheckpointError(f"checkpoint {folder!r} trained another parameter set (zero_order.trainable)")
+    # the step log is replayed with the checkpoint's distribution and rows: the steps after a resume must use them too
+    saved_distribution = state.get("distribution", "gaussian")
+    if saved_distribution != engine.zo_config.distribution:
+        raise CheckpointError(f"checkpoint {folder!r} drew z from the {saved_distribution!r} distribution; this run "
+                              f"uses {engine.zo_config.distribution!r} (zero_order.distribution): resume with "
+                              f"{saved_distribution!r}")
+    rows = {n: r.tolist() for n, r in engine.trainable_rows.items()}
+    if state.get("trainable_rows", {}) != rows:
+        raise CheckpointError(f"checkpoint {folder!r} trained other rows (zero_order.trainable_rows: saved "
+                              f"{_brief(state.get('trainable_rows', {}))}, this run {_brief(rows)})")
     rank_file = f"zo_rank_{engine.global_rank if resliced else 0:05d}.safetensors"
     path = os.path.join(folder, rank_file)
     if not os.path.isfile(path) or _sha256(path) != state["files"].get(rank_file):
@@ -218,8 +236,16 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
     engine.global_steps = state["global_steps"]
     engine.global_samples = state["global_samples"]
     engine.skipped_steps = state["skipped_steps"]
+    # the optimizer's state is restored, as DeepSpeed restores it: lr and weight_decay (the steps record the groups'
+    # values, so the step log follows); eps stays the config's, which the engine perturbs with
+    restored = []
     for group, saved in zip(engine.optimizer.param_groups, state["param_groups"]):
+        saved = {k: v for k, v in saved.items() if k != "eps"}
+        restored += [f"{k} {v!r} (config {group[k]!r})" for k, v in saved.items() if k in group and group[k] != v]
         group.update(saved)
+    engine.optimizer.groups_changed()
+    if restored:
+        logger.warning("ds_zo: the checkpoint's optimizer state replaces the config's: %s", "; ".join(restored))
     if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     engine.comm.barrier()

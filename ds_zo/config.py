@@ -135,6 +135,16 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, Offl
         raise ConfigError(f"zero_optimization.offload_optimizer.device: {opt_off.get('device')!r} has no meaning "
                           "for ZO (there is no optimizer state); use zero_optimization.offload_param")
     offload = _offload_param(zero, partitioned=stage == 3)
+    if not offload.enabled:
+        for field in ("prefetch_depth", "overlap", "offload_dtype", "resident_units"):
+            value = getattr(zo, field)
+            if value != ZeroOrderConfig.model_fields[field].default:
+                raise ConfigError(f"zero_order.{field}: {value!r} is only used with parameter offload "
+                                  "(zero_optimization.offload_param.device = 'cpu'), which is off; remove it or "
+                                  "turn offload on")
+    if zo.partition_group_size is not None and stage != 3:
+        raise ConfigError(f"zero_order.partition_group_size: {zo.partition_group_size!r} is only used with "
+                          f"zero_optimization.stage 3 (the reslicing group), and the stage is {stage!r}")
     if stage == 3 and not offload.enabled:
         raise ConfigError("zero_optimization.stage: 3 needs zero_optimization.offload_param.device = 'cpu' (each rank "
                           "keeps its shard of the parameters in CPU memory and reslices units through the device)")

@@ -76,7 +76,6 @@ class ZOEngine(DeepSpeedEngine):
         self.dims = dims
         self.comm = communicator
         self.eps = zo_params.eps
-        self.weight_decay = zo_params.weight_decay
         self.trainable_names = trainable
         self.trainable_rows = rows or {}
         self.units: list[Unit] = cut_into_units(self.module, trainable, self.trainable_rows)
@@ -377,7 +376,7 @@ class ZOEngine(DeepSpeedEngine):
         if not all(math.isfinite(x) for x in means):   # identical on every rank: the means were all-reduced
             return self._skip_step(step, means)
         self._consecutive_skips = 0
-        self.optimizer.record_step(step, seed, grads, lr, self.weight_decay)
+        self.optimizer.record_step(step, seed, grads, lr, self.optimizer.weight_decay())
         if not self.zo_config.fuse_update:
             self._apply_remaining_pending()
         self._take_model_step(None)  # DeepSpeed's bookkeeping: lr scheduler, global_steps, global_samples

@@ -27,6 +27,32 @@ def build_optimizer(model: nn.Module, trainable: set[str], lr: float, eps: float
     return ZOSGD([g for g in groups if g["params"]], lr=lr, eps=eps, weight_decay=weight_decay)
 
 
+def check_client_optimizer(optimizer: ZOSGD, model: nn.Module, trainable: set[str], zo_params) -> None:
+    """A ZOSGD passed to initialize must be the one the config describes: the engine perturbs with the config's eps,
+    trains exactly the zero_order.trainable parameters, and replay decays the matrices (rank >= 2) by the one
+    weight_decay a step records; an optimizer that differs would be followed in part only."""
+    named = {id(p): n for n, p in model.named_parameters()}
+    have = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    want = {id(p) for n, p in model.named_parameters() if n in trainable}
+    if have != want:
+        extra = sorted(named.get(i, "<not a parameter of the model>") for i in have - want)
+        missing = sorted(named[i] for i in want - have)
+        raise ConfigError(f"optimizer: the ZOSGD passed to ds_zo.initialize must hold exactly the trained parameters "
+                          f"(zero_order.trainable); extra {extra[:5]}, missing {missing[:5]}")
+    for field, value in (("lr", optimizer.current_lr()), ("eps", optimizer.eps),
+                         ("weight_decay", optimizer.weight_decay())):
+        if value != getattr(zo_params, field):
+            raise ConfigError(f"optimizer.params.{field}: {getattr(zo_params, field)!r} in the config, {value!r} in the "
+                              f"ZOSGD passed to ds_zo.initialize; they must agree")
+    if optimizer.weight_decay():
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                if (g["weight_decay"] != 0.0) != is_decayed(p):
+                    raise ConfigError(f"optimizer: parameter {named[id(p)]!r} is in a group with weight_decay "
+                                      f"{g['weight_decay']!r}; ds_zo decays exactly the matrices and embeddings "
+                                      f"(rank >= 2), which replay relies on")
+
+
 def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: Optional[ZOSGD] = None,
                model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
                mpu: Any = None, dist_init_required: Optional[bool] = None, collate_fn: Any = None,
@@ -64,6 +90,8 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         raise ConfigError("zero_order.trainable: no parameter of the model matches; nothing would be trained")
     if optimizer is not None and not isinstance(optimizer, ZOSGD):
         raise TypeError(f"ds_zo.initialize: optimizer must be a ds_zo.ZOSGD (or None), got {type(optimizer).__name__}")
+    if optimizer is not None:
+        check_client_optimizer(optimizer, model, trainable, zo_params)
 
     if mpu is not None:
         raise ValueError("mpu is not used by ds_zo: its parallel layout comes from zero_order.perturbation_parallel "

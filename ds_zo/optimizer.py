@@ -140,6 +140,20 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError(f"ZOSGD needs one lr across parameter groups, got {sorted(lrs)}")
         return lrs.pop()
 
+    def weight_decay(self) -> float:
+        """The decoupled weight decay a step applies (and records: replay applies it to the same matrices): the one
+        non-zero weight_decay of the parameter groups, 0 if none. Read from the groups at every step, so a restored
+        or edited optimizer state and the step log always agree."""
+        values = sorted({float(g["weight_decay"]) for g in self.param_groups} - {0.0})
+        if len(values) > 1:
+            raise ValueError(f"ZOSGD needs one non-zero weight_decay across parameter groups (a step records one), "
+                             f"got {values}")
+        return values[0] if values else 0.0
+
+    def groups_changed(self) -> None:
+        """The parameter groups' settings were edited in place (a checkpoint restored them): forget what was cached."""
+        self._decay_of = None
+
     def _decays(self) -> dict[int, float]:
         if self._decay_of is None:
             self._decay_of = {id(p): g["weight_decay"] for g in self.param_groups for p in g["params"]}
@@ -234,6 +248,6 @@ class ZOSGD(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         log = state_dict.pop("zo_step_log", [])
         super().load_state_dict(state_dict)
-        self._decay_of = None
+        self.groups_changed()
         self.step_log = [StepRecord.from_json(r) for r in log]
         self.pending, self._pending_done = None, set()

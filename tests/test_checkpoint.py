@@ -167,3 +167,67 @@ def test_the_z_sampler_is_recorded_and_replay_runs_only_on_it(tmp_path, caplog):
     engine.save_checkpoint(str(tmp_path / "ck"))
     with pytest.raises(SystemExit, match=r"mixes two z streams \(cuda/132x2048, cpu\): no single device"):
         replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
+
+
+def test_a_save_killed_between_its_renames_leaves_the_tag_loadable(tmp_path, monkeypatch):
+    """Replacing a tag moves the old folder aside, then the new one in: killed in between, `latest` names a tag
+    whose folder is only `<tag>.old`, which is read instead; the next save of the tag completes and removes it."""
+    e = _engine()
+    e.train_batch(batch())
+    e.save_checkpoint(str(tmp_path), tag="t")
+    expected = {n: p.clone() for n, p in e.module_state_dict().items()}
+    e.train_batch(batch(seed=1))
+    import ds_zo.checkpoint as ck
+    real = os.replace
+
+    def killed_after_the_first(src, dst):
+        real(src, dst)
+        if dst.endswith("t.old"):
+            raise KeyboardInterrupt("killed between the renames")
+    monkeypatch.setattr(ck.os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        e.save_checkpoint(str(tmp_path), tag="t")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["latest", "t.old", "t.partial"]
+    fresh = _engine()
+    fresh.load_checkpoint(str(tmp_path))
+    got = fresh.module_state_dict()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    e.save_checkpoint(str(tmp_path), tag="t")
+    assert sorted(os.listdir(tmp_path)) == ["latest", "t"]
+    with pytest.raises(CheckpointError, match="plain folder name"):
+        e.save_checkpoint(str(tmp_path), tag="t.old")
+
+
+def test_resuming_with_another_distribution_or_rows_is_refused(tmp_path):
+    e = _engine()
+    e.train_batch(batch())
+    e.save_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="'gaussian' distribution; this run uses 'rademacher'"):
+        _engine(distribution="rademacher").load_checkpoint(str(tmp_path))
+    rows = _engine(trainable=["*"], trainable_rows={"lm_head.weight": [1, 2]})
+    with pytest.raises(CheckpointError, match=r"other rows \(zero_order.trainable_rows: saved none, this run "
+                                              r"\{lm_head.weight: 2 rows\}\)"):
+        rows.load_checkpoint(str(tmp_path))
+
+
+def test_the_restored_weight_decay_is_the_one_steps_apply_and_record(tmp_path, caplog):
+    """Resuming under a config with another weight_decay: the checkpoint's optimizer state wins (as DeepSpeed
+    restores it), with a warning; the steps after it apply and record that value, so a replay of the step log
+    rebuilds the run exactly."""
+    from ds_zo.replay import replay
+    e, *_ = ds_zo.initialize(model=tiny_model("llama", tied=False), config=ds_config(lr=1e-2, wd=0.0, seed=4))
+    e.train_batch(batch())
+    e.save_checkpoint(str(tmp_path))
+    resumed = _engine()                                       # weight_decay 0.1 in its config
+    with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
+        resumed.load_checkpoint(str(tmp_path))
+    assert "weight_decay 0.0 (config 0.1)" in caplog.text
+    for t in range(1, 3):
+        resumed.train_batch(batch(seed=t))
+    resumed.flush()
+    assert [r.wd for r in resumed.step_log] == [0.0, 0.0, 0.0]
+    model = tiny_model("llama", tied=False)
+    replay(model, resumed.step_log, sorted(resumed.trainable_names))
+    live = resumed.module_state_dict()
+    assert all(torch.equal(p, live[n]) for n, p in model.state_dict().items())

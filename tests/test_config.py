@@ -55,6 +55,12 @@ def _with(**changes):
     ({"zero_order__collective_timeout_s": 0}, ["zero_order.collective_timeout_s", "0"]),
     ({"zero_optimization__stage": 3}, ["zero_optimization.stage", "offload_param"]),
     ({"zero_optimization__offload_optimizer": {"device": "cpu"}}, ["zero_optimization.offload_optimizer"]),
+    # offload settings without offload, a reslicing group without stage 3: accepted before, then ignored
+    ({"zero_order__prefetch_depth": 2}, ["zero_order.prefetch_depth", "2", "offload_param.device", "off"]),
+    ({"zero_order__offload_dtype": "bf16"}, ["zero_order.offload_dtype", "'bf16'", "off"]),
+    ({"zero_order__overlap": False}, ["zero_order.overlap", "False"]),
+    ({"zero_order__resident_units": ["lm_head"]}, ["zero_order.resident_units", "lm_head"]),
+    ({"zero_order__partition_group_size": 2}, ["zero_order.partition_group_size", "2", "stage 3", "0"]),
 ])
 def test_bad_values_name_the_field(changes, must_mention):
     msg = _err(_with(**changes))
@@ -120,6 +126,30 @@ def test_initialize_rejects_bad_arguments_before_touching_the_model():
     with pytest.raises(TypeError, match="ZOSGD"):
         ds_zo.initialize(model=model, config=ds_config(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_passed_zosgd_must_be_the_one_the_config_describes():
+    """The engine perturbs with the config's eps over the zero_order.trainable parameters and replay decays the
+    matrices by the step's one weight_decay: a ZOSGD passed to initialize that differs would be followed in part
+    only, so it is refused with the field named; the one the config describes is used as given."""
+    from ds_zo import ZOSGD
+    from ds_zo.initialize import build_optimizer
+    model = tiny_model("llama")
+    names = {n for n, _ in model.named_parameters()}
+    cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1)
+    with pytest.raises(ConfigError, match=r"exactly the trained parameters .*missing \['model.norm.weight'"):
+        ds_zo.initialize(model=model, config=cfg,
+                         optimizer=build_optimizer(model, names - {"model.norm.weight"}, 1e-2, 1e-3, 0.1))
+    with pytest.raises(ConfigError, match=r"optimizer.params.eps: 0.001 in the config, 0.05 in the ZOSGD"):
+        ds_zo.initialize(model=model, config=cfg, optimizer=build_optimizer(model, names, 1e-2, 5e-2, 0.1))
+    with pytest.raises(ConfigError, match=r"optimizer.params.weight_decay: 0.1 in the config, 0.3"):
+        ds_zo.initialize(model=model, config=cfg, optimizer=build_optimizer(model, names, 1e-2, 1e-3, 0.3))
+    flat = ZOSGD(list(model.parameters()), lr=1e-2, eps=1e-3, weight_decay=0.1)      # norms decayed too
+    with pytest.raises(ConfigError, match=r"norm.weight' is in a group with weight_decay 0.1; ds_zo decays exactly"):
+        ds_zo.initialize(model=model, config=cfg, optimizer=flat)
+    mine = build_optimizer(model, names, 1e-2, 1e-3, 0.1)
+    engine, optimizer, *_ = ds_zo.initialize(model=model, config=cfg, optimizer=mine)
+    assert optimizer is mine and engine.optimizer is mine
 
 
 def test_parallel_degrees_must_divide_the_world():
