@@ -7,12 +7,38 @@ which is never the loopback address a single-node run should use. A plain `pytho
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import sys
 
 from .local_ranks import free_port
 
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _rank0_value(comm, make):
+    """Rank 0's make() broadcast to every rank. MPI collectives have no timeout: if make() fails on rank 0, the job
+    is aborted with the reason rather than leaving the other ranks waiting in the broadcast forever."""
+    value = None
+    if comm.Get_rank() == 0:
+        try:
+            value = make()
+        except Exception as e:
+            print(f"ds_zo: rank 0 could not set up the launch ({type(e).__name__}: {e}); aborting the MPI job",
+                  file=sys.stderr, flush=True)
+            comm.Abort(1)
+    return comm.bcast(value, root=0)
+
+
+def _node_address() -> str:
+    """This node's address for the other nodes' ranks to reach: never a loopback one (Debian-style hosts resolve
+    their own name to 127.0.1.1), which would only fail after the rendezvous timeout on the other nodes."""
+    addr = socket.gethostbyname(socket.gethostname())
+    if ipaddress.ip_address(addr).is_loopback:
+        raise RuntimeError(f"this host's name resolves to the loopback address {addr}, which ranks on other nodes "
+                           "cannot reach; set MASTER_ADDR to this node's address")
+    return addr
 
 
 def _mpi_env() -> None:
@@ -28,8 +54,8 @@ def _mpi_env() -> None:
     elif single_node:
         addr = "127.0.0.1"
     else:
-        addr = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
-    port = os.environ.get("MASTER_PORT") or str(comm.bcast(free_port() if rank == 0 else None, root=0))
+        addr = _rank0_value(comm, _node_address)
+    port = os.environ.get("MASTER_PORT") or str(_rank0_value(comm, free_port))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR=addr, MASTER_PORT=port)
     if single_node:

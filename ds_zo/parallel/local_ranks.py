@@ -31,19 +31,38 @@ def run_ranks(world: int, argv: list[str], timeout: float = 240, local_world: in
     port = free_port()
     procs = []
     start = time.time()
-    for r in range(world):
-        env = loopback_env(RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=local_world or world,
-                           MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    results = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(1.0, timeout - (time.time() - start)))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, err = p.communicate()
-            err += "\n[local_ranks] timed out"
-        results.append({"rc": p.returncode, "out": out, "err": err, "seconds": time.time() - start})
-    return results
+    try:
+        for r in range(world):
+            env = loopback_env(RANK=r, WORLD_SIZE=world, LOCAL_RANK=r, LOCAL_WORLD_SIZE=local_world or world,
+                               MASTER_PORT=port)
+            procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        results = []
+        for p in procs:
+            try:
+                out, err = p.communicate(timeout=max(1.0, timeout - (time.time() - start)))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                out, err = _drain(p)
+                err += "\n[local_ranks] timed out"
+            results.append({"rc": p.returncode, "out": out, "err": err, "seconds": time.time() - start})
+        return results
+    finally:      # an interrupt, a failed start of a later rank: no rank outlives the call
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                _drain(p)
+
+
+def _drain(p: subprocess.Popen) -> tuple[str, str]:
+    """The output of a killed rank, without waiting on pipes a surviving grandchild (a compiler it started) may
+    still hold open."""
+    try:
+        return p.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        for pipe in (p.stdout, p.stderr):
+            if pipe is not None:
+                pipe.close()
+        p.wait()
+        return "", "[local_ranks] output lost: a child of the killed rank kept its pipes open"
