@@ -12,6 +12,7 @@ import collections
 import contextlib
 import inspect
 import math
+import weakref
 from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Iterator, Optional
@@ -124,6 +125,25 @@ class ZOEngine(DeepSpeedEngine):
             self.module.register_forward_hook(lambda m, a, o: self._after_direct_forward(m, a, o), always_call=True),
             self.module.register_state_dict_pre_hook(lambda *_: self._flush_unless_stepping()),
         ]
+        self._destroyed = False
+        # the model knows its engine (weakly): a second engine on the same model would otherwise run beside this
+        # one's hooks, which apply this engine's updates to every forward of the model
+        self.module.__dict__["_ds_zo_engine"] = weakref.ref(self)
+
+    def destroy(self) -> None:
+        """Detach this engine from its model: its pending update is applied (`flush`) and its hooks and DeepSpeed's
+        forward hooks are removed, so the model can be used alone or by a new engine; then DeepSpeed's clean-up."""
+        if not self._destroyed:
+            self.flush()
+            handles = self._hooks + [getattr(self, n, None) for n in
+                                     ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")]
+            for handle in handles:
+                if handle is not None:
+                    handle.remove()
+            self._destroyed = True
+            if self.module.__dict__.get("_ds_zo_engine") is not None and self.module._ds_zo_engine() is self:
+                del self.module.__dict__["_ds_zo_engine"]
+        super().destroy()
 
     # DeepSpeed would wrap the optimizer for bf16/fp16/ZeRO: those wrappers exist to manage gradients, which ZO has none
     # of, so the ZO optimizer is used as is.

@@ -122,3 +122,26 @@ def test_checkpoint_includes_pending_update_and_step_log(tmp_path):
     assert fresh.last_projected_grad == engine.last_projected_grad
     with open(tmp_path / "latest") as f:
         assert f.read().strip() == "t2"
+
+
+def test_one_engine_per_model_and_destroy_detaches_it():
+    """An engine's hooks apply its pending update to every forward of its model: a second engine on the same model
+    is refused until the first is destroyed (its update applied, its and DeepSpeed's hooks removed); a copy of the
+    model is free to take."""
+    import copy
+    model = tiny_model("llama")
+    first, *_ = ds_zo.initialize(model=model, config=ds_config(lr=1e-2, seed=1))
+    first.train_batch(batch())
+    assert first.optimizer.pending is not None                 # fused: applied inside the next forward
+    with pytest.raises(ValueError, match="already trained by a ds_zo engine.*destroy\\(\\) first"):
+        ds_zo.initialize(model=model, config=ds_config())
+    ds_zo.initialize(model=copy.deepcopy(model), config=ds_config())     # a copy is another model
+    updated = {n: p.clone() for n, p in first.module_state_dict().items()}
+    hooks_before = len(model._forward_pre_hooks) + len(model._forward_hooks)
+    first.destroy()
+    assert first.optimizer.pending is None
+    assert all(torch.equal(p, updated[n]) for n, p in model.state_dict().items())
+    assert len(model._forward_pre_hooks) + len(model._forward_hooks) == hooks_before - 4 and hooks_before >= 4
+    second, *_ = ds_zo.initialize(model=model, config=ds_config(lr=1e-2, seed=2))
+    again, *_ = ds_zo.initialize(model=copy.deepcopy(model), config=ds_config(lr=1e-2, seed=2))
+    assert second.train_batch(batch(seed=3)) == again.train_batch(batch(seed=3))
