@@ -62,7 +62,7 @@ def _sha256(path: str) -> str:
 
 def _safe_tag(tag: str) -> str:
     tag = str(tag)
-    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or tag.endswith((".partial", ".old")):
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or tag.endswith(".partial"):
         raise CheckpointError(f"checkpoint tag {tag!r} must be a plain folder name")
     return tag
 
@@ -101,6 +101,8 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
 
     engine.flush()
     tag = _safe_tag(tag if tag is not None else f"global_step{engine.global_steps}")
+    if tag.endswith(".old"):
+        raise CheckpointError(f"checkpoint tag {tag!r}: a name ending in '.old' is where a replaced tag waits")
     rank, comm = engine.global_rank, engine.comm
     save_dir = os.path.abspath(save_dir)
     partial = os.path.join(save_dir, tag + ".partial")

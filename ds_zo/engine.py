@@ -123,18 +123,25 @@ class ZOEngine(DeepSpeedEngine):
         self._hooks = [
             self.module.register_forward_pre_hook(lambda m, a: self._before_direct_forward(m, a)),
             self.module.register_forward_hook(lambda m, a, o: self._after_direct_forward(m, a, o), always_call=True),
-            self.module.register_state_dict_pre_hook(lambda *_: self._flush_unless_stepping()),
+            self.module.register_state_dict_pre_hook(lambda m, *_: self._flush_unless_stepping(m)),
         ]
         self._destroyed = False
         # the model knows its engine (weakly): a second engine on the same model would otherwise run beside this
         # one's hooks, which apply this engine's updates to every forward of the model
         self.module.__dict__["_ds_zo_engine"] = weakref.ref(self)
 
+    def __del__(self):
+        # Garbage collection (or interpreter exit) runs only DeepSpeed's clean-up: the model's hooks hold this engine,
+        # so it is collected only with its model, and applying a pending update while torch tears tensors down aborts
+        # the process (THPVariable_clear)
+        self.__dict__["_destroyed"] = True
+        super().__del__()
+
     def destroy(self) -> None:
         """Detach this engine from its model: its pending update is applied (`flush`) and its hooks and DeepSpeed's
         forward hooks are removed, so the model can be used alone or by a new engine; then DeepSpeed's clean-up."""
-        if not self._destroyed:
-            self.flush()
+        if not getattr(self, "_destroyed", True):      # (DeepSpeed calls destroy() from __del__, also after a
+            self.flush()                                   # failed __init__)
             handles = self._hooks + [getattr(self, n, None) for n in
                                      ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")]
             for handle in handles:
@@ -242,8 +249,8 @@ class ZOEngine(DeepSpeedEngine):
     def _apply_pending_to_unit(self, refs) -> bool:
         return self.optimizer.apply_pending(r.param for r in refs)
 
-    def _flush_unless_stepping(self) -> None:
-        if not self._in_zo_forward:
+    def _flush_unless_stepping(self, module: Optional[torch.nn.Module] = None) -> None:
+        if not self._in_zo_forward and (module is None or module is self.module):
             self.flush()
 
     def _apply_remaining_pending(self) -> None:
@@ -263,13 +270,16 @@ class ZOEngine(DeepSpeedEngine):
 
     def flush(self) -> None:
         """Make every completed step visible in the stored parameters (host-side readers may read them after)."""
+        if self.pipeline is not None:
+            self.pipeline.retire_leftovers()   # a failed forward's prefetched units (resliced: their updated shards)
         self._apply_remaining_pending()
         if self.pipeline is not None:
             self.pipeline.synchronize()
 
     # -- direct use of engine.module (inference, generate) ------------------------------------------------------------
     def _before_direct_forward(self, module, args):
-        if self._in_zo_forward:
+        # (copy.deepcopy of the model copies these hooks along: on a copy they do nothing)
+        if self._in_zo_forward or module is not self.module:
             return
         self.flush()
         self.copies.buffers.drop(OUTPUT_ROLE)   # the ZO forwards' kept logits: not held beside a direct forward's own
@@ -281,7 +291,7 @@ class ZOEngine(DeepSpeedEngine):
             self._streaming = stack
 
     def _after_direct_forward(self, module, args, output):
-        if self._streaming is not None:
+        if self._streaming is not None and module is self.module:
             self._streaming.close()
             self._streaming = None
 
@@ -370,6 +380,8 @@ class ZOEngine(DeepSpeedEngine):
     def train_batch(self, batch: Optional[dict] = None, data_iter: Optional[Iterator] = None) -> float:
         """One ZO step over this rank's share of a global batch (shard `dp_rank` of `dp_world_size`); returns the
         mean over perturbations of (L+ + L−)/2 on the whole global batch."""
+        if self._destroyed:
+            raise RuntimeError("train_batch: this engine was destroyed (detached from its model); build a new one")
         micro = self._micro_batches(batch, data_iter)
         step = self.global_steps
         seed = step_seed(self.zo_config.seed, step)

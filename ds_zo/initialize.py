@@ -39,8 +39,14 @@ def check_client_optimizer(optimizer: ZOSGD, model: nn.Module, trainable: set[st
         missing = sorted(named[i] for i in want - have)
         raise ConfigError(f"optimizer: the ZOSGD passed to ds_zo.initialize must hold exactly the trained parameters "
                           f"(zero_order.trainable); extra {extra[:5]}, missing {missing[:5]}")
-    for field, value in (("lr", optimizer.current_lr()), ("eps", optimizer.eps),
-                         ("weight_decay", optimizer.weight_decay())):
+    # lr as set (a torch scheduler built on the optimizer may have changed it already; it keeps it as initial_lr);
+    # weight_decay only where a trained parameter decays (else the groups hold none and the config's is moot)
+    lrs = {g.get("initial_lr", g["lr"]) for g in optimizer.param_groups}
+    decays = any(is_decayed(p) for g in optimizer.param_groups for p in g["params"])
+    checked = [("lr", lrs.pop() if len(lrs) == 1 else sorted(lrs)), ("eps", optimizer.eps)]
+    if decays:
+        checked.append(("weight_decay", optimizer.weight_decay()))
+    for field, value in checked:
         if value != getattr(zo_params, field):
             raise ConfigError(f"optimizer.params.{field}: {getattr(zo_params, field)!r} in the config, {value!r} in the "
                               f"ZOSGD passed to ds_zo.initialize; they must agree")

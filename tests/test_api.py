@@ -135,7 +135,10 @@ def test_one_engine_per_model_and_destroy_detaches_it():
     assert first.optimizer.pending is not None                 # fused: applied inside the next forward
     with pytest.raises(ValueError, match="already trained by a ds_zo engine.*destroy\\(\\) first"):
         ds_zo.initialize(model=model, config=ds_config())
-    ds_zo.initialize(model=copy.deepcopy(model), config=ds_config())     # a copy is another model
+    copied = copy.deepcopy(model)                                          # a copy is another model,
+    copied(input_ids=batch()["input_ids"])
+    assert first.optimizer.pending is not None                             # whose forwards the hooks it carries skip
+    ds_zo.initialize(model=copied, config=ds_config())
     updated = {n: p.clone() for n, p in first.module_state_dict().items()}
     hooks_before = len(model._forward_pre_hooks) + len(model._forward_hooks)
     first.destroy()
@@ -145,3 +148,5 @@ def test_one_engine_per_model_and_destroy_detaches_it():
     second, *_ = ds_zo.initialize(model=model, config=ds_config(lr=1e-2, seed=2))
     again, *_ = ds_zo.initialize(model=copy.deepcopy(model), config=ds_config(lr=1e-2, seed=2))
     assert second.train_batch(batch(seed=3)) == again.train_batch(batch(seed=3))
+    with pytest.raises(RuntimeError, match="destroyed"):
+        first.train_batch(batch())

@@ -147,7 +147,15 @@ def test_a_passed_zosgd_must_be_the_one_the_config_describes():
     flat = ZOSGD(list(model.parameters()), lr=1e-2, eps=1e-3, weight_decay=0.1)      # norms decayed too
     with pytest.raises(ConfigError, match=r"norm.weight' is in a group with weight_decay 0.1; ds_zo decays exactly"):
         ds_zo.initialize(model=model, config=cfg, optimizer=flat)
+    # the same as the config describes: taken as given, also with only norms trained (no group decays: the config's
+    # weight_decay is moot) and after a torch scheduler changed the lr it was built with
+    norms = {n for n in names if "norm" in n}
+    other = tiny_model("llama")
+    ds_zo.initialize(model=other, config=ds_config(lr=1e-2, eps=1e-3, wd=0.1, trainable=["*norm*"]),
+                     optimizer=build_optimizer(other, norms, 1e-2, 1e-3, 0.1))
     mine = build_optimizer(model, names, 1e-2, 1e-3, 0.1)
+    torch.optim.lr_scheduler.LambdaLR(mine, lambda step: 0.001)
+    assert mine.current_lr() == pytest.approx(1e-5)
     engine, optimizer, *_ = ds_zo.initialize(model=model, config=cfg, optimizer=mine)
     assert optimizer is mine and engine.optimizer is mine
 

@@ -227,25 +227,45 @@ def test_upload_timing_is_opt_in_and_counts_every_timed_upload():
 
 
 @pytest.mark.parametrize("stage", [0, 3])
-def test_a_step_that_fails_mid_forward_loses_no_update(stage):
+def test_a_step_that_fails_mid_forward_loses_no_update(stage, tmp_path):
     """A batch with an out-of-range token id fails inside the forward, after the pipeline has prefetched its first
     units. Resliced units (ZeRO-3) take their pending update as they are loaded: those prefetched but never computed
-    are written back when the next pass begins, so the run goes on exactly as if the bad batch had never come (it
-    used to lose that update for good: the optimizer counted it applied). ZO2 offload applies updates on entry."""
-    def run(bad):
+    are retired (written back) when the next pass begins or the engine flushes, so the run goes on exactly as if
+    the bad batch had never come (it used to lose that update for good: the optimizer counted it applied), and a
+    checkpoint saved right after the failure holds it. ZO2 offload applies updates on entry."""
+    def engine_of():
         cfg = offload_config(depth=1)
         cfg["zero_optimization"]["stage"] = stage
         cfg["zero_optimization"]["offload_param"]["pin_memory"] = False
-        engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
-        for t in range(STEPS):
-            if bad and t == 1:
-                wrong = batch(seed=50)
-                wrong["input_ids"][0, 0] = VOCAB + 5
-                with pytest.raises(IndexError, match="token id out of range"):
-                    engine.train_batch(wrong)
-            engine.train_batch(batch(seed=t))
-        return engine, {k: v.clone() for k, v in engine.module_state_dict().items()}
-    (_, clean), (engine, after_failure) = run(False), run(True)
-    assert type(engine.pipeline).__name__ == ("ShardedOffloadPipeline" if stage == 3 else "OffloadPipeline")
-    assert engine.pipeline.stats["retired"] == 2              # the failed pass's two prefetched units
-    assert all(torch.equal(clean[k], after_failure[k]) for k in clean)
+        return ds_zo.initialize(model=tiny_model("llama"), config=cfg)[0]
+
+    def fail(engine):
+        wrong = batch(seed=50)
+        wrong["input_ids"][0, 0] = VOCAB + 5
+        with pytest.raises(IndexError, match="token id out of range"):
+            engine.train_batch(wrong)
+
+    def state(engine):
+        return {k: v.clone() for k, v in engine.module_state_dict().items()}
+    clean = engine_of()
+    for t in range(STEPS):
+        clean.train_batch(batch(seed=t))
+    going_on = engine_of()                    # fails, then trains on
+    for t in range(STEPS):
+        if t == 1:
+            fail(going_on)
+        going_on.train_batch(batch(seed=t))
+    saved = engine_of()                       # fails, is saved at once, and a new engine trains on from the save
+    saved.train_batch(batch(seed=0))
+    fail(saved)
+    saved.save_checkpoint(str(tmp_path))
+    resumed = engine_of()
+    resumed.load_checkpoint(str(tmp_path))
+    for t in range(1, STEPS):
+        resumed.train_batch(batch(seed=t))
+    assert type(going_on.pipeline).__name__ == ("ShardedOffloadPipeline" if stage == 3 else "OffloadPipeline")
+    want = state(clean)
+    for engine in (going_on, resumed):
+        got = state(engine)
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    assert going_on.pipeline.stats["retired"] == saved.pipeline.stats["retired"] == 2   # the failed pass's units

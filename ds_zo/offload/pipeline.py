@@ -77,9 +77,7 @@ class OffloadPipeline(Residency):
         depth + 1 uploads. Buffers are assigned round-robin by position in the pass. compute=False: a pass that only
         updates the stored units (flush), with nothing to assemble for a forward."""
         ks = list(range(len(self.order))) if units is None else [self.index[id(u)] for u in units]
-        for b, k in enumerate(self._occupant):    # units the last pass uploaded but never computed (it ended early)
-            if k is not None:
-                self._retire(k, b)
+        self.retire_leftovers()
         self._pass = ks
         # round-robin continues across passes: the first upload of this pass goes to the buffer freed longest ago,
         # not to the one the previous pass's last unit may still be offloading from
@@ -110,6 +108,13 @@ class OffloadPipeline(Residency):
         self._occupant[b] = k
         self.stats["uploads"] += 1
         self._log("upload", k)
+
+    def retire_leftovers(self) -> None:
+        """Retire the units the last pass uploaded but never computed (it ended early: an exception in the
+        forward). Called when the next pass begins and by the engine's flush, before anything reads the store."""
+        for b, k in enumerate(self._occupant):
+            if k is not None:
+                self._retire(k, b)
 
     def _retire(self, k: int, b: int) -> None:
         """Unit k was uploaded into buffer b but never computed (a unit ran out of order and took b, or a pass ended
