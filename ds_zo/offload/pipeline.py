@@ -125,20 +125,25 @@ class OffloadPipeline(Residency):
         self._occupant[b] = None
         if loaded is None:
             return
-        if self._written_back(k, False):
-            st = self.streams
-            with st.on(st.d2h):
-                st.d2h.wait_event(loaded)
-                self._store(k, b)
-                landed = st.event()
-                landed.record(st.d2h)
-            self._free[b] = landed
-            self._store_ready[k] = landed
-            self.stats["offloads"] += 1
-            self._log("offload", k)
-        else:
-            self._free[b] = loaded
+        self._release(k, b, loaded, self._written_back(k, False))
         self.stats["retired"] += 1
+
+    def _release(self, k: int, b: int, after, changed: bool) -> None:
+        """Buffer b, which holds unit k, is free once the event `after` has passed; if k changed there, it is first
+        written back to the store (on the d2h stream, after that event), and b is free once that has landed."""
+        if not changed:
+            self._free[b] = after
+            return
+        st = self.streams
+        with st.on(st.d2h):
+            st.d2h.wait_event(after)
+            self._store(k, b)
+            landed = st.event()
+            landed.record(st.d2h)
+        self._free[b] = landed
+        self._store_ready[k] = landed
+        self.stats["offloads"] += 1
+        self._log("offload", k)
 
     def _copy_in(self, dst: torch.Tensor, src: torch.Tensor, stage: Optional[torch.Tensor]) -> None:
         """Host → device (on the current stream), converting from the storage dtype on the device if needed."""
@@ -244,18 +249,7 @@ class OffloadPipeline(Residency):
         computed = st.event()
         computed.record(st.compute)
         self._log("compute_end", k)
-        if self._written_back(k, dirty):
-            with st.on(st.d2h):
-                st.d2h.wait_event(computed)
-                self._store(k, b)
-                landed = st.event()
-                landed.record(st.d2h)
-            self._free[b] = landed
-            self._store_ready[k] = landed
-            self.stats["offloads"] += 1
-            self._log("offload", k)
-        else:
-            self._free[b] = computed
+        self._release(k, b, computed, self._written_back(k, dirty))
         self._unpoint(k)
         self._uploaded.pop(k, None)
         self._occupant[b] = None
