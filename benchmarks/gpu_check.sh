@@ -15,7 +15,8 @@
 #    time), host costs fitted per mode to ZO steps of two small shapes sampled between the repetitions, the
 #    micro-measured host costs beside them;
 #  - SmolLM2-135M's peak GPU memory (bf16, 4 x 64 tokens): inference with and without HF's loss, ds_zo all-resident
-#    (embedding and output layer from row blocks, the default, and from whole copies: zero_order.row_blocks "off")
+#    (embedding and output layer from row blocks, the default, and from whole copies: zero_order.row_blocks "off";
+#    the default with the span of 8 chunks that the model's layers now cap at 4: dszo_span8)
 #    and with offload, MeZO's loop (one fresh process each); and its ZO step with zero_order.row_blocks "off" beside
 #    the default (all-resident, interleaved: step times, each engine's peak, host ops, GPU busy fraction);
 #  - at the end, benchmarks/gpu_summary.py: the figures issue #6 needs, in a few lines.
@@ -37,7 +38,7 @@ done
 timeout 90 python3 -m benchmarks.offload_bench --shape smollm2-135m --dtype bf16 --seq 64 --batch 4 --steps 3 \
     --reps 5 --modes resident,resident_whole_copies --out "$OUTDIR/smollm2_whole_copies.json" 2>&1 | grep -v '^\[' \
     | tee "$OUTDIR/smollm2_whole_copies.log" | grep -E "_median|_over_|peak_gpu|identical"
-timeout 120 python3 -m benchmarks.run --sections gpu_memory --out "$OUTDIR/smollm2_gpu_memory.json" 2>&1 \
+timeout 150 python3 -m benchmarks.run --sections gpu_memory --out "$OUTDIR/smollm2_gpu_memory.json" 2>&1 \
     | grep -v '^\[' | grep -v '^|' | tail -4
 echo "--- summary (python -m benchmarks.gpu_summary) ---"
 python3 -m benchmarks.gpu_summary "$OUTDIR" 2>&1 | grep -v '^\['

@@ -24,9 +24,10 @@ import resource
 import sys
 
 # dszo_row_blocks / dszo_whole_copies: zero_order.row_blocks "on" / "off" (the embedding and output layer from row
-# blocks, the default's path / from whole copies)
+# blocks, the default's path / from whole copies); dszo_span8: the accelerator span at ACCELERATOR_SPAN_CHUNKS, not
+# capped by the model's layers (the same as dszo on CPU, whose span does not depend on it)
 MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "dszo_row_blocks", "dszo_whole_copies",
-         "mezo", "adamw")
+         "dszo_span8", "mezo", "adamw")
 
 
 def _status_kb(field: str) -> int:
@@ -93,6 +94,9 @@ def main(argv=None) -> dict:
         if args.mode == "dszo_offload":
             cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": cuda}}
         engine, *_ = ds_zo.initialize(model=model, config=cfg)
+        if args.mode == "dszo_span8":
+            from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS
+            engine.perturbations.accelerator_span_chunks = ACCELERATOR_SPAN_CHUNKS
         runner = engine.train_batch
     elif args.mode == "mezo":
         runner = MeZOLoop(model).step
