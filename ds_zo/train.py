@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -77,8 +78,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             p.error(f"--{name} {path!r}: no such file")
-    if args.steps < 0 or args.eval_interval < 0:
-        p.error("--steps and --eval_interval must be >= 0")
+    if args.steps < 0 or args.eval_interval < 0 or args.save_interval < 0:
+        p.error("--steps, --eval_interval and --save_interval must be >= 0")
+    if args.eval_batch_size < 1:
+        p.error(f"--eval_batch_size must be >= 1, got {args.eval_batch_size}")
+    if args.task == "imdb":
+        given = [f"--{n}" for n in ("train_file", "dev_file", "test_file") if getattr(args, n)]
+        if given:
+            p.error(f"{', '.join(given)}: the imdb task uses its built-in data; pass --task classification (or lm) "
+                    "to train on your files")
     return args
 
 
@@ -120,6 +128,39 @@ def build_data(args, tokenizer, seed: int):
         what = f"classification on {args.train_file}"
     enc = lambda ex: task.encode(tokenizer, ex, args.max_length)  # noqa: E731
     return enc(train), enc(dev), enc(test), task.label_token_ids(tokenizer), what
+
+
+def job_fingerprint(args, seed: int, global_rows: int) -> dict:
+    """What makes a run this run: a checkpoint of another job in the same output folder must not be resumed (its
+    steps, history and zero-shot results would be taken for this job's)."""
+    import hashlib
+    files = {}
+    for name in ("train_file", "dev_file", "test_file"):
+        path = getattr(args, name)
+        if path:
+            with open(path, "rb") as f:
+                files[name] = hashlib.sha256(f.read()).hexdigest()[:16]
+    keys = ("model", "task", "template", "label_words", "label_values", "text_column", "label_column", "prompt_column",
+            "completion_column", "train_examples", "dev_examples", "test_examples", "max_chars", "max_length",
+            "trainable")
+    return {**{k: getattr(args, k) for k in keys}, "data": files, "seed": seed, "global_batch": global_rows}
+
+
+def checkpoint_location(path: str) -> tuple[str, Optional[str]]:
+    """(checkpoint directory, tag) for --resume: a directory with a `latest` file, or one tag folder in it."""
+    if not os.path.isfile(os.path.join(path, "latest")) and os.path.isfile(os.path.join(path, "zo_state.json")):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(os.path.abspath(path))
+    return path, None
+
+
+def check_same_job(saved: Optional[dict], current: dict, where: str) -> None:
+    if saved is None:
+        return                  # a checkpoint from before jobs were fingerprinted
+    differ = [f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    if differ:
+        raise SystemExit(f"[ds_zo] {where} holds a checkpoint of another job ({'; '.join(differ)}): resuming it would "
+                         "mix that run's steps and results into this one. Use another --output_dir, --resume no, or "
+                         "the same settings")
 
 
 def step_examples(train: list, step: int, global_rows: int, seed: int) -> list:
@@ -186,6 +227,10 @@ def main(argv=None) -> dict:
         f"{trained:,} trainable parameters; world {engine.dims.world} (dp {engine.dp_world_size} x perturbation "
         f"parallel {engine.dims.pertp}); global batch {global_rows}")
 
+    if len(train) < global_rows:
+        raise SystemExit(f"[ds_zo] {len(train)} training examples ({args.train_file or args.task}) are fewer than one "
+                         f"global batch of {global_rows}: use more data or a smaller train_micro_batch_size_per_gpu")
+    job = job_fingerprint(args, seed, global_rows)
     history = {"train": [], "eval": []}
     results = {}
     resume_from = None
@@ -194,9 +239,15 @@ def main(argv=None) -> dict:
     elif args.resume not in ("auto", "no"):
         resume_from = args.resume
     if resume_from:
-        _, client = engine.load_checkpoint(resume_from)
+        from .checkpoint import read_state
+        load_dir, tag = checkpoint_location(resume_from)
+        check_same_job(read_state(load_dir, tag)[1]["client_state"].get("job"), job, resume_from)
+        _, client = engine.load_checkpoint(load_dir, tag)
         history, results = client.get("history", history), client.get("results", results)
         log(f"[ds_zo] resumed from {resume_from} at step {engine.global_steps}")
+        if engine.global_steps >= args.steps:
+            log(f"[ds_zo] the checkpoint is at step {engine.global_steps}, not before --steps {args.steps}: nothing "
+                "to train; the final evaluation runs again")
     else:
         results["zero_shot_test"] = evaluate(engine, test, args.eval_batch_size, pad, candidates)
         results["zero_shot_dev"] = evaluate(engine, dev, args.eval_batch_size, pad, candidates)
@@ -222,7 +273,7 @@ def main(argv=None) -> dict:
         if args.eval_interval and done % args.eval_interval == 0 and done < args.steps:
             history["eval"].append([done, evaluate(engine, dev, args.eval_batch_size, pad, candidates)])
         if args.save_interval and done % args.save_interval == 0 and done < args.steps:
-            engine.save_checkpoint(ckpt_dir, client_state={"history": history, "results": results})
+            engine.save_checkpoint(ckpt_dir, client_state={"history": history, "results": results, "job": job})
         if bar is not None:
             last = history["eval"][-1][1]
             post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens / (time.time() - t_train):.0f}"}
@@ -238,7 +289,7 @@ def main(argv=None) -> dict:
     results["final_test"] = evaluate(engine, test, args.eval_batch_size, pad, candidates)
     if not history["eval"] or history["eval"][-1][0] != engine.global_steps:
         history["eval"].append([engine.global_steps, results["final_dev"]])
-    engine.save_checkpoint(ckpt_dir, client_state={"history": history, "results": results})
+    engine.save_checkpoint(ckpt_dir, client_state={"history": history, "results": results, "job": job})
     state = engine.module_state_dict()          # full parameters on every rank (a collective under ZeRO-3)
     final_dir = os.path.join(args.output_dir, "final")
     summary = {

@@ -95,6 +95,14 @@ def test_resume_replay_and_plain_transformers_reload(tmp_path, data):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps_whole = (whole / "steps.jsonl").read_text()
     assert steps_whole == (part / "steps.jsonl").read_text()
+    # --resume may name one tag folder; a checkpoint of another job (here: another data order) is refused
+    tagged = tmp_path / "tagged"
+    proc = _job(tagged, data, "--resume", str(part / "checkpoints" / "global_step3"), steps=6)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-3000:]
+    assert (tagged / "steps.jsonl").read_text() == steps_whole
+    proc = _job(part, data, "--seed", "9", steps=8)
+    assert proc.returncode != 0
+    assert "holds a checkpoint of another job (seed: saved 0, now 9)" in proc.stderr, proc.stderr[-2000:]
     # replay: base model + step log alone rebuild the fine-tuned weights
     rebuilt = tmp_path / "rebuilt"
     proc = subprocess.run([sys.executable, "-m", "ds_zo.replay", "--checkpoint", str(whole / "checkpoints"),
@@ -130,3 +138,13 @@ def test_bad_paths_and_rows_fail_clearly(tmp_path, data):
     assert "train.csv, row 2" in proc.stderr and "'7'" in proc.stderr
     proc = _job(tmp_path / "z", data, "--label_words", '[" bad", " superlative"]')
     assert proc.returncode != 0 and "superlative" in proc.stderr
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "train.csv").write_text("text,label\nfine film,1\nawful,0\nok,1\n")
+    (small / "test.csv").write_text("text,label\nok,1\n")
+    proc = _job(tmp_path / "s", small)
+    assert proc.returncode != 0 and "fewer than one global batch of 8" in proc.stderr, proc.stderr[-2000:]
+    proc = _job(tmp_path / "v", data, "--task", "imdb")
+    assert proc.returncode == 2 and "--train_file, --test_file: the imdb task uses its built-in data" in proc.stderr
+    proc = _job(tmp_path / "u", data, "--eval_batch_size", "0")
+    assert proc.returncode == 2 and "--eval_batch_size must be >= 1, got 0" in proc.stderr
