@@ -120,11 +120,18 @@ class ZOEngine(DeepSpeedEngine):
         # Make a pending update visible to anyone who runs or reads the model directly, and stream offloaded units
         # through such forwards (hooks on this model instance only).
         # (lambdas, not bound methods: copy.deepcopy(engine.module) must not try to copy the engine)
-        self._hooks = [
-            self.module.register_forward_pre_hook(lambda m, a: self._before_direct_forward(m, a)),
-            self.module.register_forward_hook(lambda m, a, o: self._after_direct_forward(m, a, o), always_call=True),
-            self.module.register_state_dict_pre_hook(lambda m, *_: self._flush_unless_stepping(m)),
-        ]
+        # The same hooks on the decoder body (HF's base_model, e.g. model.model), which helpers call directly
+        # (data.tasks.model_candidate_scores); a nested call finds the pass already begun by the outer one.
+        body = getattr(self.module, "base_model", None)
+        self._hooked = [self.module] + ([body] if isinstance(body, torch.nn.Module) and body is not self.module else [])
+        self._streaming_owner: Optional[int] = None     # id() of it (a module attribute would register it)
+        self._hooks = []
+        for m in self._hooked:
+            self._hooks += [
+                m.register_forward_pre_hook(lambda m, a: self._before_direct_forward(m, a)),
+                m.register_forward_hook(lambda m, a, o: self._after_direct_forward(m, a, o), always_call=True),
+                m.register_state_dict_pre_hook(lambda m, *_: self._flush_unless_stepping(m)),
+            ]
         self._destroyed = False
         # the model knows its engine (weakly): a second engine on the same model would otherwise run beside this
         # one's hooks, which apply this engine's updates to every forward of the model
@@ -250,7 +257,7 @@ class ZOEngine(DeepSpeedEngine):
         return self.optimizer.apply_pending(r.param for r in refs)
 
     def _flush_unless_stepping(self, module: Optional[torch.nn.Module] = None) -> None:
-        if not self._in_zo_forward and (module is None or module is self.module):
+        if not self._in_zo_forward and (module is None or any(module is m for m in self._hooked)):
             self.flush()
 
     def _apply_remaining_pending(self) -> None:
@@ -279,8 +286,9 @@ class ZOEngine(DeepSpeedEngine):
     # -- direct use of engine.module (inference, generate) ------------------------------------------------------------
     def _before_direct_forward(self, module, args):
         # (copy.deepcopy of the model copies these hooks along: on a copy they do nothing)
-        if self._in_zo_forward or module is not self.module:
+        if self._in_zo_forward or not any(module is m for m in self._hooked) or self._streaming_owner is not None:
             return
+        self._streaming_owner = id(module)      # the outermost hooked forward: its end ends the pass
         self.flush()
         self.copies.buffers.drop(OUTPUT_ROLE)   # the ZO forwards' kept logits: not held beside a direct forward's own
         if self.pipeline is not None and self._streaming is None:
@@ -291,7 +299,10 @@ class ZOEngine(DeepSpeedEngine):
             self._streaming = stack
 
     def _after_direct_forward(self, module, args, output):
-        if self._streaming is not None and module is self.module:
+        if id(module) != self._streaming_owner:
+            return
+        self._streaming_owner = None
+        if self._streaming is not None:
             self._streaming.close()
             self._streaming = None
 
@@ -330,12 +341,12 @@ class ZOEngine(DeepSpeedEngine):
         return out
 
     # -- forwards ---------------------------------------------------------------------------------------------------
-    def _slot_losses(self, batch: dict, copies: PerturbedCopies) -> list[tuple[float, int]]:
+    def _slot_losses(self, batch: dict, copies: PerturbedCopies, keep: Optional[int] = -1) -> list[tuple[float, int]]:
         """One model forward over the batch replicated once per slot; per slot, (token loss sum, token count)."""
         rows = batch["input_ids"].shape[0]
         slots = len(copies.slots)
         labels = default_labels(batch)
-        extra, labels = self.scored_positions(labels)
+        extra, labels = self.scored_positions(labels, keep)
         sink = None
         if self._stream_loss and copies.perturbs():     # the output layer streams only in perturbed forwards
             sink = StreamedTokenLoss(labels, slots, self._loss_head.module.out_features, self.device)
@@ -357,25 +368,45 @@ class ZOEngine(DeepSpeedEngine):
             self._stream_loss = False
             logger.warning("ds_zo: %s transforms its output layer's output; the loss now reads whole logits",
                            type(self.module).__name__)
-            return self._slot_losses(batch, copies)
+            return self._slot_losses(batch, copies, keep)
         return [self.loss_fn(logits[i * rows:(i + 1) * rows], labels) for i in range(slots)]
 
-    def scored_positions(self, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    def kept_positions(self, label_sets: list[torch.Tensor]) -> Optional[int]:
+        """One choice of `scored_positions` for all the micro-batches of a step: the most positions any of them
+        needs, or None (whole sequences) where that many would not be a short tail of every one of them. A choice per
+        micro-batch made g depend on how a batch was cut into micro-batches (the output matmul over another number
+        of positions rounds differently: 1.4e-5 relative on OPT, found in review)."""
+        if not self._accepts_logits_to_keep:
+            return None
+        keeps = [self._tail(labels) for labels in label_sets]
+        if any(k is None for k in keeps):
+            return None
+        keep = max(keeps)
+        return keep if all(self._short_tail(keep, labels.shape[1]) for labels in label_sets) else None
+
+    @staticmethod
+    def _short_tail(keep: int, length: int) -> bool:
+        return keep <= MAX_KEPT_POSITIONS and 4 * keep <= length
+
+    def _tail(self, labels: torch.Tensor) -> Optional[int]:
+        length = labels.shape[1]
+        labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+        first = int(labelled.min()) if labelled.numel() else length - 1
+        keep = length - max(first - 1, 0)
+        return keep if self._short_tail(keep, length) else None
+
+    def scored_positions(self, labels: torch.Tensor, keep: Optional[int] = -1) -> tuple[dict, torch.Tensor]:
         """Only the positions that predict a labelled token need the output layer: with prompt-classification
         batches (left-padded, label word last) that is one position instead of the whole sequence, which saves the
         largest matmul of a small model and the logits' memory. Returns (forward kwargs, the labels to score).
         Used only for short tails (<= MAX_KEPT_POSITIONS and a quarter of the sequence): an output matmul over
         another number of rows may round differently, so the choice must not flip between layouts that cut the same
         batch differently."""
-        if not self._accepts_logits_to_keep:
+        if keep == -1:          # decided for this batch alone
+            keep = self.kept_positions([labels])
+        if keep is None:
             return {}, labels
-        length = labels.shape[1]
-        labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-        first = int(labelled.min()) if labelled.numel() else length - 1
-        keep = length - max(first - 1, 0)
-        if keep > MAX_KEPT_POSITIONS or 4 * keep > length:
-            return {}, labels
-        return {"logits_to_keep": keep}, labels[:, length - keep:]
+        return {"logits_to_keep": keep}, labels[:, labels.shape[1] - keep:]
 
     def train_batch(self, batch: Optional[dict] = None, data_iter: Optional[Iterator] = None) -> float:
         """One ZO step over this rank's share of a global batch (shard `dp_rank` of `dp_world_size`); returns the
@@ -394,8 +425,9 @@ class ZOEngine(DeepSpeedEngine):
         self.copies.set_slots(seed, [all_slots[i] for i in mine])
         # [sum of token losses per slot..., token count per slot...]: the one collective of the step
         totals = torch.zeros(2 * len(all_slots), dtype=torch.float64)
+        keep = self.kept_positions([default_labels(mb) for mb in micro])
         for mb in micro:
-            for i, (loss_sum, count) in zip(mine, self._slot_losses(mb, self.copies)):
+            for i, (loss_sum, count) in zip(mine, self._slot_losses(mb, self.copies, keep)):
                 totals[i] += loss_sum
                 totals[len(all_slots) + i] += count
             # units that did not run in the forward still owe the previous step's update

@@ -121,11 +121,18 @@ class TokenCrossEntropy:
         return (self._lse - self._target).masked_fill(self.targets == IGNORE_INDEX, 0.0)
 
 
-def _summed(per_token: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+def _summed(per_token: torch.Tensor, labels: torch.Tensor, vocab: int) -> tuple[float, int]:
     rows, length = labels.shape
     # the last position of each row predicts nothing: positions [0, T-1) summed in row order
     shifted = per_token.view(rows, length)[:, :-1]
-    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    # a target outside the vocabulary matches no logit: its loss would be log Σ exp(x) alone, silently (HF raises)
+    count, outside = torch.stack([scored.sum(), (scored & ((targets < 0) | (targets >= vocab))).sum()]).tolist()
+    if outside:
+        bad = targets[scored & ((targets < 0) | (targets >= vocab))]
+        raise IndexError(f"labels: {outside} target(s) outside the vocabulary [0, {vocab}) and not {IGNORE_INDEX} "
+                         f"(the ignore index), e.g. {bad[:5].tolist()}")
     return float(shifted.reshape(-1).sum()), count
 
 
@@ -140,7 +147,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, i
     for a in range(0, flat.shape[0], positions):
         for c0 in range(0, vocab, window):
             ce.add(a, c0, flat[a:a + positions, c0:c0 + window])
-    return _summed(ce.per_token(), labels)
+    return _summed(ce.per_token(), labels, vocab)
 
 
 class StreamedTokenLoss:
@@ -196,7 +203,7 @@ class StreamedTokenLoss:
         return all(p.complete for p in self.parts)
 
     def results(self) -> list[tuple[float, int]]:
-        return [_summed(p.per_token(), self.labels) for p in self.parts]
+        return [_summed(p.per_token(), self.labels, self.vocab) for p in self.parts]
 
 
 def mean_loss(parts: Sequence[tuple[float, int]]) -> float:

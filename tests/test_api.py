@@ -150,3 +150,28 @@ def test_one_engine_per_model_and_destroy_detaches_it():
     assert second.train_batch(batch(seed=3)) == again.train_batch(batch(seed=3))
     with pytest.raises(RuntimeError, match="destroyed"):
         first.train_batch(batch())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_decoder_body_called_directly_sees_every_completed_step(offload):
+    """Helpers call the decoder body (HF's base_model, model.model) directly: its forward and its state_dict apply a
+    pending (fused) update first, as the whole model's do; with offload its forward streams the layers."""
+    cfg = ds_config(lr=1e-1, seed=1)
+    if offload:
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    engine.train_batch(batch())
+    assert engine.optimizer.pending is not None
+    ids = batch(seed=5)["input_ids"]
+    with torch.no_grad():
+        direct = engine.module.model(input_ids=ids).last_hidden_state
+    assert engine.optimizer.pending is None
+    engine.train_batch(batch(seed=1))
+    body = engine.module.model.state_dict()
+    assert engine.optimizer.pending is None
+    whole = engine.module_state_dict()
+    assert all(torch.equal(v, whole["model." + k]) for k, v in body.items())
+    with torch.no_grad():
+        again = engine.module.model(input_ids=ids).last_hidden_state
+        logits = engine.module(input_ids=ids).logits             # the whole model's forward: the body's hooks nest
+    assert not torch.equal(direct, again) and logits.shape[-1] == VOCAB

@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 import ds_zo
 from ds_zo.loss import IGNORE_INDEX, CPU_VOCAB_WINDOW, StreamedTokenLoss, token_loss_sum
 from conftest import ds_config
-from models import batch, tiny_model
+from models import VOCAB, batch, tiny_model
 from reference import MeZOReference
 
 
@@ -162,3 +162,22 @@ def test_engine_losses_are_the_float64_cross_entropy_to_float32_rounding():
     for t in range(2):
         assert engine.train_batch(batch(seed=t)) == pytest.approx(ref.step(batch(seed=t))[0], rel=1e-6)
     assert engine._stream_loss
+
+
+@pytest.mark.parametrize("bad", [VOCAB, 500, -1])
+def test_a_target_outside_the_vocabulary_is_an_error_not_a_silent_loss(bad):
+    """A label that is neither -100 nor a token id matches no logit: its loss would be log Σ exp(x) alone, counted as a
+    token (HF's loss raises). The whole-logits loss and the streamed one (a ZO step) both refuse it, naming it; the
+    step is not taken."""
+    logits = torch.randn(2, 5, VOCAB)
+    labels = torch.randint(0, VOCAB, (2, 5))
+    labels[1, 3] = bad
+    with pytest.raises(IndexError, match=rf"outside the vocabulary \[0, {VOCAB}\) and not -100.*\[{bad}\]"):
+        token_loss_sum(logits, labels)
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(lr=1e-2, seed=1))
+    b = batch()
+    b["labels"] = b["input_ids"].clone()
+    b["labels"][0, 2] = bad
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        engine.train_batch(b)
+    assert engine.global_steps == 0 and not engine.step_log
