@@ -60,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/zo_finetune")
     p.add_argument("--seed", type=int, default=None, help="data order and zero_order.seed (default: the config's)")
     p.add_argument("--resume", default="auto", help="'auto' (resume from OUTPUT_DIR/checkpoints if present), "
-                                                    "'no', or a checkpoint folder")
+                                                    "'no', a checkpoint folder (its latest tag) or one tag folder in "
+                                                    "it; a checkpoint of another job (model, data, task settings, "
+                                                    "seed or batch differ) is refused")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
     p = deepspeed.add_config_arguments(p)
