@@ -256,8 +256,8 @@ class ZOEngine(DeepSpeedEngine):
     def _apply_pending_to_unit(self, refs) -> bool:
         return self.optimizer.apply_pending(r.param for r in refs)
 
-    def _flush_unless_stepping(self, module: Optional[torch.nn.Module] = None) -> None:
-        if not self._in_zo_forward and (module is None or any(module is m for m in self._hooked)):
+    def _flush_unless_stepping(self, module: torch.nn.Module) -> None:
+        if not self._in_zo_forward and any(module is m for m in self._hooked):
             self.flush()
 
     def _apply_remaining_pending(self) -> None:
