@@ -74,6 +74,8 @@ def memory_lines(name: str, sections: list[dict]) -> list[str]:
             f"{mode} {v['median'] / 1e6:.0f}" for mode, v in m[key].items()))
         out.append("  " + ", ".join(f"{k.removeprefix('ratio_')} {v['median']:.3f}"
                                     for k, v in m.items() if k.startswith("ratio_")))
+        if m.get("failed"):
+            out.append("  failed: " + ", ".join(m["failed"]))
     return out
 
 

@@ -36,6 +36,7 @@ import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -175,29 +176,73 @@ def bench_step(shape: str, rows: int, seq: int, reps: int, full: bool, threads: 
 
 def bench_memory(shape: str, rows: int, seq: int, reps: int,
                  modes=("inference", "inference_logits", "dszo", "mezo", "adamw"),
-                 threads: int = 1, device: str = "cpu") -> dict:
+                 threads: int = 1, device: str = "cpu", concurrent: bool | None = None) -> dict:
     """Peak memory per mode, one fresh process each (benchmarks/memory_probe.py): the process's peak RSS on CPU, the
-    GPU's peak allocated bytes with device="cuda" (bf16 there)."""
+    GPU's peak allocated bytes with device="cuda" (bf16 there).
+
+    On a GPU the probes of one repetition run at once: each figure is its own process's allocator peak, which other
+    processes do not change, and a GPU check's minutes go to the probes' start-up (imports, model build), not to the
+    GPU. On CPU they run one at a time: a process's RSS does not depend on the others either, but CI has 2 cores.
+    Each probe's JSON line is printed as it ends. concurrent (default: on a GPU) runs a repetition's probes at once and
+    records a failed probe (``failed``) without losing the others; one at a time, a failure raises."""
+    if concurrent is None:
+        concurrent = device == "cuda"
     key = "peak_gpu" if device == "cuda" else "peak_rss"
     runs = {m: [] for m in modes}
+    failed = {}
     # ROOT first, then what this process had (the GPU machine carries deepspeed in via PYTHONPATH)
     pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env = child_env(DS_ACCELERATOR=device, OMP_NUM_THREADS=str(threads), PYTHONPATH=pythonpath)
+
+    def start(mode: str):
+        # output to files, not pipes: probes running at once must not block on a full pipe while one is waited for
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.memory_probe", "--mode", mode, "--shape", shape,
+                                 "--rows", str(rows), "--seq", str(seq), "--steps", "2", "--threads", str(threads),
+                                 "--device", device], cwd=ROOT, env=env, stdout=out, stderr=err)
+        return proc, out, err
+
+    def finish(mode: str, started) -> None:
+        proc, out, err = started
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+        out.close()
+        err.close()
+        if proc.returncode != 0:
+            failed[mode] = stderr[-2000:]
+            print(f"memory probe {mode} failed (exit {proc.returncode}): {stderr[-500:]}", flush=True)
+            return
+        line = stdout.strip().splitlines()[-1]
+        print(f"memory probe: {line}", flush=True)
+        runs[mode].append(json.loads(line))
+
     for _ in range(reps):
-        for mode in modes:
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_probe", "--mode", mode, "--shape", shape,
-                                   "--rows", str(rows), "--seq", str(seq), "--steps", "2", "--threads", str(threads),
-                                   "--device", device],
-                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-            if proc.returncode != 0:
-                raise RuntimeError(f"memory probe {mode} failed: {proc.stderr[-2000:]}")
-            runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        if concurrent:
+            procs = {mode: start(mode) for mode in modes}
+            for mode, proc in procs.items():
+                finish(mode, proc)
+        else:
+            for mode in modes:
+                finish(mode, start(mode))
+    if failed and not concurrent:
+        # the CPU benchmark's ratios need every mode; the GPU check keeps what it got in its few minutes
+        raise RuntimeError("memory probe(s) failed: " + "; ".join(f"{m}: {e}" for m, e in failed.items()))
+    runs = {m: rs for m, rs in runs.items() if rs}
+    modes = tuple(runs)
     out = {"shape": shape, "rows": rows, "seq": seq, "reps": reps, "threads": threads, "device": device,
            "measure": key, "runs": runs,
            "peak_rss": {m: summary([r["peak_rss"] for r in rs]) for m, rs in runs.items()},
            "working": {m: summary([r["working"] for r in rs]) for m, rs in runs.items()}}
     if device == "cuda":
         out["peak_gpu"] = {m: summary([r["peak_gpu"] for r in rs]) for m, rs in runs.items()}
+    if failed:
+        out["failed"] = failed
     if "dszo" in runs:
         out["dszo_buffers"] = runs["dszo"][-1].get("dszo_buffers")
 

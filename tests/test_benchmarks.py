@@ -149,6 +149,20 @@ def test_memory_probe_runs_in_a_fresh_process():
     assert res["dszo_buffers"]["perturbed_copies"] > 0
 
 
+@pytest.mark.slow
+def test_concurrent_memory_probes_keep_what_succeeded():
+    """The GPU check's way (probes at once): each probe's figure is kept, and a failed probe is recorded, not raised,
+    so a GPU check's minutes are not lost to one mode."""
+    from benchmarks.run import bench_memory
+    res = bench_memory("tiny", 2, 8, 1, modes=("inference", "dszo", "no_such_mode"), concurrent=True)
+    assert set(res["runs"]) == {"inference", "dszo"}
+    assert "no_such_mode" in res["failed"] and "invalid choice" in res["failed"]["no_such_mode"]
+    assert res["ratio_dszo_over_inference"]["median"] > 0
+    assert all(r["peak_rss"] >= r["rss_after_build"] > 0 for rs in res["runs"].values() for r in rs)
+    with pytest.raises(RuntimeError, match="no_such_mode"):
+        bench_memory("tiny", 2, 8, 1, modes=("no_such_mode",), concurrent=False)
+
+
 def test_sampler_benchmark_smoke():
     """benchmarks.sampler_bench on the tiny shape: the three draws and the four steps are timed, ratios reported."""
     from test_native import _has_avx2_fma, needs_native
@@ -248,11 +262,12 @@ def test_gpu_summary_reads_the_gpu_checks_results(calibrated_run, tmp_path):
     mb = {"median": 2.5e8}
     (tmp_path / "smollm2_gpu_memory.json").write_text(json.dumps({"gpu_memory": [{
         "shape": "smollm2-135m", "rows": 4, "seq": 64, "device": "cuda", "measure": "peak_gpu",
-        "peak_gpu": {"inference": mb, "dszo": {"median": 3e8}}, "ratio_dszo_over_inference": {"median": 1.2}}]}))
+        "peak_gpu": {"inference": mb, "dszo": {"median": 3e8}}, "ratio_dszo_over_inference": {"median": 1.2},
+        "failed": {"mezo": "out of memory"}}]}))
     text = "\n".join(summary(str(tmp_path)))
     assert "batch 1: offload / resident" in text and "model batch 1 resident" in text
     assert "micro host costs" in text and "fitted host" in text and "|error| as predicted" in text
-    assert "inference 250, dszo 300" in text and "dszo_over_inference 1.200" in text
+    assert "inference 250, dszo 300" in text and "dszo_over_inference 1.200" in text and "failed: mezo" in text
     # the stored calibration predicted again by today's model: the same cases
     again = "\n".join(summary(str(tmp_path), repredict=True))
     assert "opt-tiny.json (re-predicted)" in again and again.count("model batch") == text.count("model batch")
