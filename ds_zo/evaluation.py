@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .data.collate import batches
+from .data.collate import batches, takes_position_ids
 from .data.tasks import count_correct
 
 
@@ -24,19 +24,21 @@ def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
     try:
         # left padding puts every label word last, so only the final positions need logits; batches of similar
         # lengths pad less (order does not matter for a sum)
-        todo = list(batches(mine, batch_size, pad_id, side="left", by_length=True))
+        positions = takes_position_ids(engine.module)    # a row's positions do not depend on its batch-mates
+        todo = list(batches(mine, batch_size, pad_id, side="left", by_length=True, position_ids=positions))
         counted = len(todo)
         if engine.pipeline is not None and engine.dims.partition > 1 and examples:
             # resliced forwards all-gather inside the partition group: every rank must run as many forwards as the
             # busiest one (the extra ones repeat a batch and are not counted)
             needed = -(-(-(-len(examples) // world)) // batch_size)
-            filler = todo[-1:] or list(batches(list(examples[:1]), batch_size, pad_id, side="left"))
+            filler = todo[-1:] or list(batches(list(examples[:1]), batch_size, pad_id, side="left",
+                                               position_ids=positions))
             todo += filler * (needed - counted)
         for index, padded in enumerate(todo):
             batch = {k: v.to(engine.device) for k, v in padded.items()}
             extra, labels = engine.scored_positions(batch["labels"])
             logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   use_cache=False, **extra).logits
+                                   position_ids=batch.get("position_ids"), use_cache=False, **extra).logits
             if index >= counted:
                 continue
             loss_sum, tokens = engine.loss_fn(logits, labels)

@@ -200,7 +200,7 @@ def job_config(args, model, candidate_ids, seed) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from . import initialize
-    from .data.collate import collate, pad_token_id
+    from .data.collate import collate, pad_token_id, takes_position_ids
     from .evaluation import evaluate
     from .models import load_model_and_tokenizer
     from .parallel.launch_env import ensure_launch_env
@@ -219,6 +219,7 @@ def main(argv=None) -> dict:
     engine, _, _, _ = initialize(args=argparse.Namespace(local_rank=args.local_rank), model=model, config=cfg,
                                  loss_fn=LabelWordLoss(candidates) if candidates is not None else None)
     pad = pad_token_id(tokenizer)
+    positions = takes_position_ids(engine.module)
     trained = sum(len(r) * engine.module.get_parameter(n)[0].numel() for n, r in engine.trainable_rows.items())
     trained += sum(p.numel() for n, p in engine.module.named_parameters()
                    if n in engine.trainable_names and n not in engine.trainable_rows)
@@ -267,7 +268,8 @@ def main(argv=None) -> dict:
     while engine.global_steps < args.steps:
         step = engine.global_steps
         examples = step_examples(train, step, global_rows, seed)
-        batch = collate(examples[shard], pad, side="left")   # label words last: logits for one position only
+        # label words last: logits for one position only; positions counted from each row's first real token
+        batch = collate(examples[shard], pad, side="left", position_ids=positions)
         loss = engine.train_batch(batch)
         tokens += 2 * sum(len(e["input_ids"]) for e in examples)    # both perturbed forwards
         history["train"].append([step + 1, loss])

@@ -1,12 +1,17 @@
 """Padding variable-length examples into a batch of input_ids / attention_mask / labels tensors.
 
 Right padding is the default: real tokens keep positions 0..n-1, so a padded row gives the logits it would alone,
-whatever the model. Left padding (real tokens at the end of every row) suits generation; rotary models (Llama, Qwen,
-Mistral) and OPT are unaffected by it up to rounding, but GPT-2 numbers positions without looking at the attention
-mask and gives different logits. Padded positions always get label -100 (no loss).
+whatever the model. Left padding (real tokens at the end of every row) puts every label word last, so the ZO step and
+evaluation score one position per row. A model numbers positions 0..T-1 across the padded row unless told otherwise,
+so a left-padded row's first real token sits at the position its batch-mates' lengths give it: GPT-2's absolute
+position embeddings then give other logits for the same example, and rotary models (Llama, Qwen, Mistral) the same
+ones only up to rounding. position_ids=True adds each token's position among its row's real tokens, as HF's
+generate() does for left-padded prompts: the job and evaluation ask for it for every model that takes position_ids
+(`takes_position_ids`). Padded positions always get label -100 (no loss).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -22,8 +27,22 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def collate(examples: Sequence[dict], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
-    """Stacks examples {"input_ids", "labels"?} (lists of ints) into padded [rows, longest] int64 tensors.
+def takes_position_ids(model) -> bool:
+    """Whether the model's forward has a position_ids argument (HF causal LMs but a few, such as BLOOM's ALiBi)."""
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position among its row's real tokens, 0 for the first; pads get 1, as generate() gives them
+    (masked out, they are never attended to or scored)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill_(attention_mask == 0, 1)
+
+
+def collate(examples: Sequence[dict], pad_id: int, side: str = "right",
+            position_ids: bool = False) -> dict[str, torch.Tensor]:
+    """Stacks examples {"input_ids", "labels"?} (lists of ints) into padded [rows, longest] int64 tensors, and with
+    position_ids=True each token's position among its row's real tokens (positions_from_mask).
 
     Examples without labels are labelled with their own tokens (plain language modelling).
     """
@@ -44,10 +63,14 @@ def collate(examples: Sequence[dict], pad_id: int, side: str = "right") -> dict[
         input_ids[row, span] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[row, span] = 1
         labels[row, span] = torch.as_tensor(row_labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if position_ids:
+        out["position_ids"] = positions_from_mask(attention_mask)
+    return out
 
 
-def batches(examples: Sequence[dict], batch_size: int, pad_id: int, side: str = "right", by_length: bool = False):
+def batches(examples: Sequence[dict], batch_size: int, pad_id: int, side: str = "right", by_length: bool = False,
+            position_ids: bool = False):
     """Padded batches of `batch_size` examples (the last may be smaller), in order.
 
     by_length=True groups examples of similar length (a stable sort by length first), which cuts padding, and so
@@ -56,4 +79,4 @@ def batches(examples: Sequence[dict], batch_size: int, pad_id: int, side: str = 
     if by_length:
         examples = sorted(examples, key=lambda e: len(e["input_ids"]))
     for start in range(0, len(examples), batch_size):
-        yield collate(examples[start:start + batch_size], pad_id, side)
+        yield collate(examples[start:start + batch_size], pad_id, side, position_ids)

@@ -171,7 +171,8 @@ def model_candidate_scores(model, batch: dict, candidate_ids: Sequence[int]) -> 
     candidate_scores(model(**batch).logits, ...) for models whose logits are lm_head(last hidden state).
     """
     body = getattr(model, model.base_model_prefix)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+    extra = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **extra).last_hidden_state
     labels = batch["labels"].to(hidden.device)
     positions = label_positions(labels)
     rows = torch.arange(labels.shape[0], device=hidden.device)
