@@ -10,7 +10,8 @@ them out (a folder per tag, per-rank files, a `latest` file), but written safely
 Tensors are safetensors and metadata is JSON: nothing read back is unpickled or executed. Every rank writes into
 `<tag>.partial/`; after a barrier rank 0 renames it to `<tag>` and then rewrites `latest` through a temporary file,
 each step fsynced, so a process killed at any point leaves the previous checkpoint and `latest` intact. Loading
-verifies the checksums, the model's parameter names/shapes/dtypes and the parallel layout.
+verifies the checksums, the model's parameter names/shapes/dtypes, its frozen parameters' weights against those the
+run started from (weights_fingerprint) and the parallel layout.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 
 from .optimizer import StepRecord
+from .weights_fingerprint import describe, differing
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,7 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
             "distribution": engine.zo_config.distribution,
             "z_stream": engine.z_stream,          # the sampler z came from: a replay must use the same one
             "model": model_fingerprint(engine),
+            "base_weights": engine.base_weights,   # what the run started from: resume and replay compare
             "files": {f"zo_rank_{r:05d}.safetensors": bytes(int(x) for x in digest[r].tolist()).hex()
                       for r in range(engine.dims.world)},
             "steps_sha256": _sha256(os.path.join(partial, "steps.jsonl")),
@@ -221,6 +224,13 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
     if state.get("trainable_rows", {}) != rows:
         raise CheckpointError(f"checkpoint {folder!r} trained other rows (zero_order.trainable_rows: saved "
                               f"{_brief(state.get('trainable_rows', {}))}, this run {_brief(rows)})")
+    saved_base = state.get("base_weights") or {}     # checkpoints before the twelfth session have none
+    frozen = [n for n in saved_base if n not in engine.trainable_names]
+    other = differing(saved_base, engine.base_weights, frozen)
+    if other:
+        raise CheckpointError(f"checkpoint {folder!r} was trained from other base weights: {describe(other)} of this "
+                              "model, which the checkpoint does not hold, differ from the run's: resume with the "
+                              "model the run started from")
     rank_file = f"zo_rank_{engine.global_rank if resliced else 0:05d}.safetensors"
     path = os.path.join(folder, rank_file)
     if not os.path.isfile(path) or _sha256(path) != state["files"].get(rank_file):
@@ -228,6 +238,9 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
     tensors = load_file(path)
     _restore_tensors(engine, tensors, folder)
     engine.optimizer.step_log = read_steps(folder)
+    # the run's base, carried on: its trained parameters may have started elsewhere than this model's (a model that
+    # already holds fine-tuned weights resumes as well), and a replay of later checkpoints needs the run's
+    engine.base_weights = {n: saved_base.get(n) or h for n, h in engine.base_weights.items()}
     engine.optimizer.pending = None
     saved_stream = state.get("z_stream", engine.z_stream)
     if saved_stream != engine.z_stream:

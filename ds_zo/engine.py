@@ -86,6 +86,8 @@ class ZOEngine(DeepSpeedEngine):
         self.perturbations.accelerator_span_chunks = accelerator_span_chunks(max(layers, default=None),
                                                                              self.perturbations.chunk)
         self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device))
+        # the weights the run started from (weights_fingerprint; ds_zo.initialize fills it in before partitioning)
+        self.base_weights: dict = {}
         params = dict(self.module.named_parameters())
         self.optimizer.attach(self.perturbations, self.param_keys,
                               {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()})

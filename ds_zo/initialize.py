@@ -15,6 +15,7 @@ from .parallel.mpu import ZOParallelMPU
 from .parallel.partition import partition_model, replicate_from_rank0
 from .parallel.communicator import startup_barrier
 from .parallel.shm_segments import deepspeed_shm_op_loaded, release_shm_segment
+from .weights_fingerprint import rank0s, weight_fingerprint
 
 
 def build_optimizer(model: nn.Module, trainable: set[str], lr: float, eps: float, weight_decay: float) -> ZOSGD:
@@ -121,10 +122,15 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         dims = ParallelDims(world=world, rank=rank, pertp=zo.perturbation_parallel, partition=partition)
         dims.build_groups(zo.collective_timeout_s)
         comm = Communicator(dims, zo.collective_timeout_s)
+        # the weights the run starts from (checkpoints record them; resume and replay compare): every rank holds
+        # the full model until ZeRO-3 partitions it, and rank 0's once it is broadcast
         if offload.partitioned:
+            base_weights = rank0s(weight_fingerprint(model), comm)
             partition_model(model, comm, ds_config)
-        elif world > 1:
-            replicate_from_rank0(model, comm)
+        else:
+            if world > 1:
+                replicate_from_rank0(model, comm)
+            base_weights = weight_fingerprint(model)
         if optimizer is None:
             optimizer = build_optimizer(model, trainable, zo_params.lr, zo_params.eps, zo_params.weight_decay)
         zo_mpu = ZOParallelMPU(dims)
@@ -134,6 +140,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
                           dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
                           config_class=config_class, zo_config=zo, zo_params=zo_params, trainable=trainable,
                           offload=offload, dims=dims, communicator=comm, rows=rows, loss_fn=loss_fn)
+        engine.base_weights = base_weights
     finally:
         partition_parameters.restore_init_context()
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

@@ -71,6 +71,7 @@ def main(argv=None) -> None:
 
     from .checkpoint import read_state, read_steps
     from .models import load_model_and_tokenizer
+    from .weights_fingerprint import describe, differing, weight_fingerprint
 
     p = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (with 'latest') or one tag's folder")
@@ -89,6 +90,11 @@ def main(argv=None) -> None:
     names = [n for n, _, _ in state["model"]]
     if [n for n, _ in model.named_parameters()] != names:
         raise SystemExit(f"replay: {args.model!r} is not the model this run started from (parameter names differ)")
+    saved_base = state.get("base_weights") or {}     # checkpoints before the twelfth session have none
+    other = differing(saved_base, weight_fingerprint(model), names)
+    if other:
+        raise SystemExit(f"replay: {args.model!r} is not the model this run started from: {describe(other)} hold "
+                         "other weights")
     rows = {n: torch.tensor(r, dtype=torch.long) for n, r in state["trainable_rows"].items()}
     records = read_steps(folder)
     recorded = state.get("z_stream", "cpu")           # checkpoints before the field were CPU runs or unmarked

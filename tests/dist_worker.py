@@ -72,7 +72,8 @@ def run_case(case: dict, out_dir: str) -> dict:
               "world": engine.dims.world, "dp": engine.dp_world_size, "dp_rank": engine.dp_rank,
               "pertp": engine.dims.pertp, "partition": engine.dims.partition,
               "offloaded": [s.unit.name for s in engine.pipeline.order] if engine.pipeline else [],
-              "store_bytes": engine.pipeline.store.nbytes() if engine.pipeline else 0}
+              "store_bytes": engine.pipeline.store.nbytes() if engine.pipeline else 0,
+              "base_weights": engine.base_weights}
     if out_dir:
         name = f"{case['name']}.rank{rank}"
         torch.save(state, os.path.join(out_dir, name + ".pt"))

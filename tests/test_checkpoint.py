@@ -231,3 +231,80 @@ def test_the_restored_weight_decay_is_the_one_steps_apply_and_record(tmp_path, c
     replay(model, resumed.step_log, sorted(resumed.trainable_names))
     live = resumed.module_state_dict()
     assert all(torch.equal(p, live[n]) for n, p in model.state_dict().items())
+
+
+def test_weight_fingerprint_tells_weights_apart():
+    """Per parameter, a hash of 4096 sampled elements' bytes with the shape and dtype: equal weights agree, a changed
+    sampled element, another dtype or another shape does not; a ZeRO-3 partitioned parameter has none."""
+    from ds_zo.weights_fingerprint import SAMPLES, weight_fingerprint
+    a, b = tiny_model("llama", tied=False), tiny_model("llama", tied=False)
+    fa = weight_fingerprint(a)
+    assert fa == weight_fingerprint(b) and list(fa) == [n for n, _ in a.named_parameters()]
+    assert all(isinstance(h, str) and len(h) == 16 for h in fa.values())
+    with torch.no_grad():
+        b.lm_head.weight.view(-1)[b.lm_head.weight.numel() // SAMPLES] += 1.0     # the second sampled element
+    fb = weight_fingerprint(b)
+    assert [n for n in fa if fa[n] != fb[n]] == ["lm_head.weight"]
+    assert weight_fingerprint(tiny_model("llama", tied=False).to(torch.bfloat16)) != fa
+    partitioned = torch.nn.Linear(4, 4, bias=False)
+    partitioned.weight.data = torch.empty(0)
+    partitioned.weight.ds_shape = torch.Size([4, 4])
+    assert weight_fingerprint(partitioned) == {"weight": None}
+
+
+def test_resume_and_replay_refuse_other_base_weights(tmp_path):
+    """A checkpoint holds the trained parameters and the step log only. Resuming onto a model whose frozen weights
+    differ (another base model of the same shapes) is refused, and so is replaying onto a model whose weights differ
+    at all; a model that differs only in the trained parameters resumes, and the run's base is carried on."""
+    from ds_zo import replay
+    from ds_zo.models import tiny_model_and_tokenizer
+    cfg = ds_config(lr=1e-2, seed=4, trainable=["*mlp*"])
+    engine, *_ = ds_zo.initialize(model=tiny_model_and_tokenizer()[0], config=cfg)
+    engine.train_batch(batch())
+    engine.save_checkpoint(str(tmp_path / "ck"))
+    state = json.loads(open(tmp_path / "ck" / "global_step1" / "zo_state.json").read())
+    assert state["base_weights"] == engine.base_weights and len(state["base_weights"]) == len(state["model"])
+
+    other = ds_zo.initialize(model=tiny_model_and_tokenizer(seed=1)[0], config=cfg)[0]
+    with pytest.raises(CheckpointError, match=r"other base weights: \d+ parameters \(model\.embed_tokens\.weight, "
+                                              r"model\.layers\.0\.self_attn\.q_proj\.weight"):
+        other.load_checkpoint(str(tmp_path / "ck"))
+
+    finetuned, _ = tiny_model_and_tokenizer()
+    with torch.no_grad():
+        for n, p in finetuned.named_parameters():
+            if "mlp" in n:
+                p.add_(0.5)
+    resumed = ds_zo.initialize(model=finetuned, config=cfg)[0]
+    assert resumed.base_weights != engine.base_weights
+    resumed.load_checkpoint(str(tmp_path / "ck"))
+    assert resumed.base_weights == engine.base_weights
+    expected, got = engine.module_state_dict(), resumed.module_state_dict()
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+
+    model, tokenizer = tiny_model_and_tokenizer(seed=1)
+    model.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match=r"is not the model this run started from: \d+ parameters .* hold other "
+                                         r"weights"):
+        replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", str(tmp_path / "other"),
+                     "--output", str(tmp_path / "r")])
+    replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
+
+
+def test_every_rank_keeps_rank0s_fingerprint():
+    """Under ZeRO-3 the fingerprint is taken before partitioning, which keeps rank 0's weights: rank0s() hands rank
+    0's table to every rank (here through a stand-in for the communicator's broadcast), None entries included."""
+    from types import SimpleNamespace
+    from ds_zo.weights_fingerprint import rank0s
+    rank0 = {"a": "ffeeddccbbaa9988", "b": None, "c": "0011223344556677"}
+
+    class FromRank0:
+        dims = SimpleNamespace(world=2)
+
+        def broadcast_from_rank0(self, tensors):
+            tensors[0].copy_(torch.tensor([[1, int.from_bytes(bytes.fromhex(rank0["a"]), "big", signed=True)],
+                                           [0, 0], [1, int.from_bytes(bytes.fromhex(rank0["c"]), "big",
+                                                                      signed=True)]]))
+    assert rank0s({"a": "0000000000000001", "b": "1111111111111111", "c": None}, FromRank0()) == rank0
+    assert rank0s(rank0, SimpleNamespace(dims=SimpleNamespace(world=1))) == rank0

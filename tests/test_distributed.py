@@ -76,6 +76,8 @@ WORLD4 = [
 
 @pytest.mark.timeout(600)
 def test_world_2_and_4_layouts_equal_one_process(tmp_path, baseline):
+    from ds_zo.weights_fingerprint import weight_fingerprint
+    base = weight_fingerprint(tiny_model("llama", False))     # what every rank records as the run's start
     for world, cases in ((2, WORLD2), (4, WORLD4)):
         out = _launch(tmp_path, world, [dict(c, steps=STEPS) for c in cases])
         for case in cases:
@@ -83,6 +85,7 @@ def test_world_2_and_4_layouts_equal_one_process(tmp_path, baseline):
                 state, info = _load(out, case["name"], rank)
                 _assert_same(baseline, state, info, f"{case['name']} rank {rank}")
                 assert info["pertp"] == case.get("pertp", 1) and info["dp"] == world // info["pertp"]
+                assert info["base_weights"] == base, f"{case['name']} rank {rank}"
                 _check_bytes(case, info, world)
 
 
