@@ -98,6 +98,19 @@ def _rank_tensors(engine) -> dict[str, torch.Tensor]:
     return out
 
 
+def _remove_leftovers(save_dir: str) -> None:
+    """What interrupted saves of any tag left behind and nothing reads: `<tag>.partial` folders (never complete),
+    and `<tag>.old` folders whose `<tag>` is complete again (`read_state` reads `<tag>.old` only while `<tag>` is
+    missing). One job saves into a folder at a time, so no other save is using them."""
+    for entry in os.listdir(save_dir):
+        path = os.path.join(save_dir, entry)
+        if not os.path.isdir(path):
+            continue
+        if entry.endswith(".partial") or (entry.endswith(".old") and
+                                          os.path.isfile(os.path.join(save_dir, entry[:-4], "zo_state.json"))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None) -> str:
     from safetensors.torch import save_file
 
@@ -110,6 +123,7 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
     partial = os.path.join(save_dir, tag + ".partial")
     if rank == 0:
         os.makedirs(save_dir, exist_ok=True)
+        _remove_leftovers(save_dir)
         shutil.rmtree(partial, ignore_errors=True)   # leftovers of an interrupted save
         os.makedirs(partial)
     comm.barrier()

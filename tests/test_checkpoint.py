@@ -171,7 +171,8 @@ def test_the_z_sampler_is_recorded_and_replay_runs_only_on_it(tmp_path, caplog):
 
 def test_a_save_killed_between_its_renames_leaves_the_tag_loadable(tmp_path, monkeypatch):
     """Replacing a tag moves the old folder aside, then the new one in: killed in between, `latest` names a tag
-    whose folder is only `<tag>.old`, which is read instead; the next save of the tag completes and removes it."""
+    whose folder is only `<tag>.old`, which is read instead; the next save of the tag completes and removes it, and a
+    save of another tag removes the leftovers nothing reads."""
     e = _engine()
     e.train_batch(batch())
     e.save_checkpoint(str(tmp_path), tag="t")
@@ -195,6 +196,11 @@ def test_a_save_killed_between_its_renames_leaves_the_tag_loadable(tmp_path, mon
     assert all(torch.equal(got[n], expected[n]) for n in expected)
     e.save_checkpoint(str(tmp_path), tag="t")
     assert sorted(os.listdir(tmp_path)) == ["latest", "t"]
+    # what saves of other tags left: a save of any tag removes it, but not a `.old` that is still the tag's only copy
+    for leftover in ("t.old/x", "u.partial/y", "v.old/zo_state.json"):
+        os.makedirs(tmp_path / leftover)
+    e.save_checkpoint(str(tmp_path), tag="w")
+    assert sorted(os.listdir(tmp_path)) == ["latest", "t", "v.old", "w"]
     with pytest.raises(CheckpointError, match="ending in '.old'"):
         e.save_checkpoint(str(tmp_path), tag="t.old")
 
