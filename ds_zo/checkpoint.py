@@ -254,7 +254,10 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
     engine.optimizer.step_log = read_steps(folder)
     # the run's base, carried on: its trained parameters may have started elsewhere than this model's (a model that
     # already holds fine-tuned weights resumes as well), and a replay of later checkpoints needs the run's
-    engine.base_weights = {n: saved_base.get(n) or h for n, h in engine.base_weights.items()}
+    # where the checkpoint has none (saved before the field, or a model partitioned before initialize), a trained
+    # parameter's base is unknown: this model's may already hold fine-tuned values
+    engine.base_weights = {n: saved_base.get(n) or (None if n in engine.trainable_names else h)
+                           for n, h in engine.base_weights.items()}
     engine.optimizer.pending = None
     saved_stream = state.get("z_stream", engine.z_stream)
     if saved_stream != engine.z_stream:

@@ -90,6 +90,16 @@ def load_config(config: Any) -> dict:
     raise ConfigError(f"config must be a dict or a path to ds_config.json, got {type(config).__name__}")
 
 
+def half_dtype(ds: dict):
+    """The dtype DeepSpeed's engine casts the model to (bf16 / fp16 enabled), else None."""
+    import torch
+    if (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled", False):
+        return torch.bfloat16
+    if (ds.get("fp16") or {}).get("enabled", False):
+        return torch.float16
+    return None
+
+
 def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, OffloadConfig]:
     """(config for DeepSpeedEngine, optimizer params, zero_order section, parameter offload)."""
     ds = copy.deepcopy(config)

@@ -5,7 +5,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from .config import ConfigError, load_config, split_config
+from .config import ConfigError, half_dtype, load_config, split_config
 from .model.units import is_decayed, resolve_rows, resolve_trainable
 from .optimizer import ZOSGD
 from .parallel import Communicator, ParallelDims
@@ -125,12 +125,12 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         # the weights the run starts from (checkpoints record them; resume and replay compare): every rank holds
         # the full model until ZeRO-3 partitions it, and rank 0's once it is broadcast
         if offload.partitioned:
-            base_weights = rank0s(weight_fingerprint(model), comm)
+            base_weights = rank0s(weight_fingerprint(model, half_dtype(ds_config)), comm)
             partition_model(model, comm, ds_config)
         else:
             if world > 1:
                 replicate_from_rank0(model, comm)
-            base_weights = weight_fingerprint(model)
+            base_weights = weight_fingerprint(model, half_dtype(ds_config))
         if optimizer is None:
             optimizer = build_optimizer(model, trainable, zo_params.lr, zo_params.eps, zo_params.weight_decay)
         zo_mpu = ZOParallelMPU(dims)

@@ -22,7 +22,7 @@ import torch
 SAMPLES = 4096
 
 
-def _parameter_hash(p: torch.Tensor) -> Optional[str]:
+def _parameter_hash(p: torch.Tensor, cast: Optional[torch.dtype]) -> Optional[str]:
     shape = tuple(getattr(p, "ds_shape", p.shape))
     t = p.detach()
     if t.numel() != math.prod(shape) or t.numel() == 0:
@@ -31,14 +31,18 @@ def _parameter_hash(p: torch.Tensor) -> Optional[str]:
     if flat.numel() > SAMPLES:
         index = torch.arange(SAMPLES, dtype=torch.int64) * flat.numel() // SAMPLES
         flat = flat[index.to(flat.device)]
+    if cast is not None and flat.is_floating_point():
+        flat = flat.to(cast)        # elementwise: the sample of the cast weights
     data = flat.contiguous().cpu().view(torch.uint8).numpy().tobytes()
-    return hashlib.sha256(f"{shape}{t.dtype}".encode() + data).hexdigest()[:16]
+    return hashlib.sha256(f"{shape}{flat.dtype}".encode() + data).hexdigest()[:16]
 
 
 @torch.no_grad()
-def weight_fingerprint(model: torch.nn.Module) -> dict[str, Optional[str]]:
-    """{parameter name: hash of its sampled elements, or None where this rank holds no full tensor}."""
-    return {n: _parameter_hash(p) for n, p in model.named_parameters()}
+def weight_fingerprint(model: torch.nn.Module, cast: Optional[torch.dtype] = None) -> dict[str, Optional[str]]:
+    """{parameter name: hash of its sampled elements, or None where this rank holds no full tensor}. cast: the dtype
+    the engine will hold floating-point weights in (bf16 / fp16 enabled: DeepSpeed casts the model), so that a run
+    fingerprints the weights it trains, whichever dtype the model was loaded in."""
+    return {n: _parameter_hash(p, cast) for n, p in model.named_parameters()}
 
 
 def rank0s(fingerprint: dict[str, Optional[str]], comm) -> dict[str, Optional[str]]:

@@ -314,3 +314,53 @@ def test_every_rank_keeps_rank0s_fingerprint():
                                                                       signed=True)]]))
     assert rank0s({"a": "0000000000000001", "b": "1111111111111111", "c": None}, FromRank0()) == rank0
     assert rank0s(rank0, SimpleNamespace(dims=SimpleNamespace(world=1))) == rank0
+
+
+def test_a_bf16_run_resumes_and_replays_from_the_model_in_either_dtype(tmp_path):
+    """With bf16 enabled DeepSpeed casts the model: the run fingerprints the bf16 weights it trains, so the same base
+    loaded in fp32 or in bf16 resumes it, and replay casts the loaded model to the run's dtype."""
+    from ds_zo import replay
+    from ds_zo.models import tiny_model_and_tokenizer
+    cfg = ds_config(lr=1e-2, seed=4, trainable=["*mlp*"])
+    cfg["bf16"] = {"enabled": True}
+    engine, *_ = ds_zo.initialize(model=tiny_model_and_tokenizer()[0], config=cfg)
+    engine.train_batch(batch())
+    engine.save_checkpoint(str(tmp_path / "ck"))
+    expected = engine.module_state_dict()
+    assert all(t.dtype == torch.bfloat16 for t in expected.values())
+    for dtype in (torch.float32, torch.bfloat16):
+        resumed = ds_zo.initialize(model=tiny_model_and_tokenizer(dtype=dtype)[0], config=cfg)[0]
+        resumed.load_checkpoint(str(tmp_path / "ck"))
+        got = resumed.module_state_dict()
+        assert all(torch.equal(got[n], expected[n]) for n in expected)
+    replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
+    from safetensors.torch import load_file
+    replayed = load_file(str(tmp_path / "r" / "model.safetensors"))
+    assert all(torch.equal(replayed[n], expected[n]) for n in replayed if n in expected)
+
+
+def test_a_checkpoint_without_base_weights_leaves_the_trained_base_unknown(tmp_path):
+    """Checkpoints from before the field: resuming one from a model that already holds fine-tuned values must not
+    record those as the run's base (a later replay onto the true base would be refused); the frozen ones are this
+    model's, which the resumed run goes on with."""
+    from ds_zo import replay
+    from ds_zo.models import tiny_model_and_tokenizer
+    cfg = ds_config(lr=1e-2, seed=4, trainable=["*mlp*"])
+    engine, *_ = ds_zo.initialize(model=tiny_model_and_tokenizer()[0], config=cfg)
+    engine.train_batch(batch())
+    engine.save_checkpoint(str(tmp_path / "ck"))
+    path = tmp_path / "ck" / "global_step1" / "zo_state.json"
+    state = json.loads(path.read_text())
+    del state["base_weights"]
+    path.write_text(json.dumps(state))
+    finetuned, _ = tiny_model_and_tokenizer()
+    with torch.no_grad():
+        for n, p in finetuned.named_parameters():
+            if "mlp" in n:
+                p.add_(0.5)
+    resumed = ds_zo.initialize(model=finetuned, config=cfg)[0]
+    resumed.load_checkpoint(str(tmp_path / "ck"))
+    assert {n for n, h in resumed.base_weights.items() if h is None} == resumed.trainable_names
+    resumed.train_batch(batch(seed=1))
+    resumed.save_checkpoint(str(tmp_path / "ck"))
+    replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
