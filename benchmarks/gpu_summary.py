@@ -25,7 +25,8 @@ def _pct(x) -> str:
 
 
 def offload_lines(name: str, r: dict) -> list[str]:
-    out = [f"{name}: {r.get('shape')} {r.get('dtype')} seq {r.get('seq')}, {r.get('gpu', r.get('device'))}"]
+    cut = " (partial: the check's time ran out before this benchmark ended)" if r.get("partial") else ""
+    out = [f"{name}: {r.get('shape')} {r.get('dtype')} seq {r.get('seq')}, {r.get('gpu', r.get('device'))}{cut}"]
     for run in r.get("runs", []):
         ratios = ", ".join(f"{k.removesuffix('_over_resident_throughput')} / resident {v:.3f}"
                            for k, v in run.items() if k.endswith("_over_resident_throughput"))

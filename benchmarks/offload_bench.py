@@ -73,6 +73,14 @@ def make_engine(model, prefetch: int | None, args, whole_copies: bool = False):
     return engine
 
 
+def write_json(path: str, result: dict) -> None:
+    """Written whole or not at all (a timeout may kill the benchmark mid-write)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def set_span(engines: dict, span_chunks: int) -> None:
     for engine in engines.values():
         engine.perturbations.accelerator_span_chunks = span_chunks
@@ -189,6 +197,11 @@ def main(argv=None) -> dict:
                 for m in modes:
                     run[f"{m}_gpu_busy"] = gpu_busy(engines[m], batch_of[b])
             runs.append(run)
+            if args.out:
+                # what is measured so far, in case the GPU check's time runs out before the end (written again,
+                # whole, at the end)
+                first_run = {k: v for k, v in runs[0].items() if k not in ("batch", "span_chunks")}
+                write_json(args.out, {**result, **first_run, "runs": runs, "partial": True})
     set_span(engines, default_span)
     # the first batch at the default span: its figures at top level
     first = next(r for r in runs if r["batch"] == batches[0] and r["span_chunks"] == default_span)
@@ -245,9 +258,7 @@ def main(argv=None) -> dict:
     for case in result.get("model", {}).get("cases", []):
         print("  model:", case)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.out, result)
     return result
 
 

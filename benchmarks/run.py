@@ -218,9 +218,14 @@ def bench_memory(shape: str, rows: int, seq: int, reps: int,
             failed[mode] = stderr[-2000:]
             print(f"memory probe {mode} failed (exit {proc.returncode}): {stderr[-500:]}", flush=True)
             return
-        line = stdout.strip().splitlines()[-1]
+        try:
+            line = stdout.strip().splitlines()[-1]
+            runs[mode].append(json.loads(line))
+        except (IndexError, json.JSONDecodeError):
+            failed[mode] = f"no result line in its output: {stdout[-500:]!r} {stderr[-1500:]}"
+            print(f"memory probe {mode} printed no result", flush=True)
+            return
         print(f"memory probe: {line}", flush=True)
-        runs[mode].append(json.loads(line))
 
     for _ in range(reps):
         if concurrent:

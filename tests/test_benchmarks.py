@@ -186,8 +186,22 @@ def test_offload_benchmark_smoke_on_cpu(tmp_path):
     import json
     from benchmarks.offload_bench import main
     out = tmp_path / "ob.json"
-    res = main(["--shape", "tiny", "--seq", "16", "--batch", "1", "--steps", "1", "--reps", "1", "--out", str(out)])
+    import benchmarks.offload_bench as ob
+    written = []
+    real_write = ob.write_json
+    ob.write_json = lambda path, result: (written.append((len(result["runs"]), result.get("partial"),
+                                                          result.get("offload_step_s_median"))),
+                                          real_write(path, result))
+    try:
+        res = main(["--shape", "tiny", "--seq", "16", "--batch", "1,2", "--steps", "1", "--reps", "1",
+                    "--out", str(out)])
+    finally:
+        ob.write_json = real_write
     assert json.loads(out.read_text())["params_identical"] is True and res["params_identical"] is True
+    # what a cut-short GPU check keeps: the result so far after each batch size, then the whole one
+    assert [w[:2] for w in written] == [(1, True), (2, True), (2, None)]
+    assert written[0][2] == res["offload_step_s_median"]
+    assert not os.path.exists(str(out) + ".tmp")
     assert res["offload_step_s_median"] > 0 and res["resident_step_s_median"] > 0
     ops = {m: res[f"{m}_host_ops"] for m in ("resident", "offload")}
     assert all("top" in o and o["top"] and o["ops"] > 0 for o in ops.values()), ops
@@ -265,12 +279,15 @@ def test_gpu_summary_reads_the_gpu_checks_results(calibrated_run, tmp_path):
         "peak_gpu": {"inference": mb, "dszo": {"median": 3e8}}, "ratio_dszo_over_inference": {"median": 1.2},
         "failed": {"mezo": "out of memory"}}]}))
     text = "\n".join(summary(str(tmp_path)))
-    assert "batch 1: offload / resident" in text and "model batch 1 resident" in text
+    assert "batch 1: offload / resident" in text and "model batch 1 resident" in text and "partial" not in text
     assert "micro host costs" in text and "fitted host" in text and "|error| as predicted" in text
     assert "inference 250, dszo 300" in text and "dszo_over_inference 1.200" in text and "failed: mezo" in text
     # the stored calibration predicted again by today's model: the same cases
     again = "\n".join(summary(str(tmp_path), repredict=True))
     assert "opt-tiny.json (re-predicted)" in again and again.count("model batch") == text.count("model batch")
+    cut = json.loads((tmp_path / "opt-tiny.json").read_text()) | {"partial": True}
+    (tmp_path / "opt-tiny.json").write_text(json.dumps(cut))
+    assert summary(str(tmp_path))[0].startswith("opt-tiny.json: tiny") and "(partial:" in summary(str(tmp_path))[0]
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SystemExit, match="usage"):
