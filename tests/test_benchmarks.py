@@ -330,3 +330,18 @@ def test_median_calibration_of_launches():
     assert med == {"micro": {"rng_rate": 2.0, "elem_bw": 20.0}, "forward": {"4": {"flops": 200.0}},
                    "overhead": {"unit_host_s": 0.002}}
     assert _median_calibration([cal(1.0, False), cal(5.0, False)])["overhead"] is None
+
+
+def test_the_gpu_check_script_runs_its_sections_in_order_under_its_budget(tmp_path):
+    """benchmarks/gpu_check.sh parses and, with no budget left, skips every section in order of need (each says how
+    long it needs) and still runs the summary: the device call's minutes go to the sections that fit."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OUT=str(tmp_path), GPU_CHECK_BUDGET_S="0", PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    skipped = [line.split(":")[0].removeprefix("--- ") for line in proc.stdout.splitlines() if "skipped" in line]
+    assert skipped == ["SmolLM2 GPU memory", "CUDA tests", "OPT-1.3B", "OPT-6.7B", "SmolLM2 whole copies"]
+    assert f"no GPU check results in {tmp_path}" in proc.stdout
