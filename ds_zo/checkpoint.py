@@ -252,10 +252,9 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
     tensors = load_file(path)
     _restore_tensors(engine, tensors, folder)
     engine.optimizer.step_log = read_steps(folder)
-    # the run's base, carried on: its trained parameters may have started elsewhere than this model's (a model that
-    # already holds fine-tuned weights resumes as well), and a replay of later checkpoints needs the run's
-    # where the checkpoint has none (saved before the field, or a model partitioned before initialize), a trained
-    # parameter's base is unknown: this model's may already hold fine-tuned values
+    # the run's base, carried on to later checkpoints (their replay needs it): this model's trained parameters may
+    # already hold fine-tuned values, so where the checkpoint has no base (saved before the field, or a model
+    # partitioned before initialize) theirs is unknown
     engine.base_weights = {n: saved_base.get(n) or (None if n in engine.trainable_names else h)
                            for n, h in engine.base_weights.items()}
     engine.optimizer.pending = None

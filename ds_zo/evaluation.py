@@ -37,8 +37,10 @@ def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
         for index, padded in enumerate(todo):
             batch = {k: v.to(engine.device) for k, v in padded.items()}
             extra, labels = engine.scored_positions(batch["labels"])
+            if "position_ids" in batch:
+                extra["position_ids"] = batch["position_ids"]
             logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   position_ids=batch.get("position_ids"), use_cache=False, **extra).logits
+                                   use_cache=False, **extra).logits
             if index >= counted:
                 continue
             loss_sum, tokens = engine.loss_fn(logits, labels)
