@@ -156,6 +156,7 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
             "z_stream": engine.z_stream,          # the sampler z came from: a replay must use the same one
             "model": model_fingerprint(engine),
             "base_weights": engine.base_weights,   # what the run started from: resume and replay compare
+            "half_dtype": str(engine.half_dtype) if engine.half_dtype is not None else None,   # replay casts to it
             "files": {f"zo_rank_{r:05d}.safetensors": bytes(int(x) for x in digest[r].tolist()).hex()
                       for r in range(engine.dims.world)},
             "steps_sha256": _sha256(os.path.join(partial, "steps.jsonl")),

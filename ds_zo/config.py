@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+import torch
 from pydantic import Field, ValidationError
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 
@@ -91,12 +92,16 @@ def load_config(config: Any) -> dict:
 
 
 def half_dtype(ds: dict):
-    """The dtype DeepSpeed's engine casts the model to (bf16 / fp16 enabled), else None."""
-    import torch
-    if (ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled", False):
-        return torch.bfloat16
-    if (ds.get("fp16") or {}).get("enabled", False):
-        return torch.float16
+    """The dtype DeepSpeed's engine casts the model's parameters to, else None: fp16 before bf16, each section read by
+    DeepSpeed's own parser (its spellings, and its reading of values such as "auto")."""
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+    try:
+        if get_float16_config(ds).enabled:
+            return torch.float16
+        if get_bfloat16_config(ds).enabled:
+            return torch.bfloat16
+    except ValidationError as e:
+        raise ConfigError(f"fp16 / bf16: {e}") from None
     return None
 
 
@@ -162,7 +167,7 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, Offl
     # engine is built at stage 0 and never sees offload_param
     if zero:
         ds["zero_optimization"] = {**{k: v for k, v in zero.items() if k != "offload_param"}, "stage": 0}
-    if (ds.get("fp16") or {}).get("enabled", False):
+    if half_dtype(ds) == torch.float16:
         from deepspeed.accelerator import get_accelerator
         if not get_accelerator().is_fp16_supported():
             raise ConfigError("fp16.enabled: true is not supported on this accelerator; use bf16 or fp32")

@@ -88,6 +88,7 @@ class ZOEngine(DeepSpeedEngine):
         self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device))
         # the weights the run started from (weights_fingerprint; ds_zo.initialize fills it in before partitioning)
         self.base_weights: dict = {}
+        self.half_dtype: Optional[torch.dtype] = None    # what DeepSpeed cast the parameters to (bf16 / fp16)
         params = dict(self.module.named_parameters())
         self.optimizer.attach(self.perturbations, self.param_keys,
                               {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()})

@@ -123,14 +123,16 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         dims.build_groups(zo.collective_timeout_s)
         comm = Communicator(dims, zo.collective_timeout_s)
         # the weights the run starts from (checkpoints record them; resume and replay compare): every rank holds
-        # the full model until ZeRO-3 partitions it, and rank 0's once it is broadcast
+        # the full model until ZeRO-3 partitions it, and rank 0's once it is broadcast; taken in the dtype
+        # DeepSpeed's engine will cast the parameters to, the one the run trains in
+        cast = half_dtype(ds_config)
         if offload.partitioned:
-            base_weights = rank0s(weight_fingerprint(model, half_dtype(ds_config)), comm)
+            base_weights = rank0s(weight_fingerprint(model, cast), comm)
             partition_model(model, comm, ds_config)
         else:
             if world > 1:
                 replicate_from_rank0(model, comm)
-            base_weights = weight_fingerprint(model, half_dtype(ds_config))
+            base_weights = weight_fingerprint(model, cast)
         if optimizer is None:
             optimizer = build_optimizer(model, trainable, zo_params.lr, zo_params.eps, zo_params.weight_decay)
         zo_mpu = ZOParallelMPU(dims)
@@ -140,7 +142,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
                           dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,
                           config_class=config_class, zo_config=zo, zo_params=zo_params, trainable=trainable,
                           offload=offload, dims=dims, communicator=comm, rows=rows, loss_fn=loss_fn)
-        engine.base_weights = base_weights
+        engine.base_weights, engine.half_dtype = base_weights, cast
     finally:
         partition_parameters.restore_init_context()
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler

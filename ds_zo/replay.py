@@ -71,7 +71,7 @@ def main(argv=None) -> None:
 
     from .checkpoint import read_state, read_steps
     from .models import load_model_and_tokenizer
-    from .weights_fingerprint import describe, differing, weight_fingerprint
+    from .weights_fingerprint import cast_parameters, describe, differing, weight_fingerprint
 
     p = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder (with 'latest') or one tag's folder")
@@ -90,13 +90,9 @@ def main(argv=None) -> None:
     names = [n for n, _, _ in state["model"]]
     if [n for n, _ in model.named_parameters()] != names:
         raise SystemExit(f"replay: {args.model!r} is not the model this run started from (parameter names differ)")
-    # the run's dtype (bf16 / fp16 enabled: DeepSpeed cast the model), in which its steps were applied
-    dtypes = {d for _, _, d in state["model"]}
-    if {str(p.dtype) for p in model.parameters()} != dtypes:
-        if len(dtypes) != 1:
-            raise SystemExit(f"replay: the run held its parameters in {sorted(dtypes)}, {args.model!r} loads "
-                             "them in other dtypes")
-        model.to(getattr(torch, dtypes.pop().removeprefix("torch.")))
+    # bf16 / fp16 enabled: DeepSpeed cast the run's parameters, and its steps were applied in that dtype
+    if state.get("half_dtype"):
+        cast_parameters(model, getattr(torch, state["half_dtype"].removeprefix("torch.")))
     saved_base = state.get("base_weights") or {}     # checkpoints before the twelfth session have none
     other = differing(saved_base, weight_fingerprint(model), names)
     if other:

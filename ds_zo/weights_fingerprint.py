@@ -20,6 +20,9 @@ from typing import Iterable, Optional
 import torch
 
 SAMPLES = 4096
+# the parameter dtypes DeepSpeed casts to fp16 / bf16 (deepspeed.runtime.engine.CASTABLE_DTYPES): not integer or
+# float8 weights
+CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _parameter_hash(p: torch.Tensor, cast: Optional[torch.dtype]) -> Optional[str]:
@@ -31,7 +34,7 @@ def _parameter_hash(p: torch.Tensor, cast: Optional[torch.dtype]) -> Optional[st
     if flat.numel() > SAMPLES:
         index = torch.arange(SAMPLES, dtype=torch.int64) * flat.numel() // SAMPLES
         flat = flat[index.to(flat.device)]
-    if cast is not None and flat.is_floating_point():
+    if cast is not None and flat.dtype in CASTABLE:
         flat = flat.to(cast)        # elementwise: the sample of the cast weights
     data = flat.contiguous().cpu().view(torch.uint8).numpy().tobytes()
     return hashlib.sha256(f"{shape}{flat.dtype}".encode() + data).hexdigest()[:16]
@@ -55,6 +58,13 @@ def rank0s(fingerprint: dict[str, Optional[str]], comm) -> dict[str, Optional[st
     comm.broadcast_from_rank0([table])
     return {n: int(v).to_bytes(8, "big", signed=True).hex() if present else None
             for n, (present, v) in zip(fingerprint, table.tolist())}
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters DeepSpeed would cast (CASTABLE) to `dtype`, buffers left as loaded, as DeepSpeed does."""
+    for p in model.parameters():
+        if p.dtype in CASTABLE and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def differing(saved: dict, current: dict, names: Iterable[str]) -> list[str]:

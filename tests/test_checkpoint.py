@@ -364,3 +364,39 @@ def test_a_checkpoint_without_base_weights_leaves_the_trained_base_unknown(tmp_p
     resumed.train_batch(batch(seed=1))
     resumed.save_checkpoint(str(tmp_path / "ck"))
     replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
+
+
+@pytest.mark.parametrize("precision, expected", [
+    ({"bf16": {"enabled": True}}, torch.bfloat16), ({"bfloat16": {"enabled": True}}, torch.bfloat16),
+    ({"fp16": {"enabled": True}}, torch.float16), ({"bf16": {"enabled": "auto"}}, None),
+    ({"bf16": {"enabled": "false"}}, None), ({}, None)])
+def test_the_fingerprints_dtype_is_the_one_deepspeed_casts_to(precision, expected):
+    """half_dtype reads the fp16 / bf16 sections as DeepSpeed does (its spellings; "auto" and "false" are off): a run
+    whose parameters stay fp32 must not record a bf16-cast fingerprint."""
+    from ds_zo.config import half_dtype
+    assert half_dtype(precision) == expected
+    if expected is not torch.float16:    # fp16 runs where the accelerator supports it (not DeepSpeed's CPU one)
+        engine = ds_zo.initialize(model=tiny_model("llama", tied=False), config={**ds_config(), **precision})[0]
+        assert engine.half_dtype == expected
+        assert {p.dtype for p in engine.module.parameters()} == {expected or torch.float32}
+
+
+def test_a_run_with_offload_dtype_replays_and_buffers_keep_their_dtype(tmp_path):
+    """zero_order.offload_dtype keeps offloaded units in bf16 while the rest stays fp32: the checkpoint's parameters
+    have two dtypes and the run has no cast dtype, so replay applies the steps to the model as loaded (mixed dtypes
+    are no reason to refuse); with bf16 enabled, replay casts parameters only, as DeepSpeed does, not buffers."""
+    from ds_zo import replay
+    from ds_zo.models import tiny_model_and_tokenizer
+    from ds_zo.weights_fingerprint import cast_parameters
+    cfg = ds_config(lr=1e-2, seed=4, offload_dtype="bf16")
+    cfg["zero_optimization"] = {"offload_param": {"device": "cpu"}}
+    engine, *_ = ds_zo.initialize(model=tiny_model_and_tokenizer()[0], config=cfg)
+    engine.train_batch(batch())
+    engine.save_checkpoint(str(tmp_path / "ck"))
+    state = json.loads((tmp_path / "ck" / "global_step1" / "zo_state.json").read_text())
+    assert {d for _, _, d in state["model"]} == {"torch.float32", "torch.bfloat16"} and state["half_dtype"] is None
+    replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
+    model = tiny_model_and_tokenizer()[0]
+    model.register_buffer("scale", torch.ones(3), persistent=True)
+    cast_parameters(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.scale.dtype == torch.float32
