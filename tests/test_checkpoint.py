@@ -258,6 +258,17 @@ def test_weight_fingerprint_tells_weights_apart():
     assert weight_fingerprint(partitioned) == {"weight": None}
 
 
+def _with_finetuned_mlp():
+    """The tiny job model whose MLP weights (the trained set of the tests below) already moved away from the base."""
+    from ds_zo.models import tiny_model_and_tokenizer
+    model, _ = tiny_model_and_tokenizer()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "mlp" in n:
+                p.add_(0.5)
+    return model
+
+
 def test_resume_and_replay_refuse_other_base_weights(tmp_path):
     """A checkpoint holds the trained parameters and the step log only. Resuming onto a model whose frozen weights
     differ (another base model of the same shapes) is refused, and so is replaying onto a model whose weights differ
@@ -276,12 +287,7 @@ def test_resume_and_replay_refuse_other_base_weights(tmp_path):
                                               r"model\.layers\.0\.self_attn\.q_proj\.weight"):
         other.load_checkpoint(str(tmp_path / "ck"))
 
-    finetuned, _ = tiny_model_and_tokenizer()
-    with torch.no_grad():
-        for n, p in finetuned.named_parameters():
-            if "mlp" in n:
-                p.add_(0.5)
-    resumed = ds_zo.initialize(model=finetuned, config=cfg)[0]
+    resumed = ds_zo.initialize(model=_with_finetuned_mlp(), config=cfg)[0]
     assert resumed.base_weights != engine.base_weights
     resumed.load_checkpoint(str(tmp_path / "ck"))
     assert resumed.base_weights == engine.base_weights
@@ -353,12 +359,7 @@ def test_a_checkpoint_without_base_weights_leaves_the_trained_base_unknown(tmp_p
     state = json.loads(path.read_text())
     del state["base_weights"]
     path.write_text(json.dumps(state))
-    finetuned, _ = tiny_model_and_tokenizer()
-    with torch.no_grad():
-        for n, p in finetuned.named_parameters():
-            if "mlp" in n:
-                p.add_(0.5)
-    resumed = ds_zo.initialize(model=finetuned, config=cfg)[0]
+    resumed = ds_zo.initialize(model=_with_finetuned_mlp(), config=cfg)[0]
     resumed.load_checkpoint(str(tmp_path / "ck"))
     assert {n for n, h in resumed.base_weights.items() if h is None} == resumed.trainable_names
     resumed.train_batch(batch(seed=1))
