@@ -256,8 +256,11 @@ class ZOEngine(DeepSpeedEngine):
         return self.dims.dp_rank
 
     # -- the pending update -----------------------------------------------------------------------------------------
-    def _apply_pending_to_unit(self, refs) -> bool:
-        return self.optimizer.apply_pending(r.param for r in refs)
+    def _apply_pending_to_unit(self, unit: Unit) -> bool:
+        changed = self.optimizer.apply_pending(r.param for r in unit.trainable)
+        if changed and self.pipeline is not None:
+            self.pipeline.round_to_storage(unit)
+        return changed
 
     def _flush_unless_stepping(self, module: torch.nn.Module) -> None:
         if not self._in_zo_forward and any(module is m for m in self._hooked):
@@ -274,7 +277,7 @@ class ZOEngine(DeepSpeedEngine):
                 self.pipeline.begin(owing, compute=False)
                 for unit in owing:
                     self.pipeline.enter(unit)
-                    changed = self._apply_pending_to_unit(unit.trainable)
+                    changed = self._apply_pending_to_unit(unit)
                     self.pipeline.exit(unit, changed)
         self.optimizer.flush()
 

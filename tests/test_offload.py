@@ -269,3 +269,27 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, tmp_path):
         got = state(engine)
         assert all(torch.equal(want[k], got[k]) for k in want)
     assert going_on.pipeline.stats["retired"] == saved.pipeline.stats["retired"] == 2   # the failed pass's units
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_narrower_storage_trains_the_same_whether_updates_are_fused_flushed_or_eager(stage):
+    """With offload_dtype narrower than the compute dtype, an update applied inside the next forward is rounded to
+    the storage dtype before the forward uses it, as a flushed (state_dict, copy) or eager update is: so reading the
+    model between steps, or fuse_update, does not change training (stage 3: the resliced pipeline rounds each shard)."""
+    base = tiny_model("llama")
+
+    def run(flush, **zo):
+        cfg = offload_config(dtype="bf16", **zo)
+        cfg["zero_optimization"]["stage"] = stage
+        engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
+        losses = []
+        for t in range(STEPS):
+            losses.append(engine.train_batch(batch(seed=t)))
+            if flush:
+                engine.module_state_dict()
+        return losses, engine.module_state_dict()
+
+    fused, flushed, eager = run(False), run(True), run(False, fuse_update=False)
+    for losses, params in (flushed, eager):
+        assert losses == fused[0]
+        assert all(torch.equal(p, params[n]) for n, p in fused[1].items())

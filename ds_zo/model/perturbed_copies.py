@@ -75,7 +75,7 @@ class PerturbedCopies:
     """dual_forward's provider: per slot, the tensors a unit's trainable parameters point at while it computes."""
 
     def __init__(self, generator: PerturbationGenerator, keys: dict[int, int], eps: float,
-                 residency: Optional[Residency] = None, before_perturb: Optional[Callable[[list], bool]] = None):
+                 residency: Optional[Residency] = None, before_perturb: Optional[Callable[[Unit], bool]] = None):
         self.generator = generator
         self.keys = keys                          # id(param) -> perturb.param_key(canonical name)
         self.eps = eps
@@ -364,7 +364,7 @@ class PerturbedCopies:
     def enter(self, unit: Unit) -> None:
         """Make the unit's parameters resident and apply their pending update (before any working copy is formed)."""
         self.residency.enter(unit)
-        dirty = bool(self.before_perturb(unit.trainable)) if self.before_perturb is not None else False
+        dirty = bool(self.before_perturb(unit)) if self.before_perturb is not None else False
         self._dirty[id(unit)] = dirty
 
     def acquire(self, unit: Unit) -> list[list[torch.Tensor]]:

@@ -197,6 +197,22 @@ class OffloadPipeline(Residency):
         self._stall_times = []
         return stalled
 
+    def round_to_storage(self, unit: Unit) -> None:
+        """Round a resident unit, just updated in the compute dtype, to what the store will hold (on the current
+        stream, through the buffer's staging). The forwards then see the stored parameters, so training does not
+        depend on whether an update was fused into a forward or applied before (a flush, an eager update)."""
+        k = self.index.get(id(unit))
+        if k is None or self.staging[0] is None or not self._converts(self.order[k]):
+            return
+        b = self._buffer_of(k)
+        self._round(self.buffers[b][:self.order[k].numel], self.staging[b])
+
+    @staticmethod
+    def _round(values: torch.Tensor, staging: torch.Tensor) -> None:
+        stage = staging[:values.numel()]
+        stage.copy_(values)
+        values.copy_(stage)
+
     def _views(self, k: int, b: Optional[int]) -> list[torch.Tensor]:
         """Unit k's parameter views into device buffer b (None: into its store), made once: the buffers and the
         store live as long as the pipeline, and re-pointing is a per-unit cost on the host's critical path."""

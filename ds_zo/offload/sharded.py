@@ -137,6 +137,8 @@ class ShardedOffloadPipeline(OffloadPipeline):
         with st.on(self.comm_stream):
             self.comm_stream.wait_event(uploaded)
             self._dirty[k] = self.update_shard(s, shard)   # the fused update, on the own shard only
+            if self._dirty[k] and stage is not None:
+                self._round(shard, stage)                   # rounded as stored, before every rank uses it
             if self._computing:
                 gathered = self.gathered[b][:self.comm.dims.partition * s.shard_numel]
                 self.comm.all_gather_shards(gathered, shard)
@@ -147,6 +149,9 @@ class ShardedOffloadPipeline(OffloadPipeline):
             ready = st.event()
             ready.record(self.comm_stream)
         return ready
+
+    def round_to_storage(self, unit: Unit) -> None:
+        """Nothing more to round: each rank rounds its own shard as it updates it (_load)."""
 
     def synchronize(self) -> None:
         super().synchronize()
