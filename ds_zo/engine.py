@@ -12,7 +12,6 @@ import collections
 import contextlib
 import inspect
 import math
-import weakref
 from collections import Counter
 from fnmatch import fnmatchcase
 from typing import Iterator, Optional
@@ -27,6 +26,7 @@ from .model.dual_forward import dual_forward
 from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
 from .model.streamed import streamed_kind
 from .model.units import Unit, cut_into_units, full_numel
+from .model_hooks import ModelHook, wrap_hook
 from .offload import OffloadPipeline, ParameterStore
 from .offload.sharded import ShardedOffloadPipeline, ShardedStore, ShardedUnit
 from .optimizer import ZOSGD
@@ -71,6 +71,15 @@ class ZOEngine(DeepSpeedEngine):
                  rows: Optional[dict[str, torch.Tensor]] = None, loss_fn=None, **kwargs):
         # With offload the model must stay in host memory: DeepSpeed would move all of it to the device.
         super().__init__(*args, dont_change_device=offload.enabled, **kwargs)
+        try:
+            self._init_zo(zo_config, zo_params, trainable, offload, dims, communicator, rows, loss_fn)
+        except BaseException:
+            self._remove_hooks()    # DeepSpeed's: they would keep this half-built engine on the model
+            raise
+
+    def _init_zo(self, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str],
+                 offload: OffloadConfig, dims: ParallelDims, communicator: Communicator,
+                 rows: Optional[dict[str, torch.Tensor]], loss_fn) -> None:
         self.zo_config = zo_config
         # (logits, labels) -> (float64 sum of per-item losses, item count); default: HF's token cross-entropy
         self.loss_fn = loss_fn or token_loss_sum
@@ -121,24 +130,34 @@ class ZOEngine(DeepSpeedEngine):
         self._data_iterator: Optional[Iterator] = None
         self._streaming: Optional[contextlib.ExitStack] = None
         # Make a pending update visible to anyone who runs or reads the model directly, and stream offloaded units
-        # through such forwards (hooks on this model instance only).
-        # (lambdas, not bound methods: copy.deepcopy(engine.module) must not try to copy the engine)
+        # through such forwards (hooks on this model instance only; a copy of the model gets inert ones, see
+        # model_hooks: DeepSpeed's hooks are wrapped the same way).
         # The same hooks on the decoder body (HF's base_model, e.g. model.model), which helpers call directly
         # (data.tasks.model_candidate_scores); a nested call finds the pass already begun by the outer one.
         body = getattr(self.module, "base_model", None)
         self._hooked = [self.module] + ([body] if isinstance(body, torch.nn.Module) and body is not self.module else [])
         self._streaming_owner: Optional[int] = None     # id() of it (a module attribute would register it)
+        # (ModelHooks: ds_zo.initialize finds a model's live engine through them, and a copy of the model gets inert
+        # ones; DeepSpeed's hooks are wrapped the same way)
+        for name in self._DEEPSPEED_HOOKS:
+            wrap_hook(self, getattr(self, name, None))
         self._hooks = []
         for m in self._hooked:
             self._hooks += [
-                m.register_forward_pre_hook(lambda m, a: self._before_direct_forward(m, a)),
-                m.register_forward_hook(lambda m, a, o: self._after_direct_forward(m, a, o), always_call=True),
-                m.register_state_dict_pre_hook(lambda m, *_: self._flush_unless_stepping(m)),
+                m.register_forward_pre_hook(ModelHook(self, self._before_direct_forward)),
+                m.register_forward_hook(ModelHook(self, self._after_direct_forward), always_call=True),
+                m.register_state_dict_pre_hook(ModelHook(self, lambda m, *_: self._flush_unless_stepping())),
             ]
         self._destroyed = False
-        # the model knows its engine (weakly): a second engine on the same model would otherwise run beside this
-        # one's hooks, which apply this engine's updates to every forward of the model
-        self.module.__dict__["_ds_zo_engine"] = weakref.ref(self)
+
+    # the handles of DeepSpeed's hooks on the model
+    _DEEPSPEED_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
+    _hooks: tuple = ()       # this engine's (a list once _init_zo has made them)
+
+    def _remove_hooks(self) -> None:
+        for handle in [*self._hooks, *(getattr(self, n, None) for n in self._DEEPSPEED_HOOKS)]:
+            if handle is not None:
+                handle.remove()
 
     def __del__(self):
         # Garbage collection (or interpreter exit) runs only DeepSpeed's clean-up: the model's hooks hold this engine,
@@ -152,14 +171,8 @@ class ZOEngine(DeepSpeedEngine):
         forward hooks are removed, so the model can be used alone or by a new engine; then DeepSpeed's clean-up."""
         if not getattr(self, "_destroyed", True):      # (DeepSpeed calls destroy() from __del__, also after a
             self.flush()                                   # failed __init__)
-            handles = self._hooks + [getattr(self, n, None) for n in
-                                     ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")]
-            for handle in handles:
-                if handle is not None:
-                    handle.remove()
+            self._remove_hooks()
             self._destroyed = True
-            if self.module.__dict__.get("_ds_zo_engine") is not None and self.module._ds_zo_engine() is self:
-                del self.module.__dict__["_ds_zo_engine"]
         super().destroy()
 
     # DeepSpeed would wrap the optimizer for bf16/fp16/ZeRO: those wrappers exist to manage gradients, which ZO has none
@@ -262,8 +275,8 @@ class ZOEngine(DeepSpeedEngine):
             self.pipeline.round_to_storage(unit)
         return changed
 
-    def _flush_unless_stepping(self, module: torch.nn.Module) -> None:
-        if not self._in_zo_forward and any(module is m for m in self._hooked):
+    def _flush_unless_stepping(self) -> None:
+        if not self._in_zo_forward:
             self.flush()
 
     def _apply_remaining_pending(self) -> None:
@@ -281,6 +294,11 @@ class ZOEngine(DeepSpeedEngine):
                     self.pipeline.exit(unit, changed)
         self.optimizer.flush()
 
+    def flush_for_copy(self) -> None:
+        """The model is being copied (deepcopy, pickle): the copy must have every completed step."""
+        if not self._destroyed and not self._in_zo_forward and self._streaming_owner is None:
+            self.flush()      # (within a direct forward the update is applied already)
+
     def flush(self) -> None:
         """Make every completed step visible in the stored parameters (host-side readers may read them after)."""
         if self.pipeline is not None:
@@ -291,8 +309,8 @@ class ZOEngine(DeepSpeedEngine):
 
     # -- direct use of engine.module (inference, generate) ------------------------------------------------------------
     def _before_direct_forward(self, module, args):
-        # (copy.deepcopy of the model copies these hooks along: on a copy they do nothing)
-        if self._in_zo_forward or not any(module is m for m in self._hooked) or self._streaming_owner is not None:
+        # (a shallow copy of the model, copy.copy, shares these hooks and the parameters: it is the model)
+        if self._in_zo_forward or self._streaming_owner is not None:
             return
         self._streaming_owner = id(module)      # the outermost hooked forward: its end ends the pass
         self.flush()

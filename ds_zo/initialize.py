@@ -73,11 +73,11 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
     from deepspeed.runtime.zero import partition_parameters
 
     from .engine import ZOEngine
+    from .model_hooks import attached_engine
 
     if model is None:
         raise ValueError("ds_zo.initialize requires a model")
-    attached = model.__dict__.get("_ds_zo_engine")
-    if attached is not None and attached() is not None and attached().module is model:
+    if attached_engine(model) is not None:
         raise ValueError("ds_zo.initialize: this model is already trained by a ds_zo engine, whose hooks apply its "
                          "updates to every forward of the model; call that engine's destroy() first, or pass a copy "
                          "(copy.deepcopy(model))")

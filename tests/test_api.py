@@ -135,9 +135,11 @@ def test_one_engine_per_model_and_destroy_detaches_it():
     assert first.optimizer.pending is not None                 # fused: applied inside the next forward
     with pytest.raises(ValueError, match="already trained by a ds_zo engine.*destroy\\(\\) first"):
         ds_zo.initialize(model=model, config=ds_config())
-    copied = copy.deepcopy(model)                                          # a copy is another model,
+    copied = copy.deepcopy(model)                      # a copy is another model, with every completed step,
+    assert first.optimizer.pending is None
+    first.train_batch(batch(seed=4))
     copied(input_ids=batch()["input_ids"])
-    assert first.optimizer.pending is not None                             # whose forwards the hooks it carries skip
+    assert first.optimizer.pending is not None         # whose forwards leave the engine alone
     ds_zo.initialize(model=copied, config=ds_config())
     updated = {n: p.clone() for n, p in first.module_state_dict().items()}
     hooks_before = len(model._forward_pre_hooks) + len(model._forward_hooks)
@@ -175,3 +177,72 @@ def test_the_decoder_body_called_directly_sees_every_completed_step(offload):
         again = engine.module.model(input_ids=ids).last_hidden_state
         logits = engine.module(input_ids=ids).logits             # the whole model's forward: the body's hooks nest
     assert not torch.equal(direct, again) and logits.shape[-1] == VOCAB
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_copy_of_the_model_has_every_completed_step_and_no_engine(offload, tmp_path):
+    """After train_batch the last update is still pending (fused into the next forward). copy.deepcopy(model) and
+    torch.save(model) apply it first, as state_dict() does: the copy is the trained model, not the one a step before.
+    The copy is a plain model: its forwards leave the engine alone and it does not keep the engine alive."""
+    import copy
+    import gc
+    import weakref
+    cfg = ds_config(lr=1e-1, seed=1)
+    if offload:
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    engine.train_batch(batch())
+    engine.train_batch(batch(seed=2))
+    assert engine.optimizer.pending is not None
+    embedding = engine.module.model.embed_tokens.weight
+    before = embedding.detach().clone()
+    # a parameter copied before the model (same memo) is refreshed too
+    copied = copy.deepcopy({"embedding": embedding, "model": engine.module})
+    trained = engine.module_state_dict()
+    assert not torch.equal(trained["model.embed_tokens.weight"], before)     # the pending update changed it
+    best = copied["model"]
+    assert all(torch.equal(p, trained[n]) for n, p in best.state_dict().items())
+    assert copied["embedding"] is best.model.embed_tokens.weight
+    torch.save(engine.module, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert all(torch.equal(p, trained[n]) for n, p in loaded.state_dict().items())
+
+    engine.train_batch(batch(seed=3))
+    steps = engine.global_steps
+    with torch.no_grad():
+        best(input_ids=batch()["input_ids"])
+        loaded(input_ids=batch()["input_ids"])
+    assert engine.optimizer.pending is not None and engine.global_steps == steps
+    again, *_ = ds_zo.initialize(model=best, config=cfg)             # a copy is free to take
+    again.destroy()
+
+    alive = weakref.ref(engine)
+    engine.destroy()
+    del engine, embedding, _
+    gc.collect()
+    assert alive() is None                      # the copies' hooks held it until now
+    with torch.no_grad():
+        assert torch.isfinite(best(input_ids=batch()["input_ids"]).logits).all()
+
+
+def test_a_shallow_copy_is_the_model_and_a_failed_initialize_leaves_no_hooks(tmp_path):
+    """copy.copy(model) shares the parameters and hooks: it is the trained model (its forward applies the pending
+    update) and a second engine on it is refused. An initialize that fails after DeepSpeed hooked the model removes
+    those hooks: nothing of the half-built engine stays on the model."""
+    import copy
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(lr=1e-2, seed=1))
+    engine.train_batch(batch())
+    alias = copy.copy(engine.module)
+    with torch.no_grad():
+        alias(input_ids=batch()["input_ids"])
+    assert engine.optimizer.pending is None
+    with pytest.raises(ValueError, match="already trained by a ds_zo engine"):
+        ds_zo.initialize(model=alias, config=ds_config())
+
+    model = tiny_model("llama")
+    rows_with_offload = ds_config(trainable_rows={"model.embed_tokens.weight": [0, 1]})
+    rows_with_offload["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    with pytest.raises(ValueError, match="trainable_rows cannot be combined with offload_param"):
+        ds_zo.initialize(model=model, config=rows_with_offload)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    torch.save(model, tmp_path / "model.pt")                # DeepSpeed's closures would not pickle

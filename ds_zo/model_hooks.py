@@ -1,0 +1,74 @@
+"""The engine's hooks on its model, and what a copy of the model gets instead.
+
+A ZOEngine hooks its model (and HF's decoder body): a direct forward or `state_dict()` first applies the pending
+(fused) update, and with offload a direct forward streams the layers. DeepSpeed hooks the model too (its forward
+prologue and epilogue). All of those hooks belong to one model. `copy.deepcopy(model)` and pickling would carry
+them over unchanged, which caused two problems:
+- the copy was one step behind. The last step's update is still pending after `train_batch`, and a deep copy reads
+  the raw parameters. "Keep a copy of the best model" kept the weights from before the last step;
+- the copy's hooks still held the engine, so a destroyed engine and its buffers stayed alive while a copy lived.
+
+So each hook is a `ModelHook`. Deep-copying one first makes every completed step visible (`engine.flush()`, as
+`state_dict()` does), then gives `inert_hook`, which does nothing and holds nothing: the copy is a plain model. A
+module's hooks are copied before its submodules, so their parameters are copied after the flush; a parameter copied
+earlier in the same `deepcopy` call (a dict holding a parameter before the model) is refreshed from the memo.
+`torch.save(model)` flushes the same way (it writes the tensors' bytes after pickling every object); plain `pickle`
+writes them as it goes, so a parameter pickled before the model would be stale (call `engine.flush()` first). A
+submodule's copy is not covered, as its `state_dict()` is not. The live engine of a model is found through these
+hooks (`attached_engine`): a deep copy has none, a shallow copy (`copy.copy`) shares them, and is refused as the
+model itself.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def inert_hook(*args, **kwargs):
+    """What a copy of the model holds in place of an engine's hook."""
+    return None
+
+
+def _inert_hook():
+    return inert_hook
+
+
+class ModelHook:
+    """A hook of `engine` on its model: calls `fn`; a copy of it (deepcopy, pickle) is `inert_hook`."""
+    __slots__ = ("engine", "fn")
+
+    def __init__(self, engine, fn):
+        self.engine = engine
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        self.engine.flush_for_copy()
+        # parameters the copy already holds were copied before the flush
+        for p in self.engine.module.parameters():
+            copied = memo.get(id(p))
+            if isinstance(copied, torch.Tensor) and copied.shape == p.shape:
+                with torch.no_grad():
+                    copied.copy_(p)
+        return inert_hook
+
+    def __reduce__(self):
+        # torch.save pickles the objects first and writes the tensors' bytes afterwards, so they are the flushed ones
+        self.engine.flush_for_copy()
+        return _inert_hook, ()
+
+
+def attached_engine(model: torch.nn.Module):
+    """The live engine whose hooks are on `model` (or on a shallow copy's shared hooks), or None."""
+    for hook in model._forward_pre_hooks.values():
+        if isinstance(hook, ModelHook) and not getattr(hook.engine, "_destroyed", True):
+            return hook.engine
+    return None
+
+
+def wrap_hook(engine, handle) -> None:
+    """Make the hook behind a RemovableHandle (e.g. DeepSpeed's) a ModelHook, in place: same id, order and flags."""
+    hooks = handle.hooks_dict_ref() if handle is not None else None
+    if hooks is not None and handle.id in hooks and not isinstance(hooks[handle.id], ModelHook):
+        hooks[handle.id] = ModelHook(engine, hooks[handle.id])
