@@ -69,13 +69,13 @@ class ZOEngine(DeepSpeedEngine):
     def __init__(self, *args, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str],
                  offload: OffloadConfig, dims: ParallelDims, communicator: Communicator,
                  rows: Optional[dict[str, torch.Tensor]] = None, loss_fn=None, **kwargs):
-        # With offload the model must stay in host memory: DeepSpeed would move all of it to the device.
-        super().__init__(*args, dont_change_device=offload.enabled, **kwargs)
         try:
+            # With offload the model must stay in host memory: DeepSpeed would move all of it to the device.
+            super().__init__(*args, dont_change_device=offload.enabled, **kwargs)
             self._init_zo(zo_config, zo_params, trainable, offload, dims, communicator, rows, loss_fn)
         except BaseException:
-            self._remove_hooks()    # DeepSpeed's: they would keep this half-built engine on the model
-            raise
+            self._remove_hooks()    # DeepSpeed's (registered early in its __init__): they would keep this
+            raise                   # half-built engine on the model
 
     def _init_zo(self, zo_config: ZeroOrderConfig, zo_params: ZOSGDParams, trainable: set[str],
                  offload: OffloadConfig, dims: ParallelDims, communicator: Communicator,

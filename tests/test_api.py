@@ -239,10 +239,18 @@ def test_a_shallow_copy_is_the_model_and_a_failed_initialize_leaves_no_hooks(tmp
     with pytest.raises(ValueError, match="already trained by a ds_zo engine"):
         ds_zo.initialize(model=alias, config=ds_config())
 
+    def failing_scheduler(optimizer):
+        raise RuntimeError("no scheduler today")
+
     model = tiny_model("llama")
     rows_with_offload = ds_config(trainable_rows={"model.embed_tokens.weight": [0, 1]})
     rows_with_offload["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
     with pytest.raises(ValueError, match="trainable_rows cannot be combined with offload_param"):
-        ds_zo.initialize(model=model, config=rows_with_offload)
+        ds_zo.initialize(model=model, config=rows_with_offload)          # fails in ds_zo's part
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with pytest.raises(RuntimeError, match="no scheduler today"):      # fails inside DeepSpeed's constructor
+        ds_zo.initialize(model=model, config=ds_config(), lr_scheduler=failing_scheduler)
     assert not model._forward_pre_hooks and not model._forward_hooks
     torch.save(model, tmp_path / "model.pt")                # DeepSpeed's closures would not pickle
+    retry, *_ = ds_zo.initialize(model=model, config=ds_config())
+    retry.train_batch(batch())

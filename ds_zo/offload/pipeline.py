@@ -42,6 +42,8 @@ class OffloadPipeline(Residency):
         storage_dtype = self.order[0].flat.dtype if self.order else compute_dtype
         self.staging = [torch.empty(largest, dtype=storage_dtype, device=self.device) if converts else None
                         for _ in range(n_buffers)]
+        # an update must be rounded as stored unless the storage dtype holds every compute value (fp32 for bf16)
+        self._rounds = converts and torch.finfo(storage_dtype).bits <= torch.finfo(compute_dtype).bits
         self._free = [None] * n_buffers          # event after which buffer b may be overwritten
         self._occupant: list[Optional[int]] = [None] * n_buffers
         self._store_ready: dict[int, object] = {}  # unit k -> event of its last offload (the store is being written)
@@ -202,7 +204,7 @@ class OffloadPipeline(Residency):
         stream, through the buffer's staging). The forwards then see the stored parameters, so training does not
         depend on whether an update was fused into a forward or applied before (a flush, an eager update)."""
         k = self.index.get(id(unit))
-        if k is None or self.staging[0] is None or not self._converts(self.order[k]):
+        if k is None or not self._rounds or not self._converts(self.order[k]):
             return
         b = self._buffer_of(k)
         self._round(self.buffers[b][:self.order[k].numel], self.staging[b])

@@ -137,7 +137,7 @@ class ShardedOffloadPipeline(OffloadPipeline):
         with st.on(self.comm_stream):
             self.comm_stream.wait_event(uploaded)
             self._dirty[k] = self.update_shard(s, shard)   # the fused update, on the own shard only
-            if self._dirty[k] and stage is not None:
+            if self._dirty[k] and self._rounds:
                 self._round(shard, stage)                   # rounded as stored, before every rank uses it
             if self._computing:
                 gathered = self.gathered[b][:self.comm.dims.partition * s.shard_numel]
