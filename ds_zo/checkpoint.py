@@ -77,6 +77,16 @@ def model_fingerprint(engine) -> list:
     return [[n, list(getattr(p, "ds_shape", p.shape)), str(p.dtype)] for n, p in engine.module.named_parameters()]
 
 
+def stored_dtypes(engine) -> dict[str, str]:
+    """Parameters the run keeps in an offload store of a dtype other than the one they compute in
+    (zero_order.offload_dtype): name -> that dtype. Every update to them was rounded to it."""
+    if engine.pipeline is None:
+        return {}
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return {names[id(p)]: str(s.flat.dtype) for s in engine.pipeline.store.units.values() for p in s.params
+            if s.flat.dtype != s.compute_dtype and id(p) in names}
+
+
 def _rank_tensors(engine) -> dict[str, torch.Tensor]:
     """What this rank is the master of, as CPU tensors keyed by name."""
     from .offload.sharded import ShardedOffloadPipeline
@@ -157,6 +167,7 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
             "model": model_fingerprint(engine),
             "base_weights": engine.base_weights,   # what the run started from: resume and replay compare
             "half_dtype": str(engine.half_dtype) if engine.half_dtype is not None else None,   # replay casts to it
+            "stored_dtypes": stored_dtypes(engine),     # replay rounds each update to them, as the run did
             "files": {f"zo_rank_{r:05d}.safetensors": bytes(int(x) for x in digest[r].tolist()).hex()
                       for r in range(engine.dims.world)},
             "steps_sha256": _sha256(os.path.join(partial, "steps.jsonl")),

@@ -62,6 +62,13 @@ def replay(model: torch.nn.Module, records: Iterable[StepRecord], trainable: Opt
     return model
 
 
+def cast_each(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Cast each named parameter to its dtype in `dtypes` (floating-point parameters only)."""
+    for n, p in model.named_parameters():
+        if n in dtypes and p.dtype != dtypes[n] and p.is_floating_point():
+            p.data = p.data.to(dtypes[n])
+
+
 def main(argv=None) -> None:
     """python -m ds_zo.replay --checkpoint OUT/checkpoints [--tag T] --model smollm2 --output DIR
 
@@ -111,10 +118,16 @@ def main(argv=None) -> None:
     if z_stream(device) != recorded:
         raise SystemExit(f"replay: the run drew z on {recorded}, this replay would draw it on {z_stream(device)}: a "
                          "different sampler gives different z; replay on the same device type (and GPU model)")
+    # parameters the run held in another dtype (zero_order.offload_dtype's store) had every update rounded to it
+    loaded = {n: p.dtype for n, p in model.named_parameters()}
+    held = {n: getattr(torch, d.removeprefix("torch.")) for n, _, d in state["model"]}
+    held.update({n: getattr(torch, d.removeprefix("torch.")) for n, d in state.get("stored_dtypes", {}).items()})
+    cast_each(model, held)
     model.to(device)
     replay(model, records, state["trainable"], state["distribution"],
            {n: r.to(device) for n, r in rows.items()})
     model.to("cpu")
+    cast_each(model, loaded)       # saved in the dtype the model was loaded in (exact: it holds the stored values)
     model.save_pretrained(args.output, safe_serialization=True)
     tokenizer.save_pretrained(args.output)
     print(f"replayed {len(records)} steps from {folder} onto {args.model}; saved to {args.output}")

@@ -382,21 +382,34 @@ def test_the_fingerprints_dtype_is_the_one_deepspeed_casts_to(precision, expecte
         assert {p.dtype for p in engine.module.parameters()} == {expected or torch.float32}
 
 
-def test_a_run_with_offload_dtype_replays_and_buffers_keep_their_dtype(tmp_path):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_run_with_offload_dtype_replays_and_buffers_keep_their_dtype(tmp_path, stage):
     """zero_order.offload_dtype keeps offloaded units in bf16 while the rest stays fp32: the checkpoint's parameters
-    have two dtypes and the run has no cast dtype, so replay applies the steps to the model as loaded (mixed dtypes
-    are no reason to refuse); with bf16 enabled, replay casts parameters only, as DeepSpeed does, not buffers."""
+    have two dtypes and the run has no cast dtype (mixed dtypes are no reason to refuse). Replay holds each parameter
+    in the dtype the run held it in, so it rebuilds the run's weights exactly; with bf16 enabled, replay casts
+    parameters only, as DeepSpeed does, not buffers."""
     from ds_zo import replay
     from ds_zo.models import tiny_model_and_tokenizer
     from ds_zo.weights_fingerprint import cast_parameters
-    cfg = ds_config(lr=1e-2, seed=4, offload_dtype="bf16")
-    cfg["zero_optimization"] = {"offload_param": {"device": "cpu"}}
+    from safetensors.torch import load_file
+    cfg = ds_config(lr=5e-2, wd=0.1, seed=4, offload_dtype="bf16")
+    cfg["zero_optimization"] = {"stage": stage, "offload_param": {"device": "cpu"}}
     engine, *_ = ds_zo.initialize(model=tiny_model_and_tokenizer()[0], config=cfg)
     engine.train_batch(batch())
+    engine.train_batch(batch(seed=2))
     engine.save_checkpoint(str(tmp_path / "ck"))
-    state = json.loads((tmp_path / "ck" / "global_step1" / "zo_state.json").read_text())
-    assert {d for _, _, d in state["model"]} == {"torch.float32", "torch.bfloat16"} and state["half_dtype"] is None
+    trained = engine.module_state_dict()
+    state = json.loads((tmp_path / "ck" / "global_step2" / "zo_state.json").read_text())
+    # (under ZeRO-3 the parameters themselves are DeepSpeed's fp32 placeholders: only the store is bf16)
+    assert {d for _, _, d in state["model"]} == ({"torch.float32", "torch.bfloat16"} if stage == 0 else
+                                                   {"torch.float32"}) and state["half_dtype"] is None
+    assert state["stored_dtypes"] and set(state["stored_dtypes"].values()) == {"torch.bfloat16"}
+    assert all(".layers." in n for n in state["stored_dtypes"])
     replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
+    # the offloaded layers' updates were rounded to bf16 in the run, and in the replay (saved in fp32, exactly)
+    replayed = load_file(str(tmp_path / "r" / "model.safetensors"))
+    assert {t.dtype for t in replayed.values()} == {torch.float32}
+    assert all(torch.equal(t, trained[n].float()) for n, t in replayed.items())
     model = tiny_model_and_tokenizer()[0]
     model.register_buffer("scale", torch.ones(3), persistent=True)
     cast_parameters(model, torch.bfloat16)
