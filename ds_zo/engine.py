@@ -100,7 +100,8 @@ class ZOEngine(DeepSpeedEngine):
         self.half_dtype: Optional[torch.dtype] = None    # what DeepSpeed cast the parameters to (bf16 / fp16)
         params = dict(self.module.named_parameters())
         self.optimizer.attach(self.perturbations, self.param_keys,
-                              {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()})
+                              {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()},
+                              flush=self.flush)
         if self.trainable_rows and offload.enabled:
             raise ValueError("zero_order.trainable_rows cannot be combined with offload_param yet")
         self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Optional
 
@@ -120,9 +121,12 @@ class ZOSGD(torch.optim.Optimizer):
 
     # -- wiring -------------------------------------------------------------------------------------------------
     def attach(self, generator: PerturbationGenerator, keys: dict[int, int],
-               rows: Optional[dict[int, torch.Tensor]] = None) -> None:
-        """keys: id(param) -> perturbation key; rows: id(param) -> the rows (dim 0) trained, for row subsets."""
+               rows: Optional[dict[int, torch.Tensor]] = None, flush: Optional[Callable[[], None]] = None) -> None:
+        """keys: id(param) -> perturbation key; rows: id(param) -> the rows (dim 0) trained, for row subsets;
+        flush: the engine's flush (a bound method, held weakly), which state_dict() uses: offloaded parameters
+        must be updated through the engine's pipeline, where z is drawn on the device and resliced shards live."""
         self.generator, self.keys, self.rows = generator, keys, rows or {}
+        self._engine_flush = weakref.WeakMethod(flush) if flush is not None else None
         missing = [p for g in self.param_groups for p in g["params"] if id(p) not in keys]
         if missing:
             raise ValueError(f"{len(missing)} optimizer parameters are not parameters of the engine's model")
@@ -239,7 +243,8 @@ class ZOSGD(torch.optim.Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self):
-        self.flush()
+        engine_flush = self._engine_flush() if getattr(self, "_engine_flush", None) is not None else None
+        (engine_flush or self.flush)()
         sd = super().state_dict()
         sd["zo_step_log"] = [r.to_json() for r in self.step_log]
         return sd

@@ -293,3 +293,27 @@ def test_narrower_storage_trains_the_same_whether_updates_are_fused_flushed_or_e
     for losses, params in (flushed, eager):
         assert losses == fused[0]
         assert all(torch.equal(p, params[n]) for n, p in fused[1].items())
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_optimizers_state_dict_flushes_through_the_pipeline(stage):
+    """engine.optimizer.state_dict() applies the pending update as engine.flush() does: offloaded units through the
+    pipeline (resliced ones are shards the optimizer cannot reach itself), so calling it between steps changes
+    nothing in training."""
+    base = tiny_model("llama")
+
+    def run(read_optimizer):
+        cfg = offload_config()
+        cfg["zero_optimization"]["stage"] = stage
+        engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
+        losses = []
+        for t in range(STEPS):
+            losses.append(engine.train_batch(batch(seed=t)))
+            if read_optimizer:
+                assert "zo_step_log" in engine.optimizer.state_dict()
+                assert engine.optimizer.pending is None
+        return losses, engine.module_state_dict()
+
+    plain, read = run(False), run(True)
+    assert plain[0] == read[0]
+    assert all(torch.equal(p, read[1][n]) for n, p in plain[1].items())
