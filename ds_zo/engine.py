@@ -173,6 +173,8 @@ class ZOEngine(DeepSpeedEngine):
         if not getattr(self, "_destroyed", True):      # (DeepSpeed calls destroy() from __del__, also after a
             self.flush()                                   # failed __init__)
             self._remove_hooks()
+            for p, dtype in self.stored_in_other_dtype():  # the model is used alone now: one dtype, as loaded
+                p.data = p.data.to(dtype)
             self._destroyed = True
         super().destroy()
 
@@ -294,6 +296,14 @@ class ZOEngine(DeepSpeedEngine):
                     changed = self._apply_pending_to_unit(unit)
                     self.pipeline.exit(unit, changed)
         self.optimizer.flush()
+
+    def stored_in_other_dtype(self) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
+        """(parameter, the dtype it computes in) for the parameters that are views of an offload store in another
+        dtype (zero_order.offload_dtype; not resliced units, whose parameters are DeepSpeed's placeholders)."""
+        if self.pipeline is None or isinstance(self.pipeline, ShardedOffloadPipeline):
+            return []
+        return [(p, s.compute_dtype) for s in self.pipeline.store.units.values() if s.flat.dtype != s.compute_dtype
+                for p in s.params]
 
     def flush_for_copy(self) -> None:
         """The model is being copied (deepcopy, pickle): the copy must have every completed step."""

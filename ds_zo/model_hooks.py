@@ -14,7 +14,8 @@ module's hooks are copied before its submodules, so their parameters are copied 
 earlier in the same `deepcopy` call (a dict holding a parameter before the model) is refreshed from the memo.
 `torch.save(model)` flushes the same way (it writes the tensors' bytes after pickling every object); plain `pickle`
 writes them as it goes, so a parameter pickled before the model would be stale (call `engine.flush()` first). A
-submodule's copy is not covered, as its `state_dict()` is not. The live engine of a model is found through these
+submodule's copy is not covered, as its `state_dict()` is not. Parameters held in an offload store's narrower
+dtype (`offload_dtype`) are deep-copied in the dtype they compute in, so the copy has one dtype, as loaded. The live engine of a model is found through these
 hooks (`attached_engine`): a deep copy has none, a shallow copy (`copy.copy`) shares them, and is refused as the
 model itself.
 """
@@ -45,12 +46,19 @@ class ModelHook:
 
     def __deepcopy__(self, memo):
         self.engine.flush_for_copy()
-        # parameters the copy already holds were copied before the flush
-        for p in self.engine.module.parameters():
-            copied = memo.get(id(p))
-            if isinstance(copied, torch.Tensor) and copied.shape == p.shape:
-                with torch.no_grad():
+        with torch.no_grad():
+            # parameters the copy already holds were copied before the flush
+            for p in self.engine.module.parameters():
+                copied = memo.get(id(p))
+                if isinstance(copied, torch.Tensor) and copied.shape == p.shape:
                     copied.copy_(p)
+            # parameters held in an offload store's narrower dtype are copied in the dtype they compute in
+            for p, dtype in self.engine.stored_in_other_dtype():
+                copied = memo.get(id(p))
+                if copied is None:
+                    memo[id(p)] = type(p)(p.detach().to(dtype), p.requires_grad)
+                elif copied.dtype != dtype:
+                    copied.data = copied.data.to(dtype)
         return inert_hook
 
     def __reduce__(self):

@@ -317,3 +317,26 @@ def test_the_optimizers_state_dict_flushes_through_the_pipeline(stage):
     plain, read = run(False), run(True)
     assert plain[0] == read[0]
     assert all(torch.equal(p, read[1][n]) for n, p in plain[1].items())
+
+
+def test_a_copy_and_a_destroyed_model_with_narrower_storage_compute_in_one_dtype():
+    """With offload_dtype, the offloaded layers are views of a bf16 store while the rest of the model is fp32. A
+    deep copy of the model, and the model after destroy(), hold them in the dtype they compute in (exactly the
+    stored values), so either runs alone and gives the engine's own forward."""
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=offload_config(dtype="bf16"))
+    engine.train_batch(batch())
+    engine.train_batch(batch(seed=2))
+    best = copy.deepcopy(engine.module)
+    assert {p.dtype for p in best.parameters()} == {torch.float32}
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        expected = engine.module(input_ids=ids).logits
+        assert torch.equal(best(input_ids=ids).logits, expected)
+    trained = engine.module_state_dict()
+    assert {t.dtype for t in trained.values()} == {torch.float32, torch.bfloat16}
+    model = engine.module
+    engine.destroy()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(torch.equal(t, trained[n].float()) for n, t in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
