@@ -35,18 +35,30 @@ def write_step_log(path: str, records: Iterable[StepRecord]) -> None:
             f.write(json.dumps(r.to_json()) + "\n")
 
 
+def _round_through(p: torch.Tensor, dtype: Optional[torch.dtype]) -> None:
+    if dtype is not None and dtype != p.dtype:
+        p.copy_(p.to(dtype))      # (through a wider dtype: exactly the same values)
+
+
 @torch.no_grad()
 def replay(model: torch.nn.Module, records: Iterable[StepRecord], trainable: Optional[Iterable[str]] = None,
-           distribution: str = "gaussian", rows: Optional[dict[str, torch.Tensor]] = None) -> torch.nn.Module:
+           distribution: str = "gaussian", rows: Optional[dict[str, torch.Tensor]] = None,
+           stored: Optional[dict[str, torch.dtype]] = None) -> torch.nn.Module:
     """Apply the recorded steps to `model` (the base weights) in place and return it. `trainable` holds the canonical
-    parameter names that were trained (default: every parameter with requires_grad); `rows` the row subsets."""
+    parameter names that were trained (default: every parameter with requires_grad); `rows` the row subsets;
+    `stored` the dtype of the store the run kept a parameter in (zero_order.offload_dtype): as in the run, the
+    parameter computes in its own dtype and its values are rounded to the stored dtype at the start and after
+    every update."""
     rows = rows or {}
+    stored = stored or {}
     names = set(trainable) if trainable is not None else resolve_trainable(model, [])
     generator = PerturbationGenerator(distribution)
     params = [(n, p) for n, p in model.named_parameters() if n in names]
     unknown = names - {n for n, _ in params}
     if unknown:
         raise ValueError(f"replay: trainable names {sorted(unknown)[:5]} are not parameters of this model")
+    for n, p in model.named_parameters():
+        _round_through(p.data, stored.get(n))
     previous = None
     for rec in records:
         if previous is not None and rec.step <= previous:   # gaps are skipped (non-finite) steps
@@ -59,14 +71,8 @@ def replay(model: torch.nn.Module, records: Iterable[StepRecord], trainable: Opt
                 p.data[rows[n]] = target
             else:
                 apply_step(p.data, param_key(n), rec, is_decayed(p), generator)
+            _round_through(p.data, stored.get(n))
     return model
-
-
-def cast_each(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
-    """Cast each named parameter to its dtype in `dtypes` (floating-point parameters only)."""
-    for n, p in model.named_parameters():
-        if n in dtypes and p.dtype != dtypes[n] and p.is_floating_point():
-            p.data = p.data.to(dtypes[n])
 
 
 def main(argv=None) -> None:
@@ -118,16 +124,15 @@ def main(argv=None) -> None:
     if z_stream(device) != recorded:
         raise SystemExit(f"replay: the run drew z on {recorded}, this replay would draw it on {z_stream(device)}: a "
                          "different sampler gives different z; replay on the same device type (and GPU model)")
-    # parameters the run held in another dtype (zero_order.offload_dtype's store) had every update rounded to it
-    loaded = {n: p.dtype for n, p in model.named_parameters()}
-    held = {n: getattr(torch, d.removeprefix("torch.")) for n, _, d in state["model"]}
-    held.update({n: getattr(torch, d.removeprefix("torch.")) for n, d in state.get("stored_dtypes", {}).items()})
-    cast_each(model, held)
+    # parameters the run kept in an offload store of another dtype (zero_order.offload_dtype) had their values rounded
+    # to it after every update (checkpoints before `stored_dtypes`: the parameters' recorded dtypes, which show the
+    # store's where the parameters are its views, and only the parameters' own dtype otherwise)
+    recorded = state["stored_dtypes"] if "stored_dtypes" in state else {n: d for n, _, d in state["model"]}
+    stored = {n: getattr(torch, d.removeprefix("torch.")) for n, d in recorded.items()}
     model.to(device)
     replay(model, records, state["trainable"], state["distribution"],
-           {n: r.to(device) for n, r in rows.items()})
+           {n: r.to(device) for n, r in rows.items()}, stored)
     model.to("cpu")
-    cast_each(model, loaded)       # saved in the dtype the model was loaded in (exact: it holds the stored values)
     model.save_pretrained(args.output, safe_serialization=True)
     tokenizer.save_pretrained(args.output)
     print(f"replayed {len(records)} steps from {folder} onto {args.model}; saved to {args.output}")

@@ -382,34 +382,37 @@ def test_the_fingerprints_dtype_is_the_one_deepspeed_casts_to(precision, expecte
         assert {p.dtype for p in engine.module.parameters()} == {expected or torch.float32}
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_a_run_with_offload_dtype_replays_and_buffers_keep_their_dtype(tmp_path, stage):
-    """zero_order.offload_dtype keeps offloaded units in bf16 while the rest stays fp32: the checkpoint's parameters
-    have two dtypes and the run has no cast dtype (mixed dtypes are no reason to refuse). Replay holds each parameter
-    in the dtype the run held it in, so it rebuilds the run's weights exactly; with bf16 enabled, replay casts
-    parameters only, as DeepSpeed does, not buffers."""
+@pytest.mark.parametrize("stage, stored, half", [(0, "bf16", None), (3, "bf16", None), (0, "fp32", "bf16"),
+                                                 (0, "fp16", "bf16")])
+def test_a_run_with_offload_dtype_replays_and_buffers_keep_their_dtype(tmp_path, stage, stored, half):
+    """zero_order.offload_dtype keeps offloaded units in another dtype than the rest: the checkpoint's parameters
+    may have two dtypes (mixed dtypes are no reason to refuse). The run computes in its own dtype and rounds the
+    offloaded layers' values to the stored dtype after every update; replay does the same (`stored_dtypes`), so it
+    rebuilds the run's weights exactly: a narrower store (bf16 under fp32), a wider one (fp32 under bf16: no
+    rounding), one as wide (fp16 under bf16: both roundings), and under ZeRO-3, where only the store shows the
+    dtype. With bf16 enabled, replay casts parameters only, as DeepSpeed does, not buffers."""
     from ds_zo import replay
     from ds_zo.models import tiny_model_and_tokenizer
     from ds_zo.weights_fingerprint import cast_parameters
     from safetensors.torch import load_file
-    cfg = ds_config(lr=5e-2, wd=0.1, seed=4, offload_dtype="bf16")
+    cfg = ds_config(lr=5e-2, wd=0.1, seed=4, offload_dtype=stored)
     cfg["zero_optimization"] = {"stage": stage, "offload_param": {"device": "cpu"}}
+    if half:
+        cfg[half] = {"enabled": True}
     engine, *_ = ds_zo.initialize(model=tiny_model_and_tokenizer()[0], config=cfg)
     engine.train_batch(batch())
     engine.train_batch(batch(seed=2))
     engine.save_checkpoint(str(tmp_path / "ck"))
     trained = engine.module_state_dict()
     state = json.loads((tmp_path / "ck" / "global_step2" / "zo_state.json").read_text())
-    # (under ZeRO-3 the parameters themselves are DeepSpeed's fp32 placeholders: only the store is bf16)
-    assert {d for _, _, d in state["model"]} == ({"torch.float32", "torch.bfloat16"} if stage == 0 else
-                                                   {"torch.float32"}) and state["half_dtype"] is None
-    assert state["stored_dtypes"] and set(state["stored_dtypes"].values()) == {"torch.bfloat16"}
-    assert all(".layers." in n for n in state["stored_dtypes"])
+    stored_dtype = {"bf16": "torch.bfloat16", "fp32": "torch.float32", "fp16": "torch.float16"}[stored]
+    assert set(state["stored_dtypes"].values()) == {stored_dtype}
+    assert state["stored_dtypes"] and all(".layers." in n for n in state["stored_dtypes"])
+    assert state["half_dtype"] == ("torch.bfloat16" if half else None)
     replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
-    # the offloaded layers' updates were rounded to bf16 in the run, and in the replay (saved in fp32, exactly)
     replayed = load_file(str(tmp_path / "r" / "model.safetensors"))
-    assert {t.dtype for t in replayed.values()} == {torch.float32}
-    assert all(torch.equal(t, trained[n].float()) for n, t in replayed.items())
+    assert {t.dtype for t in replayed.values()} == {torch.bfloat16 if half else torch.float32}   # as loaded
+    assert all(torch.equal(t.double(), trained[n].double()) for n, t in replayed.items())
     model = tiny_model_and_tokenizer()[0]
     model.register_buffer("scale", torch.ones(3), persistent=True)
     cast_parameters(model, torch.bfloat16)
