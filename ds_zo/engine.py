@@ -100,8 +100,7 @@ class ZOEngine(DeepSpeedEngine):
         self.half_dtype: Optional[torch.dtype] = None    # what DeepSpeed cast the parameters to (bf16 / fp16)
         params = dict(self.module.named_parameters())
         self.optimizer.attach(self.perturbations, self.param_keys,
-                              {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()},
-                              flush=self.flush)
+                              {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()})
         if self.trainable_rows and offload.enabled:
             raise ValueError("zero_order.trainable_rows cannot be combined with offload_param yet")
         self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
@@ -150,6 +149,7 @@ class ZOEngine(DeepSpeedEngine):
                 m.register_state_dict_pre_hook(ModelHook(self, lambda m, *_: self._flush_unless_stepping())),
             ]
         self._destroyed = False
+        self.optimizer.flush_through(self.flush)
 
     # the handles of DeepSpeed's hooks on the model
     _DEEPSPEED_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
@@ -175,6 +175,7 @@ class ZOEngine(DeepSpeedEngine):
             self._remove_hooks()
             for p, dtype in self.stored_in_other_dtype():  # the model is used alone now: one dtype, as loaded
                 p.data = p.data.to(dtype)
+            self.optimizer.flush_through(None)
             self._destroyed = True
         super().destroy()
 
@@ -296,6 +297,11 @@ class ZOEngine(DeepSpeedEngine):
                     changed = self._apply_pending_to_unit(unit)
                     self.pipeline.exit(unit, changed)
         self.optimizer.flush()
+
+    def _refuse_if_destroyed(self, what: str) -> None:
+        # its pipeline and store no longer hold the model: they would stream stale values into it
+        if self._destroyed:
+            raise RuntimeError(f"{what}: this engine was destroyed (detached from its model); build a new one")
 
     def stored_in_other_dtype(self) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
         """(parameter, the dtype it computes in) for the parameters that are views of an offload store in another
@@ -446,8 +452,7 @@ class ZOEngine(DeepSpeedEngine):
     def train_batch(self, batch: Optional[dict] = None, data_iter: Optional[Iterator] = None) -> float:
         """One ZO step over this rank's share of a global batch (shard `dp_rank` of `dp_world_size`); returns the
         mean over perturbations of (L+ + L−)/2 on the whole global batch."""
-        if self._destroyed:
-            raise RuntimeError("train_batch: this engine was destroyed (detached from its model); build a new one")
+        self._refuse_if_destroyed("train_batch")
         micro = self._micro_batches(batch, data_iter)
         step = self.global_steps
         seed = step_seed(self.zo_config.seed, step)
@@ -507,6 +512,7 @@ class ZOEngine(DeepSpeedEngine):
     def eval_batch(self, batch: dict) -> float:
         """The mean token loss at the current parameters (every completed step applied) over the global batch: each
         data-parallel rank passes its shard (a collective: every rank calls it)."""
+        self._refuse_if_destroyed("eval_batch")
         self.flush()
         batch = self._to_device(batch)
         plain = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline)
@@ -562,6 +568,7 @@ class ZOEngine(DeepSpeedEngine):
         """Save this run's state in dir/<tag> (default tag global_step<N>) and point dir/latest at it, atomically.
         Every rank calls it. Only trainable parameters are stored (the rest is the base model)."""
         from . import checkpoint
+        self._refuse_if_destroyed("save_checkpoint")
         if not save_latest or not exclude_frozen_parameters:
             raise ValueError("ds_zo checkpoints always update 'latest' and store trainable parameters only")
         checkpoint.save(self, save_dir, tag, client_state)
@@ -571,4 +578,5 @@ class ZOEngine(DeepSpeedEngine):
         """Restore parameters, step log, counters and lr schedule from dir/<tag> (default: dir/latest); returns
         (path, client_state) like DeepSpeed. Training then continues exactly as the saved run would have."""
         from . import checkpoint
+        self._refuse_if_destroyed("load_checkpoint")
         return checkpoint.load(self, load_dir, tag)

@@ -56,9 +56,9 @@ class ModelHook:
             for p, dtype in self.engine.stored_in_other_dtype():
                 copied = memo.get(id(p))
                 if copied is None:
-                    memo[id(p)] = type(p)(p.detach().to(dtype), p.requires_grad)
+                    memo[id(p)] = type(p)(p.detach().to(dtype, copy=True), p.requires_grad)
                 elif copied.dtype != dtype:
-                    copied.data = copied.data.to(dtype)
+                    copied.data = copied.data.to(dtype, copy=True)
         return inert_hook
 
     def __reduce__(self):

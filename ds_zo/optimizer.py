@@ -121,12 +121,9 @@ class ZOSGD(torch.optim.Optimizer):
 
     # -- wiring -------------------------------------------------------------------------------------------------
     def attach(self, generator: PerturbationGenerator, keys: dict[int, int],
-               rows: Optional[dict[int, torch.Tensor]] = None, flush: Optional[Callable[[], None]] = None) -> None:
-        """keys: id(param) -> perturbation key; rows: id(param) -> the rows (dim 0) trained, for row subsets;
-        flush: the engine's flush (a bound method, held weakly), which state_dict() uses: offloaded parameters
-        must be updated through the engine's pipeline, where z is drawn on the device and resliced shards live."""
+               rows: Optional[dict[int, torch.Tensor]] = None) -> None:
+        """keys: id(param) -> perturbation key; rows: id(param) -> the rows (dim 0) trained, for row subsets."""
         self.generator, self.keys, self.rows = generator, keys, rows or {}
-        self._engine_flush = weakref.WeakMethod(flush) if flush is not None else None
         missing = [p for g in self.param_groups for p in g["params"] if id(p) not in keys]
         if missing:
             raise ValueError(f"{len(missing)} optimizer parameters are not parameters of the engine's model")
@@ -242,6 +239,12 @@ class ZOSGD(torch.optim.Optimizer):
         self.pending, self._pending_done = None, set()
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
+    def flush_through(self, flush: Optional[Callable[[], None]]) -> None:
+        """Let state_dict() flush with the engine's flush (a bound method, held weakly; None: no engine), once the
+        engine is built: offloaded parameters are updated through its pipeline, where z is drawn on the device and
+        resliced shards live."""
+        self._engine_flush = weakref.WeakMethod(flush) if flush is not None else None
+
     def state_dict(self):
         engine_flush = self._engine_flush() if getattr(self, "_engine_flush", None) is not None else None
         (engine_flush or self.flush)()

@@ -152,6 +152,8 @@ def test_one_engine_per_model_and_destroy_detaches_it():
     assert second.train_batch(batch(seed=3)) == again.train_batch(batch(seed=3))
     with pytest.raises(RuntimeError, match="destroyed"):
         first.train_batch(batch())
+    with pytest.raises(RuntimeError, match="eval_batch: this engine was destroyed"):
+        first.eval_batch(batch())                      # its stale pipeline would be streamed into the model
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -252,5 +254,11 @@ def test_a_shallow_copy_is_the_model_and_a_failed_initialize_leaves_no_hooks(tmp
         ds_zo.initialize(model=model, config=ds_config(), lr_scheduler=failing_scheduler)
     assert not model._forward_pre_hooks and not model._forward_hooks
     torch.save(model, tmp_path / "model.pt")                # DeepSpeed's closures would not pickle
-    retry, *_ = ds_zo.initialize(model=model, config=ds_config())
+    retry, optimizer, *_ = ds_zo.initialize(model=model, config=ds_config())
     retry.train_batch(batch())
+    retry.destroy()
+    no_layer_offloaded = ds_config(resident_units=["*"])
+    no_layer_offloaded["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    with pytest.raises(ValueError, match="no unit is offloaded"):
+        ds_zo.initialize(model=model, config=no_layer_offloaded, optimizer=optimizer)
+    assert "zo_step_log" in optimizer.state_dict()     # the half-built engine is not its flush
