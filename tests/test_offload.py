@@ -340,3 +340,22 @@ def test_a_copy_and_a_destroyed_model_with_narrower_storage_compute_in_one_dtype
     assert all(torch.equal(t, trained[n].float()) for n, t in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_bf16_under_zero3_trains_in_bf16_as_at_stage_0():
+    """zero.Init(module=...) partitions a built model without casting it, and DeepSpeed's engine does not cast
+    ZeRO-3 parameters: with bf16 enabled a ZeRO-3 run trained in fp32. The model is cast before partitioning now,
+    so a one-rank ZeRO-3 run (resliced pipeline) is the stage-0 offloaded run, bit for bit, in bf16."""
+    base = tiny_model("llama")
+    runs = []
+    for stage in (0, 3):
+        cfg = offload_config()
+        cfg["bf16"] = {"enabled": True}
+        cfg["zero_optimization"]["stage"] = stage
+        engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
+        assert {b.dtype for b in engine.pipeline.buffers} == {torch.bfloat16}
+        runs.append(([engine.train_batch(batch(seed=t)) for t in range(STEPS)], engine.module_state_dict()))
+    (losses0, params0), (losses3, params3) = runs
+    assert losses0 == losses3
+    assert {t.dtype for t in params3.values()} == {torch.bfloat16}
+    assert all(torch.equal(p, params3[n]) for n, p in params0.items())

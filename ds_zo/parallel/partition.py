@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config import half_dtype
+from ..weights_fingerprint import cast_parameters
 from .communicator import Communicator
 
 
@@ -30,6 +32,12 @@ def partition_model(model: torch.nn.Module, comm: Communicator, ds_config: dict)
                              "pass an unpartitioned model")
         return
     replicate_from_rank0(model, comm)
+    # DeepSpeed's engine takes ZeRO-3 parameters to be in the configured dtype already ("ZeRO-Init params are
+    # already at the configured dtype") and casts only unpartitioned models, but zero.Init(module=...) partitions a
+    # built model without casting it: cast it here, as the engine would (with bf16 enabled a run trained in fp32)
+    cast = half_dtype(ds_config)
+    if cast is not None:
+        cast_parameters(model, cast)
     cfg = {"train_micro_batch_size_per_gpu": 1,
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}  # partition every parameter
     for key in ("bf16", "fp16"):
