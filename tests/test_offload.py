@@ -271,28 +271,32 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, tmp_path):
     assert going_on.pipeline.stats["retired"] == saved.pipeline.stats["retired"] == 2   # the failed pass's units
 
 
+def _train_offloaded(base, stage, between=None, dtype=None, **zo):
+    """STEPS steps of an offloaded copy of `base` at ZeRO `stage`, `between(engine)` after each; (losses, params)."""
+    cfg = offload_config(dtype=dtype, **zo)
+    cfg["zero_optimization"]["stage"] = stage
+    engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
+    losses = []
+    for t in range(STEPS):
+        losses.append(engine.train_batch(batch(seed=t)))
+        if between is not None:
+            between(engine)
+    return losses, engine.module_state_dict()
+
+
+def _identical(run, other) -> bool:
+    return run[0] == other[0] and all(torch.equal(p, other[1][n]) for n, p in run[1].items())
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_narrower_storage_trains_the_same_whether_updates_are_fused_flushed_or_eager(stage):
     """With offload_dtype narrower than the compute dtype, an update applied inside the next forward is rounded to
     the storage dtype before the forward uses it, as a flushed (state_dict, copy) or eager update is: so reading the
     model between steps, or fuse_update, does not change training (stage 3: the resliced pipeline rounds each shard)."""
     base = tiny_model("llama")
-
-    def run(flush, **zo):
-        cfg = offload_config(dtype="bf16", **zo)
-        cfg["zero_optimization"]["stage"] = stage
-        engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
-        losses = []
-        for t in range(STEPS):
-            losses.append(engine.train_batch(batch(seed=t)))
-            if flush:
-                engine.module_state_dict()
-        return losses, engine.module_state_dict()
-
-    fused, flushed, eager = run(False), run(True), run(False, fuse_update=False)
-    for losses, params in (flushed, eager):
-        assert losses == fused[0]
-        assert all(torch.equal(p, params[n]) for n, p in fused[1].items())
+    fused = _train_offloaded(base, stage, dtype="bf16")
+    assert _identical(fused, _train_offloaded(base, stage, lambda e: e.module_state_dict(), dtype="bf16"))
+    assert _identical(fused, _train_offloaded(base, stage, dtype="bf16", fuse_update=False))
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -302,21 +306,11 @@ def test_the_optimizers_state_dict_flushes_through_the_pipeline(stage):
     nothing in training."""
     base = tiny_model("llama")
 
-    def run(read_optimizer):
-        cfg = offload_config()
-        cfg["zero_optimization"]["stage"] = stage
-        engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
-        losses = []
-        for t in range(STEPS):
-            losses.append(engine.train_batch(batch(seed=t)))
-            if read_optimizer:
-                assert "zo_step_log" in engine.optimizer.state_dict()
-                assert engine.optimizer.pending is None
-        return losses, engine.module_state_dict()
+    def read_optimizer(engine):
+        assert "zo_step_log" in engine.optimizer.state_dict()
+        assert engine.optimizer.pending is None
 
-    plain, read = run(False), run(True)
-    assert plain[0] == read[0]
-    assert all(torch.equal(p, read[1][n]) for n, p in plain[1].items())
+    assert _identical(_train_offloaded(base, stage), _train_offloaded(base, stage, read_optimizer))
 
 
 def test_a_copy_and_a_destroyed_model_with_narrower_storage_compute_in_one_dtype():
