@@ -173,8 +173,7 @@ class ZOEngine(DeepSpeedEngine):
         if not getattr(self, "_destroyed", True):      # (DeepSpeed calls destroy() from __del__, also after a
             self.flush()                                   # failed __init__)
             self._remove_hooks()
-            for p, dtype in self.stored_in_other_dtype():  # the model is used alone now: one dtype, as loaded
-                p.data = p.data.to(dtype)
+            self._restore_compute_dtype()                  # the model is used alone now: one dtype, as loaded
             self.optimizer.flush_through(None)
             self._destroyed = True
         super().destroy()
@@ -299,9 +298,22 @@ class ZOEngine(DeepSpeedEngine):
         self.optimizer.flush()
 
     def _refuse_if_destroyed(self, what: str) -> None:
-        # its pipeline and store no longer hold the model: they would stream stale values into it
+        # the model is used alone or by another engine now: this one's pipeline and store would stream stale
+        # values into it, or read them (resliced units)
         if self._destroyed:
             raise RuntimeError(f"{what}: this engine was destroyed (detached from its model); build a new one")
+
+    def _restore_compute_dtype(self) -> None:
+        """Store-held tensors in another dtype than they compute in (zero_order.offload_dtype) back in that dtype:
+        the parameters (views of the store) or, for resliced units, DeepSpeed's shards (`ds_tensor`), which a new
+        engine on this model would otherwise take for its compute dtype."""
+        for p, dtype in self.stored_in_other_dtype():
+            p.data = p.data.to(dtype)
+        if isinstance(self.pipeline, ShardedOffloadPipeline):
+            for s in self.pipeline.store.units.values():
+                if s.flat.dtype != s.compute_dtype:
+                    for p in s.params:
+                        p.ds_tensor.data = p.ds_tensor.data.to(s.compute_dtype)
 
     def stored_in_other_dtype(self) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
         """(parameter, the dtype it computes in) for the parameters that are views of an offload store in another
@@ -531,6 +543,7 @@ class ZOEngine(DeepSpeedEngine):
     # -- state ------------------------------------------------------------------------------------------------------
     def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
         """The full parameters with every completed step applied, on every rank (resliced units are gathered)."""
+        self._refuse_if_destroyed("module_state_dict")
         self.flush()
         sd = super().module_state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars,
                                        exclude_frozen_parameters=exclude_frozen_parameters)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Iterable, Optional
 
 import torch
@@ -128,6 +129,9 @@ def main(argv=None) -> None:
     # to it after every update (checkpoints before `stored_dtypes`: the parameters' recorded dtypes, which show the
     # store's where the parameters are its views, and only the parameters' own dtype otherwise)
     recorded = state["stored_dtypes"] if "stored_dtypes" in state else {n: d for n, _, d in state["model"]}
+    if "stored_dtypes" not in state and state["layout"].get("resliced"):
+        print("replay: warning: this ZeRO-3 offload checkpoint predates `stored_dtypes`; if the run used "
+              "zero_order.offload_dtype, its offloaded layers will not be rebuilt exactly", file=sys.stderr)
     stored = {n: getattr(torch, d.removeprefix("torch.")) for n, d in recorded.items()}
     model.to(device)
     replay(model, records, state["trainable"], state["distribution"],

@@ -1,5 +1,6 @@
 """The ZO2 offload pipeline, run on CPU with no-op streams (the same scheduler as on CUDA)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -353,3 +354,23 @@ def test_bf16_under_zero3_trains_in_bf16_as_at_stage_0():
     assert losses0 == losses3
     assert {t.dtype for t in params3.values()} == {torch.bfloat16}
     assert all(torch.equal(p, params3[n]) for n, p in params0.items())
+
+
+def test_a_zero3_model_with_narrower_storage_goes_to_a_new_engine_after_destroy():
+    """Under ZeRO-3 the resliced units' shards (ds_tensor) are views of the bf16 store: destroy() casts them back
+    to the compute dtype, so a new engine on the model computes in fp32 and continues the run's weights; the
+    destroyed engine refuses to read the model (its store is stale once the new engine trains)."""
+    cfg = offload_config(dtype="bf16")
+    cfg["zero_optimization"]["stage"] = 3
+    model = tiny_model("llama")
+    first, *_ = ds_zo.initialize(model=model, config=cfg)
+    first.train_batch(batch())
+    trained = first.module_state_dict()
+    first.destroy()
+    assert {p.ds_tensor.dtype for p in model.parameters() if hasattr(p, "ds_tensor")} == {torch.float32}
+    second, *_ = ds_zo.initialize(model=model, config=cfg)
+    assert {b.dtype for b in second.pipeline.buffers} == {torch.float32}
+    assert all(torch.equal(t.float(), trained[n].float()) for n, t in second.module_state_dict().items())
+    assert math.isfinite(second.train_batch(batch(seed=2)))
+    with pytest.raises(RuntimeError, match="module_state_dict: this engine was destroyed"):
+        first.module_state_dict()
