@@ -15,9 +15,9 @@ earlier in the same `deepcopy` call (a dict holding a parameter before the model
 `torch.save(model)` flushes the same way (it writes the tensors' bytes after pickling every object); plain `pickle`
 writes them as it goes, so a parameter pickled before the model would be stale (call `engine.flush()` first). A
 submodule's copy is not covered, as its `state_dict()` is not. Parameters held in an offload store's narrower
-dtype (`offload_dtype`) are deep-copied in the dtype they compute in, so the copy has one dtype, as loaded. The live engine of a model is found through these
-hooks (`attached_engine`): a deep copy has none, a shallow copy (`copy.copy`) shares them, and is refused as the
-model itself.
+dtype (`offload_dtype`) are deep-copied in the dtype they compute in, so the copy has one dtype, as loaded. The
+live engine of a model is found through these hooks (`attached_engine`): a deep copy has none, a shallow copy
+(`copy.copy`) shares them, and is refused as the model itself.
 """
 from __future__ import annotations
 
