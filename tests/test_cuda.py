@@ -343,3 +343,32 @@ def test_cuda_update_scratch_is_per_stream():
     assert other[0].data_ptr() != mine[0].data_ptr() and gen.span_scratch(dev) is mine
     assert other_chunk.data_ptr() != chunk.data_ptr() and gen._scratch_chunk(dev) is chunk
     assert len(gen._spans) == 2 and gen.span_scratch_nbytes() == 2 * 4 * gen.span(dev)
+
+
+@cuda
+@pytest.mark.parametrize("depth", [1, 2])
+def test_cuda_narrower_storage_trains_alike_fused_flushed_and_eager(depth):
+    """offload_dtype bf16 on a GPU: a fused update is rounded to the store's dtype on the compute stream, through the
+    buffer's staging tensor, while other units' uploads and offloads run on their own streams (and use their own
+    staging). Fused, flushed (a state dict read between steps) and eager updates give identical steps."""
+    import copy
+    import ds_zo
+    from conftest import ds_config
+    base = tiny_model("llama", True)
+
+    def run(between=None, **zo):
+        cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, offload_dtype="bf16", prefetch_depth=depth, **zo)
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
+        engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
+        assert engine.device.type == "cuda" and engine.pipeline.staging[0] is not None
+        losses = []
+        for t in range(3):
+            losses.append(engine.train_batch(batch(seed=t)))
+            if between is not None:
+                between(engine)
+        return losses, engine.module_state_dict()
+
+    fused = run()
+    for other in (run(lambda e: e.module_state_dict()), run(fuse_update=False)):
+        assert other[0] == fused[0]
+        assert all(torch.equal(p, other[1][n]) for n, p in fused[1].items())
