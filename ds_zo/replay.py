@@ -106,6 +106,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"replay: {args.model!r} is not the model this run started from (parameter names differ)")
     # bf16 / fp16 enabled: DeepSpeed cast the run's parameters, and its steps were applied in that dtype
     if state.get("half_dtype"):
+        if not any(d == state["half_dtype"] for _, _, d in state["model"]):
+            raise SystemExit(f"replay: the checkpoint records {state['half_dtype']} but none of its parameters in it: "
+                             "a ZeRO-3 run before ds_zo cast partitioned models trained in fp32 despite bf16/fp16 "
+                             "enabled, and its steps cannot be replayed exactly")
         cast_parameters(model, getattr(torch, state["half_dtype"].removeprefix("torch.")))
     saved_base = state.get("base_weights") or {}     # checkpoints before the twelfth session have none
     other = differing(saved_base, weight_fingerprint(model), names)

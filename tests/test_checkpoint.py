@@ -417,3 +417,19 @@ def test_a_run_with_offload_dtype_replays_and_buffers_keep_their_dtype(tmp_path,
     model.register_buffer("scale", torch.ones(3), persistent=True)
     cast_parameters(model, torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and model.scale.dtype == torch.float32
+
+
+def test_replay_refuses_a_checkpoint_whose_half_dtype_no_parameter_has(tmp_path):
+    """A ZeRO-3 run with bf16 enabled trained in fp32 before ds_zo cast partitioned models, while its checkpoint
+    recorded bf16: replay says it cannot rebuild such a run rather than replaying it in bf16 into other weights."""
+    from ds_zo import replay
+    from ds_zo.models import tiny_model_and_tokenizer
+    engine, *_ = ds_zo.initialize(model=tiny_model_and_tokenizer()[0], config=ds_config(lr=1e-2, seed=4))
+    engine.train_batch(batch())
+    engine.save_checkpoint(str(tmp_path / "ck"))
+    state_file = tmp_path / "ck" / "global_step1" / "zo_state.json"
+    state = json.loads(state_file.read_text())
+    state["half_dtype"] = "torch.bfloat16"                 # as such a run recorded it, its parameters all fp32
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(SystemExit, match="records torch.bfloat16 but none of its parameters in it"):
+        replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])

@@ -374,3 +374,23 @@ def test_a_zero3_model_with_narrower_storage_goes_to_a_new_engine_after_destroy(
     assert math.isfinite(second.train_batch(batch(seed=2)))
     with pytest.raises(RuntimeError, match="module_state_dict: this engine was destroyed"):
         first.module_state_dict()
+
+
+def test_a_model_partitioned_in_fp32_is_refused_under_a_bf16_config():
+    """DeepSpeed does not cast a model that is already ZeRO-3 partitioned (it takes the shards to be in the
+    config's dtype): one partitioned in fp32 would train in fp32 under a bf16 config, so it is refused, naming both."""
+    import deepspeed
+    import deepspeed.comm as dist
+    from ds_zo.parallel.launch_env import ensure_launch_env
+    ensure_launch_env()
+    dist.init_distributed(dist_backend="gloo")
+    model = tiny_model("llama")
+    zero3 = {"train_micro_batch_size_per_gpu": 1,
+             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    with deepspeed.zero.Init(module=model, config_dict_or_path=zero3, remote_device="cpu", pin_memory=False):
+        pass
+    cfg = offload_config()
+    cfg["bf16"] = {"enabled": True}
+    cfg["zero_optimization"]["stage"] = 3
+    with pytest.raises(ValueError, match=r"already ZeRO-3 partitioned in \['torch.float32'\].*enables torch.bfloat16"):
+        ds_zo.initialize(model=model, config=cfg)
