@@ -38,6 +38,8 @@ def case_config(case: dict) -> dict:
                                     "offload_param": {"device": "cpu", "pin_memory": False}}
     if case.get("partition"):
         cfg["zero_order"]["partition_group_size"] = case["partition"]
+    if case.get("bf16"):
+        cfg["bf16"] = {"enabled": True}
     return cfg
 
 

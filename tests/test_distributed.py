@@ -112,6 +112,23 @@ def _check_bytes(case, info, world):
 
 
 @pytest.mark.timeout(300)
+def test_zero3_with_bf16_reslices_bf16_shards_like_one_process(tmp_path):
+    """ZeRO-3 reslicing over 2 ranks with bf16 enabled: the model is cast before it is partitioned, so the shards,
+    the store and the all-gathers are bf16 (half the fp32 bytes), and the run is the one-process bf16 run with
+    offload, bit for bit (before, it trained in fp32)."""
+    one = run_case({"name": "bf16_base", "offload": True, "bf16": True, "steps": STEPS}, out_dir=None)
+    assert {t.dtype for t in one["state"].values()} == {torch.bfloat16}
+    case = {"name": "zero3_partition2_bf16", "stage": 3, "partition": 2, "bf16": True, "steps": STEPS}
+    out = _launch(tmp_path, 2, [case])
+    for rank in range(2):
+        state, info = _load(out, case["name"], rank)
+        assert info["losses"] == one["losses"] and info["grads"] == one["grads"]
+        assert all(torch.equal(state[n], p) for n, p in one["state"].items()), f"rank {rank}"
+        assert info["store_bytes"] == _layer_bytes(2) // 2                  # bf16: 2 bytes per element
+        assert info["stats"]["allgather_bytes"] == STEPS * _layer_bytes(2) // 2
+
+
+@pytest.mark.timeout(300)
 def test_a_killed_rank_makes_the_others_fail_clearly(tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"out": str(tmp_path), "cases": [
