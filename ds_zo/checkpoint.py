@@ -80,11 +80,9 @@ def model_fingerprint(engine) -> list:
 def stored_dtypes(engine) -> dict[str, str]:
     """Parameters the run keeps in an offload store of a dtype other than the one they compute in
     (zero_order.offload_dtype): name -> that dtype. Every update to them was rounded to it."""
-    if engine.pipeline is None:
-        return {}
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    return {names[id(p)]: str(s.flat.dtype) for s in engine.pipeline.store.units.values() for p in s.params
-            if s.flat.dtype != s.compute_dtype and id(p) in names}
+    return {names[id(p)]: str(s.flat.dtype) for s in engine.units_stored_in_other_dtype() for p in s.params
+            if id(p) in names}
 
 
 def _rank_tensors(engine) -> dict[str, torch.Tensor]:

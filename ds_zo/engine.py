@@ -146,7 +146,7 @@ class ZOEngine(DeepSpeedEngine):
             self._hooks += [
                 m.register_forward_pre_hook(ModelHook(self, self._before_direct_forward)),
                 m.register_forward_hook(ModelHook(self, self._after_direct_forward), always_call=True),
-                m.register_state_dict_pre_hook(ModelHook(self, lambda m, *_: self._flush_unless_stepping())),
+                m.register_state_dict_pre_hook(ModelHook(self, lambda m, *_: self.flush_for_reader())),
             ]
         self._destroyed = False
         self.optimizer.flush_through(self.flush)
@@ -278,10 +278,6 @@ class ZOEngine(DeepSpeedEngine):
             self.pipeline.round_to_storage(unit)
         return changed
 
-    def _flush_unless_stepping(self) -> None:
-        if not self._in_zo_forward:
-            self.flush()
-
     def _apply_remaining_pending(self) -> None:
         """Apply the pending update wherever it is still owed, without a host sync. Offloaded units are streamed
         through the pipeline, so z is drawn on the same device as it was for the perturbation."""
@@ -303,30 +299,35 @@ class ZOEngine(DeepSpeedEngine):
         if self._destroyed:
             raise RuntimeError(f"{what}: this engine was destroyed (detached from its model); build a new one")
 
+    def units_stored_in_other_dtype(self) -> list:
+        """The offload store's units (StoredUnit / ShardedUnit) kept in another dtype than they compute in
+        (zero_order.offload_dtype)."""
+        if self.pipeline is None:
+            return []
+        return [s for s in self.pipeline.store.units.values() if s.flat.dtype != s.compute_dtype]
+
     def _restore_compute_dtype(self) -> None:
-        """Store-held tensors in another dtype than they compute in (zero_order.offload_dtype) back in that dtype:
-        the parameters (views of the store) or, for resliced units, DeepSpeed's shards (`ds_tensor`), which a new
-        engine on this model would otherwise take for its compute dtype."""
-        for p, dtype in self.stored_in_other_dtype():
-            p.data = p.data.to(dtype)
-        if isinstance(self.pipeline, ShardedOffloadPipeline):
-            for s in self.pipeline.store.units.values():
-                if s.flat.dtype != s.compute_dtype:
-                    for p in s.params:
-                        p.ds_tensor.data = p.ds_tensor.data.to(s.compute_dtype)
+        """Store-held tensors in another dtype than they compute in back in that dtype: the parameters (views of the
+        store) or, for resliced units, DeepSpeed's shards (`ds_tensor`), which a new engine on this model would
+        otherwise take for its compute dtype."""
+        resliced = isinstance(self.pipeline, ShardedOffloadPipeline)
+        for s in self.units_stored_in_other_dtype():
+            for p in s.params:
+                held = p.ds_tensor if resliced else p
+                held.data = held.data.to(s.compute_dtype)
 
     def stored_in_other_dtype(self) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
         """(parameter, the dtype it computes in) for the parameters that are views of an offload store in another
-        dtype (zero_order.offload_dtype; not resliced units, whose parameters are DeepSpeed's placeholders)."""
-        if self.pipeline is None or isinstance(self.pipeline, ShardedOffloadPipeline):
+        dtype (not resliced units, whose parameters are DeepSpeed's placeholders)."""
+        if isinstance(self.pipeline, ShardedOffloadPipeline):
             return []
-        return [(p, s.compute_dtype) for s in self.pipeline.store.units.values() if s.flat.dtype != s.compute_dtype
-                for p in s.params]
+        return [(p, s.compute_dtype) for s in self.units_stored_in_other_dtype() for p in s.params]
 
-    def flush_for_copy(self) -> None:
-        """The model is being copied (deepcopy, pickle): the copy must have every completed step."""
+    def flush_for_reader(self) -> None:
+        """The model is being read (state_dict) or copied (deepcopy, pickle): make every completed step visible,
+        except inside a ZO step (its own forwards read the model) or a direct forward (which flushed as it began)."""
         if not self._destroyed and not self._in_zo_forward and self._streaming_owner is None:
-            self.flush()      # (within a direct forward the update is applied already)
+            self.flush()
 
     def flush(self) -> None:
         """Make every completed step visible in the stored parameters (host-side readers may read them after)."""

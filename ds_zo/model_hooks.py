@@ -45,7 +45,7 @@ class ModelHook:
         return self.fn(*args, **kwargs)
 
     def __deepcopy__(self, memo):
-        self.engine.flush_for_copy()
+        self.engine.flush_for_reader()
         with torch.no_grad():
             # parameters the copy already holds were copied before the flush
             for p in self.engine.module.parameters():
@@ -63,7 +63,7 @@ class ModelHook:
 
     def __reduce__(self):
         # torch.save pickles the objects first and writes the tensors' bytes afterwards, so they are the flushed ones
-        self.engine.flush_for_copy()
+        self.engine.flush_for_reader()
         return _inert_hook, ()
 
 
