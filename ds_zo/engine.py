@@ -130,19 +130,18 @@ class ZOEngine(DeepSpeedEngine):
         self._data_iterator: Optional[Iterator] = None
         self._streaming: Optional[contextlib.ExitStack] = None
         # Make a pending update visible to anyone who runs or reads the model directly, and stream offloaded units
-        # through such forwards (hooks on this model instance only; a copy of the model gets inert ones, see
-        # model_hooks: DeepSpeed's hooks are wrapped the same way).
+        # through such forwards (hooks on this model instance only).
         # The same hooks on the decoder body (HF's base_model, e.g. model.model), which helpers call directly
         # (data.tasks.model_candidate_scores); a nested call finds the pass already begun by the outer one.
         body = getattr(self.module, "base_model", None)
-        self._hooked = [self.module] + ([body] if isinstance(body, torch.nn.Module) and body is not self.module else [])
+        hooked = [self.module] + ([body] if isinstance(body, torch.nn.Module) and body is not self.module else [])
         self._streaming_owner: Optional[int] = None     # id() of it (a module attribute would register it)
-        # (ModelHooks: ds_zo.initialize finds a model's live engine through them, and a copy of the model gets inert
-        # ones; DeepSpeed's hooks are wrapped the same way)
+        # (ModelHooks, DeepSpeed's wrapped the same way: ds_zo.initialize finds a model's live engine through them,
+        # and a copy of the model gets inert ones; see model_hooks)
         for name in self._DEEPSPEED_HOOKS:
             wrap_hook(self, getattr(self, name, None))
         self._hooks = []
-        for m in self._hooked:
+        for m in hooked:
             self._hooks += [
                 m.register_forward_pre_hook(ModelHook(self, self._before_direct_forward)),
                 m.register_forward_hook(ModelHook(self, self._after_direct_forward), always_call=True),

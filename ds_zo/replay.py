@@ -132,11 +132,11 @@ def main(argv=None) -> None:
     # parameters the run kept in an offload store of another dtype (zero_order.offload_dtype) had their values rounded
     # to it after every update (checkpoints before `stored_dtypes`: the parameters' recorded dtypes, which show the
     # store's where the parameters are its views, and only the parameters' own dtype otherwise)
-    recorded = state["stored_dtypes"] if "stored_dtypes" in state else {n: d for n, _, d in state["model"]}
+    stored_names = state["stored_dtypes"] if "stored_dtypes" in state else {n: d for n, _, d in state["model"]}
     if "stored_dtypes" not in state and state["layout"].get("resliced"):
         print("replay: warning: this ZeRO-3 offload checkpoint predates `stored_dtypes`; if the run used "
               "zero_order.offload_dtype, its offloaded layers will not be rebuilt exactly", file=sys.stderr)
-    stored = {n: getattr(torch, d.removeprefix("torch.")) for n, d in recorded.items()}
+    stored = {n: getattr(torch, d.removeprefix("torch.")) for n, d in stored_names.items()}
     model.to(device)
     replay(model, records, state["trainable"], state["distribution"],
            {n: r.to(device) for n, r in rows.items()}, stored)
