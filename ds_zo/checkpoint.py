@@ -289,6 +289,13 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
         logger.warning("ds_zo: the checkpoint's optimizer state replaces the config's: %s", "; ".join(restored))
     if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    elif engine.lr_scheduler is not None:
+        logger.warning("ds_zo: the checkpoint's run had no lr scheduler and the config has one: its schedule starts "
+                       "from its own first step at step %d", engine.global_steps)
+    elif state["lr_scheduler"] is not None:
+        logger.warning("ds_zo: the checkpoint's run had an lr scheduler and the config has none: the lr stays at the "
+                       "checkpoint's (%s) from step %d on", [g["lr"] for g in engine.optimizer.param_groups],
+                       engine.global_steps)
     engine.comm.barrier()
     return folder, state["client_state"]
 

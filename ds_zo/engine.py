@@ -520,6 +520,15 @@ class ZOEngine(DeepSpeedEngine):
                 "step and no checkpoint was written after it: lower the lr or eps, or check the data")
         return float("nan")
 
+    def backward(self, loss, *args, **kwargs):
+        raise RuntimeError("ds_zo trains without gradients, so engine.backward() has nothing to do: one ZO step "
+                           "(both perturbed forwards and the update) is engine.train_batch(batch), which returns the "
+                           "loss; engine.eval_batch(batch) gives the loss at the current parameters")
+
+    def step(self, *args, **kwargs):
+        raise RuntimeError("ds_zo's engine.step() would apply no update: one ZO step (both perturbed forwards and the "
+                           "update) is engine.train_batch(batch), in place of forward + backward + step")
+
     @torch.no_grad()
     def eval_batch(self, batch: dict) -> float:
         """The mean token loss at the current parameters (every completed step applied) over the global batch: each
@@ -587,9 +596,21 @@ class ZOEngine(DeepSpeedEngine):
         checkpoint.save(self, save_dir, tag, client_state)
         return True
 
-    def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, **_deepspeed_options):
+    def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, custom_load_fn=None):
         """Restore parameters, step log, counters and lr schedule from dir/<tag> (default: dir/latest); returns
         (path, client_state) like DeepSpeed. Training then continues exactly as the saved run would have."""
         from . import checkpoint
         self._refuse_if_destroyed("load_checkpoint")
+        given = {"load_module_strict": (load_module_strict, True), "load_optimizer_states": (load_optimizer_states, True),
+                 "load_lr_scheduler_states": (load_lr_scheduler_states, True),
+                 "load_module_only": (load_module_only, False), "custom_load_fn": (custom_load_fn, None)}
+        partial = [f"{k}={v!r}" for k, (v, default) in given.items() if v != default]
+        if partial:
+            # the parameters are the base weights plus the seed log's updates, and the step count, log and lr
+            # schedule are what the next step's z and lr come from: a part of them would not continue the run
+            raise ValueError(f"ds_zo.load_checkpoint({', '.join(partial)}): a ZO checkpoint is restored whole "
+                             "(parameters, step log, counters, lr schedule); for the fine-tuned weights alone load "
+                             "the saved model (save_pretrained) or rebuild them with `python -m ds_zo.replay`")
         return checkpoint.load(self, load_dir, tag)

@@ -262,3 +262,17 @@ def test_a_shallow_copy_is_the_model_and_a_failed_initialize_leaves_no_hooks(tmp
     with pytest.raises(ValueError, match="no unit is offloaded"):
         ds_zo.initialize(model=model, config=no_layer_offloaded, optimizer=optimizer)
     assert "zo_step_log" in optimizer.state_dict()     # the half-built engine is not its flush
+
+
+def test_the_deepspeed_forward_backward_step_loop_points_to_train_batch():
+    """A DeepSpeed user's loop (loss = engine(batch); engine.backward(loss); engine.step()) would train nothing
+    under ZO: backward and step refuse, naming train_batch, and leave the parameters as they were."""
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config())
+    before = {n: p.clone() for n, p in engine.module_state_dict().items()}
+    out = engine(**batch())
+    with pytest.raises(RuntimeError, match=r"engine\.train_batch\(batch\)"):
+        engine.backward(out.loss)
+    with pytest.raises(RuntimeError, match=r"engine\.train_batch\(batch\)"):
+        engine.step()
+    assert engine.global_steps == 0
+    assert all(torch.equal(p, before[n]) for n, p in engine.module_state_dict().items())

@@ -433,3 +433,45 @@ def test_replay_refuses_a_checkpoint_whose_half_dtype_no_parameter_has(tmp_path)
     state_file.write_text(json.dumps(state))
     with pytest.raises(SystemExit, match="records torch.bfloat16 but none of its parameters in it"):
         replay.main(["--checkpoint", str(tmp_path / "ck"), "--model", "tiny", "--output", str(tmp_path / "r")])
+
+
+def test_a_scheduler_added_or_dropped_on_resume_is_warned_about(tmp_path, caplog):
+    """Resuming under a config that adds an lr scheduler restarts its schedule, and one that drops it freezes the
+    lr: neither is an error (a user may mean it), neither is silent."""
+    plain, *_ = ds_zo.initialize(model=tiny_model("llama", tied=False), config=ds_config(lr=1e-2, wd=0.1, seed=4))
+    plain.train_batch(batch())
+    plain.save_checkpoint(str(tmp_path / "plain"))
+    scheduled = _engine()
+    scheduled.train_batch(batch())
+    scheduled.save_checkpoint(str(tmp_path / "scheduled"))
+    with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
+        _engine().load_checkpoint(str(tmp_path / "plain"))
+    assert "had no lr scheduler and the config has one: its schedule starts from its own first step at step 1" \
+        in caplog.text
+    caplog.clear()
+    unscheduled, *_ = ds_zo.initialize(model=tiny_model("llama", tied=False), config=ds_config(lr=1e-2, wd=0.1, seed=4))
+    with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
+        unscheduled.load_checkpoint(str(tmp_path / "scheduled"))
+    assert "had an lr scheduler and the config has none: the lr stays at the checkpoint's ([0.0, 0.0]) from step 1" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
+        _engine().load_checkpoint(str(tmp_path / "scheduled"))
+    assert "lr scheduler" not in caplog.text
+
+
+def test_partial_loads_are_refused_by_name(tmp_path):
+    """DeepSpeed's load_checkpoint options that restore part of a run would not continue it: refused, naming them."""
+    e = _engine()
+    e.train_batch(batch())
+    e.save_checkpoint(str(tmp_path))
+    for option in ({"load_module_only": True}, {"load_optimizer_states": False},
+                   {"load_lr_scheduler_states": False}, {"load_module_strict": False}):
+        fresh = _engine()
+        (name, value), = option.items()
+        with pytest.raises(ValueError, match=rf"{name}={value!r}.*restored whole"):
+            fresh.load_checkpoint(str(tmp_path), **option)
+        assert fresh.global_steps == 0 and not fresh.step_log
+    fresh = _engine()
+    fresh.load_checkpoint(str(tmp_path), load_module_strict=True, load_optimizer_states=True)
+    assert fresh.global_steps == 1
