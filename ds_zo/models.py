@@ -64,6 +64,11 @@ def load_model_and_tokenizer(spec: str | os.PathLike | None = None, dtype: torch
 def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if len(tokenizer) < 2:
+        # transformers builds an empty tokenizer for a directory without tokenizer files, which fails much later
+        raise FileNotFoundError(f"model {str(path)!r}: no tokenizer in the directory (transformers built one with "
+                                f"{len(tokenizer)} token(s)); copy the model's tokenizer files (tokenizer.json, "
+                                "tokenizer_config.json, ...) beside its config.json")
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model.eval(), tokenizer
 

@@ -190,6 +190,10 @@ def test_user_csv_and_jsonl_are_read(tmp_path):
     ("text,label\nfine,1,extra\n", r"row 1 \(line 2\): 3 fields but the header has 2"),
     ("review,label\nfine,1\n", r"row 1 \(line 2\): missing column 'text'"),
     ("", r"empty file"),
+    ("text,text,label\na,b,1\n", r"header names column\(s\) \['text'\] more than once"),
+    ('text,label\nfine,1\n"opened,0\nnext,1\n', r"row 2 \(line 3\): spans lines 3-4 and has fewer fields than the "
+                                              r"header: a field that starts with a double quote"),
+    ("text,label\n" + "x" * 200_000 + ",1\n", r"line 2: field larger than field limit"),
 ])
 def test_malformed_csv_rows_are_named(tmp_path, content, expected):
     path = write(tmp_path / "user.csv", content)
@@ -205,12 +209,30 @@ def test_malformed_csv_rows_are_named(tmp_path, content, expected):
     ('{"text": "a", "label": "positive"}\n', r"line 1: label 'positive' is not one of"),
     ('{"text": "a", "label": null}\n', r"line 1: no value for column 'label'"),
     ("\n\n", r"no rows"),
+    ('{"text": ["a", "b"], "label": 1}\n', r"line 1: column 'text' holds a JSON list; expected a string or a number"),
 ])
 def test_malformed_jsonl_rows_are_named(tmp_path, content, expected):
     path = write(tmp_path / "user.jsonl", content)
     with pytest.raises(DataError, match=expected) as error:
         read_labelled(path)
     assert str(path) in str(error.value)
+
+
+def test_files_that_are_not_utf8_are_named_at_their_first_bad_line(tmp_path):
+    for name in ("latin1.csv", "latin1.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(b'text,label\ngood,1\nbad \xff\xfe movie,0\n' if name.endswith(".csv") else
+                         b'{"text": "good", "label": 1}\n{"text": "bad \xff", "label": 0}\n')
+        line = 3 if name.endswith(".csv") else 2
+        with pytest.raises(DataError, match=rf"{name}, line {line}: not UTF-8 text \(byte 0xff"):
+            read_labelled(path)
+
+
+def test_a_json_array_of_objects_is_read_like_json_lines(tmp_path):
+    path = write(tmp_path / "export.json", '[{"text": "good", "label": 1},\n {"text": "bad", "label": 0}]\n')
+    assert read_labelled(path) == [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    with pytest.raises(DataError, match=r"export.json, item 2: expected a JSON object, got list"):
+        read_labelled(write(path, '[{"text": "good", "label": 1}, ["bad", 0]]'))
 
 
 def test_file_type_and_missing_file_errors(tmp_path):
@@ -225,7 +247,12 @@ def test_prompt_completion_file(tmp_path):
     with pytest.raises(DataError, match=r"pc.jsonl, line 2: empty 'completion'"):
         read_prompt_completion(path)
     good = write(tmp_path / "ok.jsonl", '{"q": "Q:", "a": " yes"}\n')
-    assert read_prompt_completion(good, "q", "a") == [{"prompt": "Q:", "completion": " yes"}]
+    assert read_prompt_completion(good, "q", "a") == [{"prompt": "Q:", "completion": " yes",
+                                                       "where": f"{good}, line 1"}]
+    long = write(tmp_path / "long.jsonl", '{"prompt": "a", "completion": "b"}\n'
+                                          '{"prompt": "the movie was", "completion": " great"}\n')
+    with pytest.raises(ValueError, match=r"long.jsonl, line 2: the prompt alone fills max_length=3"):
+        encode_prompt_completion(tiny_tokenizer(), read_prompt_completion(long), max_length=3)
 
 
 # ---------------------------------------------------------------- padding and scoring

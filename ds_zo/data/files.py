@@ -2,7 +2,7 @@
 
 Every error names the file, the row and the problem, because a typo on row 7,412 of someone's CSV is otherwise a
 needle in a haystack. CSV rows are numbered as data rows (the header is not counted) together with their line in the
-file (a quoted field may span lines); JSONL rows are numbered by line.
+file (a quoted field may span lines); JSONL rows are numbered by line, the objects of a JSON array as items.
 """
 from __future__ import annotations
 
@@ -18,47 +18,92 @@ class DataError(ValueError):
 
 
 def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """Yields (where, row) for each record of a .csv/.tsv or .jsonl/.json file; `where` is "file, row N (line L)"."""
+    """Yields (where, row) for each record of a .csv/.tsv, .jsonl or .json file (JSON Lines, or one JSON array of
+    objects); `where` is "file, row N (line L)", "file, line N" or "file, item N"."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        yield from _csv_rows(path, delimiter="\t" if suffix == ".tsv" else ",")
+        rows = _csv_rows(path, delimiter="\t" if suffix == ".tsv" else ",")
     elif suffix in (".jsonl", ".json"):
-        yield from _jsonl_rows(path)
+        rows = _json_rows(path, array_allowed=suffix == ".json")
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl (one JSON object a line)")
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl (one JSON object a line) "
+                        "or .json")
+    yield from rows
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
     with open(path, encoding="utf-8-sig", newline="") as f:   # -sig: spreadsheet exports often start with a BOM
         reader = csv.DictReader(f, delimiter=delimiter)
-        if not reader.fieldnames:
-            raise DataError(f"{path}: empty file (expected a header row)")
-        start = reader.line_num + 1
-        for number, row in enumerate(reader, start=1):
-            where = f"{path}, row {number} (line {start})"
-            if None in row:   # csv puts surplus fields under the key None
-                raise DataError(f"{where}: {len(reader.fieldnames) + len(row[None])} fields but the header has "
-                                f"{len(reader.fieldnames)}")
-            yield where, row
+        start = 1
+        try:
+            if not reader.fieldnames:
+                raise DataError(f"{path}: empty file (expected a header row)")
+            repeated = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+            if repeated:
+                raise DataError(f"{path}: the header names column(s) {repeated} more than once")
             start = reader.line_num + 1
+            for number, row in enumerate(reader, start=1):
+                where = f"{path}, row {number} (line {start})"
+                if None in row:   # csv puts surplus fields under the key None
+                    raise DataError(f"{where}: {len(reader.fieldnames) + len(row[None])} fields but the header has "
+                                    f"{len(reader.fieldnames)}")
+                if reader.line_num > start and any(v is None for v in row.values()):
+                    # a field opened with a double quote runs on until the next one, taking the lines in between
+                    raise DataError(f"{where}: spans lines {start}-{reader.line_num} and has fewer fields than the "
+                                    "header: a field that starts with a double quote (\") and does not close it "
+                                    "takes the following lines; quote the whole field and double its inner quotes")
+                yield where, row
+                start = reader.line_num + 1
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+        except csv.Error as error:
+            raise DataError(f"{path}, line {start}: {error}") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+def _not_utf8(path: Path) -> DataError:
+    """The error for a file that is not UTF-8, at its first bad byte (a decoding reader only knows its block)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = 1 + data[:error.start].count(b"\n")
+        return DataError(f"{path}, line {line}: not UTF-8 text (byte {data[error.start]:#04x}: {error.reason}); "
+                         "save the file as UTF-8")
+    return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+def _json_rows(path: Path, array_allowed: bool) -> Iterator[tuple[str, dict]]:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    if array_allowed and text.lstrip().startswith("["):   # a .json export: one array of objects, not JSON Lines
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}, line {error.lineno}: invalid JSON ({error.msg})") from None
+        rows = ((f"{path}, item {number}", row) for number, row in enumerate(items, start=1))
+    else:
+        rows = _json_lines(path, text)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
+
+
+def _json_lines(path: Path, text: str) -> Iterator[tuple[str, object]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg})") from None
 
 
 def field(where: str, row: dict, column: str, allow_empty: bool = False) -> str:
@@ -68,6 +113,9 @@ def field(where: str, row: dict, column: str, allow_empty: bool = False) -> str:
     if row[column] is None:   # a short CSV row, or JSON null
         raise DataError(f"{where}: no value for column {column!r}")
     value = row[column]
+    if isinstance(value, (list, dict)):
+        raise DataError(f"{where}: column {column!r} holds a JSON {type(value).__name__}; expected a string or a "
+                        "number")
     value = value if isinstance(value, str) else json.dumps(value)
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: empty {column!r}")
@@ -96,9 +144,10 @@ def read_labelled(path: str | os.PathLike, text_column: str = "text", label_colu
 
 def read_prompt_completion(path: str | os.PathLike, prompt_column: str = "prompt",
                            completion_column: str = "completion") -> list[dict]:
-    """[{"prompt", "completion"}] from a JSONL (or CSV) file; the prompt may be empty, the completion may not."""
+    """[{"prompt", "completion", "where"}] from a JSONL (or CSV) file; the prompt may be empty, the completion may
+    not. `where` names the row for later errors (a prompt too long for max_length)."""
     examples = [{"prompt": field(where, row, prompt_column, allow_empty=True),
-                 "completion": field(where, row, completion_column)} for where, row in iter_rows(path)]
+                 "completion": field(where, row, completion_column), "where": where} for where, row in iter_rows(path)]
     if not examples:
         raise DataError(f"{path}: no rows")
     return examples

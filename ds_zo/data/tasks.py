@@ -116,8 +116,9 @@ def encode_prompt_completion(tokenizer, examples: Iterable[dict], max_length: in
         ids = (context + target)[:max_length]
         labels = ([IGNORE_INDEX] * len(context) + target)[:max_length]
         if all(t == IGNORE_INDEX for t in labels):
-            raise ValueError(f"example {number}: the prompt alone fills max_length={max_length}; no completion "
-                             f"token is left to train on")
+            raise ValueError(f"{example.get('where', f'example {number}')}: the prompt alone fills "
+                             f"max_length={max_length}; no completion token is left to train on (raise --max_length "
+                             "or shorten the prompt)")
         encoded.append({"input_ids": ids, "labels": labels})
     return encoded
 
