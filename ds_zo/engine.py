@@ -127,6 +127,7 @@ class ZOEngine(DeepSpeedEngine):
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self.module.forward).parameters
         self._in_zo_forward = False
         self._consecutive_skips = 0
+        self._warned_batch_rows = False
         self._data_iterator: Optional[Iterator] = None
         self._streaming: Optional[contextlib.ExitStack] = None
         # Make a pending update visible to anyone who runs or reads the model directly, and stream offloaded units
@@ -372,6 +373,14 @@ class ZOEngine(DeepSpeedEngine):
         if batch is not None:
             batch = self._to_device(batch)
             rows = batch["input_ids"].shape[0]
+            share = self.train_micro_batch_size_per_gpu() * self.gradient_accumulation_steps()
+            if rows != share and not self._warned_batch_rows:
+                # DeepSpeed code that hands train_batch one micro-batch per call would take gas steps, not one
+                self._warned_batch_rows = True
+                logger.warning(f"ds_zo: train_batch(batch) got {rows} rows, while this rank's share of a global batch "
+                               f"is train_micro_batch_size_per_gpu x gradient_accumulation_steps = {share}: each call "
+                               "is one ZO step over the rows it is given (split into micro-batches for memory only), "
+                               "and global_samples counts them")
             mb = self.train_micro_batch_size_per_gpu() or rows
             return [{k: (v[i:i + mb] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v)
                      for k, v in batch.items()} for i in range(0, rows, mb)]
@@ -475,8 +484,11 @@ class ZOEngine(DeepSpeedEngine):
         all_slots = [(j, sign) for j in range(q) for sign in (1, -1)]
         mine = [i for i, (_, sign) in enumerate(all_slots) if self.dims.pertp == 1 or (sign == 1) == (self.dims.pert_rank == 0)]
         self.copies.set_slots(seed, [all_slots[i] for i in mine])
-        # [sum of token losses per slot..., token count per slot...]: the one collective of the step
-        totals = torch.zeros(2 * len(all_slots), dtype=torch.float64)
+        # [sum of token losses per slot..., token count per slot..., rows]: the one collective of the step (the rows
+        # of a data-parallel shard are counted by one rank of its perturbation-parallel group)
+        totals = torch.zeros(2 * len(all_slots) + 1, dtype=torch.float64)
+        if self.dims.pert_rank == 0:
+            totals[-1] = sum(mb["input_ids"].shape[0] for mb in micro)
         keep = self.kept_positions([default_labels(mb) for mb in micro])
         for mb in micro:
             for i, (loss_sum, count) in zip(mine, self._slot_losses(mb, self.copies, keep)):
@@ -489,24 +501,26 @@ class ZOEngine(DeepSpeedEngine):
         grads = [(means[2 * j] - means[2 * j + 1]) / (2 * self.eps) for j in range(q)]
         losses = [(means[2 * j] + means[2 * j + 1]) / 2 for j in range(q)]
         loss = sum(losses) / q
+        samples = self.global_samples + int(totals[-1].item())     # a given batch may hold any number of rows
         if not all(math.isfinite(x) for x in means):   # identical on every rank: the means were all-reduced
-            return self._skip_step(step, means)
+            return self._skip_step(step, means, samples)
         self._consecutive_skips = 0
         self.optimizer.record_step(step, seed, grads, lr, self.optimizer.weight_decay())
         if not self.zo_config.fuse_update:
             self._apply_remaining_pending()
-        self._take_model_step(None)  # DeepSpeed's bookkeeping: lr scheduler, global_steps, global_samples
+        self._take_model_step(None)  # DeepSpeed's bookkeeping: lr scheduler, global_steps (and train_batch_size samples)
+        self.global_samples = samples
         self.last_projected_grad = grads[0] if q == 1 else grads
         self._write_monitor(loss, grads, lr)
         return loss
 
-    def _skip_step(self, step: int, means: list[float]) -> float:
+    def _skip_step(self, step: int, means: list[float], samples: int) -> float:
         """A non-finite L+ or L−: no update, nothing in the step log, the lr schedule does not advance; the step
         number does (so the next step draws a fresh z). Too many in a row abort the run."""
         self._consecutive_skips += 1
         self.skipped_steps += 1
         self.global_steps += 1
-        self.global_samples += self.train_batch_size()
+        self.global_samples = samples
         self.last_projected_grad = float("nan") if self.zo_config.num_perturbations == 1 else \
             [float("nan")] * self.zo_config.num_perturbations
         limit = self.zo_config.max_consecutive_skips

@@ -410,7 +410,7 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
     step_end: list[int] = []
     sync = None
     bytes_step = {"h2d": 0.0, "d2h": 0.0, "allgather": 0.0,
-                  "allreduce": 8.0 * 4 * work.q if layout.gpus > 1 else 0.0}
+                  "allreduce": 8.0 * (4 * work.q + 1) if layout.gpus > 1 else 0.0}
     for s in range(steps):
         pending = s > 0
         compute_of: dict[int, int] = {}   # position in the offloaded pass -> compute op

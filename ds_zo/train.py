@@ -22,6 +22,7 @@ import torch
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                               "smollm2_imdb.json")
+DEFAULT_MAX_LENGTH = 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,9 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dev_examples", type=int, default=200, help="imdb: dev split size")
     p.add_argument("--test_examples", type=int, default=500, help="imdb: test split size")
     p.add_argument("--max_chars", type=int, default=400, help="imdb: drop reviews longer than this")
-    p.add_argument("--max_length", type=int, default=256, help="tokens per example (prompts are cut at the front)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help=f"tokens per example (prompts are cut at the front); default {DEFAULT_MAX_LENGTH}, or the "
+                        "model's number of positions where that is fewer")
     p.add_argument("--trainable", default="auto",
-                   help="'auto' (classification: the label-word rows of the input embedding; lm: everything), "
+                   help="'auto' (classification: the label-word rows of the output embedding, which score the "
+                        "classes, or every parameter where the config offloads parameters; lm: everything), "
                         "'all', or comma-separated parameter-name patterns; overrides the config's choice")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--eval_interval", type=int, default=40)
@@ -82,6 +86,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} {path!r}: no such file")
     if args.steps < 0 or args.eval_interval < 0 or args.save_interval < 0:
         p.error("--steps, --eval_interval and --save_interval must be >= 0")
+    for name in ("train_examples", "dev_examples", "test_examples", "max_chars"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_length is not None and args.max_length < 2:
+        p.error(f"--max_length must be >= 2 (a prompt token and a label token), got {args.max_length}")
+    values = [v.strip() for v in args.label_values.split(",")]
+    if "" in values or len(set(values)) != len(values):
+        p.error(f"--label_values must name each class once, comma-separated, got {args.label_values!r}")
+    if args.resume == "no" and os.path.isfile(os.path.join(args.output_dir, "checkpoints", "latest")):
+        p.error(f"--resume no: {os.path.join(args.output_dir, 'checkpoints')} holds an earlier run's checkpoints, "
+                "which a new run there would mix with its own; use another --output_dir, continue that run with "
+                "--resume auto, or remove the folder")
     if args.eval_batch_size < 1:
         p.error(f"--eval_batch_size must be >= 1, got {args.eval_batch_size}")
     if args.task == "imdb":
@@ -98,6 +114,18 @@ def _split(examples: list, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     cut = max(1, len(examples) // 10)
     return [examples[i] for i in order[cut:]], [examples[i] for i in order[:cut]]
+
+
+def resolve_max_length(given: Optional[int], model) -> int:
+    """--max_length, or the default cut to the model's positions (absolute position embeddings such as GPT-2's and
+    OPT's have no row past them); a length beyond them that the user asked for is refused."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if given is None:
+        return min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+    if limit and given > limit:
+        raise SystemExit(f"[ds_zo] --max_length {given}: the model has {limit} positions "
+                         f"({type(model.config).__name__}); pass --max_length {limit} or less")
+    return given
 
 
 def build_data(args, tokenizer, seed: int):
@@ -118,7 +146,7 @@ def build_data(args, tokenizer, seed: int):
         train, dev, test = splits["train"], splits["dev"], splits["test"]
         what = "IMDB sentiment (built-in)"
     else:
-        values = [v for v in args.label_values.split(",")]
+        values = [v.strip() for v in args.label_values.split(",")]
         if len(values) != len(args.label_words):
             raise ValueError(f"--label_values has {len(values)} classes but --label_words has {len(args.label_words)}")
         read = lambda f: files.read_labelled(f, args.text_column, args.label_column, values)  # noqa: E731
@@ -177,15 +205,18 @@ def step_examples(train: list, step: int, global_rows: int, seed: int) -> list:
 
 # -- config -------------------------------------------------------------------------------------------------------
 def job_config(args, model, candidate_ids, seed) -> dict:
-    from .config import load_config
+    from .config import load_config, split_config
     cfg = load_config(args.deepspeed_config)
     zo = cfg.setdefault("zero_order", {})
     if args.seed is not None:
         zo["seed"] = seed
     if args.trainable == "auto":
-        if "trainable" not in zo and "trainable_rows" not in zo and candidate_ids is not None:
-            embedding = model.get_input_embeddings().weight
-            name = next(n for n, p in model.named_parameters() if p is embedding)
+        offloaded = split_config(load_config(args.deepspeed_config))[3].enabled   # rows cannot be offloaded (yet)
+        if "trainable" not in zo and "trainable_rows" not in zo and candidate_ids is not None and not offloaded:
+            # the rows that score the classes: the output layer's (the input embedding's too where they are tied;
+            # an untied input embedding's rows only feed the prompt's last position, which nothing scores)
+            head = (model.get_output_embeddings() or model.get_input_embeddings()).weight
+            name = next(n for n, p in model.named_parameters() if p is head)
             zo["trainable_rows"] = {name: list(candidate_ids)}
     else:
         zo.pop("trainable_rows", None)
@@ -204,7 +235,7 @@ def main(argv=None) -> dict:
     from .evaluation import evaluate
     from .models import load_model_and_tokenizer
     from .parallel.launch_env import ensure_launch_env
-    from .report import plot_history, write_summary
+    from .report import continue_csv_monitor, plot_history, write_summary
 
     ensure_launch_env()
     rank0 = os.environ.get("RANK", "0") == "0"
@@ -213,6 +244,7 @@ def main(argv=None) -> dict:
     model, tokenizer = load_model_and_tokenizer(args.model)
     from .config import load_config
     seed = args.seed if args.seed is not None else load_config(args.deepspeed_config).get("zero_order", {}).get("seed", 0)
+    args.max_length = resolve_max_length(args.max_length, model)
     train, dev, test, candidates, what = build_data(args, tokenizer, seed)
     cfg = job_config(args, model, candidates, seed)
     from .loss import LabelWordLoss
@@ -221,7 +253,7 @@ def main(argv=None) -> dict:
     pad = pad_token_id(tokenizer)
     positions = takes_position_ids(engine.module)
     trained = sum(len(r) * engine.module.get_parameter(n)[0].numel() for n, r in engine.trainable_rows.items())
-    trained += sum(p.numel() for n, p in engine.module.named_parameters()
+    trained += sum(getattr(p, "ds_numel", p.numel()) for n, p in engine.module.named_parameters()   # ZeRO-3: full
                    if n in engine.trainable_names and n not in engine.trainable_rows)
     global_rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * engine.dp_world_size
     os.makedirs(args.output_dir, exist_ok=True)
@@ -248,10 +280,15 @@ def main(argv=None) -> dict:
         _, client = engine.load_checkpoint(load_dir, tag)
         history, results = client.get("history", history), client.get("results", results)
         log(f"[ds_zo] resumed from {resume_from} at step {engine.global_steps}")
+        if engine.global_rank == 0:
+            continue_csv_monitor(engine, engine.global_samples)
         if engine.global_steps >= args.steps:
             log(f"[ds_zo] the checkpoint is at step {engine.global_steps}, not before --steps {args.steps}: nothing "
                 "to train; the final evaluation runs again")
     else:
+        aside = continue_csv_monitor(engine, None) if engine.global_rank == 0 else None
+        if aside:
+            log(f"[ds_zo] the monitor files of an earlier run that left no checkpoint here moved to {aside}")
         results["zero_shot_test"] = evaluate(engine, test, args.eval_batch_size, pad, candidates)
         results["zero_shot_dev"] = evaluate(engine, dev, args.eval_batch_size, pad, candidates)
         history["eval"].append([0, results["zero_shot_dev"]])

@@ -75,7 +75,7 @@ def run_case(case: dict, out_dir: str) -> dict:
               "pertp": engine.dims.pertp, "partition": engine.dims.partition,
               "offloaded": [s.unit.name for s in engine.pipeline.order] if engine.pipeline else [],
               "store_bytes": engine.pipeline.store.nbytes() if engine.pipeline else 0,
-              "base_weights": engine.base_weights}
+              "base_weights": engine.base_weights, "samples": engine.global_samples}
     if out_dir:
         name = f"{case['name']}.rank{rank}"
         torch.save(state, os.path.join(out_dir, name + ".pt"))

@@ -276,3 +276,21 @@ def test_the_deepspeed_forward_backward_step_loop_points_to_train_batch():
         engine.step()
     assert engine.global_steps == 0
     assert all(torch.equal(p, before[n]) for n, p in engine.module_state_dict().items())
+
+
+def test_global_samples_counts_the_rows_given_and_a_batch_unlike_the_config_is_warned_about(caplog):
+    """train_batch(batch) is one ZO step over the rows it is given: DeepSpeed code that hands it one micro-batch per
+    call would take gradient_accumulation_steps steps, not one, so the first such call warns; global_samples (the
+    monitor's x axis) counts the rows, not train_batch_size."""
+    cfg = ds_config(micro=2)
+    cfg["gradient_accumulation_steps"] = 2
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    with caplog.at_level("WARNING"):
+        engine.train_batch(batch(rows=4))
+    assert "got" not in caplog.text and engine.global_samples == 4
+    with caplog.at_level("WARNING"):
+        engine.train_batch(batch(rows=2))
+        engine.train_batch(batch(rows=3))
+    assert caplog.text.count("train_batch(batch) got 2 rows, while this rank's share of a global batch is "
+                             "train_micro_batch_size_per_gpu x gradient_accumulation_steps = 4") == 1
+    assert engine.global_steps == 3 and engine.global_samples == 4 + 2 + 3

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dist_worker import run_case
+from dist_worker import GLOBAL_ROWS, run_case
 from ds_zo.parallel.local_ranks import ROOT, free_port, loopback_env, run_ranks
 from ds_zo.parallel.shm_segments import leftover_shm_segments
 from models import tiny_model
@@ -86,6 +86,7 @@ def test_world_2_and_4_layouts_equal_one_process(tmp_path, baseline):
                 _assert_same(baseline, state, info, f"{case['name']} rank {rank}")
                 assert info["pertp"] == case.get("pertp", 1) and info["dp"] == world // info["pertp"]
                 assert info["base_weights"] == base, f"{case['name']} rank {rank}"
+                assert info["samples"] == STEPS * GLOBAL_ROWS, f"{case['name']} rank {rank}"   # each row once
                 _check_bytes(case, info, world)
 
 
@@ -94,7 +95,7 @@ def _check_bytes(case, info, world):
     update to write back)."""
     stats = info["stats"]
     slots = 2 * case.get("q", 1)
-    assert stats["allreduce_bytes"] == (STEPS * 2 * slots * 8 if world > 1 else 0)  # sums + counts, float64
+    assert stats["allreduce_bytes"] == (STEPS * (2 * slots + 1) * 8 if world > 1 else 0)  # sums, counts, rows: f64
     if case.get("stage") == 3:
         k = info["partition"]
         shard = _layer_bytes(k)

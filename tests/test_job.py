@@ -148,3 +148,20 @@ def test_bad_paths_and_rows_fail_clearly(tmp_path, data):
     assert proc.returncode == 2 and "--train_file, --test_file: the imdb task uses its built-in data" in proc.stderr
     proc = _job(tmp_path / "u", data, "--eval_batch_size", "0")
     assert proc.returncode == 2 and "--eval_batch_size must be >= 1, got 0" in proc.stderr
+
+
+def test_launch_scripts_take_paths_from_where_they_run(tmp_path, data):
+    """launch/torchrun.sh (and the scripts sharing launch/common.sh) no longer cd into the repository: a user's
+    relative --train_file and --output_dir are read and written where the user runs it."""
+    (tmp_path / "mine").mkdir()
+    for name in ("train.csv", "test.csv"):
+        (tmp_path / "mine" / name).write_bytes((data / name).read_bytes())
+    env = loopback_env(NPROC="1", PY=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "torchrun.sh"), "--model", "tiny",
+                           "--task", "classification", "--train_file", "mine/train.csv", "--test_file",
+                           "mine/test.csv", "--label_words", '[" bad", " good"]', "--steps", "1", "--eval_interval",
+                           "0", "--output_dir", "runs/one", "--no_progress", "--deepspeed_config",
+                           os.path.join(ROOT, "configs", "tiny_classification.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "one" / "final" / "model.safetensors").is_file()
