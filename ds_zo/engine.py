@@ -124,7 +124,12 @@ class ZOEngine(DeepSpeedEngine):
                                                 and streamed_kind(u, self.zo_config.row_blocks) == "linear"), None)
         self._stream_loss = loss_fn is None and self._loss_head is not None
         self.last_projected_grad: Optional[float | list[float]] = None
-        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self.module.forward).parameters
+        accepted = inspect.signature(self.module.forward).parameters
+        self._accepts_logits_to_keep = "logits_to_keep" in accepted
+        # an MoE model's router logits (config.output_router_logits) feed HF's load-balancing loss, which a ZO step
+        # does not train on (its objective is the token loss; the per-slot router outputs would not line up anyway)
+        self._model_flags = {"use_cache": False, **({"output_router_logits": False}
+                                                    if "output_router_logits" in accepted else {})}
         self._in_zo_forward = False
         self._consecutive_skips = 0
         self._warned_batch_rows = False
@@ -148,6 +153,9 @@ class ZOEngine(DeepSpeedEngine):
                 m.register_forward_hook(ModelHook(self, self._after_direct_forward), always_call=True),
                 m.register_state_dict_pre_hook(ModelHook(self, lambda m, *_: self.flush_for_reader())),
             ]
+            if isinstance(self.pipeline, ShardedOffloadPipeline):
+                self._hooks.append(m.register_state_dict_post_hook(ModelHook(self, self._refuse_placeholder_read)))
+        self._reading_whole_state = False
         self._destroyed = False
         self.optimizer.flush_through(self.flush)
 
@@ -329,6 +337,16 @@ class ZOEngine(DeepSpeedEngine):
         if not self._destroyed and not self._in_zo_forward and self._streaming_owner is None:
             self.flush()
 
+    def _refuse_placeholder_read(self, module, state_dict, prefix, local_metadata) -> None:
+        """Under ZeRO-3 a resliced layer's parameters are DeepSpeed's empty placeholders (the values are shards across
+        the ranks): a state_dict() of them, e.g. save_pretrained's, would be saved without a word and fail to load."""
+        if not self._reading_whole_state:
+            raise RuntimeError("this model is ZeRO-3 partitioned: its offloaded layers' parameters are shards held by "
+                               "the ranks, and state_dict() would hold DeepSpeed's empty placeholders for them (a model "
+                               "saved from it could not be loaded). Gather them with sd = engine.module_state_dict() "
+                               "(a collective: every rank calls it), then save on rank 0 with "
+                               "model.save_pretrained(dir, state_dict=sd)")
+
     def flush(self) -> None:
         """Make every completed step visible in the stored parameters (host-side readers may read them after)."""
         if self.pipeline is not None:
@@ -418,7 +436,7 @@ class ZOEngine(DeepSpeedEngine):
             with _eval_mode(self.module), torch.no_grad(), dual_forward(self.units, slots, rows, copies):
                 if self.pipeline is not None:
                     self.pipeline.begin()
-                logits = self.module(**self._model_inputs(batch, slots), use_cache=False, **extra).logits
+                logits = self.module(**self._model_inputs(batch, slots), **self._model_flags, **extra).logits
         finally:
             self._in_zo_forward = False
             copies.token_loss = None
@@ -568,8 +586,12 @@ class ZOEngine(DeepSpeedEngine):
         """The full parameters with every completed step applied, on every rank (resliced units are gathered)."""
         self._refuse_if_destroyed("module_state_dict")
         self.flush()
-        sd = super().module_state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars,
-                                       exclude_frozen_parameters=exclude_frozen_parameters)
+        self._reading_whole_state = True           # its placeholders are replaced below
+        try:
+            sd = super().module_state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars,
+                                           exclude_frozen_parameters=exclude_frozen_parameters)
+        finally:
+            self._reading_whole_state = False
         if isinstance(self.pipeline, ShardedOffloadPipeline):
             full = self._gather_resliced()
             names = {}

@@ -60,6 +60,21 @@ def check_client_optimizer(optimizer: ZOSGD, model: nn.Module, trainable: set[st
                                       f"(rank >= 2), which replay relies on")
 
 
+def refuse_non_causal_lm(model: nn.Module, loss_fn) -> None:
+    """ds_zo trains decoder-only language models: the ZO forward runs the model on input_ids with one row block per
+    slot, and the default loss is the token cross-entropy over (rows, T, vocab) logits."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"ds_zo.initialize: {type(model).__name__} is an encoder-decoder model, which ds_zo's ZO "
+                         "forward does not run (it trains decoder-only causal language models, ...ForCausalLM)")
+    head = getattr(model, "get_output_embeddings", None)
+    if loss_fn is None and callable(head) and head() is None:
+        raise ValueError(f"ds_zo.initialize: {type(model).__name__} has no language-model head "
+                         "(get_output_embeddings() is None), and the default loss is the token cross-entropy over "
+                         "its (rows, T, vocab) logits: pass a ...ForCausalLM model, or loss_fn=(logits, labels) -> "
+                         "(sum of per-item losses, item count)")
+
+
 def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: Optional[ZOSGD] = None,
                model_parameters: Any = None, training_data: Any = None, lr_scheduler: Any = None,
                mpu: Any = None, dist_init_required: Optional[bool] = None, collate_fn: Any = None,
@@ -77,6 +92,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
 
     if model is None:
         raise ValueError("ds_zo.initialize requires a model")
+    refuse_non_causal_lm(model, loss_fn)
     if attached_engine(model) is not None:
         raise ValueError("ds_zo.initialize: this model is already trained by a ds_zo engine, whose hooks apply its "
                          "updates to every forward of the model; call that engine's destroy() first, or pass a copy "

@@ -35,7 +35,8 @@ def _inert_hook():
 
 class ModelHook:
     """A hook of `engine` on its model: calls `fn`; a copy of it (deepcopy, pickle) is `inert_hook`."""
-    __slots__ = ("engine", "fn")
+    # (_from_public_api: torch marks hooks registered with register_state_dict_post_hook by setting it)
+    __slots__ = ("engine", "fn", "_from_public_api")
 
     def __init__(self, engine, fn):
         self.engine = engine

@@ -27,6 +27,15 @@ def tiny_model(arch: str, tied: bool = True, seed: int = 0, dtype=torch.float32)
         cfg = OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
                         max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.1, **common)
         model = OPTForCausalLM(cfg)
+    elif arch == "bloom":                       # ALiBi: a (batch * heads, 1, T) bias handed to every layer
+        from transformers import BloomConfig, BloomForCausalLM
+        model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common))
+    elif arch == "mixtral":                     # MoE, with the router logits HF's load-balancing loss reads
+        from transformers import MixtralConfig, MixtralForCausalLM
+        model = MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                                 num_experts_per_tok=2, output_router_logits=True,
+                                                 max_position_embeddings=64, **common))
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1,
                          attn_pdrop=0.1, **common)

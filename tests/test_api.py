@@ -294,3 +294,36 @@ def test_global_samples_counts_the_rows_given_and_a_batch_unlike_the_config_is_w
     assert caplog.text.count("train_batch(batch) got 2 rows, while this rank's share of a global batch is "
                              "train_micro_batch_size_per_gpu x gradient_accumulation_steps = 4") == 1
     assert engine.global_steps == 3 and engine.global_samples == 4 + 2 + 3
+
+
+def test_a_zero3_models_state_dict_is_refused_and_module_state_dict_saves_it(tmp_path):
+    """Under ZeRO-3 the offloaded layers' parameters are DeepSpeed's empty placeholders: save_pretrained(dir) wrote
+    them without a word and the model could not be loaded. Reading them is refused, naming the way that works:
+    engine.module_state_dict() (the gathered parameters) passed to save_pretrained."""
+    from transformers import AutoModelForCausalLM
+    cfg = ds_config()
+    cfg["zero_optimization"] = {"stage": 3, "offload_param": {"device": "cpu"}}
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    engine.train_batch(batch())
+    with pytest.raises(RuntimeError, match=r"ZeRO-3 partitioned.*engine\.module_state_dict\(\)"):
+        engine.module.save_pretrained(tmp_path / "bare")
+    with pytest.raises(RuntimeError, match="ZeRO-3 partitioned"):
+        engine.module.model.state_dict()                   # HF's decoder body, which helpers call directly
+    sd = engine.module_state_dict()
+    engine.module.save_pretrained(tmp_path / "whole", state_dict=sd)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "whole", local_files_only=True)
+    assert all(torch.equal(p, sd[n]) for n, p in reloaded.state_dict().items() if n in sd)
+    assert any(not torch.equal(p, q) for p, q in zip(reloaded.parameters(), tiny_model("llama").parameters()))
+
+
+def test_models_that_are_not_causal_lms_are_refused_by_name():
+    from transformers import LlamaConfig, LlamaForSequenceClassification, T5Config, T5ForConditionalGeneration
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                             d_kv=8, decoder_start_token_id=0))
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        ds_zo.initialize(model=t5, config=ds_config())
+    classifier = LlamaForSequenceClassification(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                                            num_hidden_layers=1, num_attention_heads=2,
+                                                            num_labels=2, pad_token_id=0))
+    with pytest.raises(ValueError, match=r"LlamaForSequenceClassification has no language-model head"):
+        ds_zo.initialize(model=classifier, config=ds_config())

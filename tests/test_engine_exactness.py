@@ -27,7 +27,7 @@ def _assert_params_equal(engine, ref, rtol=1e-5):
         torch.testing.assert_close(sd[n], p, rtol=rtol, atol=0, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["bloom"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_matches_plain_mezo_loop(arch, tied):
     model = tiny_model(arch, tied)
@@ -480,3 +480,34 @@ def _one_choice_per_step(arch):
         engine.train_batch(data_iter=iter(parts))
         gs.append(engine.last_projected_grad)
     assert gs[0] == gs[1]
+
+
+def test_an_moe_model_trains_on_the_token_loss_without_its_router_loss():
+    """With config.output_router_logits, HF adds a load-balancing loss over the router logits of the whole batch; a
+    ZO step trains on the token loss (the router outputs of its slots would not line up: the step crashed)."""
+    model = tiny_model("mixtral")
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, seed=3)
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=3)
+    b = batch()
+    for t in range(2):
+        loss = engine.train_batch(b)
+        ref_loss, ref_g = ref.step(b)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
+    _assert_params_equal(engine, ref)
+    assert engine.eval_batch(b) == pytest.approx(ref.loss(b), rel=1e-5)
+    assert ref.hf_loss(b) > ref.loss(b) + 1e-3                 # HF's includes the router loss
+
+
+def test_a_unit_that_fails_on_a_row_block_is_named_with_its_inputs():
+    """A model whose layers carry the batch in another dimension fails inside HF code: the error names the unit,
+    the block and the shapes it was given."""
+    model = tiny_model("llama")
+    layer = model.model.layers[1]
+    plain = layer.forward                      # a layer that cannot take a block of rows (as Gemma3n's cannot)
+    layer.forward = lambda hidden_states, *a, **kw: plain(hidden_states + torch.ones(7, 1, 1), *a, **kw)
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=3)
+    with pytest.raises(RuntimeError, match=r"model\.layers\.1 \(LlamaDecoderLayer\) failed on row block 0 of 2 .*"
+                                           r"cutting every tensor whose first dimension is 4; this unit's inputs "
+                                           r"were arg\(4, 8, 32\), attention_mask"):
+        engine.train_batch(batch())

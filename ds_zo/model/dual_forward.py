@@ -27,10 +27,16 @@ class SlotParams(Protocol):
         ...
 
 
+# keyword arguments whose first dim is the batch times a per-row count, batch-major: BLOOM's ALiBi bias is
+# (batch * heads, 1, T)
+BATCH_MAJOR_KWARGS = ("alibi",)
+
+
 def split_block(obj: Any, block: int, rows: int, blocks: int) -> Any:
     """The block-th group of `rows` rows of every batch-leading tensor. A tensor is batch-leading only if it has >= 2
     dims and its first dim is blocks*rows: 1-D tensors (cache_position, even of that length), batch-1 tensors
-    (position_ids (1,T), rotary cos/sin) and non-tensors go to every block unchanged."""
+    (position_ids (1,T), rotary cos/sin) and non-tensors go to every block unchanged. Keyword arguments named in
+    BATCH_MAJOR_KWARGS are cut into `blocks` equal parts of their first dim."""
     if isinstance(obj, torch.Tensor):
         if obj.dim() >= 2 and obj.shape[0] == blocks * rows:
             return obj[block * rows:(block + 1) * rows]
@@ -40,8 +46,15 @@ def split_block(obj: Any, block: int, rows: int, blocks: int) -> Any:
     if isinstance(obj, list):
         return [split_block(o, block, rows, blocks) for o in obj]
     if isinstance(obj, dict):
-        return {k: split_block(v, block, rows, blocks) for k, v in obj.items()}
+        return {k: _block_of(v, block, blocks) if k in BATCH_MAJOR_KWARGS and isinstance(v, torch.Tensor)
+                and v.dim() >= 1 and v.shape[0] % (blocks * rows) == 0 else split_block(v, block, rows, blocks)
+                for k, v in obj.items()}
     return obj
+
+
+def _block_of(t: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
+    size = t.shape[0] // blocks
+    return t[block * size:(block + 1) * size]
 
 
 def merge_blocks(outs: Sequence[Any], rows: int) -> Any:
@@ -80,6 +93,20 @@ def pointed_at(params: Sequence[torch.nn.Parameter], tensors: Sequence[torch.Ten
             p.data = m
 
 
+class DualForwardError(RuntimeError):
+    """A unit failed on one block of rows: most likely an input whose batch is not its first dimension."""
+
+    def __init__(self, unit: Unit, block: int, slots: int, rows: int, args, kwargs, error: Exception):
+        shapes = [f"{name}{tuple(v.shape)}" for name, v in [*(("arg", a) for a in args), *kwargs.items()]
+                  if isinstance(v, torch.Tensor)]
+        super().__init__(
+            f"{unit.name} ({type(unit.module).__name__}) failed on row block {block} of {slots} in ds_zo's ZO forward "
+            f"({error}). The forward runs every slot (θ+εz, θ−εz) in one batch of {slots} x {rows} rows and hands each "
+            f"block to the unit with its own parameters, cutting every tensor whose first dimension is {slots * rows}; "
+            f"this unit's inputs were {', '.join(shapes) or 'not tensors'}. A model that carries the batch in another "
+            "dimension (such as Gemma3n's (altup, batch, T, H) hidden states) cannot be trained by ds_zo yet")
+
+
 def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provider: SlotParams):
     params = [r.param for r in unit.trainable]
     kind = streamed_kind(unit, getattr(provider, "row_blocks", "auto")) if hasattr(provider, "working_rows") else None
@@ -98,7 +125,10 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
             for block in range(slots):
                 a, kw = split_block(args, block, rows, slots), split_block(kwargs, block, rows, slots)
                 with pointed_at(params, copies[block]):
-                    outs.append(original(*a, **kw))
+                    try:
+                        outs.append(original(*a, **kw))
+                    except RuntimeError as error:
+                        raise DualForwardError(unit, block, slots, rows, args, kwargs, error) from error
             return merge_blocks(outs, rows)
         finally:
             provider.release(unit)
