@@ -31,9 +31,9 @@ def _parts(n: int) -> list[tuple[int, int]]:
 
 def _groups_drawn(n: int, a: int, b: int) -> int:
     """Values a part [a, b) of a chunk of n draws: its groups of 16 up to the positions the redrawn tail replaces,
-    and the tail's 16 where the part reaches it."""
+    and the tail's 16 where the part reaches it (a part that starts past those positions draws only the tail)."""
     limit = n if n % 16 == 0 else n - 16
-    main = sum(min(g + 16, limit) - g for g in range(a // 16 * 16, min(b, limit), 16))
+    main = sum(min(g + 16, limit) - g for g in range(a // 16 * 16, min(b, limit), 16)) if a < limit else 0
     return main + (16 if n % 16 and b > n - 16 else 0)
 
 
@@ -76,6 +76,28 @@ def test_the_update_is_apply_step_pieces_bit_for_bit(kernels):
             kernels.update_pieces([theta], keys, [min(1000, numel - k * 1000)], [start - k * 1000], list(grads),
                                   record.lr, wd, [decays and wd != 0.0])
             assert torch.equal(theta, want), (q, decays, wd, signs, start, stop)
+
+
+def test_parts_that_start_in_the_redrawn_tail_are_updated_like_apply_step_pieces(kernels):
+    """A ZeRO-3 shard may start in the last 16 values of a parameter whose size is not a multiple of 16, which come
+    from the redrawn tail: the group tile before it ends before the shard starts and holds nothing of it (the
+    update copied a negative range there and crashed the process: 224 of 2,361 slices, found in review)."""
+    plain = PerturbationGenerator()
+    plain.fused_passes = False
+    record = StepRecord(1, 12345, (0.7,), 1e-2, 0.1)
+    for n in (17, 20, 30, 33, 70):
+        for a in range(n):
+            for b in sorted({a + 1, min(n, a + 5), n}):
+                theta = torch.randn(b - a)
+                want = theta.clone()
+                apply_step_pieces([(want, 99, a, n, True)], record, plain)
+                kernels.update_pieces([theta], [chunk_key(record.seed, 0, 99, 0)], [n], [a], [0.7], record.lr, 0.1,
+                                      [True])
+                assert torch.equal(theta, want), (n, a, b)
+                plus = torch.empty(b - a)
+                drawn = kernels.perturb_pieces([want], [7], [n], [a], 1e-3, [plus], [0], [True])
+                z = torch.empty(n).normal_(0.0, 1e-3, generator=torch.Generator().manual_seed(7))
+                assert torch.equal(plus, torch.add(want, z[a:b])) and drawn == _groups_drawn(n, a, b), (n, a, b)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -201,7 +201,8 @@ class Mt19937NormalTiles {
       const int64_t lo = offset_ > from_ / 16 * 16 ? offset_ : from_ / 16 * 16;
       const int64_t end = offset_ + size_ < to_ ? offset_ + size_ : to_;
       const int64_t hi = (end + 15) / 16 * 16;
-      if (lo >= hi) {
+      // (a tile cut short by limit_ may end before `from`: its wanted positions all come from the tail)
+      if (lo >= hi || offset_ + size_ <= from_) {
         gen_.skip(m);
         continue;
       }
