@@ -222,8 +222,6 @@ def read_steps(folder: str) -> list[StepRecord]:
 
 
 def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
-    from safetensors.torch import load_file
-
     engine.flush()
     folder, state = read_state(load_dir, tag)
     if state["model"] != model_fingerprint(engine):
@@ -255,11 +253,10 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
         raise CheckpointError(f"checkpoint {folder!r} was trained from other base weights: {describe(other)} of this "
                               "model, which the checkpoint does not hold, differ from the run's: resume with the "
                               "model the run started from")
-    rank_file = f"zo_rank_{engine.global_rank if resliced else 0:05d}.safetensors"
-    path = os.path.join(folder, rank_file)
-    if not os.path.isfile(path) or _sha256(path) != state["files"].get(rank_file):
-        raise CheckpointError(f"checkpoint {folder!r}: {rank_file} is missing or does not match its checksum")
-    tensors = load_file(path)
+    # resliced: each rank's file holds its shards, and rank 0's also the parameters every rank holds whole
+    tensors = _read_rank_file(folder, state, engine.global_rank if resliced else 0)
+    if resliced and engine.global_rank != 0:
+        tensors.update({n: t for n, t in _read_rank_file(folder, state, 0).items() if not n.endswith("@shard")})
     _restore_tensors(engine, tensors, folder)
     engine.optimizer.step_log = read_steps(folder)
     # the run's base, carried on to later checkpoints (their replay needs it): this model's trained parameters may
@@ -298,6 +295,15 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
                        engine.global_steps)
     engine.comm.barrier()
     return folder, state["client_state"]
+
+
+def _read_rank_file(folder: str, state: dict, rank: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    rank_file = f"zo_rank_{rank:05d}.safetensors"
+    path = os.path.join(folder, rank_file)
+    if not os.path.isfile(path) or _sha256(path) != state["files"].get(rank_file):
+        raise CheckpointError(f"checkpoint {folder!r}: {rank_file} is missing or does not match its checksum")
+    return load_file(path)
 
 
 @torch.no_grad()

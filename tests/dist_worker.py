@@ -57,6 +57,13 @@ def run_case(case: dict, out_dir: str) -> dict:
     for t in range(case.get("steps", 3)):
         if case.get("kill_rank") == rank and case.get("kill_at") == t:
             os.kill(os.getpid(), signal.SIGKILL)     # a rank dying mid-run
+        if case.get("resume_at") == t:               # checkpoint, then go on in a new engine on a fresh model
+            folder = os.path.join(out_dir, f"{case['name']}.checkpoints")
+            engine.save_checkpoint(folder)
+            engine.destroy()
+            engine, *_ = ds_zo.initialize(model=tiny_model(case.get("arch", "llama"), case.get("tied", False)),
+                                          config=case_config(case))
+            engine.load_checkpoint(folder)
         global_batch = batch(rows=GLOBAL_ROWS, seed=100 + t)
         losses.append(engine.train_batch({k: v[shard] for k, v in global_batch.items()}))
         grads.append(engine.last_projected_grad)

@@ -112,6 +112,20 @@ def _check_bytes(case, info, world):
         assert stats["h2d_bytes"] == stats["d2h_bytes"] == stats["allgather_bytes"] == 0
 
 
+@pytest.mark.timeout(400)
+def test_a_run_resumed_from_a_checkpoint_continues_like_one_process(tmp_path, baseline):
+    """Checkpoint after a step and continue in a new engine on a fresh model: every layout ends where the one-process
+    run does. Under ZeRO-3 each rank saves its shards and rank 0 the resident parameters (the embedding, the final
+    norm), which the other ranks must read from rank 0's file (they failed: "lacks parameter")."""
+    cases = [{"name": "zero3_partition2_resumed", "stage": 3, "partition": 2, "resume_at": 2},
+             {"name": "pertp2_resumed", "pertp": 2, "resume_at": 1},
+             {"name": "dp2_resumed", "resume_at": 2}]
+    out = _launch(tmp_path, 2, [dict(c, steps=STEPS) for c in cases])
+    for case in cases:
+        for rank in range(2):
+            _assert_same(baseline, *_load(out, case["name"], rank), f"{case['name']} rank {rank}")
+
+
 @pytest.mark.timeout(300)
 def test_zero3_with_bf16_reslices_bf16_shards_like_one_process(tmp_path):
     """ZeRO-3 reslicing over 2 ranks with bf16 enabled: the model is cast before it is partitioned, so the shards,
