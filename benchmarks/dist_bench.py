@@ -63,11 +63,13 @@ def analytic_bytes(model, layout: dict, world: int, q: int = 1) -> dict:
                  key=lambda m: sum(p.numel() for p in m.parameters()))
     tensors = [p for p in layers.parameters()]
     b = tensors[0].element_size()
-    out = {"h2d_bytes": 0, "d2h_bytes": 0, "allgather_bytes": 0, "allreduce_bytes": (4 * q + 1) * 8 if world > 1 else 0}
+    out = {"h2d_bytes": 0, "d2h_bytes": 0, "allgather_bytes": 0, "allreduce_bytes": (4 * q + 2) * 8 if world > 1 else 0}
     if layout.get("offload"):
         k = world if layout.get("stage") == 3 else 1
         shard = sum(math.ceil(p.numel() / k) * b for p in tensors)
         out.update(h2d_bytes=shard, d2h_bytes=shard, allgather_bytes=(k - 1) * shard)
+        if k > 1:       # the partition group's agreement on its forwards (one float64 per rank of the group)
+            out["allreduce_bytes"] += k * 8
     return out
 
 

@@ -406,9 +406,34 @@ class ZOEngine(DeepSpeedEngine):
             if self.training_dataloader is None:
                 raise ValueError("train_batch needs a batch, a data_iter, or training_data given to ds_zo.initialize")
             if self._data_iterator is None:
-                self._data_iterator = iter(self.training_dataloader)
+                self._data_iterator = self._endless_micro_batches(self.global_steps * self.gradient_accumulation_steps())
             data_iter = self._data_iterator
-        return [self._to_device(next(data_iter)) for _ in range(self.gradient_accumulation_steps())]
+        try:
+            return [self._to_device(next(data_iter)) for _ in range(self.gradient_accumulation_steps())]
+        except StopIteration:
+            raise ValueError(f"train_batch: data_iter ran out at step {self.global_steps} (it must yield "
+                             f"gradient_accumulation_steps = {self.gradient_accumulation_steps()} micro-batches a "
+                             "step)") from None
+
+    def _endless_micro_batches(self, skip: int) -> Iterator:
+        """The engine's dataloader epoch after epoch (each epoch's shuffle from its sampler's set_epoch), from the
+        `skip`-th micro-batch on: a resumed run (load_checkpoint) goes on with the micro-batches it would have had."""
+        loader = self.training_dataloader
+        if len(loader) == 0:
+            raise ValueError("train_batch: the training_data given to ds_zo.initialize gives no micro-batch")
+        epoch, skip = divmod(skip, len(loader))
+        while True:
+            sampler = getattr(loader, "data_sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            # next() only: DeepSpeed's loader is its own iterator, and iter() on it (a for loop, yield from) restarts it
+            batches = iter(loader)
+            for _ in range(skip):
+                next(batches)
+            skip = 0
+            while (micro := next(batches, None)) is not None:
+                yield micro
+            epoch += 1
 
     @staticmethod
     def _model_inputs(batch: dict, copies: int) -> dict:
@@ -459,7 +484,7 @@ class ZOEngine(DeepSpeedEngine):
         if not self._accepts_logits_to_keep:
             return None
         keeps = [self._tail(labels) for labels in label_sets]
-        if any(k is None for k in keeps):
+        if not keeps or any(k is None for k in keeps):
             return None
         keep = max(keeps)
         return keep if all(self._short_tail(keep, labels.shape[1]) for labels in label_sets) else None
@@ -502,12 +527,20 @@ class ZOEngine(DeepSpeedEngine):
         all_slots = [(j, sign) for j in range(q) for sign in (1, -1)]
         mine = [i for i, (_, sign) in enumerate(all_slots) if self.dims.pertp == 1 or (sign == 1) == (self.dims.pert_rank == 0)]
         self.copies.set_slots(seed, [all_slots[i] for i in mine])
-        # [sum of token losses per slot..., token count per slot..., rows]: the one collective of the step (the rows
-        # of a data-parallel shard are counted by one rank of its perturbation-parallel group)
-        totals = torch.zeros(2 * len(all_slots) + 1, dtype=torch.float64)
+        # [sum of token losses per slot..., token count per slot..., rows, data check]: the one collective of the step.
+        # The rows of a data-parallel shard are counted by one rank of its perturbation-parallel group; under
+        # perturbation parallelism the + rank adds the sum of its token ids and the − rank subtracts its own, so the
+        # total is 0 when the two scored the same batch
+        totals = torch.zeros(2 * len(all_slots) + 2, dtype=torch.float64)
         if self.dims.pert_rank == 0:
-            totals[-1] = sum(mb["input_ids"].shape[0] for mb in micro)
+            totals[-2] = sum(mb["input_ids"].shape[0] for mb in micro)
+        if self.dims.pertp > 1:
+            ids = sum(float(mb["input_ids"].sum(dtype=torch.float64)) for mb in micro)
+            totals[-1] = ids if self.dims.pert_rank == 0 else -ids
+        self._agree_on_forwards(len(micro), "train_batch")
         keep = self.kept_positions([default_labels(mb) for mb in micro])
+        if not micro:
+            self._apply_remaining_pending()     # an empty shard: the previous step's update still lands
         for mb in micro:
             for i, (loss_sum, count) in zip(mine, self._slot_losses(mb, self.copies, keep)):
                 totals[i] += loss_sum
@@ -515,11 +548,18 @@ class ZOEngine(DeepSpeedEngine):
             # units that did not run in the forward still owe the previous step's update
             self._apply_remaining_pending()
         self.comm.all_reduce_sum(totals)
-        means = [mean_loss([(totals[i].item(), int(totals[len(all_slots) + i].item()))]) for i in range(len(all_slots))]
+        counts = [int(totals[len(all_slots) + i].item()) for i in range(len(all_slots))]
+        if counts[0::2] != counts[1::2] or totals[-1].item() != 0.0:
+            # under perturbation parallelism each sign's rank scores its own copy of the shard: they must be the same
+            raise ValueError(f"step {step}: the θ+εz and θ−εz forwards scored different batches ({counts[0::2]} and "
+                             f"{counts[1::2]} tokens, token ids differing by {totals[-1].item():g}): the ranks of a "
+                             "perturbation-parallel group must pass train_batch the same batch (shard the global "
+                             "batch by engine.dp_rank, not by rank)")
+        means = [mean_loss([(totals[i].item(), counts[i])]) for i in range(len(all_slots))]
         grads = [(means[2 * j] - means[2 * j + 1]) / (2 * self.eps) for j in range(q)]
         losses = [(means[2 * j] + means[2 * j + 1]) / 2 for j in range(q)]
         loss = sum(losses) / q
-        samples = self.global_samples + int(totals[-1].item())     # a given batch may hold any number of rows
+        samples = self.global_samples + int(totals[-2].item())     # a given batch may hold any number of rows
         if not all(math.isfinite(x) for x in means):   # identical on every rank: the means were all-reduced
             return self._skip_step(step, means, samples)
         self._consecutive_skips = 0
@@ -568,10 +608,28 @@ class ZOEngine(DeepSpeedEngine):
         self._refuse_if_destroyed("eval_batch")
         self.flush()
         batch = self._to_device(batch)
+        rows = batch["input_ids"].shape[0]
+        self._agree_on_forwards(1 if rows else 0, "eval_batch")
         plain = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline)
-        (loss_sum, count), = self._slot_losses(batch, plain)
+        (loss_sum, count), = self._slot_losses(batch, plain) if rows else [(0.0, 0)]   # an empty shard: nothing
         totals = self.comm.all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64), group="dp")
         return mean_loss([(totals[0].item(), int(totals[1].item()))])
+
+    def _agree_on_forwards(self, forwards: int, what: str) -> None:
+        """Under ZeRO-3 reslicing every forward all-gathers each unit's shards over the partition group, so its ranks
+        must run as many forwards (micro-batches) as each other: otherwise one waits in an all-gather while another
+        has gone on, until the collective timeout, with an error that blames a dead peer. One small all-reduce,
+        only there."""
+        if not isinstance(self.pipeline, ShardedOffloadPipeline) or self.dims.partition == 1:
+            return
+        counts = torch.zeros(self.dims.partition, dtype=torch.float64)
+        counts[self.dims.partition_rank] = forwards
+        self.comm.all_reduce_sum(counts, group="partition")
+        if len(set(counts.tolist())) > 1:
+            raise ValueError(f"{what}: the ranks of a ZeRO-3 partition group would run {[int(c) for c in counts]} "
+                             f"forwards (micro-batches of train_micro_batch_size_per_gpu rows, none for an empty "
+                             "shard); reslicing gathers every unit in each forward, so they must run as many: give "
+                             "each rank of a group a share of the same number of micro-batches")
 
     def _write_monitor(self, loss: float, grads: list[float], lr: float) -> None:
         if self.monitor.enabled and self.global_rank == 0:
@@ -639,6 +697,7 @@ class ZOEngine(DeepSpeedEngine):
         (path, client_state) like DeepSpeed. Training then continues exactly as the saved run would have."""
         from . import checkpoint
         self._refuse_if_destroyed("load_checkpoint")
+        self._data_iterator = None      # the engine's dataloader goes on from the checkpoint's step
         given = {"load_module_strict": (load_module_strict, True), "load_optimizer_states": (load_optimizer_states, True),
                  "load_lr_scheduler_states": (load_lr_scheduler_states, True),
                  "load_module_only": (load_module_only, False), "custom_load_fn": (custom_load_fn, None)}

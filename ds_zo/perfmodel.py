@@ -409,8 +409,10 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
     prev_offload: dict[int, int] = {}     # unit -> its last offload op
     step_end: list[int] = []
     sync = None
+    # the step's sums, counts, rows and data check; reslicing adds the partition group's agreement on its forwards
     bytes_step = {"h2d": 0.0, "d2h": 0.0, "allgather": 0.0,
-                  "allreduce": 8.0 * (4 * work.q + 1) if layout.gpus > 1 else 0.0}
+                  "allreduce": (8.0 * (4 * work.q + 2) if layout.gpus > 1 else 0.0)
+                  + (8.0 * k if layout.kind == "reslice" and k > 1 else 0.0)}
     for s in range(steps):
         pending = s > 0
         compute_of: dict[int, int] = {}   # position in the offloaded pass -> compute op

@@ -53,6 +53,9 @@ def run_case(case: dict, out_dir: str) -> dict:
     rank = engine.global_rank
     rows = GLOBAL_ROWS // engine.dp_world_size
     shard = slice(engine.dp_rank * rows, (engine.dp_rank + 1) * rows)
+    if "shard_of_rank" in case:                    # uneven (or empty) shards: [start, stop) of the global batch
+        shard = slice(*case["shard_of_rank"][str(rank)])
+    seed_shift = rank if case.get("batch_differs_by_rank") else 0    # a launch that feeds each rank other data
     losses, grads = [], []
     for t in range(case.get("steps", 3)):
         if case.get("kill_rank") == rank and case.get("kill_at") == t:
@@ -64,7 +67,7 @@ def run_case(case: dict, out_dir: str) -> dict:
             engine, *_ = ds_zo.initialize(model=tiny_model(case.get("arch", "llama"), case.get("tied", False)),
                                           config=case_config(case))
             engine.load_checkpoint(folder)
-        global_batch = batch(rows=GLOBAL_ROWS, seed=100 + t)
+        global_batch = batch(rows=GLOBAL_ROWS, seed=100 + t + 50 * seed_shift)
         losses.append(engine.train_batch({k: v[shard] for k, v in global_batch.items()}))
         grads.append(engine.last_projected_grad)
     stats = engine.comm_stats()

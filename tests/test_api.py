@@ -71,6 +71,28 @@ def test_training_data_gives_a_dataloader_that_train_batch_consumes():
     assert engine.global_steps == 3 and engine.global_samples == 12  # 2 micro-batches of 2 rows per step
 
 
+def test_the_engines_dataloader_runs_epoch_after_epoch_and_a_resumed_run_goes_on_where_it_was(tmp_path):
+    """train_batch() with training_data: past the last micro-batch a new epoch begins (it raised StopIteration), and
+    a run resumed from a checkpoint takes the micro-batches the uninterrupted run would have (it restarted the
+    epoch). Under a launcher (local_rank >= 0) DeepSpeed's loader samples with a DistributedSampler, whose order is
+    a function of the epoch; without one it takes a RandomSampler on torch's global generator."""
+    def engine():
+        cfg = ds_config(micro=2)
+        cfg["gradient_accumulation_steps"] = 2
+        return ds_zo.initialize(args=argparse.Namespace(local_rank=0), model=tiny_model("llama"), config=cfg,
+                                training_data=_Rows(12))[0]
+    whole = engine()
+    losses = [whole.train_batch() for _ in range(5)]            # 3 micro-batches an epoch: 2 epochs and more
+    part = engine()
+    assert [part.train_batch() for _ in range(2)] == losses[:2]
+    part.save_checkpoint(str(tmp_path))
+    resumed = engine()
+    resumed.load_checkpoint(str(tmp_path))
+    assert [resumed.train_batch() for _ in range(3)] == losses[2:]
+    with pytest.raises(ValueError, match="data_iter ran out at step 5"):
+        whole.train_batch(data_iter=iter([batch(rows=2)]))
+
+
 def test_gradient_accumulation_draws_micro_batches_from_data_iter():
     """gradient_accumulation_steps micro-batches from an iterator make one step, equal to one step on their union."""
     cfg = ds_config(micro=2)

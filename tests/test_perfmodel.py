@@ -136,7 +136,7 @@ def test_data_parallel_splits_rows_and_pertp_splits_slots():
     assert ddp.step_s == pytest.approx(one.step_s / 2)
     assert pertp.step_s == pytest.approx(one.step_s / 2)
     assert odd.per_rank_rows == 1 and odd.step_s == pytest.approx(one.step_s / 4)
-    assert ddp.bytes_per_step["allreduce"] == 5 * 8 and one.bytes_per_step["allreduce"] == 0
+    assert ddp.bytes_per_step["allreduce"] == 6 * 8 and one.bytes_per_step["allreduce"] == 0
 
 
 def test_zo_work_is_replicated_not_divided_by_data_parallelism():
