@@ -26,7 +26,7 @@ from .model.dual_forward import dual_forward
 from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
 from .model.streamed import streamed_kind
 from .model.units import Unit, cut_into_units, full_numel
-from .model_hooks import ModelHook, wrap_hook
+from .model_hooks import ModelHook, placeholder_guard, wrap_hook
 from .offload import OffloadPipeline, ParameterStore
 from .offload.sharded import ShardedOffloadPipeline, ShardedStore, ShardedUnit
 from .optimizer import ZOSGD
@@ -153,15 +153,16 @@ class ZOEngine(DeepSpeedEngine):
                 m.register_forward_hook(ModelHook(self, self._after_direct_forward), always_call=True),
                 m.register_state_dict_pre_hook(ModelHook(self, lambda m, *_: self.flush_for_reader())),
             ]
-            if isinstance(self.pipeline, ShardedOffloadPipeline):
-                self._hooks.append(m.register_state_dict_post_hook(ModelHook(self, self._refuse_placeholder_read)))
-        self._reading_whole_state = False
+        # ZeRO-3: the model's own state_dict() would hold DeepSpeed's empty placeholders (model_hooks)
+        self._placeholder_guards = [placeholder_guard(m) for m in hooked] \
+            if isinstance(self.pipeline, ShardedOffloadPipeline) else []
         self._destroyed = False
         self.optimizer.flush_through(self.flush)
 
     # the handles of DeepSpeed's hooks on the model
     _DEEPSPEED_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
     _hooks: tuple = ()       # this engine's (a list once _init_zo has made them)
+    _placeholder_guards: tuple = ()
 
     def _remove_hooks(self) -> None:
         for handle in [*self._hooks, *(getattr(self, n, None) for n in self._DEEPSPEED_HOOKS)]:
@@ -336,16 +337,6 @@ class ZOEngine(DeepSpeedEngine):
         except inside a ZO step (its own forwards read the model) or a direct forward (which flushed as it began)."""
         if not self._destroyed and not self._in_zo_forward and self._streaming_owner is None:
             self.flush()
-
-    def _refuse_placeholder_read(self, module, state_dict, prefix, local_metadata) -> None:
-        """Under ZeRO-3 a resliced layer's parameters are DeepSpeed's empty placeholders (the values are shards across
-        the ranks): a state_dict() of them, e.g. save_pretrained's, would be saved without a word and fail to load."""
-        if not self._reading_whole_state:
-            raise RuntimeError("this model is ZeRO-3 partitioned: its offloaded layers' parameters are shards held by "
-                               "the ranks, and state_dict() would hold DeepSpeed's empty placeholders for them (a model "
-                               "saved from it could not be loaded). Gather them with sd = engine.module_state_dict() "
-                               "(a collective: every rank calls it), then save on rank 0 with "
-                               "model.save_pretrained(dir, state_dict=sd)")
 
     def flush(self) -> None:
         """Make every completed step visible in the stored parameters (host-side readers may read them after)."""
@@ -644,12 +635,14 @@ class ZOEngine(DeepSpeedEngine):
         """The full parameters with every completed step applied, on every rank (resliced units are gathered)."""
         self._refuse_if_destroyed("module_state_dict")
         self.flush()
-        self._reading_whole_state = True           # its placeholders are replaced below
+        for guard in self._placeholder_guards:      # its placeholders are replaced below
+            guard.reading = True
         try:
             sd = super().module_state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars,
                                            exclude_frozen_parameters=exclude_frozen_parameters)
         finally:
-            self._reading_whole_state = False
+            for guard in self._placeholder_guards:
+                guard.reading = False
         if isinstance(self.pipeline, ShardedOffloadPipeline):
             full = self._gather_resliced()
             names = {}

@@ -35,8 +35,7 @@ def _inert_hook():
 
 class ModelHook:
     """A hook of `engine` on its model: calls `fn`; a copy of it (deepcopy, pickle) is `inert_hook`."""
-    # (_from_public_api: torch marks hooks registered with register_state_dict_post_hook by setting it)
-    __slots__ = ("engine", "fn", "_from_public_api")
+    __slots__ = ("engine", "fn")
 
     def __init__(self, engine, fn):
         self.engine = engine
@@ -81,3 +80,35 @@ def wrap_hook(engine, handle) -> None:
     hooks = handle.hooks_dict_ref() if handle is not None else None
     if hooks is not None and handle.id in hooks and not isinstance(hooks[handle.id], ModelHook):
         hooks[handle.id] = ModelHook(engine, hooks[handle.id])
+
+
+class PlaceholderGuard:
+    """A state_dict post-hook on a ZeRO-3 partitioned model: its offloaded layers' parameters are DeepSpeed's empty
+    placeholders (the values are shards across the ranks), and a state_dict() of them, e.g. save_pretrained's,
+    would be saved without a word and fail to load. It holds no engine, so it stays after `destroy()` (the model
+    stays partitioned) and a deep copy carries it; `engine.module_state_dict()`, which gathers, reads past it."""
+
+    def __init__(self):
+        self.reading = False
+
+    def __call__(self, module, state_dict, prefix, local_metadata) -> None:
+        if self.reading:
+            return
+        # (a deep copy's parameters lose DeepSpeed's ds_* attributes but keep the empty data)
+        empty = [prefix + n for n, p in module.named_parameters() if p.numel() == 0 and prefix + n in state_dict]
+        if empty:
+            raise RuntimeError(f"this model is ZeRO-3 partitioned: {len(empty)} parameters (e.g. {empty[0]!r}) are "
+                               "shards held by the ranks, and its state_dict() would hold DeepSpeed's empty "
+                               "placeholders for them (a model saved from it could not be loaded). Gather them with "
+                               "sd = engine.module_state_dict() (a collective: every rank calls it; before "
+                               "engine.destroy()), then save on rank 0 with model.save_pretrained(dir, state_dict=sd)")
+
+
+def placeholder_guard(module: torch.nn.Module) -> PlaceholderGuard:
+    """The module's PlaceholderGuard, registered once (a later engine on the same model reuses it)."""
+    for hook in module._state_dict_hooks.values():
+        if isinstance(hook, PlaceholderGuard):
+            return hook
+    guard = PlaceholderGuard()
+    module.register_state_dict_post_hook(guard)
+    return guard

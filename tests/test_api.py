@@ -327,12 +327,18 @@ def test_a_zero3_models_state_dict_is_refused_and_module_state_dict_saves_it(tmp
     cfg["zero_optimization"] = {"stage": 3, "offload_param": {"device": "cpu"}}
     engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
     engine.train_batch(batch())
-    with pytest.raises(RuntimeError, match=r"ZeRO-3 partitioned.*engine\.module_state_dict\(\)"):
+    with pytest.raises(RuntimeError, match=r"ZeRO-3 partitioned: \d+ parameters .*engine\.module_state_dict\(\)"):
         engine.module.save_pretrained(tmp_path / "bare")
     with pytest.raises(RuntimeError, match="ZeRO-3 partitioned"):
         engine.module.model.state_dict()                   # HF's decoder body, which helpers call directly
+    import copy
+    with pytest.raises(RuntimeError, match="ZeRO-3 partitioned"):
+        copy.deepcopy(engine.module).state_dict()            # a copy holds the placeholders too
     sd = engine.module_state_dict()
     engine.module.save_pretrained(tmp_path / "whole", state_dict=sd)
+    engine.destroy()                                        # the model stays partitioned
+    with pytest.raises(RuntimeError, match="ZeRO-3 partitioned"):
+        engine.module.save_pretrained(tmp_path / "after_destroy")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "whole", local_files_only=True)
     assert all(torch.equal(p, sd[n]) for n, p in reloaded.state_dict().items() if n in sd)
     assert any(not torch.equal(p, q) for p, q in zip(reloaded.parameters(), tiny_model("llama").parameters()))

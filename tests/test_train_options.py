@@ -25,7 +25,9 @@ def _config_file(tmp_path, cfg: dict) -> str:
 
 
 def _args(config_path: str, trainable: str = "auto") -> argparse.Namespace:
-    return argparse.Namespace(deepspeed_config=config_path, seed=None, trainable=trainable, output_dir="unused")
+    """The job's options job_config reads; the output (the CSV monitor's folder) beside the config, in tmp_path."""
+    return argparse.Namespace(deepspeed_config=config_path, seed=None, trainable=trainable,
+                              output_dir=os.path.join(os.path.dirname(config_path), "out"))
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -35,6 +35,15 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    # csv's field limit (131,072 characters) is process-wide: raised while this file is read, then restored
+    previous = csv.field_size_limit(2**31 - 1)
+    try:
+        yield from _csv_records(path, delimiter)
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
     with open(path, encoding="utf-8-sig", newline="") as f:   # -sig: spreadsheet exports often start with a BOM
         reader = csv.DictReader(f, delimiter=delimiter)
         start = 1
@@ -50,7 +59,8 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
                 if None in row:   # csv puts surplus fields under the key None
                     raise DataError(f"{where}: {len(reader.fieldnames) + len(row[None])} fields but the header has "
                                     f"{len(reader.fieldnames)}")
-                if reader.line_num > start and any(v is None for v in row.values()):
+                if any(v is None for v in row.values()) and any(
+                        isinstance(v, str) and delimiter in v.partition("\n")[2] for v in row.values()):
                     # a field opened with a double quote runs on until the next one, taking the lines in between
                     raise DataError(f"{where}: spans lines {start}-{reader.line_num} and has fewer fields than the "
                                     "header: a field that starts with a double quote (\") and does not close it "
@@ -96,7 +106,8 @@ def _json_rows(path: Path, array_allowed: bool) -> Iterator[tuple[str, dict]]:
 
 
 def _json_lines(path: Path, text: str) -> Iterator[tuple[str, object]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON strings may hold
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"

@@ -128,6 +128,8 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
                     try:
                         outs.append(original(*a, **kw))
                     except RuntimeError as error:
+                        if isinstance(error, torch.OutOfMemoryError) or type(error).__module__.startswith("ds_zo"):
+                            raise       # memory, a collective, ds_zo's own: nothing to do with the rows
                         raise DualForwardError(unit, block, slots, rows, args, kwargs, error) from error
             return merge_blocks(outs, rows)
         finally:
