@@ -511,3 +511,18 @@ def test_a_unit_that_fails_on_a_row_block_is_named_with_its_inputs():
                                            r"cutting every tensor whose first dimension is 4; this unit's inputs "
                                            r"were arg\(4, 8, 32\), attention_mask"):
         engine.train_batch(batch())
+
+
+def test_out_of_memory_in_a_unit_keeps_its_type():
+    """Code that catches out-of-memory (to retry with a smaller batch) must still see it: not a DualForwardError."""
+    from ds_zo.model.dual_forward import DualForwardError
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+    layer.forward = out_of_memory
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=3)
+    with pytest.raises(torch.OutOfMemoryError) as error:
+        engine.train_batch(batch())
+    assert not isinstance(error.value, DualForwardError)
