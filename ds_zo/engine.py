@@ -397,7 +397,8 @@ class ZOEngine(DeepSpeedEngine):
             if self.training_dataloader is None:
                 raise ValueError("train_batch needs a batch, a data_iter, or training_data given to ds_zo.initialize")
             if self._data_iterator is None:
-                self._data_iterator = self._endless_micro_batches(self.global_steps * self.gradient_accumulation_steps())
+                done = self.global_steps * self.gradient_accumulation_steps()     # after a resume: skipped
+                self._data_iterator = self._endless_micro_batches(done)
             data_iter = self._data_iterator
         try:
             return [self._to_device(next(data_iter)) for _ in range(self.gradient_accumulation_steps())]
@@ -525,9 +526,6 @@ class ZOEngine(DeepSpeedEngine):
         totals = torch.zeros(2 * len(all_slots) + 2, dtype=torch.float64)
         if self.dims.pert_rank == 0:
             totals[-2] = sum(mb["input_ids"].shape[0] for mb in micro)
-        if self.dims.pertp > 1:
-            ids = sum(float(mb["input_ids"].sum(dtype=torch.float64)) for mb in micro)
-            totals[-1] = ids if self.dims.pert_rank == 0 else -ids
         self._agree_on_forwards(len(micro), "train_batch")
         keep = self.kept_positions([default_labels(mb) for mb in micro])
         if not micro:
@@ -538,6 +536,9 @@ class ZOEngine(DeepSpeedEngine):
                 totals[len(all_slots) + i] += count
             # units that did not run in the forward still owe the previous step's update
             self._apply_remaining_pending()
+        if self.dims.pertp > 1:         # (after the forwards: on a GPU reading the sum waits for the device)
+            ids = sum(float(mb["input_ids"].sum(dtype=torch.float64)) for mb in micro)
+            totals[-1] = ids if self.dims.pert_rank == 0 else -ids
         self.comm.all_reduce_sum(totals)
         counts = [int(totals[len(all_slots) + i].item()) for i in range(len(all_slots))]
         if counts[0::2] != counts[1::2] or totals[-1].item() != 0.0:
@@ -557,7 +558,7 @@ class ZOEngine(DeepSpeedEngine):
         self.optimizer.record_step(step, seed, grads, lr, self.optimizer.weight_decay())
         if not self.zo_config.fuse_update:
             self._apply_remaining_pending()
-        self._take_model_step(None)  # DeepSpeed's bookkeeping: lr scheduler, global_steps (and train_batch_size samples)
+        self._take_model_step(None)  # DeepSpeed's bookkeeping: lr scheduler, global_steps (and train_batch_size() rows)
         self.global_samples = samples
         self.last_projected_grad = grads[0] if q == 1 else grads
         self._write_monitor(loss, grads, lr)
@@ -690,8 +691,8 @@ class ZOEngine(DeepSpeedEngine):
         (path, client_state) like DeepSpeed. Training then continues exactly as the saved run would have."""
         from . import checkpoint
         self._refuse_if_destroyed("load_checkpoint")
-        self._data_iterator = None      # the engine's dataloader goes on from the checkpoint's step
-        given = {"load_module_strict": (load_module_strict, True), "load_optimizer_states": (load_optimizer_states, True),
+        given = {"load_module_strict": (load_module_strict, True),
+                 "load_optimizer_states": (load_optimizer_states, True),
                  "load_lr_scheduler_states": (load_lr_scheduler_states, True),
                  "load_module_only": (load_module_only, False), "custom_load_fn": (custom_load_fn, None)}
         partial = [f"{k}={v!r}" for k, (v, default) in given.items() if v != default]
@@ -701,4 +702,5 @@ class ZOEngine(DeepSpeedEngine):
             raise ValueError(f"ds_zo.load_checkpoint({', '.join(partial)}): a ZO checkpoint is restored whole "
                              "(parameters, step log, counters, lr schedule); for the fine-tuned weights alone load "
                              "the saved model (save_pretrained) or rebuild them with `python -m ds_zo.replay`")
+        self._data_iterator = None      # the engine's dataloader goes on from the checkpoint's step
         return checkpoint.load(self, load_dir, tag)
