@@ -74,8 +74,8 @@ def test_training_data_gives_a_dataloader_that_train_batch_consumes():
 def test_the_engines_dataloader_runs_epoch_after_epoch_and_a_resumed_run_goes_on_where_it_was(tmp_path):
     """train_batch() with training_data: past the last micro-batch a new epoch begins (it raised StopIteration), and
     a run resumed from a checkpoint takes the micro-batches the uninterrupted run would have (it restarted the
-    epoch). Under a launcher (local_rank >= 0) DeepSpeed's loader samples with a DistributedSampler, whose order is
-    a function of the epoch; without one it takes a RandomSampler on torch's global generator."""
+    epoch). DeepSpeed's loader samples with a DistributedSampler (local_rank >= 0, which ds_zo sets outside
+    launchers too), whose order is a function of the epoch."""
     def engine():
         cfg = ds_config(micro=2)
         cfg["gradient_accumulation_steps"] = 2
