@@ -255,8 +255,8 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
                               "model the run started from")
     # resliced: each rank's file holds its shards, and rank 0's also the parameters every rank holds whole
     tensors = _read_rank_file(folder, state, engine.global_rank if resliced else 0)
-    if resliced and engine.global_rank != 0:
-        tensors.update({n: t for n, t in _read_rank_file(folder, state, 0).items() if not n.endswith("@shard")})
+    if resliced and engine.global_rank != 0:     # (not rank 0's shards: 1/k of the offloaded layers)
+        tensors.update(_read_rank_file(folder, state, 0, keep=lambda name: not name.endswith("@shard")))
     _restore_tensors(engine, tensors, folder)
     engine.optimizer.step_log = read_steps(folder)
     # the run's base, carried on to later checkpoints (their replay needs it): this model's trained parameters may
@@ -297,13 +297,15 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
     return folder, state["client_state"]
 
 
-def _read_rank_file(folder: str, state: dict, rank: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_rank_file(folder: str, state: dict, rank: int, keep=lambda name: True) -> dict[str, torch.Tensor]:
+    """The tensors of rank `rank`'s file whose names `keep` accepts, after checking the file's checksum."""
+    from safetensors import safe_open
     rank_file = f"zo_rank_{rank:05d}.safetensors"
     path = os.path.join(folder, rank_file)
     if not os.path.isfile(path) or _sha256(path) != state["files"].get(rank_file):
         raise CheckpointError(f"checkpoint {folder!r}: {rank_file} is missing or does not match its checksum")
-    return load_file(path)
+    with safe_open(path, framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys() if keep(name)}
 
 
 @torch.no_grad()

@@ -47,7 +47,8 @@ def plot_history(path: str, history: dict, title: str) -> None:
 def continue_csv_monitor(engine, resumed_at_samples: Optional[int]) -> Optional[str]:
     """Keep DeepSpeed's CSV monitor files (OUTPUT_DIR/monitor/<job>/*.csv, which it appends to) those of one run.
     A fresh start sets an earlier run's files aside (returns where); a resumed run drops the rows written after its
-    checkpoint (steps a crash lost, which it trains again) and goes on without a second header row. Rank 0 only."""
+    checkpoint (steps a crash lost, which it trains again) and goes on without a second header row. Does nothing
+    where DeepSpeed keeps no monitor files (ranks other than 0: no log_dir)."""
     monitor = getattr(getattr(engine, "monitor", None), "csv_monitor", None)
     log_dir = getattr(monitor, "log_dir", None)
     if monitor is None or not monitor.enabled or not log_dir or not os.path.isdir(log_dir):

@@ -211,7 +211,7 @@ def job_config(args, model, candidate_ids, seed) -> dict:
     if args.seed is not None:
         zo["seed"] = seed
     if args.trainable == "auto":
-        offloaded = split_config(load_config(args.deepspeed_config))[3].enabled   # rows cannot be offloaded (yet)
+        offloaded = split_config(cfg)[3].enabled   # rows cannot be offloaded (yet)
         if "trainable" not in zo and "trainable_rows" not in zo and candidate_ids is not None and not offloaded:
             # the rows that score the classes: the output layer's (the input embedding's too where they are tied;
             # an untied input embedding's rows only feed the prompt's last position, which nothing scores)
@@ -280,13 +280,12 @@ def main(argv=None) -> dict:
         _, client = engine.load_checkpoint(load_dir, tag)
         history, results = client.get("history", history), client.get("results", results)
         log(f"[ds_zo] resumed from {resume_from} at step {engine.global_steps}")
-        if engine.global_rank == 0:
-            continue_csv_monitor(engine, engine.global_samples)
+        continue_csv_monitor(engine, engine.global_samples)
         if engine.global_steps >= args.steps:
             log(f"[ds_zo] the checkpoint is at step {engine.global_steps}, not before --steps {args.steps}: nothing "
                 "to train; the final evaluation runs again")
     else:
-        aside = continue_csv_monitor(engine, None) if engine.global_rank == 0 else None
+        aside = continue_csv_monitor(engine, None)
         if aside:
             log(f"[ds_zo] the monitor files of an earlier run that left no checkpoint here moved to {aside}")
         results["zero_shot_test"] = evaluate(engine, test, args.eval_batch_size, pad, candidates)
