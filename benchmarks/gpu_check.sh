@@ -6,7 +6,7 @@
 # Writes its logs and JSON to $OUT (default /tmp/gpu_check; 8 files, the device tool's limit) and prints, in order:
 #  - SmolLM2-135M's peak GPU memory (bf16, 4 x 64 tokens), one fresh process per mode, all at once: inference with
 #    and without HF's loss, ds_zo all-resident (the default: embedding and output layer from row blocks, the span
-#    capped by the model's layers; dszo_span8: the span of 8 chunks; dszo_whole_copies: row_blocks "off") and with
+#    capped by the model's layers and size; dszo_span<N>: a span of N chunks; dszo_whole_copies: row_blocks "off") and with
 #    offload, MeZO's loop;
 #  - tests/test_cuda.py (CUDA code paths, and the fine-tuning job with ZeRO-3 offload on the GPU);
 #  - for OPT-1.3B and OPT-6.7B shapes in bf16 at seq 2048, batch 1 and 4: pinned H2D/D2H memcpy GB/s, ZO step time

@@ -30,7 +30,10 @@ def offload_lines(name: str, r: dict) -> list[str]:
     for run in r.get("runs", []):
         ratios = ", ".join(f"{k.removesuffix('_over_resident_throughput')} / resident {v:.3f}"
                            for k, v in run.items() if k.endswith("_over_resident_throughput"))
-        out.append(f"  batch {run['batch']}: {ratios}")
+        steps = ", ".join(f"{k.removesuffix('_step_s_median')} {v * 1e3:.1f} ms"
+                          for k, v in run.items() if k.endswith("_step_s_median"))
+        span = f" span {run.get('span_chunks')}" if len({x.get("span_chunks") for x in r["runs"]}) > 1 else ""
+        out.append(f"  batch {run['batch']}{span}: " + "; ".join(x for x in (ratios, f"step medians {steps}") if x))
     peaks = {k.removesuffix("_peak_gpu_GB"): v for k, v in r.items()
              if k.endswith("_peak_gpu_GB") and "_process_" not in k}
     if peaks:

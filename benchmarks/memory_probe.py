@@ -24,10 +24,48 @@ import resource
 import sys
 
 # dszo_row_blocks / dszo_whole_copies: zero_order.row_blocks "on" / "off" (the embedding and output layer from row
-# blocks, the default's path / from whole copies); dszo_span8: the accelerator span at ACCELERATOR_SPAN_CHUNKS, not
-# capped by the model's layers (the same as dszo on CPU, whose span does not depend on it)
+# blocks, the default's path / from whole copies); dszo_span<N>: the accelerator span set to N chunks instead of the
+# engine's choice (accelerator_span_chunks; the same as dszo on CPU, whose span does not depend on it)
+SPAN_MODES = tuple(f"dszo_span{n}" for n in (1, 2, 4, 8))
 MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "dszo_row_blocks", "dszo_whole_copies",
-         "dszo_span8", "mezo", "adamw")
+         *SPAN_MODES, "mezo", "adamw")
+
+
+def peak_breakdown(trace: list, top: int = 12) -> dict:
+    """What was allocated at the peak of a CUDA allocator trace (torch.cuda.memory._snapshot()["device_traces"][0],
+    recorded with Python stacks): the trace replayed alloc by free (a block counts as allocated until its free
+    completes, as the allocator's own statistics count it), the live blocks at the highest total grouped by where
+    they were made: the innermost frame in ds_zo, transformers or benchmarks code, and the function that allocated."""
+    live: dict = {}
+    total = best = 0
+    at_best: dict = {}
+    for e in trace:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+            if total > best:
+                best, at_best = total, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+
+    def where(e) -> str:
+        frames = e.get("frames") or []
+        own = next((f for f in frames if any(k in f["filename"] for k in ("ds_zo/", "transformers/", "benchmarks/"))),
+                   None)
+        inner = f" ({frames[0]['name']})" if frames else ""
+        if own is None:
+            return "?" + inner
+        tail = "/".join(own["filename"].split("/")[-2:])
+        return f"{tail}:{own['line']} {own['name']}{inner}"
+
+    groups: dict = {}
+    for e in at_best.values():
+        n, size = groups.get(where(e), (0, 0))
+        groups[where(e)] = (n + 1, size + e["size"])
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    return {"peak_bytes": best, "blocks": len(at_best),
+            "top": [{"where": k, "blocks": n, "bytes": size} for k, (n, size) in ranked[:top]],
+            "rest_bytes": sum(size for _, (_, size) in ranked[top:])}
 
 
 def _status_kb(field: str) -> int:
@@ -58,6 +96,9 @@ def main(argv=None) -> dict:
                    "at once, so its scratch grows with them)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--peak-breakdown", dest="breakdown", action="store_true",
+                   help="--device cuda: also record the allocator's trace and report what was allocated at the peak "
+                        "(slower: every allocation keeps its Python stack)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     os.environ.setdefault("DS_ACCELERATOR", args.device)
@@ -79,6 +120,8 @@ def main(argv=None) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device")
         torch.cuda.reset_peak_memory_stats()
+        if args.breakdown:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
         if not args.mode.startswith("dszo"):       # ds_zo places the model itself (all of it, or its resident units)
             model = model.to("cuda")
             batch = {k: v.to("cuda") for k, v in batch.items()}
@@ -94,9 +137,9 @@ def main(argv=None) -> dict:
         if args.mode == "dszo_offload":
             cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": cuda}}
         engine, *_ = ds_zo.initialize(model=model, config=cfg)
-        if args.mode == "dszo_span8":
-            from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS
-            engine.perturbations.accelerator_span_chunks = ACCELERATOR_SPAN_CHUNKS
+        out_span = engine.perturbations.accelerator_span_chunks
+        if args.mode in SPAN_MODES:
+            engine.perturbations.accelerator_span_chunks = int(args.mode.removeprefix("dszo_span"))
         runner = engine.train_batch
     elif args.mode == "mezo":
         runner = MeZOLoop(model).step
@@ -114,10 +157,17 @@ def main(argv=None) -> dict:
         torch.cuda.synchronize()
         out.update(device="cuda", dtype=str(dtype).removeprefix("torch."), model_bytes=model_bytes,
                    peak_gpu=torch.cuda.max_memory_allocated())
+        if args.breakdown:
+            try:
+                out["peak_breakdown"] = peak_breakdown(torch.cuda.memory._snapshot()["device_traces"][0])
+            except Exception as e:      # a diagnosis: the figure above stands without it
+                out["peak_breakdown"] = {"error": f"{type(e).__name__}: {e}"}
+            torch.cuda.memory._record_memory_history(enabled=None)
     if args.mode.startswith("dszo"):
         # where ds_zo's working memory sits: the grow-only copy buffers (θ±εz per slot, sized by the largest unit;
         # row blocks; cached ε·z chunks) and the float32 span scratch the update and the copies' ε·z share
         kept = engine.copies.buffers.nbytes(OUTPUT_ROLE)
+        out["span_chunks"] = {"engine": out_span, "used": engine.perturbations.accelerator_span_chunks}
         out["dszo_buffers"] = {
             "perturbed_copies": engine.copies.buffers.nbytes() - kept,
             "kept_logits": kept,

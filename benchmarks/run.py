@@ -256,8 +256,8 @@ def bench_memory(shape: str, rows: int, seq: int, reps: int,
     for m in modes:
         if m != "inference" and "inference" in runs:
             out[f"ratio_{m}_over_inference"] = ratio(m, "inference")
-    for m in ("dszo", "dszo_offload", "dszo_whole_copies", "dszo_span8"):
-        if "inference_logits" in runs and m in runs:
+    for m in modes:
+        if "inference_logits" in runs and m.startswith("dszo"):
             out[f"ratio_{m}_over_inference_logits"] = ratio(m, "inference_logits")
     if "adamw" in runs and "dszo" in runs:
         out["ratio_dszo_over_adamw"] = ratio("dszo", "adamw")
@@ -572,12 +572,14 @@ def main(argv=None) -> dict:
                                                modes=("inference", "inference_logits", "dszo", "mezo"))
     if "gpu_memory" in sections:
         # the GPU path (bf16): SmolLM2-135M's peak GPU memory per mode, ds_zo all-resident (the embedding and output
-        # layer from row blocks, the default; and from whole copies, row_blocks "off"; and with the span not capped by
-        # the model's layers, as before the eleventh session) and with offload
+        # layer from row blocks, the default, at the engine's span, 2 chunks since the fifteenth session, and at 1, 4
+        # (the eleventh to fourteenth sessions') and 8 (before); and from whole copies, row_blocks "off") and with
+        # offload
         if not torch.cuda.is_available():
             raise SystemExit("--sections gpu_memory needs a CUDA device")
         print("[run] GPU memory ...", flush=True)
-        modes = ("inference", "inference_logits", "dszo", "dszo_span8", "dszo_whole_copies", "dszo_offload", "mezo")
+        modes = ("inference", "inference_logits", "dszo", "dszo_span1", "dszo_span4", "dszo_span8", "dszo_whole_copies",
+                 "dszo_offload", "mezo")
         res["gpu_memory"] = [bench_memory("smollm2-135m", 4, 64, 1, modes=modes, device="cuda")]
         for m in res["gpu_memory"]:
             print(f"GPU peak (bf16, {m['rows']}x{m['seq']}): " + ", ".join(

@@ -92,8 +92,9 @@ class ZOEngine(DeepSpeedEngine):
         self.param_keys = {id(p): param_key(n) for n, p in self.module.named_parameters() if n in trainable}
         self.perturbations = PerturbationGenerator(zo_config.distribution)
         layers = [sum(full_numel(r.param) for r in u.params) for u in self.units if u.is_layer]
-        self.perturbations.accelerator_span_chunks = accelerator_span_chunks(max(layers, default=None),
-                                                                             self.perturbations.chunk)
+        self.perturbations.accelerator_span_chunks = accelerator_span_chunks(
+            max(layers, default=None), self.perturbations.chunk,
+            sum(full_numel(p) for p in self.module.parameters()))
         self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device))
         # the weights the run started from (weights_fingerprint; ds_zo.initialize fills it in before partitioning)
         self.base_weights: dict = {}

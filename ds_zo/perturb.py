@@ -32,6 +32,8 @@ MAX_PARALLEL_CHUNKS = 4
 # Accelerators draw a chunk per kernel, but every element-wise pass over it costs a launch and Python on the host:
 # callers work on this many chunks per pass there (one chunk per pass left an H200 idle 80 % of an OPT-1.3B step)
 ACCELERATOR_SPAN_CHUNKS = 8
+# an accelerator span covers at most this share (1/64) of the model's elements (accelerator_span_chunks)
+SPAN_MODEL_SHARE = 64
 # the smallest chunk whose scaled draw is exactly fl(z * scale): torch's CPU sampler transforms blocks of 16 in float32
 # (z * std + 0, one rounding); shorter tensors are sampled in float64 and z * std rounded once from there, which is
 # not the float32 product of the float32 z
@@ -57,16 +59,24 @@ def chunk_key(seed: int, index: int, key: int, chunk: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
 
 
-def accelerator_span_chunks(layer_elements: Optional[int], chunk: int) -> int:
+def accelerator_span_chunks(layer_elements: Optional[int], chunk: int, model_elements: Optional[int] = None) -> int:
     """Chunks per element-wise pass on accelerators for a model whose largest decoder layer has `layer_elements`
-    parameters (None: no layer list found): ACCELERATOR_SPAN_CHUNKS, but not more chunks than such a layer covers.
+    parameters (None: no layer list found) and which has `model_elements` in all (None: not known):
+    ACCELERATOR_SPAN_CHUNKS, but not more chunks than such a layer covers, nor than 1/SPAN_MODEL_SHARE of the model.
     A span sizes the float32 scratch of every pass and the row blocks of an embedding or output layer (one block
     per slot, and the block's logits). A layer is the scale of the model's own per-unit memory (its weights, its
-    working copies): a span beyond it only adds to the peak (a GPU's 8 chunks are 32 MiB of scratch and 2 × 16 MB of
-    bf16 row blocks beside SmolLM2-135M's 3.5 M-element layers) and saves no launch a layer's passes need."""
-    if layer_elements is None:
-        return ACCELERATOR_SPAN_CHUNKS
-    return max(1, min(ACCELERATOR_SPAN_CHUNKS, -(-layer_elements // chunk)))
+    working copies): a span beyond it only adds to the peak and saves no launch a layer's passes need. The model's
+    size bounds what the span adds to the peak, which is the output layer's: about 8 bytes per span element in bf16
+    (4 of float32 scratch, 2 × 2 of row blocks), so at most 1/16 of a bf16 model's bytes at 1/SPAN_MODEL_SHARE. On an
+    H200 SmolLM2-135M (3.5 M-element layers, 134.5 M in all) peaked at 371 MB with 4 chunks and 405 MB with 8 (a
+    logits-only forward: 328 MB): 8.4 MB per chunk, all of it at the output layer; 2 chunks leave about 354 MB.
+    Models of 1 B parameters and more keep the 8 chunks, so OPT's GPU timings are those of the full span."""
+    cap = ACCELERATOR_SPAN_CHUNKS
+    if layer_elements is not None:
+        cap = min(cap, -(-layer_elements // chunk))
+    if model_elements is not None:
+        cap = min(cap, model_elements // (SPAN_MODEL_SHARE * chunk))
+    return max(1, cap)
 
 
 def stream_key(device: torch.device) -> tuple:

@@ -149,6 +149,35 @@ def test_memory_probe_runs_in_a_fresh_process():
     assert res["dszo_buffers"]["perturbed_copies"] > 0
 
 
+def test_peak_breakdown_replays_an_allocator_trace():
+    """The GPU probe's diagnosis of its peak: allocations count until their free completes (a block freed on one
+    stream and still in use on another stays allocated), the live blocks at the highest total are grouped by the
+    innermost frame of ds_zo / transformers / benchmarks code."""
+    from benchmarks.memory_probe import peak_breakdown
+
+    def frames(*where):
+        return [{"filename": f, "line": n, "name": fn} for f, n, fn in where]
+    torch_frame = ("/site/torch/functional.py", 10, "empty")
+    ours = frames(torch_frame, ("/repo/ds_zo/perturb.py", 5, "span_scratch"), ("/repo/ds_zo/engine.py", 9, "step"))
+    hf = frames(("/site/transformers/models/llama/modeling_llama.py", 7, "forward"))
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": ours},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": hf},
+        {"action": "free_requested", "addr": 2, "size": 50, "frames": hf},     # still in use: counts
+        {"action": "alloc", "addr": 3, "size": 30, "frames": ours},            # the peak: 180
+        {"action": "free_completed", "addr": 2, "size": 50, "frames": hf},
+        {"action": "free_completed", "addr": 3, "size": 30, "frames": ours},
+        {"action": "alloc", "addr": 4, "size": 60, "frames": []},              # 160: below the peak
+        {"action": "segment_alloc", "addr": 9, "size": 10 ** 6, "frames": []},    # segments are not allocations
+    ]
+    res = peak_breakdown(trace)
+    assert res["peak_bytes"] == 180 and res["blocks"] == 3 and res["rest_bytes"] == 0
+    assert res["top"] == [{"where": "ds_zo/perturb.py:5 span_scratch (empty)", "blocks": 2, "bytes": 130},
+                          {"where": "llama/modeling_llama.py:7 forward (forward)", "blocks": 1, "bytes": 50}]
+    assert peak_breakdown(trace, top=1)["rest_bytes"] == 50
+    assert peak_breakdown([])["peak_bytes"] == 0
+
+
 @pytest.mark.slow
 def test_concurrent_memory_probes_keep_what_succeeded():
     """The GPU check's way (probes at once): each probe's figure is kept, and a failed probe is recorded, not raised,

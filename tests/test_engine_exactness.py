@@ -334,16 +334,22 @@ def test_spans_of_several_chunks_change_nothing(monkeypatch, tied, span_chunks):
     assert "z" not in {k[0] for k in engine.copies.buffers._bufs}
 
 
-@pytest.mark.parametrize("chunk, span_chunks", [(2000, 4), (1000, 8)])
-def test_the_accelerator_span_is_sized_by_the_largest_decoder_layer(monkeypatch, chunk, span_chunks):
+@pytest.mark.parametrize("chunk, share, span_chunks", [(2000, 1, 4), (1000, 1, 8), (100, 64, 2)])
+def test_the_accelerator_span_is_sized_by_the_largest_decoder_layer_and_the_model(monkeypatch, chunk, share,
+                                                                                   span_chunks):
     """The engine caps the accelerator span (`accelerator_span_chunks`) by the model's largest decoder layer, trained
-    or not (the tiny llama's: 7744 parameters): 4 chunks of 2000, and 8 (the most) of 1000 elements. Here only the
+    or not (the tiny llama's: 7744 parameters), and by 1/SPAN_MODEL_SHARE of the whole model (18,592 parameters, the
+    tied embedding counted once): 4 chunks of 2000 and 8 (the most) of 1000 with the model's cap out of the way
+    (share 1); 2 chunks of 100 at the share of 64 (18,592 // 6,400), where the layer would allow 8. Here only the
     tied embedding and the final norm are trained, which alone would not say how large the model is."""
+    import ds_zo.perturb
     monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", chunk))
+    monkeypatch.setattr(ds_zo.perturb, "SPAN_MODEL_SHARE", share)
     cfg = ds_config(trainable=["model.embed_tokens.*", "model.norm.*"])
     engine, *_ = ds_zo.initialize(model=tiny_model("llama", tied=True), config=cfg)
     assert engine.perturbations.chunk == chunk
     assert max(sum(p.numel() for p in layer.parameters()) for layer in engine.module.model.layers) == 7744
+    assert sum(p.numel() for p in engine.module.parameters()) == 18592
     assert engine.perturbations.accelerator_span_chunks == span_chunks
     engine.train_batch(batch(seed=0))
     assert engine.last_projected_grad == engine.last_projected_grad        # a step runs (g finite)

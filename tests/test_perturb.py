@@ -210,14 +210,20 @@ def test_draw_groups_only_where_the_sampler_can_skip(monkeypatch):
     assert not gen.draw_groups(out, 9, 0.5, groups) and gen.elements_drawn == 32
 
 
-def test_accelerator_span_is_capped_by_the_largest_decoder_layer():
+def test_accelerator_span_is_capped_by_the_largest_decoder_layer_and_the_model():
     """A GPU's span: 8 chunks, but no more chunks than the model's largest decoder layer covers (its scratch and
-    the row blocks it sizes would only add to the peak); no layer list: 8."""
-    from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS, accelerator_span_chunks
+    the row blocks it sizes would only add to the peak), nor than 1/64 of the model's elements (what the span adds
+    to the output layer's peak stays a small share of the model); none known: 8."""
+    from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS, SPAN_MODEL_SHARE, accelerator_span_chunks
     c = 1 << 20
-    assert ACCELERATOR_SPAN_CHUNKS == 8
+    assert ACCELERATOR_SPAN_CHUNKS == 8 and SPAN_MODEL_SHARE == 64
     assert accelerator_span_chunks(3_539_712, c) == 4          # SmolLM2-135M's decoder layer: 3.4 chunks
+    assert accelerator_span_chunks(3_539_712, c, 134_515_008) == 2   # and the whole model: 134.5 M / 64 = 2.0 chunks
     assert accelerator_span_chunks(50_331_648, c) == 8         # OPT-1.3B's: 48 chunks
+    assert accelerator_span_chunks(50_331_648, c, 1_315_758_080) == 8   # 19.6 chunks of the model: the 8 stand
+    assert accelerator_span_chunks(7_084_032, c, 125_239_296) == 1      # OPT-125M: 1.9 chunks of the model
     assert accelerator_span_chunks(1, c) == accelerator_span_chunks(c, c) == 1
     assert accelerator_span_chunks(c + 1, c) == 2
+    assert accelerator_span_chunks(c, c, 1) == 1               # never below one chunk
     assert accelerator_span_chunks(None, c) == 8
+    assert accelerator_span_chunks(None, c, 64 * 3 * c) == 3
