@@ -153,6 +153,9 @@ class ZOEngine(DeepSpeedEngine):
                 m.register_forward_pre_hook(ModelHook(self, self._before_direct_forward)),
                 m.register_forward_hook(ModelHook(self, self._after_direct_forward), always_call=True),
                 m.register_state_dict_pre_hook(ModelHook(self, lambda m, *_: self.flush_for_reader())),
+                # a load (restoring the best weights, say) must land after the pending update, not under it, and,
+                # offloaded, after the last pass's write-backs to the store have landed
+                m.register_load_state_dict_pre_hook(ModelHook(self, lambda m, *_: self.flush_for_reader())),
             ]
         # ZeRO-3: the model's own state_dict() would hold DeepSpeed's empty placeholders (model_hooks)
         self._placeholder_guards = [placeholder_guard(m) for m in hooked] \
@@ -173,8 +176,15 @@ class ZOEngine(DeepSpeedEngine):
     def __del__(self):
         # Garbage collection (or interpreter exit) runs only DeepSpeed's clean-up: the model's hooks hold this engine,
         # so it is collected only with its model, and applying a pending update while torch tears tensors down aborts
-        # the process (THPVariable_clear)
+        # the process (THPVariable_clear). Copies still in flight on the pipeline's side streams (a failed forward's
+        # prefetched uploads) must land before its device buffers go back to the caching allocator.
         self.__dict__["_destroyed"] = True
+        pipeline = self.__dict__.get("pipeline")
+        if pipeline is not None:
+            try:
+                pipeline.synchronize()
+            except Exception:       # (interpreter teardown: the CUDA context may be gone already)
+                pass
         super().__del__()
 
     def destroy(self) -> None:
@@ -218,6 +228,11 @@ class ZOEngine(DeepSpeedEngine):
         if not offloaded:
             raise ValueError("offload: no unit is offloaded (zero_order.resident_units matches every unit)")
         pin = offload.pin_memory and self.device.type == "cuda"
+        if self.device.type == "cuda" and not offload.pin_memory:
+            logger.warning("ds_zo: zero_optimization.offload_param.pin_memory is false: copies between pageable host "
+                           "memory and the GPU block the host, so uploads, compute and write-backs do not overlap "
+                           "(every transfer waits for its stream). Set it to true (the default) unless pinned "
+                           "memory is scarce")
         storage = STORAGE_DTYPES[zo.offload_dtype] if zo.offload_dtype else None
         if offload.partitioned:
             self._materialize_resident([u for u in self.units if u not in offloaded])
@@ -558,7 +573,9 @@ class ZOEngine(DeepSpeedEngine):
         self._consecutive_skips = 0
         self.optimizer.record_step(step, seed, grads, lr, self.optimizer.weight_decay())
         if not self.zo_config.fuse_update:
-            self._apply_remaining_pending()
+            # eager: the update lands now, and host readers of the parameters may read right after; offloaded
+            # units' write-backs to the store are in flight on their stream until synchronised
+            self.flush()
         self._take_model_step(None)  # DeepSpeed's bookkeeping: lr scheduler, global_steps (and train_batch_size() rows)
         self.global_samples = samples
         self.last_projected_grad = grads[0] if q == 1 else grads

@@ -203,7 +203,7 @@ class ZOSGD(torch.optim.Optimizer):
             return False
         decays = self._decays()
         by_device: dict[torch.device, list[Piece]] = {}
-        subsets = []
+        owed: dict[torch.device, list[tuple]] = {}      # (parameter, its trained rows, the updated values)
         for p in params:
             if id(p) not in decays or id(p) in self._pending_done:
                 continue
@@ -211,14 +211,16 @@ class ZOSGD(torch.optim.Optimizer):
             target = p.data if rows is None else p.data[rows]   # a row subset: update a gathered copy
             by_device.setdefault(target.device, []).extend(
                 self._pieces(p, target.view(-1), 0, target.numel(), decays[id(p)] != 0.0))
-            if rows is not None:
-                subsets.append((p, rows, target))
-            self._pending_done.add(id(p))
-        for pieces in by_device.values():
+            owed.setdefault(target.device, []).append((p, rows, target))
+        for device, pieces in by_device.items():
+            # counted as updated once their update ran: one that fails (out of memory for its scratch, which is
+            # taken before any parameter changes) leaves them owed, to be applied when next read
             self._apply_pieces(pieces)
-        for p, rows, target in subsets:
-            p.data[rows] = target
-        return bool(subsets) or any(by_device.values())
+            for p, rows, target in owed[device]:
+                if rows is not None:
+                    p.data[rows] = target
+                self._pending_done.add(id(p))
+        return any(by_device.values())
 
     def apply_pending_to_slice(self, param: torch.nn.Parameter, flat: torch.Tensor, start: int, numel: int) -> None:
         """Apply the pending update to `flat`, the elements [start, start + flat.numel()) of `param` (a ZeRO-3 shard

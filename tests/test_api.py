@@ -249,6 +249,31 @@ def test_a_copy_of_the_model_has_every_completed_step_and_no_engine(offload, tmp
         assert torch.isfinite(best(input_ids=batch()["input_ids"]).logits).all()
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_restoring_saved_weights_into_the_live_model_keeps_them(offload):
+    """"Keep the best model, restore it later": model.load_state_dict(best) while the last step's update is pending.
+    The load applies the pending update first (as state_dict() does), so the loaded weights stay as loaded; the
+    pending update used to land on top of them at the next read. The next step starts from them."""
+    cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    if offload:
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    model = tiny_model("llama")
+    engine, *_ = ds_zo.initialize(model=model, config=cfg)
+    engine.train_batch(batch(seed=0))
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    engine.train_batch(batch(seed=1))
+    assert engine.optimizer.pending is not None
+    model.load_state_dict(best)
+    assert engine.optimizer.pending is None
+    now = model.state_dict()
+    assert all(torch.equal(best[k], now[k]) for k in best)
+    assert all(torch.equal(best[k], v) for k, v in engine.module_state_dict().items())
+    engine.train_batch(batch(seed=2))
+    after = engine.module_state_dict()
+    assert any(not torch.equal(best[k], after[k]) for k in best)        # one step on from the loaded weights
+    engine.destroy()
+
+
 def test_a_shallow_copy_is_the_model_and_a_failed_initialize_leaves_no_hooks(tmp_path):
     """copy.copy(model) shares the parameters and hooks: it is the trained model (its forward applies the pending
     update) and a second engine on it is refused. An initialize that fails after DeepSpeed hooked the model removes

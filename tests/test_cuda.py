@@ -372,3 +372,32 @@ def test_cuda_narrower_storage_trains_alike_fused_flushed_and_eager(depth):
     for other in (run(lambda e: e.module_state_dict()), run(fuse_update=False)):
         assert other[0] == fused[0]
         assert all(torch.equal(p, other[1][n]) for n, p in fused[1].items())
+
+
+@cuda
+def test_cuda_a_pass_under_another_stream_is_refused():
+    """The pipeline orders its uploads and write-backs around the compute stream it was built with; a pass begun
+    under another current stream would compute without waiting for its uploads: refused, by name."""
+    model, units, store, pipe = _pipeline_on_cuda()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        with pytest.raises(RuntimeError, match="computes on the CUDA stream that was current"):
+            pipe.begin()
+    assert torch.isfinite(_streamed_logits(model, units, pipe)).all()      # on its own stream it runs
+
+
+@cuda
+def test_cuda_eager_updates_are_in_the_parameters_when_train_batch_returns():
+    """fuse_update false keeps module.parameters() current for users who read them directly: train_batch returns
+    after the offloaded units' write-backs have landed in the pinned store the parameters point at (they were
+    still in flight on their stream)."""
+    import ds_zo
+    from conftest import ds_config
+    cfg = ds_config(lr=1e-2, eps=1e-3, seed=3, fuse_update=False)
+    cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    for t in range(2):
+        engine.train_batch(batch(seed=t))
+        raw = {n: p.detach().clone() for n, p in engine.module.named_parameters()}   # no hook: the bytes as they are
+        assert engine.optimizer.pending is None
+        flushed = engine.module_state_dict()
+        assert all(torch.equal(raw[n].cpu(), flushed[n].cpu()) for n in raw)

@@ -227,13 +227,20 @@ def test_upload_timing_is_opt_in_and_counts_every_timed_upload():
     assert engine.pipeline.upload_stall_s() is None
 
 
+@pytest.mark.parametrize("failure", ["bad_ids", "copy_oom", "update_oom"])
 @pytest.mark.parametrize("stage", [0, 3])
-def test_a_step_that_fails_mid_forward_loses_no_update(stage, tmp_path):
-    """A batch with an out-of-range token id fails inside the forward, after the pipeline has prefetched its first
-    units. Resliced units (ZeRO-3) take their pending update as they are loaded: those prefetched but never computed
-    are retired (written back) when the next pass begins or the engine flushes, so the run goes on exactly as if
-    the bad batch had never come (it used to lose that update for good: the optimizer counted it applied), and a
-    checkpoint saved right after the failure holds it. ZO2 offload applies updates on entry."""
+def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path):
+    """A step that fails part-way goes on as if it had never come, and a checkpoint saved right after the failure
+    holds every update:
+    - bad_ids: a batch with an out-of-range token id fails inside the forward, after the pipeline has prefetched its
+      first units. Resliced units (ZeRO-3) take their pending update as they are loaded: those prefetched but never
+      computed are retired (written back) when the next pass begins or the engine flushes (the update used to be
+      lost for good: the optimizer counted it applied). ZO2 offload applies updates on entry.
+    - copy_oom: out of memory for a decoder layer's working copy, after the layer was entered and its pending update
+      applied. The layer used to stay the occupant of its device buffer, unwritten: the update was lost, and its
+      parameters kept pointing at a buffer the next pass filled with another layer.
+    - update_oom: out of memory for the pending update's scratch, before it changes anything: the update stays owed
+      (it used to be counted as applied)."""
     def engine_of():
         cfg = offload_config(depth=1)
         cfg["zero_optimization"]["stage"] = stage
@@ -241,10 +248,25 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, tmp_path):
         return ds_zo.initialize(model=tiny_model("llama"), config=cfg)[0]
 
     def fail(engine):
-        wrong = batch(seed=50)
-        wrong["input_ids"][0, 0] = VOCAB + 5
-        with pytest.raises(IndexError, match="token id out of range"):
-            engine.train_batch(wrong)
+        if failure == "bad_ids":
+            wrong = batch(seed=50)
+            wrong["input_ids"][0, 0] = VOCAB + 5
+            with pytest.raises(IndexError, match="token id out of range"):
+                engine.train_batch(wrong)
+            return
+        owner, name, armed = ((engine.copies.buffers, "get", "slot") if failure == "copy_oom"
+                              else (engine.optimizer, "_apply_pieces", None))
+        original = getattr(owner, name)
+
+        def once(*args, **kwargs):
+            if armed is None or str(args[0]).startswith(armed):
+                setattr(owner, name, original)
+                raise torch.OutOfMemoryError(f"simulated: out of memory in {name}")
+            return original(*args, **kwargs)
+        setattr(owner, name, once)
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            engine.train_batch(batch(seed=50))
+        assert getattr(owner, name) is original          # it did fail where meant
 
     def state(engine):
         return {k: v.clone() for k, v in engine.module_state_dict().items()}
@@ -269,7 +291,8 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, tmp_path):
     for engine in (going_on, resumed):
         got = state(engine)
         assert all(torch.equal(want[k], got[k]) for k in want)
-    assert going_on.pipeline.stats["retired"] == saved.pipeline.stats["retired"] == 2   # the failed pass's units
+    if failure == "bad_ids":
+        assert going_on.pipeline.stats["retired"] == saved.pipeline.stats["retired"] == 2   # the failed pass's units
 
 
 def _train_offloaded(base, stage, between=None, dtype=None, **zo):

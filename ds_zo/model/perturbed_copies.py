@@ -362,13 +362,30 @@ class PerturbedCopies:
         return cached
 
     def enter(self, unit: Unit) -> None:
-        """Make the unit's parameters resident and apply their pending update (before any working copy is formed)."""
+        """Make the unit's parameters resident and apply their pending update (before any working copy is formed).
+        If applying the update fails, the unit leaves residency at once, as changed (written back): what the update
+        did apply is kept, and what it did not is still owed (optimizer.apply_pending counts a device's parameters
+        once their update ran)."""
         self.residency.enter(unit)
-        dirty = bool(self.before_perturb(unit)) if self.before_perturb is not None else False
+        try:
+            dirty = bool(self.before_perturb(unit)) if self.before_perturb is not None else False
+        except BaseException:
+            self.residency.exit(unit, True)
+            raise
         self._dirty[id(unit)] = dirty
 
     def acquire(self, unit: Unit) -> list[list[torch.Tensor]]:
         self.enter(unit)
+        try:
+            return self._copies(unit)
+        except BaseException:
+            # (out of memory for a copy buffer, say): the unit leaves residency as after a forward, so an update
+            # `enter` applied is written back and its parameters point at their store again
+            self.release(unit)
+            raise
+
+    def _copies(self, unit: Unit) -> list[list[torch.Tensor]]:
+        """Every slot's working copies of an entered unit's parameters."""
         refs = unit.trainable
         if all(s is None for s in self.slots):
             return [[r.param.data for r in refs] for _ in self.slots]

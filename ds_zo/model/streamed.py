@@ -155,8 +155,8 @@ def streamed_forward(unit: Unit, kind: str, source: RowSource, args: tuple, kwar
     if kind == "linear" and (x.dim() < 2 or x.shape[0] != slots * rows):
         return None
     source.enter(unit)
-    source.drop_whole_copies()
     try:
+        source.drop_whole_copies()
         if kind == "embedding":
             return embedding_forward(unit, source, x, slots, rows, split, merge)
         return linear_forward(unit, source, x, slots, rows)

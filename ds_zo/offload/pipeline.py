@@ -79,6 +79,7 @@ class OffloadPipeline(Residency):
         depth + 1 uploads. Buffers are assigned round-robin by position in the pass. compute=False: a pass that only
         updates the stored units (flush), with nothing to assemble for a forward."""
         ks = list(range(len(self.order))) if units is None else [self.index[id(u)] for u in units]
+        self.streams.check_compute_stream()
         self.retire_leftovers()
         self._pass = ks
         # round-robin continues across passes: the first upload of this pass goes to the buffer freed longest ago,

@@ -42,6 +42,16 @@ class Streams:
         else:
             self.compute = self.h2d = self.d2h = _NoOpStream()
 
+    def check_compute_stream(self) -> None:
+        """The pipeline orders uploads, compute and write-backs around the stream current when the engine was built;
+        kernels go to the stream current when they run. A pass under `torch.cuda.stream(other)` would compute without
+        waiting for its uploads, so it is refused."""
+        if self.cuda and torch.cuda.current_stream(self.compute.device) != self.compute:
+            raise RuntimeError(f"ds_zo: the offload pipeline computes on the CUDA stream that was current when the "
+                               f"engine was built ({self.compute}), but this step or forward runs under "
+                               f"{torch.cuda.current_stream(self.compute.device)}: run train_batch and the model's "
+                               "forwards outside `with torch.cuda.stream(...)`, or build the engine inside it")
+
     def event(self, timing: bool = False):
         return torch.cuda.Event(enable_timing=timing) if self.cuda else _NoOpEvent()
 
