@@ -390,7 +390,11 @@ class HostSteps:
                     cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
                     cfg["zero_order"]["prefetch_depth"] = prefetch
                 model = base if mode == self.modes[-1] else copy.deepcopy(base)
-                self.engines[f"{shape}/{mode}"], *_ = ds_zo.initialize(model=model, config=cfg)
+                engine, *_ = ds_zo.initialize(model=model, config=cfg)
+                # the span the model is fitted with (pm_span), not the engine's own choice for the shape (the span
+                # is capped at 1/64 of a model: the wide shape alone would run at 1 chunk on a GPU)
+                engine.perturbations.accelerator_span_chunks = pm_span(device)
+                self.engines[f"{shape}/{mode}"] = engine
             ids = torch.randint(0, base.config.vocab_size, (1, HOST_SEQ), generator=torch.Generator().manual_seed(0))
             self.batches[shape] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         self.samples: list[dict] = []

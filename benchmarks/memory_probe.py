@@ -26,6 +26,7 @@ import sys
 # dszo_row_blocks / dszo_whole_copies: zero_order.row_blocks "on" / "off" (the embedding and output layer from row
 # blocks, the default's path / from whole copies); dszo_span<N>: the accelerator span set to N chunks instead of the
 # engine's choice (accelerator_span_chunks; the same as dszo on CPU, whose span does not depend on it)
+TRACE_ENTRIES = 1_000_000       # --peak-breakdown: the allocator's trace keeps this many events (a ring)
 SPAN_MODES = tuple(f"dszo_span{n}" for n in (1, 2, 4, 8))
 MODES = ("inference", "inference_logits", "dszo", "dszo_offload", "dszo_tied_z", "dszo_row_blocks", "dszo_whole_copies",
          *SPAN_MODES, "mezo", "adamw")
@@ -63,7 +64,7 @@ def peak_breakdown(trace: list, top: int = 12) -> dict:
         n, size = groups.get(where(e), (0, 0))
         groups[where(e)] = (n + 1, size + e["size"])
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])
-    return {"peak_bytes": best, "blocks": len(at_best),
+    return {"peak_bytes": best, "blocks": len(at_best), "trace_events": len(trace),
             "top": [{"where": k, "blocks": n, "bytes": size} for k, (n, size) in ranked[:top]],
             "rest_bytes": sum(size for _, (_, size) in ranked[top:])}
 
@@ -121,7 +122,7 @@ def main(argv=None) -> dict:
             raise SystemExit("--device cuda: no CUDA device")
         torch.cuda.reset_peak_memory_stats()
         if args.breakdown:
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+            torch.cuda.memory._record_memory_history(max_entries=TRACE_ENTRIES, stacks="python")
         if not args.mode.startswith("dszo"):       # ds_zo places the model itself (all of it, or its resident units)
             model = model.to("cuda")
             batch = {k: v.to("cuda") for k, v in batch.items()}
@@ -159,7 +160,10 @@ def main(argv=None) -> dict:
                    peak_gpu=torch.cuda.max_memory_allocated())
         if args.breakdown:
             try:
-                out["peak_breakdown"] = peak_breakdown(torch.cuda.memory._snapshot()["device_traces"][0])
+                trace = torch.cuda.memory._snapshot()["device_traces"][0]
+                out["peak_breakdown"] = peak_breakdown(trace)
+                if len(trace) >= TRACE_ENTRIES:     # the oldest events were dropped: the replay misses their blocks
+                    out["peak_breakdown"]["error"] = f"the trace kept only its last {TRACE_ENTRIES} events"
             except Exception as e:      # a diagnosis: the figure above stands without it
                 out["peak_breakdown"] = {"error": f"{type(e).__name__}: {e}"}
             torch.cuda.memory._record_memory_history(enabled=None)

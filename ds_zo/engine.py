@@ -153,9 +153,7 @@ class ZOEngine(DeepSpeedEngine):
                 m.register_forward_pre_hook(ModelHook(self, self._before_direct_forward)),
                 m.register_forward_hook(ModelHook(self, self._after_direct_forward), always_call=True),
                 m.register_state_dict_pre_hook(ModelHook(self, lambda m, *_: self.flush_for_reader())),
-                # a load (restoring the best weights, say) must land after the pending update, not under it, and,
-                # offloaded, after the last pass's write-backs to the store have landed
-                m.register_load_state_dict_pre_hook(ModelHook(self, lambda m, *_: self.flush_for_reader())),
+                m.register_load_state_dict_pre_hook(ModelHook(self, self._before_load)),
             ]
         # ZeRO-3: the model's own state_dict() would hold DeepSpeed's empty placeholders (model_hooks)
         self._placeholder_guards = [placeholder_guard(m) for m in hooked] \
@@ -354,6 +352,24 @@ class ZOEngine(DeepSpeedEngine):
         if not self._destroyed and not self._in_zo_forward and self._streaming_owner is None:
             self.flush()
 
+    def _before_load(self, module, state_dict, prefix, local_metadata, *_) -> None:
+        """model.load_state_dict(...) on the live model (restoring the best weights, say): the load must land after
+        the pending update, not under it, and, offloaded, after the last pass's write-backs to the store. Refused
+        where it cannot be what was meant: parameters replaced (assign=True) would no longer be the ones this engine
+        trains, and a ZeRO-3 model's offloaded layers are placeholders (the load would stop half-way)."""
+        if self._destroyed:
+            return
+        if local_metadata.get("assign_to_params_buffers"):
+            raise RuntimeError("ds_zo: load_state_dict(..., assign=True) on a model a live engine trains would "
+                               "replace its parameters, and the engine would go on training the old ones: load with "
+                               "assign=False (the default), which copies the values in")
+        if isinstance(self.pipeline, ShardedOffloadPipeline):
+            raise RuntimeError("ds_zo: this model is ZeRO-3 partitioned: its offloaded layers' parameters are "
+                               "DeepSpeed's empty placeholders (the values are shards across the ranks), so "
+                               "load_state_dict would stop half-way. Resume with engine.load_checkpoint(folder), or "
+                               "load the weights into the model before ds_zo.initialize")
+        self.flush_for_reader()
+
     def flush(self) -> None:
         """Make every completed step visible in the stored parameters (host-side readers may read them after)."""
         if self.pipeline is not None:
@@ -374,7 +390,12 @@ class ZOEngine(DeepSpeedEngine):
             plain = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline)
             stack = contextlib.ExitStack()
             stack.enter_context(dual_forward(self.units, 1, 0, plain))
-            self.pipeline.begin()
+            try:
+                self.pipeline.begin()
+            except BaseException:
+                stack.close()       # (a refused pass: the units' wrappers must not outlive it)
+                self._streaming_owner = None
+                raise
             self._streaming = stack
 
     def _after_direct_forward(self, module, args, output):

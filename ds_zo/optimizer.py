@@ -117,6 +117,10 @@ class ZOSGD(torch.optim.Optimizer):
         self.step_log: list[StepRecord] = []
         self.pending: Optional[StepRecord] = None
         self._pending_done: set[int] = set()
+        # (parameter key, first element) of the pieces the pending update has reached, while their parameter is not
+        # done: an update that fails part-way (out of memory between span groups, an interrupt) resumes where it
+        # stopped, and applies no piece twice
+        self._pieces_done: set[tuple[int, int]] = set()
         self._decay_of: Optional[dict[int, float]] = None
 
     # -- wiring -------------------------------------------------------------------------------------------------
@@ -167,7 +171,7 @@ class ZOSGD(torch.optim.Optimizer):
         record = StepRecord(step=step, seed=seed, g=tuple(float(g) for g in grads), lr=float(lr),
                             wd=float(weight_decay))
         self.step_log.append(record)
-        self.pending, self._pending_done = record, set()
+        self.pending, self._pending_done, self._pieces_done = record, set(), set()
         return record
 
     def _pieces(self, param, flat: torch.Tensor, start: int, numel: int, decays: bool) -> list[Piece]:
@@ -180,13 +184,18 @@ class ZOSGD(torch.optim.Optimizer):
             lo = hi
         return out
 
-    def _apply_pieces(self, pieces: list[Piece]) -> None:
+    def _apply_pieces(self, pieces: list[Piece], reached: Optional[set] = None) -> None:
         """The pending step on these pieces: by the fused native sweep where it applies (CPU float32: no scratch),
         the rest a span at a time, whose float32 scratch stays one span (two with several perturbations), not
-        copies of the largest parameter (the update is elementwise: same result bit for bit)."""
+        copies of the largest parameter (the update is elementwise: same result bit for bit). `reached` collects
+        each piece's (key, first element) as soon as its update has run."""
         if pieces:   # the fused native sweep takes all it can at once (its chunks spread over the threads)
-            pieces = self.generator.update_fused(pieces, self.pending.seed, self.pending.g, self.pending.lr,
-                                                 self.pending.wd)
+            rest = self.generator.update_fused(pieces, self.pending.seed, self.pending.g, self.pending.lr,
+                                               self.pending.wd)
+            if reached is not None and len(rest) < len(pieces):
+                left = {id(piece) for piece in rest}
+                reached.update((key, lo) for piece in pieces if id(piece) not in left for _, key, lo, _, _ in [piece])
+            pieces = rest
         if not pieces:
             return
         device = pieces[0][0].device
@@ -195,6 +204,8 @@ class ZOSGD(torch.optim.Optimizer):
         buffers = self.generator.span_scratch(device, min(2, len(self.pending.g)))
         for group in span_groups(pieces, [piece[0].numel() for piece in pieces], self.generator.span(device)):
             apply_step_pieces(group, self.pending, self.generator, buffers)
+            if reached is not None:
+                reached.update((key, lo) for _, key, lo, _, _ in group)
 
     def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:
         """Apply the pending update to these parameters (each at most once): the fused path, unit by unit.
@@ -202,31 +213,43 @@ class ZOSGD(torch.optim.Optimizer):
         if self.pending is None:
             return False
         decays = self._decays()
-        by_device: dict[torch.device, list[Piece]] = {}
-        owed: dict[torch.device, list[tuple]] = {}      # (parameter, its trained rows, the updated values)
+        whole: dict[torch.device, list[Piece]] = {}
+        subsets: list[tuple] = []
+        owed: dict[torch.device, list[torch.nn.Parameter]] = {}
         for p in params:
             if id(p) not in decays or id(p) in self._pending_done:
                 continue
             rows = self.rows.get(id(p))
-            target = p.data if rows is None else p.data[rows]   # a row subset: update a gathered copy
-            by_device.setdefault(target.device, []).extend(
-                self._pieces(p, target.view(-1), 0, target.numel(), decays[id(p)] != 0.0))
-            owed.setdefault(target.device, []).append((p, rows, target))
-        for device, pieces in by_device.items():
-            # counted as updated once their update ran: one that fails (out of memory for its scratch, which is
-            # taken before any parameter changes) leaves them owed, to be applied when next read
-            self._apply_pieces(pieces)
-            for p, rows, target in owed[device]:
-                if rows is not None:
-                    p.data[rows] = target
-                self._pending_done.add(id(p))
-        return any(by_device.values())
+            if rows is not None:       # a row subset: its update runs on a gathered copy, written back whole
+                target = p.data[rows]
+                subsets.append((p, rows, target,
+                                self._pieces(p, target.view(-1), 0, target.numel(), decays[id(p)] != 0.0)))
+                continue
+            pieces = [piece for piece in self._pieces(p, p.data.view(-1), 0, p.numel(), decays[id(p)] != 0.0)
+                      if (piece[1], piece[2]) not in self._pieces_done]
+            whole.setdefault(p.device, []).extend(pieces)
+            owed.setdefault(p.device, []).append(p)
+        # A parameter counts as updated once all its pieces were: an update that fails part-way (out of memory for a
+        # temporary between span groups, an interrupt) leaves the rest owed, and the next read applies only that
+        changed = False
+        for device, pieces in whole.items():
+            self._apply_pieces(pieces, self._pieces_done)
+            changed |= bool(pieces)
+            self._pending_done.update(id(p) for p in owed[device])
+        for p, rows, target, pieces in subsets:
+            self._apply_pieces(pieces)      # a failure discards the copy: the parameter is untouched and owed
+            p.data[rows] = target
+            self._pending_done.add(id(p))
+            changed |= bool(pieces)
+        return changed
 
     def apply_pending_to_slice(self, param: torch.nn.Parameter, flat: torch.Tensor, start: int, numel: int) -> None:
         """Apply the pending update to `flat`, the elements [start, start + flat.numel()) of `param` (a ZeRO-3 shard
         of a parameter of `numel` elements), and count the parameter as updated."""
         if flat.numel():
-            self._apply_pieces(self._pieces(param, flat, start, numel, self._decays()[id(param)] != 0.0))
+            pieces = [piece for piece in self._pieces(param, flat, start, numel, self._decays()[id(param)] != 0.0)
+                      if (piece[1], piece[2]) not in self._pieces_done]
+            self._apply_pieces(pieces, self._pieces_done)
         self._pending_done.add(id(param))
 
     def owes(self, param: torch.nn.Parameter) -> bool:
@@ -238,7 +261,7 @@ class ZOSGD(torch.optim.Optimizer):
         if self.pending is None:
             return
         self.apply_pending(p for g in self.param_groups for p in g["params"])
-        self.pending, self._pending_done = None, set()
+        self.pending, self._pending_done, self._pieces_done = None, set(), set()
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def flush_through(self, flush: Optional[Callable[[], None]]) -> None:
@@ -260,4 +283,4 @@ class ZOSGD(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.groups_changed()
         self.step_log = [StepRecord.from_json(r) for r in log]
-        self.pending, self._pending_done = None, set()
+        self.pending, self._pending_done, self._pieces_done = None, set(), set()

@@ -271,6 +271,24 @@ def test_restoring_saved_weights_into_the_live_model_keeps_them(offload):
     engine.train_batch(batch(seed=2))
     after = engine.module_state_dict()
     assert any(not torch.equal(best[k], after[k]) for k in best)        # one step on from the loaded weights
+    with pytest.raises(RuntimeError, match=r"assign=True\) .* would replace its parameters"):
+        model.load_state_dict(best, assign=True)
+    assert all(torch.equal(after[k], v) for k, v in engine.module_state_dict().items())     # nothing loaded
+    engine.destroy()
+
+
+def test_loading_weights_into_a_zero3_model_is_refused_before_anything_is_loaded():
+    """Under ZeRO-3 the offloaded layers' parameters are placeholders: model.load_state_dict used to load the
+    resident units and then stop at the first placeholder (torch's size mismatch), leaving a half-loaded model."""
+    cfg = ds_config()
+    cfg["zero_optimization"] = {"stage": 3, "offload_param": {"device": "cpu"}}
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    engine.train_batch(batch())
+    before = engine.module_state_dict()
+    weights = {k: torch.zeros_like(v) for k, v in before.items()}
+    with pytest.raises(RuntimeError, match="ZeRO-3 partitioned: .*engine.load_checkpoint"):
+        engine.module.load_state_dict(weights)
+    assert all(torch.equal(before[k], v) for k, v in engine.module_state_dict().items())
     engine.destroy()
 
 

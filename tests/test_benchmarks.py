@@ -324,6 +324,16 @@ def test_gpu_summary_reads_the_gpu_checks_results(calibrated_run, tmp_path):
     main([str(empty)])
 
 
+def test_the_calibrations_host_steps_run_at_the_span_they_are_fitted_with(monkeypatch):
+    """fit_host models the host-calibration steps at pm_span chunks per pass; the engines must run at it, not at the
+    span the engine picks for the shape (a GPU's wide shape would get 1 chunk from the model-size cap, and its
+    per-chunk host cost would come out 4.5x too high: found in review)."""
+    import benchmarks.device_calibrate as dc
+    monkeypatch.setattr(dc, "pm_span", lambda device: 8)
+    host = dc.HostSteps(torch.device("cpu"), ["tiny"], ["resident"])
+    assert [e.perturbations.accelerator_span_chunks for e in host.engines.values()] == [8]
+
+
 def test_host_fit_reproduces_the_calibration_steps():
     """fit_host finds the per-unit and per-chunk host costs with which the model gives both calibration steps: steps
     made by the model itself from known costs give those costs back (GPU-like overlap, resident and offload)."""

@@ -397,6 +397,7 @@ def test_cuda_eager_updates_are_in_the_parameters_when_train_batch_returns():
     engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
     for t in range(2):
         engine.train_batch(batch(seed=t))
+        assert engine.pipeline.streams.d2h.query() and engine.pipeline.streams.h2d.query()   # nothing in flight
         raw = {n: p.detach().clone() for n, p in engine.module.named_parameters()}   # no hook: the bytes as they are
         assert engine.optimizer.pending is None
         flushed = engine.module_state_dict()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ds_zo
+from ds_zo.perturb import PerturbationGenerator
 from conftest import ds_config
 from models import VOCAB, batch, tiny_model
 from reference import MeZOReference
@@ -170,7 +171,6 @@ def test_bf16_storage_rounds_the_fp32_update_once():
     engine.train_batch(batch(seed=0))
     engine.flush()
     rec = engine.step_log[0]
-    from ds_zo.perturb import PerturbationGenerator
     gen = PerturbationGenerator()
     for s in store.units.values():
         for p, o in zip(s.params, s.offsets):
@@ -227,9 +227,9 @@ def test_upload_timing_is_opt_in_and_counts_every_timed_upload():
     assert engine.pipeline.upload_stall_s() is None
 
 
-@pytest.mark.parametrize("failure", ["bad_ids", "copy_oom", "update_oom"])
+@pytest.mark.parametrize("failure", ["bad_ids", "copy_oom", "update_oom", "update_part_way"])
 @pytest.mark.parametrize("stage", [0, 3])
-def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path):
+def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path, monkeypatch):
     """A step that fails part-way goes on as if it had never come, and a checkpoint saved right after the failure
     holds every update:
     - bad_ids: a batch with an out-of-range token id fails inside the forward, after the pipeline has prefetched its
@@ -239,13 +239,21 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path)
     - copy_oom: out of memory for a decoder layer's working copy, after the layer was entered and its pending update
       applied. The layer used to stay the occupant of its device buffer, unwritten: the update was lost, and its
       parameters kept pointing at a buffer the next pass filled with another layer.
-    - update_oom: out of memory for the pending update's scratch, before it changes anything: the update stays owed
-      (it used to be counted as applied)."""
+    - update_oom: out of memory for an offloaded layer's pending update, before it changes anything: the layer
+      leaves residency, and the update stays owed (it used to be counted as applied).
+    - update_part_way: the same after one span group of that update has changed the layer (small chunks, the
+      element-wise path): the next read applies the rest, not the whole update again."""
+    import ds_zo.optimizer
+    if failure == "update_part_way":
+        monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", 1000))
+
     def engine_of():
         cfg = offload_config(depth=1)
         cfg["zero_optimization"]["stage"] = stage
         cfg["zero_optimization"]["offload_param"]["pin_memory"] = False
-        return ds_zo.initialize(model=tiny_model("llama"), config=cfg)[0]
+        engine = ds_zo.initialize(model=tiny_model("llama"), config=cfg)[0]
+        engine.perturbations.fused_passes = failure != "update_part_way"   # (the native sweep has no span groups)
+        return engine
 
     def fail(engine):
         if failure == "bad_ids":
@@ -254,12 +262,22 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path)
             with pytest.raises(IndexError, match="token id out of range"):
                 engine.train_batch(wrong)
             return
-        owner, name, armed = ((engine.copies.buffers, "get", "slot") if failure == "copy_oom"
-                              else (engine.optimizer, "_apply_pieces", None))
-        original = getattr(owner, name)
+        layer_keys = {engine.param_keys[id(r.param)] for s in engine.pipeline.order for r in s.unit.trainable}
+        if failure == "copy_oom":
+            owner, name = engine.copies.buffers, "get"
+            hit = lambda args, calls: str(args[0]).startswith("slot")                      # noqa: E731
+        elif failure == "update_oom":
+            owner, name = engine.optimizer, "_apply_pieces"
+            hit = lambda args, calls: any(piece[1] in layer_keys for piece in args[0])     # noqa: E731
+        else:
+            owner, name = ds_zo.optimizer, "apply_step_pieces"
+            hit = lambda args, calls: any(piece[1] in layer_keys for piece in args[0]) and calls > 1  # noqa: E731
+        original, calls = getattr(owner, name), [0]
 
         def once(*args, **kwargs):
-            if armed is None or str(args[0]).startswith(armed):
+            if failure == "update_part_way" and any(piece[1] in layer_keys for piece in args[0]):
+                calls[0] += 1
+            if hit(args, calls[0]):
                 setattr(owner, name, original)
                 raise torch.OutOfMemoryError(f"simulated: out of memory in {name}")
             return original(*args, **kwargs)
@@ -267,6 +285,10 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path)
         with pytest.raises(torch.OutOfMemoryError, match="simulated"):
             engine.train_batch(batch(seed=50))
         assert getattr(owner, name) is original          # it did fail where meant
+        if stage == 0:      # every offloaded layer's parameters point at its store again, not at a device buffer
+            for s in engine.pipeline.order:
+                assert all(r.param.data.untyped_storage().data_ptr() == s.flat.untyped_storage().data_ptr()
+                           for r in s.unit.trainable)
 
     def state(engine):
         return {k: v.clone() for k, v in engine.module_state_dict().items()}
@@ -293,6 +315,37 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path)
         assert all(torch.equal(want[k], got[k]) for k in want)
     if failure == "bad_ids":
         assert going_on.pipeline.stats["retired"] == saved.pipeline.stats["retired"] == 2   # the failed pass's units
+
+
+def test_a_refused_direct_forward_leaves_the_model_as_it_was():
+    """A direct forward whose offload pass is refused as it begins (on a GPU: run under another CUDA stream; here
+    the refusal is simulated) raises, and leaves no ZO wrapper on the model's units even while its exception is
+    kept (a notebook keeps the last one): the next step and forward are those of a run without it. The wrappers
+    used to stay, and the next step computed with stale working copies."""
+    def run(refuse):
+        engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=offload_config(depth=1))
+        engine.train_batch(batch(seed=0))
+        engine.flush()                       # nothing pending: the direct forward begins its pass at once
+        kept = None
+        if refuse:
+            streams = engine.pipeline.streams
+
+            def refused():
+                del streams.check_compute_stream          # once
+                raise RuntimeError("ds_zo: the offload pipeline computes on another CUDA stream (simulated)")
+            streams.check_compute_stream = refused
+            with pytest.raises(RuntimeError, match="simulated") as kept:
+                engine.module(input_ids=batch(seed=3)["input_ids"])
+            assert not any("forward" in u.module.__dict__ for u in engine.units)
+            assert engine._streaming is None and engine._streaming_owner is None
+        engine.train_batch(batch(seed=1))
+        with torch.no_grad():
+            logits = engine.module(input_ids=batch(seed=3)["input_ids"]).logits
+        return engine.last_projected_grad, logits, engine.module_state_dict(), kept
+    g, logits, state, _ = run(False)
+    g2, logits2, state2, kept = run(True)
+    assert kept is not None and g2 == g and torch.equal(logits2, logits)
+    assert all(torch.equal(state[k], state2[k]) for k in state)
 
 
 def _train_offloaded(base, stage, between=None, dtype=None, **zo):

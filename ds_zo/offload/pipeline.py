@@ -107,10 +107,24 @@ class OffloadPipeline(Residency):
                 st.h2d.wait_event(self._free[b])      # the buffer's previous unit is done with it
             if k in self._store_ready:
                 st.h2d.wait_event(self._store_ready[k])  # this unit's last offload has landed in the store
-        self._uploaded[k] = self._load(k, b)
+        try:
+            self._uploaded[k] = self._load(k, b)
+        except BaseException:
+            # a load that failed part-way may have changed the unit (a resliced shard takes its pending update as it
+            # loads: out of memory there, a dead peer in its all-gather): it holds b until retired, which writes it
+            # back if it changed
+            self._uploaded[k] = self._failed_load_event()
+            self._occupant[b] = k
+            raise
         self._occupant[b] = k
         self.stats["uploads"] += 1
         self._log("upload", k)
+
+    def _failed_load_event(self):
+        """An event after whatever a failed `_load` issued (its copy, on the upload stream)."""
+        event = self.streams.event()
+        event.record(self.streams.h2d)
+        return event
 
     def retire_leftovers(self) -> None:
         """Retire the units the last pass uploaded but never computed (it ended early: an exception in the

@@ -136,6 +136,7 @@ class ShardedOffloadPipeline(OffloadPipeline):
             uploaded.record(st.h2d)
         with st.on(self.comm_stream):
             self.comm_stream.wait_event(uploaded)
+            self._dirty[k] = True      # until the update returns: one that fails part-way is written back as it is
             self._dirty[k] = self.update_shard(s, shard)   # the fused update, on the own shard only
             if self._dirty[k] and self._rounds:
                 self._round(shard, stage)                   # rounded as stored, before every rank uses it
@@ -149,6 +150,13 @@ class ShardedOffloadPipeline(OffloadPipeline):
             ready = st.event()
             ready.record(self.comm_stream)
         return ready
+
+    def _failed_load_event(self):
+        """After whatever a failed `_load` issued: its update and all-gather run on the all-gather stream, which
+        waited for its upload."""
+        event = self.streams.event()
+        event.record(self.comm_stream)
+        return event
 
     def round_to_storage(self, unit: Unit) -> None:
         """Nothing more to round: each rank rounds its own shard as it updates it (_load)."""
