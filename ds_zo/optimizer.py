@@ -53,12 +53,16 @@ def apply_step(param: torch.Tensor, key: int, record: StepRecord, decays: bool, 
 
 
 def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: PerturbationGenerator,
-                      buffers: Optional[tuple[torch.Tensor, ...]] = None) -> None:
+                      buffers: Optional[tuple[torch.Tensor, ...]] = None,
+                      reached: Optional[set] = None) -> None:
     """Apply one recorded step to several parameter slices at once (their z drawn together, in parallel on CPU).
     Evaluated in the order of the plain expression θ − lr·(g·z + wd·θ), so that a reference written that way agrees
-    bit for bit (up to the sign of an exact zero)."""
+    bit for bit (up to the sign of an exact zero). `reached` collects each piece's (key, first element) right after
+    its last write (an update cut short by an out-of-memory error or an interrupt resumes after them)."""
     # the fused native sweep where it applies (CPU, float32): the same arithmetic as below, z never written out
-    pieces = generator.update_fused(pieces, record.seed, record.g, record.lr, record.wd)
+    pieces = generator.update_fused(pieces, record.seed, record.g, record.lr, record.wd,
+                                    None if reached is None else
+                                    (lambda fused: reached.update((key, lo) for _, key, lo, _, _ in fused)))
     if not pieces:
         return
     sizes = [flat.numel() for flat, *_ in pieces]
@@ -66,7 +70,7 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
     device = pieces[0][0].device
     q = len(record.g)
     if buffers is None:
-        buffers = tuple(torch.empty(total, device=device) for _ in range(min(q, 2)))
+        buffers = tuple(torch.empty(total, dtype=torch.float32, device=device) for _ in range(min(q, 2)))
     # z is a second draw's scratch: only several perturbations (q > 1) need it
     u, z = buffers[0][:total], (buffers[1][:total] if q > 1 else None)
     offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
@@ -86,7 +90,7 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
             u.sub_(z)
     if q > 1:
         u.div_(q)
-    for (flat, _, _, _, decays), o, n in zip(pieces, offsets, sizes):
+    for (flat, key, lo, _, decays), o, n in zip(pieces, offsets, sizes):
         step, down = u[o:o + n], sign > 0       # θ − lr·step with step = ±u
         if decays and record.wd != 0.0:
             if not down:
@@ -96,6 +100,8 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
         step.mul_(record.lr)
         # computed in float32 (a 16-bit θ widens exactly inside the kernel) and rounded once into θ's dtype
         (torch.sub if down else torch.add)(flat, step, out=flat)
+        if reached is not None:
+            reached.add((key, lo))
 
 
 class ZOSGD(torch.optim.Optimizer):
@@ -190,12 +196,9 @@ class ZOSGD(torch.optim.Optimizer):
         copies of the largest parameter (the update is elementwise: same result bit for bit). `reached` collects
         each piece's (key, first element) as soon as its update has run."""
         if pieces:   # the fused native sweep takes all it can at once (its chunks spread over the threads)
-            rest = self.generator.update_fused(pieces, self.pending.seed, self.pending.g, self.pending.lr,
-                                               self.pending.wd)
-            if reached is not None and len(rest) < len(pieces):
-                left = {id(piece) for piece in rest}
-                reached.update((key, lo) for piece in pieces if id(piece) not in left for _, key, lo, _, _ in [piece])
-            pieces = rest
+            pieces = self.generator.update_fused(
+                pieces, self.pending.seed, self.pending.g, self.pending.lr, self.pending.wd,
+                None if reached is None else (lambda fused: reached.update((key, lo) for _, key, lo, _, _ in fused)))
         if not pieces:
             return
         device = pieces[0][0].device
@@ -203,9 +206,7 @@ class ZOSGD(torch.optim.Optimizer):
         # the compute stream updates the resident units: each stream has its own), shared with the working copies
         buffers = self.generator.span_scratch(device, min(2, len(self.pending.g)))
         for group in span_groups(pieces, [piece[0].numel() for piece in pieces], self.generator.span(device)):
-            apply_step_pieces(group, self.pending, self.generator, buffers)
-            if reached is not None:
-                reached.update((key, lo) for _, key, lo, _, _ in group)
+            apply_step_pieces(group, self.pending, self.generator, buffers, reached)
 
     def apply_pending(self, params: Iterable[torch.nn.Parameter]) -> bool:
         """Apply the pending update to these parameters (each at most once): the fused path, unit by unit.

@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -329,19 +329,23 @@ class PerturbationGenerator:
                                                           out_add)
         return rest
 
-    def update_fused(self, pieces: list, seed: int, grads: Sequence[float], lr: float, wd: float) -> list:
+    def update_fused(self, pieces: list, seed: int, grads: Sequence[float], lr: float, wd: float,
+                     applied: Optional[Callable[[list], None]] = None) -> list:
         """Apply a ZO-SGD step in one native sweep per z chunk where that applies (CPU, float32, Gaussian z, every g
         nonzero): for each piece (flat, key, start, numel, decays) θ ← θ − lr·((1/q) Σ_j g_j·z_j + wd·θ), the values
-        optimizer.apply_step_pieces gives. Returns the pieces left for that path."""
+        optimizer.apply_step_pieces gives. Returns the pieces left for that path. `applied(pieces)` is told which
+        pieces the sweep updated, also when an interrupt (Ctrl-C, raised as soon as the native call returns) cuts
+        this call short: an update applied twice would be wrong."""
         kernels = self._fused_kernels(grads)
         if kernels is None or not pieces or pieces[0][0].device.type != "cpu":
             return pieces
-        rest, thetas, keys, sizes, froms, decays = [], [], [], [], [], []
+        rest, fused, thetas, keys, sizes, froms, decays = [], [], [], [], [], [], []
         for piece in pieces:
             flat, key, start, numel, decay = piece
             if not self._fusable(numel, flat):
                 rest.append(piece)
                 continue
+            fused.append(piece)
             for view, k, n, offset in self._chunk_pieces(flat, start, numel):
                 thetas.append(view)
                 keys.extend(chunk_key(seed, j, key, k) for j in range(len(grads)))
@@ -349,7 +353,13 @@ class PerturbationGenerator:
                 froms.append(offset)
                 decays.append(decay and wd != 0.0)
         if thetas:
-            self.elements_drawn += kernels.update_pieces(thetas, keys, sizes, froms, list(grads), lr, wd, decays)
+            done = torch.zeros(1, dtype=torch.uint8)     # set by the kernel once every piece is written
+            try:
+                self.elements_drawn += kernels.update_pieces(thetas, keys, sizes, froms, list(grads), lr, wd, decays,
+                                                             done)
+            finally:
+                if applied is not None and done.item():
+                    applied(fused)
         return rest
 
     def span_scratch(self, device: torch.device, wanted: int = 1) -> tuple[torch.Tensor, ...]:

@@ -73,8 +73,10 @@ def test_the_update_is_apply_step_pieces_bit_for_bit(kernels):
             apply_step_pieces([(want, 77, start, numel, decays)], record, plain)
             k = start // 1000
             keys = [chunk_key(record.seed, j, 77, k) for j in range(q)]
+            done = torch.zeros(1, dtype=torch.uint8)
             kernels.update_pieces([theta], keys, [min(1000, numel - k * 1000)], [start - k * 1000], list(grads),
-                                  record.lr, wd, [decays and wd != 0.0])
+                                  record.lr, wd, [decays and wd != 0.0], done)
+            assert done.item() == 1
             assert torch.equal(theta, want), (q, decays, wd, signs, start, stop)
 
 
@@ -92,7 +94,7 @@ def test_parts_that_start_in_the_redrawn_tail_are_updated_like_apply_step_pieces
                 want = theta.clone()
                 apply_step_pieces([(want, 99, a, n, True)], record, plain)
                 kernels.update_pieces([theta], [chunk_key(record.seed, 0, 99, 0)], [n], [a], [0.7], record.lr, 0.1,
-                                      [True])
+                                      [True], torch.zeros(1, dtype=torch.uint8))
                 assert torch.equal(theta, want), (n, a, b)
                 plus = torch.empty(b - a)
                 drawn = kernels.perturb_pieces([want], [7], [n], [a], 1e-3, [plus], [0], [True])

@@ -227,7 +227,7 @@ def test_upload_timing_is_opt_in_and_counts_every_timed_upload():
     assert engine.pipeline.upload_stall_s() is None
 
 
-@pytest.mark.parametrize("failure", ["bad_ids", "copy_oom", "update_oom", "update_part_way"])
+@pytest.mark.parametrize("failure", ["bad_ids", "copy_oom", "update_oom", "update_part_way", "interrupt"])
 @pytest.mark.parametrize("stage", [0, 3])
 def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path, monkeypatch):
     """A step that fails part-way goes on as if it had never come, and a checkpoint saved right after the failure
@@ -242,7 +242,9 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path,
     - update_oom: out of memory for an offloaded layer's pending update, before it changes anything: the layer
       leaves residency, and the update stays owed (it used to be counted as applied).
     - update_part_way: the same after one span group of that update has changed the layer (small chunks, the
-      element-wise path): the next read applies the rest, not the whole update again."""
+      element-wise path): the next read applies the rest, not the whole update again.
+    - interrupt: Ctrl-C during the native fused update of the first offloaded layer, raised as the kernel returns
+      (before Python could note it ran): the update is not applied a second time."""
     import ds_zo.optimizer
     if failure == "update_part_way":
         monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", 1000))
@@ -263,6 +265,29 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path,
                 engine.train_batch(wrong)
             return
         layer_keys = {engine.param_keys[id(r.param)] for s in engine.pipeline.order for r in s.unit.trainable}
+        if failure == "interrupt":
+            gen, calls = engine.perturbations, [0]
+            real = gen._fused_kernels
+
+            class Interrupted:          # the kernels, but Ctrl-C arrives as the second update sweep returns
+                def __init__(self, kernels):
+                    self.kernels = kernels
+
+                def __getattr__(self, name):
+                    return getattr(self.kernels, name)
+
+                def update_pieces(self, *args):
+                    out = self.kernels.update_pieces(*args)
+                    calls[0] += 1
+                    if calls[0] == 2:       # the embedding's, then the first decoder layer's (offloaded)
+                        gen._fused_kernels = real
+                        raise KeyboardInterrupt
+                    return out
+            gen._fused_kernels = lambda grads: None if real(grads) is None else Interrupted(real(grads))
+            with pytest.raises(KeyboardInterrupt):
+                engine.train_batch(batch(seed=50))
+            assert calls[0] == 2 and gen._fused_kernels is real
+            return
         if failure == "copy_oom":
             owner, name = engine.copies.buffers, "get"
             hit = lambda args, calls: str(args[0]).startswith("slot")                      # noqa: E731

@@ -117,9 +117,9 @@ def _check_fast_gaussian(module: ModuleType) -> ModuleType:
     cases = [(n, key, scale) for n in (16, 17, 31, 623, 624, 625, 1263, 4111, 70_001)
              for key, scale in ((0, 1.0), (2**40 + 12_345, 1e-3), (2**63 - 1, 0.37))]
     for n, key, scale in cases:
-        got = torch.empty(n)
+        got = torch.empty(n, dtype=torch.float32)
         module.draw_chunks([got], [key], scale, True)
-        want = torch.empty(n).normal_(0.0, scale, generator=torch.Generator().manual_seed(key))
+        want = torch.empty(n, dtype=torch.float32).normal_(0.0, scale, generator=torch.Generator().manual_seed(key))
         if not torch.equal(got, want):
             module.set_fast_gaussian(False)
             _fast_gaussian_off = (f"it differs from torch's normal_ here (n={n}, key={key}, scale={scale}; torch "

@@ -95,10 +95,11 @@ std::vector<ds_zo::ChunkPiece> chunk_pieces(const char* op, const std::vector<at
   std::vector<ds_zo::ChunkPiece> pieces;
   for (size_t i = 0; i < tensors.size(); ++i) {
     check_float_buffer(tensors[i], op);
-    const int64_t n = chunk_sizes[i], from = froms[i], to = from + tensors[i].numel();
-    TORCH_CHECK(n >= 16 && from >= 0 && to <= n, op, ": piece [", from, ", ", to, ") of a chunk of ", n,
-                " values (chunks of at least 16)");
-    pieces.push_back({n, from, to});
+    const int64_t n = chunk_sizes[i], from = froms[i], numel = tensors[i].numel();
+    // (numel <= n - from, not from + numel <= n: that sum can overflow)
+    TORCH_CHECK(n >= 16 && from >= 0 && from <= n && numel <= n - from, op, ": piece [", from, ", +", numel,
+                ") of a chunk of ", n, " values (chunks of at least 16)");
+    pieces.push_back({n, from, from + numel});
   }
   return pieces;
 }
@@ -136,10 +137,16 @@ int64_t perturb_pieces(const std::vector<at::Tensor>& masters, const std::vector
 }
 
 // thetas[i] ← thetas[i] − lr·((1/q) Σ_j grads[j]·z_j + wd·θ) (wd where decays[i]), z_j of piece i from
-// keys[i·q + j]: optimizer.apply_step_pieces, bit for bit. Returns the z values drawn.
+// keys[i·q + j]: optimizer.apply_step_pieces, bit for bit. Returns the z values drawn. Sets done[0] to 1 once
+// every piece is written: an update is not idempotent, and the caller must know it ran even when an interrupt
+// (raised as soon as this call returns) keeps it from reading the return value. Everything is checked before the
+// first write, so a call that raises has written nothing.
 int64_t update_pieces(const std::vector<at::Tensor>& thetas, const std::vector<int64_t>& keys,
                       const std::vector<int64_t>& chunk_sizes, const std::vector<int64_t>& froms,
-                      const std::vector<double>& grads, double lr, double wd, const std::vector<bool>& decays) {
+                      const std::vector<double>& grads, double lr, double wd, const std::vector<bool>& decays,
+                      const at::Tensor& done) {
+  TORCH_CHECK(done.device().is_cpu() && done.scalar_type() == at::kByte && done.is_contiguous() && done.numel() == 1,
+              "update_pieces: done must be a one-element contiguous uint8 CPU tensor");
   const auto pieces = chunk_pieces("update_pieces", thetas, chunk_sizes, froms);
   const size_t q = grads.size();
   TORCH_CHECK(q > 0 && keys.size() == thetas.size() * q, "update_pieces: ", keys.size(), " keys for ",
@@ -157,6 +164,7 @@ int64_t update_pieces(const std::vector<at::Tensor>& thetas, const std::vector<i
     formed += ds_zo::update_piece(pieces[i], mine, grads, static_cast<float>(lr), static_cast<float>(wd), decays[i],
                                   thetas[i].data_ptr<float>());
   });
+  done.data_ptr<uint8_t>()[0] = 1;
   return formed.load();
 }
 
@@ -191,7 +199,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_pieces", &update_pieces, "the ZO-SGD update of each piece, z drawn a tile at a time",
         pybind11::arg("thetas"), pybind11::arg("keys"), pybind11::arg("chunk_sizes"), pybind11::arg("froms"),
         pybind11::arg("grads"), pybind11::arg("lr"), pybind11::arg("wd"), pybind11::arg("decays"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("done"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("fast_gaussian", [] { return fast_gaussian.load(); },
         "whether Gaussian chunks come from the vectorised mt19937 sampler");
   m.def("set_fast_gaussian", [](bool on) {
