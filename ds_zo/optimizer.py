@@ -52,6 +52,13 @@ def apply_step(param: torch.Tensor, key: int, record: StepRecord, decays: bool, 
                       generator, buffers)
 
 
+def noting(reached: Optional[set]) -> Optional[Callable[[list], None]]:
+    """A callback that notes updated pieces as (key, first element) in `reached` (None: nothing to note)."""
+    if reached is None:
+        return None
+    return lambda pieces: reached.update((key, lo) for _, key, lo, _, _ in pieces)
+
+
 def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: PerturbationGenerator,
                       buffers: Optional[tuple[torch.Tensor, ...]] = None,
                       reached: Optional[set] = None) -> None:
@@ -60,9 +67,7 @@ def apply_step_pieces(pieces: list[Piece], record: StepRecord, generator: Pertur
     bit for bit (up to the sign of an exact zero). `reached` collects each piece's (key, first element) right after
     its last write (an update cut short by an out-of-memory error or an interrupt resumes after them)."""
     # the fused native sweep where it applies (CPU, float32): the same arithmetic as below, z never written out
-    pieces = generator.update_fused(pieces, record.seed, record.g, record.lr, record.wd,
-                                    None if reached is None else
-                                    (lambda fused: reached.update((key, lo) for _, key, lo, _, _ in fused)))
+    pieces = generator.update_fused(pieces, record.seed, record.g, record.lr, record.wd, noting(reached))
     if not pieces:
         return
     sizes = [flat.numel() for flat, *_ in pieces]
@@ -196,9 +201,8 @@ class ZOSGD(torch.optim.Optimizer):
         copies of the largest parameter (the update is elementwise: same result bit for bit). `reached` collects
         each piece's (key, first element) as soon as its update has run."""
         if pieces:   # the fused native sweep takes all it can at once (its chunks spread over the threads)
-            pieces = self.generator.update_fused(
-                pieces, self.pending.seed, self.pending.g, self.pending.lr, self.pending.wd,
-                None if reached is None else (lambda fused: reached.update((key, lo) for _, key, lo, _, _ in fused)))
+            pieces = self.generator.update_fused(pieces, self.pending.seed, self.pending.g, self.pending.lr,
+                                                 self.pending.wd, noting(reached))
         if not pieces:
             return
         device = pieces[0][0].device

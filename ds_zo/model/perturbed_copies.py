@@ -364,8 +364,8 @@ class PerturbedCopies:
     def enter(self, unit: Unit) -> None:
         """Make the unit's parameters resident and apply their pending update (before any working copy is formed).
         If applying the update fails, the unit leaves residency at once, as changed (written back): what the update
-        did apply is kept, and what it did not is still owed (optimizer.apply_pending counts a device's parameters
-        once their update ran)."""
+        did apply is kept, and what it did not is still owed (optimizer.apply_pending notes each piece as its update
+        runs)."""
         self.residency.enter(unit)
         try:
             dirty = bool(self.before_perturb(unit)) if self.before_perturb is not None else False
