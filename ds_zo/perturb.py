@@ -292,10 +292,14 @@ class PerturbationGenerator:
             yield flat[lo - start:hi - start], k, min(c, numel - k * c), lo - k * c
             lo = hi
 
-    def _fusable(self, numel: int, *tensors: torch.Tensor) -> bool:
-        """Whether a slice of a parameter of `numel` elements can take the fused passes: float32 CPU tensors, and
-        every chunk one whose scaled draw folds (shorter ones are drawn in float64 and their scaled values rounded
-        otherwise)."""
+    def _fusable(self, numel: int, start: int, *tensors: torch.Tensor) -> bool:
+        """Whether the slice [start, start + tensors[0].numel()) of a parameter of `numel` elements can take the
+        fused passes: float32 CPU tensors, and every chunk one whose scaled draw folds (shorter ones are drawn in
+        float64 and their scaled values rounded otherwise). A slice outside the parameter, or not flat, is refused
+        as `fill` refuses it."""
+        if tensors and (tensors[0].dim() != 1 or not 0 <= start <= numel - tensors[0].numel()):
+            raise ValueError(f"slice [{start}, +{tensors[0].numel()}) of a {tensors[0].dim()}-d tensor: not a flat "
+                             f"slice of a parameter of {numel} elements")
         last = (numel - 1) % self.chunk + 1 if numel else 0          # the parameter's last (shortest) chunk
         return (last >= _FOLDED_MIN
                 and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors))
@@ -311,7 +315,7 @@ class PerturbationGenerator:
         rest, masters, keys, sizes, froms, outs, out_piece, out_add = [], [], [], [], [], [], [], []
         for job in jobs:
             master, seed, index, key, numel, start, targets = job
-            if not self._fusable(numel, master, *(out for out, _ in targets)):
+            if not self._fusable(numel, start, master, *(out for out, _ in targets)):
                 rest.append(job)
                 continue
             for view, k, n, offset in self._chunk_pieces(master, start, numel):
@@ -342,7 +346,7 @@ class PerturbationGenerator:
         rest, fused, thetas, keys, sizes, froms, decays = [], [], [], [], [], [], []
         for piece in pieces:
             flat, key, start, numel, decay = piece
-            if not self._fusable(numel, flat):
+            if not self._fusable(numel, start, flat):
                 rest.append(piece)
                 continue
             fused.append(piece)

@@ -136,6 +136,14 @@ def test_generator_fuses_what_it_can_and_returns_the_rest(kernels, threads):
         assert torch.equal(theta, want)
         assert gen.elements_drawn - drawn == 2 * (numel - 688)      # from the group holding element 700 on
         assert gen.update_fused([(theta, 5, start, numel, True)], 1, (0.0,), 1e-2, 0.0) != []
+        noted = []
+        gen.update_fused([(theta, 5, start, numel, True)], record.seed, record.g, record.lr, record.wd, noted.extend)
+        assert [piece[1:3] for piece in noted] == [(5, start)]      # what the sweep updated, for the optimizer
+        # a slice outside its parameter is refused, as fill refuses it (it used to be fused with another chunk's z)
+        with pytest.raises(ValueError, match=r"slice \[-5, \+10\) .* parameter of 100 elements"):
+            gen.update_fused([(torch.zeros(10), 5, -5, 100, True)], 1, (0.5,), 1e-2, 0.0)
+        with pytest.raises(ValueError, match="not a flat slice"):
+            gen.perturb_fused([(torch.zeros(95), 9, 0, 5, 100, 10, [(torch.empty(95), 1)])], scale=1e-3)
     finally:
         torch.set_num_threads(before)
 
