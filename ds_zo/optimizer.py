@@ -187,11 +187,14 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _pieces(self, param, flat: torch.Tensor, start: int, numel: int, decays: bool) -> list[Piece]:
         """`flat` (elements [start, start + flat.numel()) of a parameter of `numel` elements) cut into pieces of one
-        element-wise pass (whole z chunks: no chunk is drawn for two pieces)."""
+        element-wise pass (whole z chunks: no chunk is drawn for two pieces), less those the pending update has
+        already reached (`_pieces_done`: an update that failed part-way)."""
         c, out, lo, stop = self.generator.pass_elements(flat.device), [], start, start + flat.numel()
+        key = self.keys[id(param)]
         while lo < stop:
             hi = min((lo // c + 1) * c, stop)
-            out.append((flat[lo - start:hi - start], self.keys[id(param)], lo, numel, decays))
+            if (key, lo) not in self._pieces_done:
+                out.append((flat[lo - start:hi - start], key, lo, numel, decays))
             lo = hi
         return out
 
@@ -230,9 +233,8 @@ class ZOSGD(torch.optim.Optimizer):
                 subsets.append((p, rows, target,
                                 self._pieces(p, target.view(-1), 0, target.numel(), decays[id(p)] != 0.0)))
                 continue
-            pieces = [piece for piece in self._pieces(p, p.data.view(-1), 0, p.numel(), decays[id(p)] != 0.0)
-                      if (piece[1], piece[2]) not in self._pieces_done]
-            whole.setdefault(p.device, []).extend(pieces)
+            whole.setdefault(p.device, []).extend(
+                self._pieces(p, p.data.view(-1), 0, p.numel(), decays[id(p)] != 0.0))
             owed.setdefault(p.device, []).append(p)
         # A parameter counts as updated once all its pieces were: an update that fails part-way (out of memory for a
         # temporary between span groups, an interrupt) leaves the rest owed, and the next read applies only that
@@ -252,9 +254,8 @@ class ZOSGD(torch.optim.Optimizer):
         """Apply the pending update to `flat`, the elements [start, start + flat.numel()) of `param` (a ZeRO-3 shard
         of a parameter of `numel` elements), and count the parameter as updated."""
         if flat.numel():
-            pieces = [piece for piece in self._pieces(param, flat, start, numel, self._decays()[id(param)] != 0.0)
-                      if (piece[1], piece[2]) not in self._pieces_done]
-            self._apply_pieces(pieces, self._pieces_done)
+            self._apply_pieces(self._pieces(param, flat, start, numel, self._decays()[id(param)] != 0.0),
+                               self._pieces_done)
         self._pending_done.add(id(param))
 
     def owes(self, param: torch.nn.Parameter) -> bool:
