@@ -87,21 +87,31 @@ def host_rates(device: torch.device) -> dict:
     # as ds_zo draws on accelerators: a span of 8 whole chunks per fill_many call (the call's overhead shared)
     span = torch.empty(8 * CHUNK_ELEMENTS, device=device)
     host_span = host_issue_time(lambda: zgen.fill(span, 1, 0, next(key), span.numel()), device, 50) / 8
+    extra = {}
+    if zgen.counter_based(device):       # the chunked sampler's issue of the same span, beside it
+        chunked = PerturbationGenerator(sampler="chunked")
+        extra["host_fill_in_span_chunked_s"] = host_issue_time(
+            lambda: chunked.fill(span, 1, 0, next(key), span.numel()), device, 50) / 8
     host_normal = host_issue_time(lambda: chunk.normal_(generator=gen), device, 200)
     # one element-wise op as ds_zo issues it: into a slice of a buffer, from slices
     small = torch.empty(3 * 4096, device=device)
     host_pass = host_issue_time(lambda: torch.add(small[:4096], small[4096:8192], out=small[8192:]), device, 200)
     return {"host_fill_s": host_fill, "host_fill_in_span_s": host_span, "host_normal_s": host_normal,
-            "host_pass_s": host_pass}
+            "host_pass_s": host_pass, **extra}
 
 
 def with_host_rates(micro: dict, rates: dict, device: torch.device) -> dict:
     """micro with its host issue times replaced by `rates` (host_rates' keys), and host_chunk_s derived from them:
-    on CUDA a chunk's share of a span's fill; on CPU, where the draw runs on the host, a fill minus the draw."""
+    with the counter-based sampler (micro["counter_z"]) a fill's launch, which the model charges per launch; on CUDA
+    otherwise a chunk's share of a span's fill; on CPU, where the draw runs on the host, a fill minus the draw."""
     out = micro | rates
     t_normal = CHUNK_ELEMENTS / micro["rng_rate"]
-    cuda = device.type == "cuda"
-    out["host_chunk_s"] = rates["host_fill_in_span_s"] if cuda else max(0.0, rates["host_fill_s"] - t_normal)
+    if micro.get("counter_z"):
+        out["host_chunk_s"] = rates["host_fill_s"]
+    elif device.type == "cuda":
+        out["host_chunk_s"] = rates["host_fill_in_span_s"]
+    else:
+        out["host_chunk_s"] = max(0.0, rates["host_fill_s"] - t_normal)
     return out
 
 
@@ -146,24 +156,31 @@ def queued_device_time(fn, device: torch.device, reps: int) -> float:
 def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
     zgen = PerturbationGenerator()
     if device.type == "cuda":
-        # ds_zo's draws as the engine issues them on an accelerator: fills of a span of 8 chunks (each chunk its own
-        # seeded draw), scaled by ε inside the sampler, timed queued (the device's time, not the host's)
+        # ds_zo's draws as the engine issues them on an accelerator: fills of a span of 8 chunks (the chunked
+        # sampler: each chunk its own seeded draw; the counter-based one: one launch), scaled by ε inside the
+        # sampler, timed queued (the device's time, not the host's)
         span = torch.empty(ACCELERATOR_SPAN_CHUNKS * CHUNK_ELEMENTS, device=device)
         key = iter(range(10**9))
         spans = 8
 
-        def draw():
-            for _ in range(spans):
-                zgen.fill(span, 1, 0, next(key), span.numel(), scale=1e-3)
-        t_chunk = queued_device_time(draw, device, reps) / (spans * ACCELERATOR_SPAN_CHUNKS)
+        def chunk_time(gen: PerturbationGenerator) -> float:
+            def draw():
+                for _ in range(spans):
+                    gen.fill(span, 1, 0, next(key), span.numel(), scale=1e-3)
+            return queued_device_time(draw, device, reps) / (spans * ACCELERATOR_SPAN_CHUNKS)
+        t_chunk = chunk_time(zgen)
+        other = PerturbationGenerator(sampler="chunked") if zgen.counter_based(device) else None
     else:   # one chunk per call: on CPU the draw runs on the host, one thread (with_host_rates subtracts it)
         chunk = torch.empty(CHUNK_ELEMENTS, device=device)
         t_chunk = device_time(lambda: [zgen.draw_chunks([(chunk, 12345)]) for _ in range(64)], device, reps) / 64
+        other = None
     x, y, o = (torch.randn(n, device=device) for _ in range(3))
     t_add = device_time(lambda: torch.add(x, y, out=o), device, reps)
     t_cat = device_time(lambda: torch.cat([x, y]), device, reps)
     out = {"rng_rate": CHUNK_ELEMENTS / t_chunk, "elem_bw": 12 * n / t_add, "merge_bw": 8 * n / t_cat,
-           "fused_passes": zgen.fuses(device, torch.float32)}
+           "fused_passes": zgen.fuses(device, torch.float32), "counter_z": zgen.counter_based(device)}
+    if other is not None:        # the chunked sampler beside the counter-based one: its device rate
+        out["rng_rate_chunked"] = CHUNK_ELEMENTS / chunk_time(other)
     if device.type == "cuda":
         # what the eighth session's calibration measured: bare normal_ calls issued back to back (host-bound)
         chunk = torch.empty(CHUNK_ELEMENTS, device=device)
@@ -203,7 +220,7 @@ def hardware(micro: dict, flops: float, h2d_bw: float, d2h_bw: float, dtype_byte
                        host_chunk_s=micro["host_chunk_s"], host_pass_s=micro.get("host_pass_s", 0.0) if cuda else 0.0,
                        span_chunks=span_chunks, unit_host_s=unit_host_s, dtype_bytes=dtype_bytes,
                        merge_bw=micro["merge_bw"], fused_passes=micro.get("fused_passes", False) and dtype_bytes == 4,
-                       loss_tile_elements=loss_tile_elements)
+                       loss_tile_elements=loss_tile_elements, counter_z=micro.get("counter_z", False))
 
 
 def predict(result: dict) -> dict:

@@ -38,7 +38,7 @@ def offload_lines(name: str, r: dict) -> list[str]:
              if k.endswith("_peak_gpu_GB") and "_process_" not in k}
     if peaks:
         out.append("  peak GPU memory (GB): " + ", ".join(f"{m} {v:.2f}" for m, v in peaks.items()))
-    same = [f"{k} {r[k]}" for k in ("params_identical", "whole_copies_params_identical",
+    same = [f"{k} {r[k]}" for k in ("params_identical", "whole_copies_params_identical", "chunked_z_params_identical",
                                      "row_blocks_params_identical") if k in r]
     for variant in ("whole_copies", "row_blocks"):      # the second in records before the tenth session
         if f"{variant}_max_param_diff" in r:
@@ -49,6 +49,14 @@ def offload_lines(name: str, r: dict) -> list[str]:
     model = r.get("model")
     if model:
         micro = model.get("micro", {})
+        samples = model.get("host_rate_samples") or []
+        if "rng_rate_chunked" in micro:
+            def host_us(key: str) -> str:
+                vals = sorted(x[key] for x in samples if key in x)
+                return f"{vals[len(vals) // 2] * 8e6:.0f} us" if vals else "n/a"
+            out.append(f"  z sampler: counter-based {micro['rng_rate']:.3g} values/s, chunked "
+                       f"{micro['rng_rate_chunked']:.3g} (device, queued); host per span fill "
+                       f"{host_us('host_fill_in_span_s')} vs {host_us('host_fill_in_span_chunked_s')}")
         if "rng_rate_issue_bound" in micro:
             out.append(f"  z draws: {micro['rng_rate']:.3g} values/s queued (device), "
                        f"{micro['rng_rate_issue_bound']:.3g} back to back (the host's issue rate)")

@@ -36,14 +36,18 @@ def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
     return out
 
 
-MODES = ("resident", "offload", "resident_whole_copies", "offload_whole_copies")
+MODES = ("resident", "offload", "resident_whole_copies", "offload_whole_copies", "resident_chunked_z",
+         "offload_chunked_z")
+VARIANTS = ("_whole_copies", "_chunked_z")       # mode suffixes: engines that differ from the default in one setting
 
 
 def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     """Each timed mode and its prefetch depth (None: all-resident). The first depth is "offload"; every further depth
     is one more offload engine, "offload_p<depth>", timed interleaved with the others. "resident_whole_copies" /
     "offload_whole_copies": an all-resident / offload (first depth) engine with zero_order.row_blocks "off" (the
-    embedding and output layer from whole working copies, not the default's row blocks)."""
+    embedding and output layer from whole working copies, not the default's row blocks); "..._chunked_z": with
+    zero_order.z_sampler "chunked" (torch's sampler, one seeded call per 2^20-element chunk: the z sampler GPUs
+    used until the sixteenth session)."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"--modes: unknown {sorted(unknown)}; allowed: {list(MODES)}")
@@ -56,7 +60,7 @@ def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     return out
 
 
-def make_engine(model, prefetch: int | None, args, whole_copies: bool = False):
+def make_engine(model, prefetch: int | None, args, whole_copies: bool = False, chunked_z: bool = False):
     import ds_zo
     offload = prefetch is not None
     # one micro-batch of up to the largest batch size: each timed batch is a single forward pass per mode
@@ -69,6 +73,8 @@ def make_engine(model, prefetch: int | None, args, whole_copies: bool = False):
         cfg["zero_order"].pop("prefetch_depth")
     if whole_copies:
         cfg["zero_order"]["row_blocks"] = "off"
+    if chunked_z:
+        cfg["zero_order"]["z_sampler"] = "chunked"
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     return engine
 
@@ -151,7 +157,8 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()   # what the engines built earlier keep on the GPU
-        engines[mode] = make_engine(model, depth_of[mode], args, whole_copies=mode.endswith("_whole_copies"))
+        engines[mode] = make_engine(model, depth_of[mode], args, whole_copies=mode.endswith("_whole_copies"),
+                                    chunked_z=mode.endswith("_chunked_z"))
         # warm-up (allocations, kernels): two steps, since a step's update is applied in the next one; the peak of a
         # first step alone misses the update's scratch (until the twelfth session it was measured so)
         for _ in range(2):
@@ -218,15 +225,18 @@ def main(argv=None) -> dict:
             result["h2d_during_transfer_over_memcpy"] = rate / result["memcpy"]["h2d_GBps"]
     # the same parameters after the same steps: offload and resident exactly; whole copies against the default path
     # (row blocks) to its rounding (on a GPU cuBLAS rounds a block's logits unlike the whole matmul's; on CPU exactly)
-    plain = [m for m in modes if not m.endswith("_whole_copies")]
+    plain = [m for m in modes if not m.endswith(VARIANTS)]
     blocks = [m for m in modes if m.endswith("_whole_copies")]
+    chunked = [m for m in modes if m.endswith("_chunked_z")]    # another z stream: alike among themselves only
     if plain and len(modes) >= 2:
         # one parameter at a time on the host: a 6.7B model's parameters are not all copied off the GPU at once
         states = {m: engines[m].module_state_dict() for m in modes}
-        same, same_blocks, diff = True, True, 0.0
+        same, same_blocks, same_chunked, diff = True, True, True, 0.0
         for n, t in states[plain[0]].items():
             ref = t.cpu()
             same &= all(torch.equal(ref, states[m][n].cpu()) for m in plain[1:])
+            if len(chunked) >= 2:
+                same_chunked &= all(torch.equal(states[chunked[0]][n].cpu(), states[m][n].cpu()) for m in chunked[1:])
             for m in blocks:
                 other = states[m][n].cpu()
                 same_blocks &= torch.equal(ref, other)
@@ -234,6 +244,8 @@ def main(argv=None) -> dict:
                     diff = max(diff, float((ref.float() - other.float()).abs().max()))
         if len(plain) >= 2:
             result["params_identical"] = same
+        if len(chunked) >= 2:
+            result["chunked_z_params_identical"] = same_chunked
         if blocks:
             result["whole_copies_params_identical"] = same_blocks
             result["whole_copies_max_param_diff"] = diff

@@ -32,6 +32,9 @@ class ZOSGDParams(DeepSpeedConfigModel):
 class ZeroOrderConfig(DeepSpeedConfigModel):
     seed: int = Field(0, ge=0, lt=2**63)
     distribution: Literal["gaussian", "rademacher"] = "gaussian"
+    z_sampler: Literal["auto", "philox", "chunked"] = "auto"   # how z is drawn (perturb.SAMPLERS): "auto" is the
+                                                        # counter-based Triton kernel on CUDA (one launch per slice),
+                                                        # torch's sampler chunk by chunk elsewhere
     num_perturbations: int = Field(1, ge=1)
     trainable: list[str] = Field(default_factory=list)   # fnmatch patterns on parameter names; empty = all
     trainable_rows: dict[str, list[int]] = Field(default_factory=dict)  # pattern -> rows: train only those rows

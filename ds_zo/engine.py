@@ -59,9 +59,10 @@ def agree_on_z_stream(comm: Communicator, mine: str) -> str:
     streams = comm.gather_strings(mine)
     if len(set(streams)) > 1:
         listed = ", ".join(f"rank {r}: {s}" for r, s in enumerate(streams))
-        raise ValueError(f"ranks would draw different perturbations z ({listed}): torch's CUDA sampler depends on the "
-                         "GPU's multiprocessor count, so every rank of a ds_zo run needs the same GPU model (and MIG "
-                         "profile)")
+        raise ValueError(f"ranks would draw different perturbations z ({listed}): torch's chunked CUDA sampler "
+                         "depends on the GPU's multiprocessor count and the counter-based one on its compute "
+                         "capability, and the counter-based one needs Triton on every rank: every rank of a ds_zo run "
+                         "needs the same GPU model (and MIG profile) and software, or zero_order.z_sampler set alike")
     return mine
 
 
@@ -90,12 +91,13 @@ class ZOEngine(DeepSpeedEngine):
         self.trainable_rows = rows or {}
         self.units: list[Unit] = cut_into_units(self.module, trainable, self.trainable_rows)
         self.param_keys = {id(p): param_key(n) for n, p in self.module.named_parameters() if n in trainable}
-        self.perturbations = PerturbationGenerator(zo_config.distribution)
+        self.perturbations = PerturbationGenerator(zo_config.distribution, sampler=zo_config.z_sampler)
         layers = [sum(full_numel(r.param) for r in u.params) for u in self.units if u.is_layer]
         self.perturbations.accelerator_span_chunks = accelerator_span_chunks(
             max(layers, default=None), self.perturbations.chunk,
             sum(full_numel(p) for p in self.module.parameters()))
-        self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device))
+        self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device,
+                                                              self.perturbations.counter_based(self.device)))
         # the weights the run started from (weights_fingerprint; ds_zo.initialize fills it in before partitioning)
         self.base_weights: dict = {}
         self.half_dtype: Optional[torch.dtype] = None    # what DeepSpeed cast the parameters to (bf16 / fp16)

@@ -227,6 +227,9 @@ class Hardware:
     fused: bool = False               # what-if: one kernel per tensor draws z in registers and writes θ±εz (or the
                                       # update) directly: b bytes read + b per output, one launch per tensor
     fused_rng_rate: float = 5e11      # z values/s drawn inside such a kernel (assumed: Philox in registers)
+    counter_z: bool = False           # z drawn by ds_zo's counter-based sampler (zero_order.z_sampler "philox"): one
+                                      # launch per tensor slice of a pass, so host_chunk_s is charged per launch (a
+                                      # span's piece of a tensor), not per 2^20-element chunk
 
 
 # H100 SXM. Measured on this project's H200 machine (benchmarks/results/gpu_h200_2026-11-26c, the same GH100 chip
@@ -393,8 +396,9 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
         if hw.fused:                                   # one launch per tensor and pass
             launches = u.tensors * (1 + (update_elems > 0))
             return hw.unit_host_s + hw.host_chunk_s * work.q * launches
-        draws = _chunks(u.params, u.tensors) + _chunks(update_elems, u.tensors)
         span = CHUNK * hw.span_chunks
+        draw_size = span if hw.counter_z else CHUNK
+        draws = _chunks(u.params, u.tensors, draw_size) + _chunks(update_elems, u.tensors, draw_size)
         passes = (work.q * perturb_passes(signs) * _chunks(u.params, u.tensors, span)
                   + update_passes(work.q) * _chunks(update_elems, u.tensors, span))
         return hw.unit_host_s + hw.host_chunk_s * work.q * draws + hw.host_pass_s * passes

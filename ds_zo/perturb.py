@@ -11,7 +11,9 @@ Nothing here depends on global RNG state or on call order.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import os
 import struct
 import threading
@@ -24,6 +26,10 @@ from . import native
 
 CHUNK_ELEMENTS = 1 << 20  # large enough that kernel launches stay rare on a GPU, small enough for cheap partial slices
 DISTRIBUTIONS = ("gaussian", "rademacher")
+# "chunked": one seeded torch sampler call per 2^20-element chunk (every device; the only one on CPU by default);
+# "philox": the counter-based Triton kernel, one launch per slice (ds_zo/triton_z.py); "auto": philox on CUDA where
+# Triton is installed, chunked elsewhere
+SAMPLERS = ("auto", "philox", "chunked")
 _MASK63 = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
 # CPU: torch's normal sampler is serial, but chunks have their own seeds, so up to this many are drawn at once on
@@ -98,17 +104,51 @@ def span_groups(items: Sequence, sizes: Sequence[int], span: int) -> list[list]:
     return groups + [cur] if cur else groups
 
 
-def z_stream(device: torch.device | str) -> str:
-    """What z depends on besides (seed, index, key, chunk): the device's sampler. On CPU, torch's mt19937 normal_.
-    On CUDA, torch's Philox normal_ strides a tensor's elements over a launch grid of multiProcessorCount ×
-    (maxThreadsPerMultiProcessor / 256) blocks (aten/src/ATen/native/cuda/DistributionTemplates.h), so GPUs with a
-    different SM count — an A100 and an H100, a MIG slice — draw different z from the same seed. Every rank of a run
-    must draw the same z, and a replay must run on the same stream."""
+def z_stream(device: torch.device | str, counter_based: bool = False) -> str:
+    """What z depends on besides (seed, index, key, chunk): the device's sampler. Chunked: on CPU torch's mt19937
+    normal_ ("cpu"); on CUDA torch's Philox normal_, which strides a tensor's elements over a launch grid of
+    multiProcessorCount × (maxThreadsPerMultiProcessor / 256) blocks (aten/src/ATen/native/cuda/
+    DistributionTemplates.h), so GPUs with a different SM count — an A100 and an H100, a MIG slice — draw different z
+    from the same seed ("cuda/132x2048"). Counter-based (triton_z): integer Philox, then the GPU's own log, sin and
+    cos, so the same z on every GPU of one compute capability ("cuda-philox/9.0"; "cpu-philox" in Triton's
+    interpreter). Every rank of a run must draw the same z, and a replay must run on the same stream."""
     device = torch.device(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        if counter_based:
+            return f"cuda-philox/{props.major}.{props.minor}"
         return f"cuda/{props.multi_processor_count}x{getattr(props, 'max_threads_per_multi_processor', 0)}"
-    return device.type
+    return f"{device.type}-philox" if counter_based else device.type
+
+
+def parse_z_stream(stream: str) -> tuple[str, str]:
+    """(device type, sampler: "philox" or "chunked") of a z_stream name."""
+    kind = stream.split("/")[0]
+    return (kind.removesuffix("-philox"), "philox") if kind.endswith("-philox") else (kind, "chunked")
+
+
+def counter_based_unavailable(device: torch.device | str) -> Optional[str]:
+    """Why the counter-based sampler cannot draw on `device` (None: it can)."""
+    kind = torch.device(device).type
+    if kind not in ("cuda", "cpu"):
+        return f"it runs on CUDA devices, not {kind}"
+    if kind == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "on CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests)"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (CUDA builds of torch bring it; pip install triton)"
+    return _triton_launch_fails(kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_launch_fails(kind: str) -> Optional[str]:
+    """Import Triton and launch the kernel once on this device type (it compiles there, or is read from Triton's
+    cache): a broken install or a missing host compiler shows here, before any z is drawn, not in a step."""
+    try:
+        from . import triton_z
+        triton_z.fill(torch.empty(8, device=kind), 0, 1, 1.0)
+    except Exception as err:
+        return f"Triton cannot run its kernel here ({type(err).__name__}: {err})"
+    return None
 
 
 def param_key(name: str) -> int:
@@ -121,15 +161,26 @@ def step_seed(run_seed: int, step: int) -> int:
     return mix(0x5EED, run_seed, step)
 
 
+def _check_request(out: torch.Tensor, start: int, numel: int) -> None:
+    if out.dtype != torch.float32 or out.dim() != 1:
+        raise ValueError("z buffers are flat float32 tensors")
+    if start < 0 or start + out.numel() > numel:
+        raise ValueError(f"slice [{start}, {start + out.numel()}) is outside a parameter of {numel} elements")
+
+
 class PerturbationGenerator:
     """Draws z (always float32) for any slice of any parameter."""
 
-    def __init__(self, distribution: str = "gaussian", chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(self, distribution: str = "gaussian", chunk_elements: int = CHUNK_ELEMENTS, sampler: str = "auto"):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"zero_order.distribution: {distribution!r} is not one of {DISTRIBUTIONS}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"zero_order.z_sampler: {sampler!r} is not one of {SAMPLERS}")
         if chunk_elements < 16:
             raise ValueError(f"chunk_elements must be >= 16, got {chunk_elements}")
         self.distribution = distribution
+        self.sampler = sampler
+        self._counter_based: dict[str, bool] = {}     # device type -> whether z comes from triton_z there
         self.chunk = chunk_elements
         self.accelerator_span_chunks = ACCELERATOR_SPAN_CHUNKS
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -146,12 +197,26 @@ class PerturbationGenerator:
     def __getstate__(self) -> dict:
         # the worker pool and the per-thread generators belong to this process: a copy makes its own
         state = dict(self.__dict__)
-        state.update(_local=None, _pool=None, _pool_size=0, _pool_pid=0, _generators={}, _scratch={}, _spans={})
+        state.update(_local=None, _pool=None, _pool_size=0, _pool_pid=0, _generators={}, _scratch={}, _spans={},
+                     _counter_based={})
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+
+    def counter_based(self, device: torch.device | str) -> bool:
+        """Whether z on this device comes from the counter-based kernel (triton_z) rather than chunk by chunk: with
+        z_sampler "philox" (an error naming why where it cannot run), or "auto" on CUDA where Triton is installed."""
+        kind = torch.device(device).type
+        got = self._counter_based.get(kind)
+        if got is None:
+            why = None if self.sampler == "chunked" else counter_based_unavailable(kind)
+            if self.sampler == "philox" and why:
+                raise ValueError(f"zero_order.z_sampler 'philox' cannot draw on {kind}: {why}; use 'chunked' "
+                                 "(or 'auto')")
+            got = self._counter_based[kind] = why is None and (self.sampler == "philox" or kind == "cuda")
+        return got
 
     def parallel_chunks(self, device: torch.device) -> int:
         """How many whole chunks one `fill` draws at once on this device: the intra-op thread count on CPU (capped),
@@ -258,7 +323,7 @@ class PerturbationGenerator:
         False, with nothing drawn, wherever whole chunks must be drawn instead (an accelerator, no native sampler,
         Rademacher z, a chunk not a multiple of 16 values, a scale the draw cannot fold)."""
         if (out.device.type != "cpu" or self.distribution != "gaussian" or out.numel() % 16
-                or not self._folds(out, scale)):
+                or not self._folds(out, scale) or self.counter_based(out.device)):
             return False
         kernels = native.chunk_draws()
         if kernels is None or not kernels.fast_gaussian():
@@ -270,7 +335,7 @@ class PerturbationGenerator:
     def _fused_kernels(self, scales: Sequence[float]):
         """The native module where the fused passes can run with these scales (the vectorised Gaussian sampler on,
         each scale one the draw folds), else None."""
-        if not self.fused_passes or self.distribution != "gaussian":
+        if not self.fused_passes or self.distribution != "gaussian" or self.counter_based("cpu"):
             return None
         if not all(self._scale_folds(abs(s)) for s in scales):
             return None
@@ -400,14 +465,20 @@ class PerturbationGenerator:
     def fill_many(self, requests: list[tuple[torch.Tensor, int, int, int, int, int]], scale: float = 1.0) -> None:
         """`fill` for several (out, seed, index, key, numel, start) at once: their whole chunks are drawn together
         (in parallel on CPU), so many small parameters use every drawing thread too."""
+        if requests and self.counter_based(requests[0][0].device):
+            from . import triton_z
+            for out, seed, index, key, numel, start in requests:
+                _check_request(out, start, numel)
+                if out.numel() > 1 and out.stride(0) != 1:
+                    raise ValueError("the counter-based sampler writes z into contiguous buffers")
+                triton_z.fill(out, start, mix(seed, index, key), scale, self.distribution == "gaussian")
+                self.elements_drawn += out.numel()
+            return
         whole: list[tuple[torch.Tensor, int]] = []
         c = self.chunk
         for out, seed, index, key, numel, start in requests:
-            if out.dtype != torch.float32 or out.dim() != 1:
-                raise ValueError("z buffers are flat float32 tensors")
+            _check_request(out, start, numel)
             stop = start + out.numel()
-            if start < 0 or stop > numel:
-                raise ValueError(f"slice [{start}, {stop}) is outside a parameter of {numel} elements")
             # chunks [w0, w1) lie whole inside [start, stop) (the parameter's last chunk may be short): drawn
             # straight into views of the output, made by one split; at most the first and the last chunk overlap
             # the slice partly and are drawn whole into scratch

@@ -14,7 +14,7 @@ import torch
 
 from .model.units import is_decayed, resolve_trainable
 from .optimizer import StepRecord, apply_step
-from .perturb import PerturbationGenerator, param_key, z_stream
+from .perturb import PerturbationGenerator, param_key, parse_z_stream, z_stream
 
 
 def read_step_log(path: str) -> list[StepRecord]:
@@ -44,16 +44,16 @@ def _round_through(p: torch.Tensor, dtype: Optional[torch.dtype]) -> None:
 @torch.no_grad()
 def replay(model: torch.nn.Module, records: Iterable[StepRecord], trainable: Optional[Iterable[str]] = None,
            distribution: str = "gaussian", rows: Optional[dict[str, torch.Tensor]] = None,
-           stored: Optional[dict[str, torch.dtype]] = None) -> torch.nn.Module:
+           stored: Optional[dict[str, torch.dtype]] = None, sampler: str = "chunked") -> torch.nn.Module:
     """Apply the recorded steps to `model` (the base weights) in place and return it. `trainable` holds the canonical
     parameter names that were trained (default: every parameter with requires_grad); `rows` the row subsets;
     `stored` the dtype of the store the run kept a parameter in (zero_order.offload_dtype): as in the run, the
     parameter computes in its own dtype and its values are rounded to the stored dtype at the start and after
-    every update."""
+    every update. `sampler`: the run's z sampler ("chunked" or "philox", perturb.parse_z_stream of its z_stream)."""
     rows = rows or {}
     stored = stored or {}
     names = set(trainable) if trainable is not None else resolve_trainable(model, [])
-    generator = PerturbationGenerator(distribution)
+    generator = PerturbationGenerator(distribution, sampler=sampler)
     params = [(n, p) for n, p in model.named_parameters() if n in names]
     unknown = names - {n for n, _ in params}
     if unknown:
@@ -122,12 +122,17 @@ def main(argv=None) -> None:
     if recorded.startswith("mixed("):
         raise SystemExit(f"replay: the run was resumed on another sampler, its step log mixes two z streams "
                          f"{recorded[5:]}: no single device can replay it")
-    device = torch.device(args.device or recorded.split("/")[0])
+    kind, sampler = parse_z_stream(recorded)
+    device = torch.device(args.device or kind)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"replay: the run drew z on {recorded}; this machine has no CUDA device (z on another "
                          "device is another sequence, so a replay here would not rebuild the run)")
-    if z_stream(device) != recorded:
-        raise SystemExit(f"replay: the run drew z on {recorded}, this replay would draw it on {z_stream(device)}: a "
+    try:
+        here = z_stream(device, PerturbationGenerator(state["distribution"], sampler=sampler).counter_based(device))
+    except ValueError as err:       # the counter-based sampler cannot run here
+        raise SystemExit(f"replay: the run drew z on {recorded}: {err}") from None
+    if here != recorded:
+        raise SystemExit(f"replay: the run drew z on {recorded}, this replay would draw it on {here}: a "
                          "different sampler gives different z; replay on the same device type (and GPU model)")
     # parameters the run kept in an offload store of another dtype (zero_order.offload_dtype) had their values rounded
     # to it after every update (checkpoints before `stored_dtypes`: the parameters' recorded dtypes, which show the
@@ -139,7 +144,7 @@ def main(argv=None) -> None:
     stored = {n: getattr(torch, d.removeprefix("torch.")) for n, d in stored_names.items()}
     model.to(device)
     replay(model, records, state["trainable"], state["distribution"],
-           {n: r.to(device) for n, r in rows.items()}, stored)
+           {n: r.to(device) for n, r in rows.items()}, stored, sampler)
     model.to("cpu")
     model.save_pretrained(args.output, safe_serialization=True)
     tokenizer.save_pretrained(args.output)

@@ -49,6 +49,14 @@ if [ ! -f "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ pyproject.toml -nt
     touch "$stamp"
 fi
 
+# Triton: the kernels of ds_zo's counter-based z sampler (zero_order.z_sampler; CUDA builds of torch bring their own,
+# left as they are); without a GPU the tests run those kernels in Triton's interpreter
+if ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then
+    echo "[setup] installing Triton (its interpreter runs the z sampler's kernels in the CPU tests)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check triton==3.6.0 2>&1 \
+        | grep -v "is ignored: it is neither a file nor a directory" || true
+fi
+
 # the native z-chunk sampler (optional: without a compiler ds_zo draws on Python threads, same values), built once
 # here so that no training step waits for the compiler; a no-op when it is built already
 "$VENV/bin/python" -m ds_zo.native 2>&1 | grep -v "Setting accelerator to CPU" || true

@@ -4,6 +4,10 @@ import sys
 import torch  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+# without a GPU, Triton kernels (ds_zo.triton_z, the counter-based z sampler) run in Triton's interpreter; read when a
+# kernel is defined, so set before anything imports ds_zo.triton_z
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402

@@ -47,7 +47,7 @@ def run_case(case: dict, out_dir: str) -> dict:
     fake = case.get("z_stream_of_rank", {}).get(os.environ.get("RANK", "0"))
     if fake:                 # this rank pretends its sampler is another GPU's (ds_zo.engine's own reference only)
         from ds_zo import engine as zo_engine
-        zo_engine.z_stream = lambda device: fake
+        zo_engine.z_stream = lambda device, counter_based=False: fake
     engine, *_ = ds_zo.initialize(model=tiny_model(case.get("arch", "llama"), case.get("tied", False)),
                                   config=case_config(case))
     rank = engine.global_rank

@@ -17,11 +17,11 @@ from ds_zo.perturb import PerturbationGenerator, param_key, step_seed
 
 class MeZOReference:
     def __init__(self, model, lr, eps, wd=0.0, seed=0, q=1, distribution="gaussian", trainable=None, rows=None,
-                 token_loss=None):
+                 token_loss=None, sampler="auto"):
         self.token_loss = token_loss or token_loss_sum     # (logits, labels) -> (loss sum, count)
         self.model = copy.deepcopy(model).eval()
         self.lr, self.eps, self.wd, self.seed, self.q = lr, eps, wd, seed, q
-        self.gen = PerturbationGenerator(distribution)
+        self.gen = PerturbationGenerator(distribution, sampler=sampler)
         names = [n for n, _ in self.model.named_parameters()]
         self.trainable = names if trainable is None else [n for n in names if n in trainable]
         self.rows = rows or {}       # name -> rows: only those rows are perturbed and updated
@@ -36,10 +36,11 @@ class MeZOReference:
         """z as a full-shaped tensor (zero outside the trained rows of a row subset)."""
         p = self.params()[name]
         if name not in self.rows:
-            return self.gen.z(seed, j, param_key(name), p.numel()).view_as(p)
+            return self.gen.z(seed, j, param_key(name), p.numel(), device=p.device).view_as(p)
         r = self.rows[name]
         out = torch.zeros_like(p)
-        out[r] = self.gen.z(seed, j, param_key(name), len(r) * p[0].numel()).view(len(r), *p.shape[1:])
+        out[r] = self.gen.z(seed, j, param_key(name), len(r) * p[0].numel(), device=p.device).view(len(r),
+                                                                                                  *p.shape[1:])
         return out
 
     @torch.no_grad()

@@ -6,26 +6,58 @@ from ds_zo.model.dual_forward import dual_forward
 from ds_zo.model.perturbed_copies import PerturbedCopies
 from ds_zo.model.units import cut_into_units, resolve_trainable
 from ds_zo.optimizer import StepRecord, apply_step
-from ds_zo.perturb import PerturbationGenerator, param_key
+from ds_zo.perturb import PerturbationGenerator, counter_based_unavailable, mix, param_key
 from models import batch, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+triton = pytest.mark.skipif(not torch.cuda.is_available() or counter_based_unavailable("cuda") is not None,
+                            reason="needs CUDA and Triton")
+SAMPLERS = ["chunked", pytest.param("philox", marks=triton)]
+
+
 @cuda
-def test_cuda_slices_equal_whole_and_are_deterministic():
-    gen = PerturbationGenerator(chunk_elements=1024)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cuda_slices_equal_whole_and_are_deterministic(sampler):
+    gen = PerturbationGenerator(chunk_elements=1024, sampler=sampler)
     whole = gen.z(3, 0, 7, 5000, device="cuda")
-    assert whole.device.type == "cuda"
+    assert whole.device.type == "cuda" and gen.counter_based("cuda") == (sampler == "philox")
     assert torch.equal(gen.z(3, 0, 7, 5000, 1000, 3500, device="cuda"), whole[1000:3500])
-    assert torch.equal(PerturbationGenerator(chunk_elements=1024).z(3, 0, 7, 5000, device="cuda"), whole)
+    assert torch.equal(PerturbationGenerator(chunk_elements=1024, sampler=sampler).z(3, 0, 7, 5000, device="cuda"),
+                       whole)
+
+
+@triton
+@pytest.mark.parametrize("gaussian", [True, False])
+def test_cuda_counter_based_kernel_draws_the_documented_stream(gaussian):
+    """Compiled, the kernel gives tests/philox_reference.py's values: the Philox words exactly (Rademacher z is
+    their top bits), the Gaussian values to float32 rounding of the GPU's log, sin and cos; any slice, any program
+    size, gives the same values bit for bit."""
+    from ds_zo import triton_z
+    from philox_reference import reference_z
+    key, n = mix(5, 0, param_key("model.embed_tokens.weight")), 300_001
+    whole = triton_z.fill(torch.empty(n, device="cuda"), 0, key, 1.0, gaussian)
+    want = torch.from_numpy(reference_z(key, 0, n, gaussian))
+    if gaussian:
+        torch.testing.assert_close(whole.cpu(), want, rtol=1e-5, atol=2e-6)
+    else:
+        assert torch.equal(whole.cpu(), want)
+    for start, m in [(1, 5), (4093, 70_000), (299_999, 2)]:
+        for quads in (4, triton_z.QUADS):
+            got = triton_z.fill(torch.empty(m, device="cuda"), start, key, 1.0, gaussian, quads)
+            assert torch.equal(got, whole[start:start + m]), (start, m, quads)
+    far = triton_z.fill(torch.empty(9, device="cuda"), 1 << 33, key, 1.0, gaussian)     # the counter's high word
+    torch.testing.assert_close(far.cpu(), torch.from_numpy(reference_z(key, 1 << 33, 9, gaussian)), rtol=1e-5,
+                               atol=2e-6)
 
 
 @cuda
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-def test_cuda_scaled_draws_equal_z_times_scale(distribution):
+def test_cuda_scaled_draws_equal_z_times_scale(distribution, sampler):
     """The sampler applies ε (and |g|) itself: on CUDA too, exactly what a separate z.mul_(scale) gives."""
-    gen = PerturbationGenerator(distribution, chunk_elements=4096)
+    gen = PerturbationGenerator(distribution, chunk_elements=4096, sampler=sampler)
     z = gen.z(4, 1, 9, 10_000, device="cuda")
     for s in (1e-3, 0.37, 123.5, 0.0, -2.0):
         out = torch.empty(10_000, device="cuda")
@@ -212,6 +244,44 @@ def test_cuda_spans_of_several_chunks_give_the_same_parameters():
         assert all(torch.equal(sd[n], states[0][1][n]) for n in sd)
 
 
+@cuda
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("offload", [False, True])
+def test_cuda_engine_matches_the_plain_mezo_loop_on_either_sampler(sampler, offload):
+    """The engine on a GPU against tests/reference.py on the same GPU and sampler, resident and offloaded: the loss
+    and g to cuBLAS's rounding (the engine's forward runs both signs as one doubled batch), and each step's update
+    exactly θ − lr·(g·z + wd·θ) with the reference sampler's z; the z stream is recorded as the sampler's."""
+    import copy
+    import ds_zo
+    from conftest import ds_config
+    from ds_zo.perturb import z_stream
+    from reference import MeZOReference
+    base = tiny_model("llama", True)
+    cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, z_sampler=sampler)
+    if offload:
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
+    engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
+    assert engine.z_stream == z_stream("cuda", sampler == "philox")
+    gen = PerturbationGenerator(sampler=sampler)
+    for t in range(3):
+        b = batch(seed=t)
+        before = {n: p.float().cuda() for n, p in engine.module_state_dict().items()}
+        ref = MeZOReference(copy.deepcopy(base).cuda(), lr=1e-2, eps=1e-3, wd=0.1, sampler=sampler)
+        ref.model.load_state_dict(before)
+        ref.seed, ref.step_count = 3, t
+        loss = engine.train_batch(b)
+        ref_loss, ref_g = ref.step({k: v.cuda() for k, v in b.items()})
+        g, seed = engine.last_projected_grad, engine.step_log[-1].seed
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert g == pytest.approx(ref_g[0], rel=2e-2, abs=2e-2), t
+        after = engine.module_state_dict()
+        for n, p in engine.module.named_parameters():
+            z = gen.z(seed, 0, param_key(n), p.numel(), device="cuda").view(p.shape)
+            step = g * z + 0.1 * before[n] if p.dim() > 1 else g * z
+            torch.testing.assert_close(after[n].cuda(), before[n] - 1e-2 * step, rtol=1e-6, atol=1e-8,
+                                       msg=lambda m: f"step {t}, {n}: {m}")
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_master_widens_inside_the_kernel(device, dtype):
@@ -237,6 +307,7 @@ def test_cuda_z_stream_names_the_sampler_grid():
     threads = getattr(props, "max_threads_per_multi_processor", 0)     # (0 where torch does not expose it)
     assert z_stream("cuda") == f"cuda/{props.multi_processor_count}x{threads}"
     assert z_stream(torch.device("cuda", 0)) == z_stream("cuda")
+    assert z_stream("cuda", counter_based=True) == f"cuda-philox/{props.major}.{props.minor}"
     assert z_stream("cpu") == "cpu"
 
 

@@ -343,7 +343,7 @@ def test_the_accelerator_span_is_sized_by_the_largest_decoder_layer_and_the_mode
     (share 1); 2 chunks of 100 at the share of 64 (18,592 // 6,400), where the layer would allow 8. Here only the
     tied embedding and the final norm are trained, which alone would not say how large the model is."""
     import ds_zo.perturb
-    monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", chunk))
+    monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", chunk, "auto"))
     monkeypatch.setattr(ds_zo.perturb, "SPAN_MODEL_SHARE", share)
     cfg = ds_config(trainable=["model.embed_tokens.*", "model.norm.*"])
     engine, *_ = ds_zo.initialize(model=tiny_model("llama", tied=True), config=cfg)

@@ -247,7 +247,7 @@ def test_a_step_that_fails_mid_forward_loses_no_update(stage, failure, tmp_path,
       (before Python could note it ran): the update is not applied a second time."""
     import ds_zo.optimizer
     if failure == "update_part_way":
-        monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", 1000))
+        monkeypatch.setattr(PerturbationGenerator.__init__, "__defaults__", ("gaussian", 1000, "auto"))
 
     def engine_of():
         cfg = offload_config(depth=1)

@@ -164,6 +164,18 @@ def test_fused_passes_count_their_bytes_except_for_row_block_copies():
     assert steps[True] == pytest.approx(1000 * (2 * update_fused + perturb_fused + perturb_plain))
 
 
+def test_the_counter_based_sampler_costs_the_host_one_launch_per_span_piece_not_per_chunk():
+    """z_sampler "philox" draws a tensor's slice in one launch: a layer of one 16-chunk tensor and 3 small ones, at a
+    span of 8 chunks, costs host_chunk_s per piece (2 + 3, for the perturbation and again for the update) instead
+    of per chunk (16 + 3)."""
+    layer = pm.UnitSpec("layers.0", 16 * pm.CHUNK + 300, 16 * pm.CHUNK + 300, 0.0, 0, True, tensors=4)
+    model = pm.ModelSpec("toy", (layer,), 8)
+    steps = {c: pm.simulate(model, hw(host_chunk_s=1e-3, span_chunks=8, counter_z=c), pm.Layout("resident"),
+                            WORK).step_s for c in (False, True)}
+    assert steps[False] == pytest.approx(2 * (17 + 3) * 1e-3)      # 16 chunks and a piece, as pm._chunks counts
+    assert steps[True] == pytest.approx(2 * (3 + 3) * 1e-3)        # 2 spans and a piece, 3 small tensors
+
+
 def test_first_step_has_no_offload_and_steady_state_needs_two_steps():
     model = toy(layers=3, params=1000)
     h = hw(h2d_bw=1e9, d2h_bw=4000.0, overlap=False)
