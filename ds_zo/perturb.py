@@ -211,11 +211,15 @@ class PerturbationGenerator:
         kind = torch.device(device).type
         got = self._counter_based.get(kind)
         if got is None:
-            why = None if self.sampler == "chunked" else counter_based_unavailable(kind)
-            if self.sampler == "philox" and why:
-                raise ValueError(f"zero_order.z_sampler 'philox' cannot draw on {kind}: {why}; use 'chunked' "
-                                 "(or 'auto')")
-            got = self._counter_based[kind] = why is None and (self.sampler == "philox" or kind == "cuda")
+            if self.sampler == "chunked" or (self.sampler == "auto" and kind != "cuda"):
+                got = False
+            else:
+                why = counter_based_unavailable(kind)
+                if why and self.sampler == "philox":
+                    raise ValueError(f"zero_order.z_sampler 'philox' cannot draw on {kind}: {why}; use 'chunked' "
+                                     "(or 'auto')")
+                got = why is None
+            self._counter_based[kind] = got
         return got
 
     def parallel_chunks(self, device: torch.device) -> int:
@@ -323,7 +327,7 @@ class PerturbationGenerator:
         False, with nothing drawn, wherever whole chunks must be drawn instead (an accelerator, no native sampler,
         Rademacher z, a chunk not a multiple of 16 values, a scale the draw cannot fold)."""
         if (out.device.type != "cpu" or self.distribution != "gaussian" or out.numel() % 16
-                or not self._folds(out, scale) or self.counter_based(out.device)):
+                or not self._folds(out, scale) or self.sampler == "philox"):
             return False
         kernels = native.chunk_draws()
         if kernels is None or not kernels.fast_gaussian():
@@ -335,7 +339,7 @@ class PerturbationGenerator:
     def _fused_kernels(self, scales: Sequence[float]):
         """The native module where the fused passes can run with these scales (the vectorised Gaussian sampler on,
         each scale one the draw folds), else None."""
-        if not self.fused_passes or self.distribution != "gaussian" or self.counter_based("cpu"):
+        if not self.fused_passes or self.distribution != "gaussian" or self.sampler == "philox":
             return None
         if not all(self._scale_folds(abs(s)) for s in scales):
             return None

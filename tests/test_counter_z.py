@@ -75,6 +75,25 @@ def test_the_generator_draws_every_slice_in_one_launch_with_no_chunk_seams():
     assert PerturbationGenerator(sampler="auto").counter_based("cpu") is False     # auto: chunked off CUDA
 
 
+def test_which_sampler_draws_where(monkeypatch):
+    """chunked: never counter-based; auto: on CUDA where the kernel can run; philox: wherever it can run, refused by
+    name elsewhere. The native fused CPU passes (which draw the chunked stream) never run for a philox generator,
+    and asking whether they do does not raise where that generator could not draw on the CPU (a GPU run)."""
+    import ds_zo.perturb as perturb
+    monkeypatch.setattr(perturb, "counter_based_unavailable", lambda device: None)     # as on a GPU with Triton
+    assert [PerturbationGenerator(sampler=s).counter_based("cuda") for s in ("chunked", "auto", "philox")] == \
+        [False, True, True]
+    assert [PerturbationGenerator(sampler=s).counter_based("cpu") for s in ("chunked", "auto", "philox")] == \
+        [False, False, True]
+    monkeypatch.setattr(perturb, "counter_based_unavailable", lambda device: "no Triton here")
+    assert [PerturbationGenerator(sampler=s).counter_based("cuda") for s in ("chunked", "auto")] == [False, False]
+    with pytest.raises(ValueError, match="z_sampler 'philox' cannot draw on cuda: no Triton here"):
+        PerturbationGenerator(sampler="philox").counter_based("cuda")
+    philox = PerturbationGenerator(sampler="philox")
+    assert philox._fused_kernels([1.0]) is None and not philox.fuses("cpu", torch.float32)
+    assert not philox.draw_groups(torch.empty(64), 9, 0.5, torch.ones(4, dtype=torch.uint8))
+
+
 def test_stream_names():
     assert z_stream("cpu", True) == "cpu-philox" and z_stream("cpu") == "cpu"
     assert parse_z_stream("cuda-philox/9.0") == ("cuda", "philox")
