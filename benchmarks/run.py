@@ -407,12 +407,13 @@ def predict_h100(plot_path: str | None) -> dict:
     work = pm.Workload(rows, seq)
     hw = pm.H100
     fused = pm.with_(hw, fused=True)
+    variants = (("as_built", hw), ("chunked_z", pm.H100_CHUNKED_Z), ("fused_kernels", fused))
     out = {"model": "opt-175b", "rows": rows, "seq": seq, "hardware": hw.__dict__ | {"name": hw.name},
            "stored_GB": model.layer_params() * hw.dtype_bytes / 1e9}
-    out["as_built"] = pm.scaling(model, hw, work)
-    out["fused_kernels"] = pm.scaling(model, fused, work)
+    for label, h in variants:
+        out[label] = pm.scaling(model, h, work)
     at8 = {}
-    for label, h in (("as_built", hw), ("fused_kernels", fused)):
+    for label, h in variants:
         base = pm.simulate(model, h, pm.Layout("zo2"), work)
         rows8 = {}
         for name, lay in (("zo2 (1 GPU)", pm.Layout("zo2")), ("naive, 8 GPUs", pm.Layout("naive", 8)),
@@ -430,7 +431,8 @@ def predict_h100(plot_path: str | None) -> dict:
                         ("as built, 16x64", hw, pm.Workload(16, 64)),
                         ("host memory 250 GB/s", pm.with_(hw, host_bw=250e9), work),
                         ("host memory unlimited", pm.with_(hw, host_bw=float("inf")), work),
-                        ("no host z-chunk cost", pm.with_(hw, host_chunk_s=0.0), work),
+                        ("no host z-launch cost", pm.with_(hw, host_chunk_s=0.0), work),
+                        ("chunked z sampler (before the sixteenth session)", pm.H100_CHUNKED_Z, work),
                         ("fused element-wise kernels", fused, work)):
         m = pm.shape("opt-175b", w.seq)
         base = pm.simulate(m, h, pm.Layout("zo2"), w)
@@ -440,7 +442,7 @@ def predict_h100(plot_path: str | None) -> dict:
                      "reslice8_s": r8.step_s, "reslice8_speedup": base.step_s / r8.step_s,
                      "reslice8_bottleneck": r8.bottleneck, "naive8_speedup": base.step_s / n8.step_s})
     out["sensitivity"] = sens
-    for label in ("as_built", "fused_kernels"):
+    for label, _ in variants:
         out[label]["saturates_at"] = {k: pm.saturation(c) for k, c in out[label]["curves"].items()}
     if plot_path:
         plot(out, plot_path)
@@ -452,14 +454,18 @@ def plot(pred: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, label, title in ((axes[0], "as_built", "ds_zo as built"),
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.0), sharey=True)
+    for ax, label, title in ((axes[0], "as_built", "ds_zo as built (counter-based z)"),
                              (axes[1], "fused_kernels", "with fused perturb/update kernels (what-if)")):
         names = {"naive": "naive DistZO2 (DDP, whole units over every PCIe link)",
                  "reslice": "reslicing, ZO-DDP", "reslice+pertp2": "reslicing, PertP 2 x ZO-DDP"}
         for name, curve in pred[label]["curves"].items():
-            ax.plot([c["gpus"] for c in curve], [c["speedup"] for c in curve], marker="o", ms=3,
-                    label=names.get(name, name))
+            line, = ax.plot([c["gpus"] for c in curve], [c["speedup"] for c in curve], marker="o", ms=3,
+                            label=names.get(name, name))
+            if label == "as_built" and "chunked_z" in pred:     # the same layout with the GPUs' former sampler
+                old = pred["chunked_z"]["curves"][name]
+                ax.plot([c["gpus"] for c in old], [c["speedup"] for c in old], ls=":", lw=1, color=line.get_color(),
+                        label=f"{names.get(name, name)}, chunked z (before)")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.axhline(3.0, color="red", lw=0.8, ls="--", label="DistZO2 published (3x at 8 GPUs)")
         ax.axvline(8, color="grey", lw=0.6, ls="--")
@@ -467,8 +473,9 @@ def plot(pred: dict, path: str) -> None:
         ax.set_xlabel("H100 GPUs (8 per node)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("speedup over ZO2 on 1 GPU (same global batch)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7.5, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
 

@@ -234,17 +234,20 @@ class Hardware:
 
 # H100 SXM. Measured on this project's H200 machine (benchmarks/results/gpu_h200_2026-11-26c, the same GH100 chip
 # and host software): pinned PCIe ≈ 55 GB/s each way; a model forward at ≈ 600 TFLOP/s of its analytic FLOPs (OPT
-# 1.3B/6.7B, 550–645); torch's normal_ ≈ 1.77e11 values/s, timed queued behind a sleep kernel in fills of a span of
-# 2^20-element chunks (gpu_h200_2026-11-26j: 1.76e11 and 1.78e11; the earlier 9e10, timed back to back, was the
-# host's issue rate: docs/performance.md, ninth and tenth passes);
-# host time 22 µs per z chunk (blake2b key, Generator.manual_seed, normal_ launch), 8 µs per element-wise op, 1.7 ms
-# per unit visit; ds_zo's span of 8 chunks. Assumed: HBM3 ≈ 3.0 TB/s achieved by element-wise kernels (the H200
-# reached 4.1 of its 4.8 TB/s); NVLink 4 ≈ 450 GB/s per direction; a DGX-H100-class node with 2 sockets × 8
-# DDR5-4800 channels (614 GB/s peak), of which ≈ 450 GB/s is taken to be available to the GPUs' DMA in both
-# directions together; 20 µs per collective.
-H100 = Hardware("H100-SXM (8 per node)", flops=600e12, rng_rate=1.77e11, elem_bw=3.0e12, h2d_bw=55e9, d2h_bw=55e9,
-                link_bw=450e9, host_bw=450e9, gpus_per_node=8, overlap=True, host_chunk_s=22e-6, host_pass_s=8e-6,
-                span_chunks=8, unit_host_s=1.7e-3, collective_latency_s=20e-6, dtype_bytes=2)
+# 1.3B/6.7B, 550–645); ds_zo's counter-based z sampler (zero_order.z_sampler, the GPUs' default since the sixteenth
+# session) ≈ 3.11e11 values/s timed queued in fills of a span of 8 2^20-element chunks, and 25 µs of host time per
+# launch (a span's piece of one tensor) (gpu_h200_2026-11-27d/e); 8 µs per element-wise op, 1.7 ms per unit visit;
+# ds_zo's span of 8 chunks. Assumed: HBM3 ≈ 3.0 TB/s achieved by element-wise kernels (the H200 reached 4.1 of its
+# 4.8 TB/s); NVLink 4 ≈ 450 GB/s per direction; a DGX-H100-class node with 2 sockets × 8 DDR5-4800 channels (614 GB/s
+# peak), of which ≈ 450 GB/s is taken to be available to the GPUs' DMA in both directions together; 20 µs per
+# collective.
+H100 = Hardware("H100-SXM (8 per node)", flops=600e12, rng_rate=3.11e11, elem_bw=3.0e12, h2d_bw=55e9, d2h_bw=55e9,
+                link_bw=450e9, host_bw=450e9, gpus_per_node=8, overlap=True, host_chunk_s=25e-6, host_pass_s=8e-6,
+                span_chunks=8, unit_host_s=1.7e-3, collective_latency_s=20e-6, dtype_bytes=2, counter_z=True)
+# the same with the chunked sampler (the GPUs' until the sixteenth session): torch's normal_ at ≈ 1.77e11 values/s
+# (gpu_h200_2026-11-26j: 1.76e11 and 1.78e11; 1.81e11 on …27e), one seeded launch per 2^20-element chunk at 22 µs
+# of host time (blake2b key, Generator.manual_seed, the launch; 157 µs per span of 8 on …27e)
+H100_CHUNKED_Z = replace(H100, rng_rate=1.77e11, host_chunk_s=22e-6, counter_z=False)
 
 
 @dataclass(frozen=True)
@@ -531,5 +534,6 @@ def with_(hw: Hardware, **changes) -> Hardware:
 
 
 __all__ = ["Simulator", "DeadlockError", "UnitSpec", "ModelSpec", "decoder", "shape", "SHAPES", "Hardware", "H100",
+           "H100_CHUNKED_Z",
            "Layout", "Workload", "Result", "simulate", "scaling", "saturation", "with_", "perturb_bytes",
            "update_bytes", "CHUNK"]

@@ -244,41 +244,46 @@ def test_cuda_spans_of_several_chunks_give_the_same_parameters():
         assert all(torch.equal(sd[n], states[0][1][n]) for n in sd)
 
 
-@cuda
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("sampler", ["chunked", "philox"])
 @pytest.mark.parametrize("offload", [False, True])
-def test_cuda_engine_matches_the_plain_mezo_loop_on_either_sampler(sampler, offload):
-    """The engine on a GPU against tests/reference.py on the same GPU and sampler, resident and offloaded: the loss
-    and g to cuBLAS's rounding (the engine's forward runs both signs as one doubled batch), and each step's update
-    exactly θ − lr·(g·z + wd·θ) with the reference sampler's z; the z stream is recorded as the sampler's."""
+def test_engine_matches_the_plain_mezo_loop_on_either_sampler(device, sampler, offload):
+    """The engine against tests/reference.py on the same device and sampler, resident and offloaded: the loss and g
+    to cuBLAS's rounding (on a GPU the engine's forward runs both signs as one doubled batch), and each step's update
+    exactly θ − lr·(g·z + wd·θ) with the reference sampler's z; the z stream is recorded as the sampler's. On CPU
+    (the philox sampler in Triton's interpreter) the same checks."""
     import copy
     import ds_zo
     from conftest import ds_config
     from ds_zo.perturb import z_stream
     from reference import MeZOReference
+    why = counter_based_unavailable(device)
+    if sampler == "philox" and why:
+        pytest.skip(f"counter-based sampler: {why}")
     base = tiny_model("llama", True)
     cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, z_sampler=sampler)
     if offload:
         cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
     engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
-    assert engine.z_stream == z_stream("cuda", sampler == "philox")
+    assert engine.device.type == device and engine.z_stream == z_stream(device, sampler == "philox")
     gen = PerturbationGenerator(sampler=sampler)
     for t in range(3):
         b = batch(seed=t)
-        before = {n: p.float().cuda() for n, p in engine.module_state_dict().items()}
-        ref = MeZOReference(copy.deepcopy(base).cuda(), lr=1e-2, eps=1e-3, wd=0.1, sampler=sampler)
+        # copies: resident parameters (and the embedding, resident with offload) are the state dict's own tensors
+        before = {n: p.detach().float().to(device, copy=True) for n, p in engine.module_state_dict().items()}
+        ref = MeZOReference(copy.deepcopy(base).to(device), lr=1e-2, eps=1e-3, wd=0.1, sampler=sampler)
         ref.model.load_state_dict(before)
         ref.seed, ref.step_count = 3, t
         loss = engine.train_batch(b)
-        ref_loss, ref_g = ref.step({k: v.cuda() for k, v in b.items()})
+        ref_loss, ref_g = ref.step({k: v.to(device) for k, v in b.items()})
         g, seed = engine.last_projected_grad, engine.step_log[-1].seed
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         assert g == pytest.approx(ref_g[0], rel=2e-2, abs=2e-2), t
         after = engine.module_state_dict()
         for n, p in engine.module.named_parameters():
-            z = gen.z(seed, 0, param_key(n), p.numel(), device="cuda").view(p.shape)
+            z = gen.z(seed, 0, param_key(n), p.numel(), device=device).view(p.shape)
             step = g * z + 0.1 * before[n] if p.dim() > 1 else g * z
-            torch.testing.assert_close(after[n].cuda(), before[n] - 1e-2 * step, rtol=1e-6, atol=1e-8,
+            torch.testing.assert_close(after[n].to(device), before[n] - 1e-2 * step, rtol=1e-6, atol=1e-8,
                                        msg=lambda m: f"step {t}, {n}: {m}")
 
 
