@@ -12,7 +12,9 @@ Device rates are the device's own time (CUDA events; wall time after a synchroni
 - elem_bw: torch.add(x, y, out=o) over 64M float32 elements (12 bytes each); merge_bw: torch.cat of two of them;
 - flops: a plain forward of the benchmark's model at the rows the dual forward computes (2 x batch), over the shape's
   analytic FLOPs (attention, norms, the loss and HF's module code are folded in);
-- h2d_bw / d2h_bw: the pinned memcpy baseline the benchmark measured (CUDA) or a host copy (CPU).
+- h2d_bw / d2h_bw: the pinned memcpy baseline the benchmark measured (CUDA) or a host copy (CPU);
+- kernel_floor_s (CUDA): a 4096-element add's device time, queued: the floor every ZO kernel costs the device
+  (records before the sixteenth session have none: 0).
 Host rates:
 - host_pass_s: host time to issue one small element-wise op as ds_zo does (torch.add of slices into a slice);
 - host_chunk_s and unit_host_s, by default fitted to ds_zo's own ZO steps of two small shapes at 1 x 8 tokens
@@ -182,6 +184,11 @@ def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
     if other is not None:        # the chunked sampler beside the counter-based one: its device rate
         out["rng_rate_chunked"] = CHUNK_ELEMENTS / chunk_time(other)
     if device.type == "cuda":
+        # a small element-wise kernel's device time (a bias's pass), queued: the model's per-kernel floor
+        a, c = torch.randn(4096, device=device), torch.empty(4096, device=device)
+        out["kernel_floor_s"] = queued_device_time(lambda: [torch.add(a, a, out=c) for _ in range(64)], device,
+                                                   reps) / 64
+    if device.type == "cuda":
         # what the eighth session's calibration measured: bare normal_ calls issued back to back (host-bound)
         chunk = torch.empty(CHUNK_ELEMENTS, device=device)
         gen = torch.Generator(device=device).manual_seed(0)
@@ -220,7 +227,8 @@ def hardware(micro: dict, flops: float, h2d_bw: float, d2h_bw: float, dtype_byte
                        host_chunk_s=micro["host_chunk_s"], host_pass_s=micro.get("host_pass_s", 0.0) if cuda else 0.0,
                        span_chunks=span_chunks, unit_host_s=unit_host_s, dtype_bytes=dtype_bytes,
                        merge_bw=micro["merge_bw"], fused_passes=micro.get("fused_passes", False) and dtype_bytes == 4,
-                       loss_tile_elements=loss_tile_elements, counter_z=micro.get("counter_z", False))
+                       loss_tile_elements=loss_tile_elements, counter_z=micro.get("counter_z", False),
+                       kernel_floor_s=micro.get("kernel_floor_s", 0.0) if cuda else 0.0)
 
 
 def predict(result: dict) -> dict:

@@ -184,11 +184,13 @@ def main(argv=None) -> dict:
                 for m in modes:
                     engines[m].train_batch(batch_of[b])   # warm-up at this size (scratch sized by the span)
             times = {m: [] for m in modes}
-            for _ in range(args.reps):                     # interleaved: both modes see the same machine noise
+            for rep in range(args.reps):                   # interleaved: every mode sees the same machine noise
                 if host_steps is not None:
                     host_samples.append(dc.host_rates(host_steps.device))
                     host_steps.sample()
-                for m in modes:
+                # each repetition starts one mode later: on an H200 two identical engines timed third and first
+                # differed by 10-16 % (gpu_h200_2026-11-27d), so a fixed order would favour the first modes
+                for m in modes[rep % len(modes):] + modes[:rep % len(modes)]:
                     times[m].append(timed_steps(engines[m], batch_of[b], args.steps))
             for m in modes:
                 run[f"{m}_step_s_median"] = statistics.median(times[m])

@@ -227,6 +227,9 @@ class Hardware:
     fused: bool = False               # what-if: one kernel per tensor draws z in registers and writes θ±εz (or the
                                       # update) directly: b bytes read + b per output, one launch per tensor
     fused_rng_rate: float = 5e11      # z values/s drawn inside such a kernel (assumed: Philox in registers)
+    kernel_floor_s: float = 0.0       # device time of one ZO kernel beyond its bytes (launch, ramp, tail), charged per
+                                      # z draw and element-wise pass on the compute stream: most of a step's ZO
+                                      # kernels are small (a bias's, a norm's) with the counter-based sampler
     counter_z: bool = False           # z drawn by ds_zo's counter-based sampler (zero_order.z_sampler "philox"): one
                                       # launch per tensor slice of a pass, so host_chunk_s is charged per launch (a
                                       # span's piece of a tensor), not per 2^20-element chunk
@@ -352,6 +355,11 @@ def loss_tiles(positions: int, vocab: int, window: int, tile_elements: int) -> i
     return math.ceil(positions / group) * math.ceil(vocab / window)
 
 
+def _update_only(u: UnitSpec) -> UnitSpec:
+    """u with nothing to perturb: its update's launches alone (a resliced shard is updated on another stream)."""
+    return replace(u, params=0)
+
+
 def _chunks(n: float, tensors: int = 1, size: int = CHUNK) -> int:
     """Pieces of `size` (default: z chunks) for n elements spread over `tensors` tensors (each starts a new piece)."""
     return int(math.ceil(n / size)) + tensors - 1 if n > 0 else 0
@@ -395,16 +403,25 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
             t += slots * tokens * u.out_width * b / (hw.merge_bw or hw.elem_bw / 2)
         return t
 
-    def t_host(u: UnitSpec, update_elems: float) -> float:
-        if hw.fused:                                   # one launch per tensor and pass
-            launches = u.tensors * (1 + (update_elems > 0))
-            return hw.unit_host_s + hw.host_chunk_s * work.q * launches
+    def zo_launches(u: UnitSpec, update_elems: float) -> tuple[int, int]:
+        """(z draws per perturbation, element-wise passes) that a visit of u issues, each one kernel launch."""
+        if hw.fused:                                   # one launch per tensor and pass, z drawn inside
+            return u.tensors * (1 + (update_elems > 0)), 0
         span = CHUNK * hw.span_chunks
         draw_size = span if hw.counter_z else CHUNK
         draws = _chunks(u.params, u.tensors, draw_size) + _chunks(update_elems, u.tensors, draw_size)
         passes = (work.q * perturb_passes(signs) * _chunks(u.params, u.tensors, span)
                   + update_passes(work.q) * _chunks(update_elems, u.tensors, span))
+        return draws, passes
+
+    def t_host(u: UnitSpec, update_elems: float) -> float:
+        draws, passes = zo_launches(u, update_elems)
         return hw.unit_host_s + hw.host_chunk_s * work.q * draws + hw.host_pass_s * passes
+
+    def t_floor(u: UnitSpec, update_elems: float) -> float:
+        """The device's own time per ZO kernel beyond its bytes (launch, ramp, tail): what many small kernels cost."""
+        draws, passes = zo_launches(u, update_elems)
+        return hw.kernel_floor_s * (work.q * draws + passes)
 
     sim = Simulator()
     depth = layout.prefetch_depth
@@ -439,7 +456,8 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
             if layout.kind == "reslice":
                 n_shard = shard[i]
                 if pending:
-                    ready = sim.add(f"s{s} shard-update {units[i].name}", res("comm"), t_update(n_shard), [ready])
+                    ready = sim.add(f"s{s} shard-update {units[i].name}", res("comm"),
+                                    t_update(n_shard) + t_floor(_update_only(units[i]), n_shard), [ready])
                 gathered = (k - 1) * n_shard * b
                 t_ag = (gathered / hw.link_bw + hw.collective_latency_s if k > 1 else 0.0)
                 t_ag += 2 * units[i].owned * b / hw.elem_bw            # reassemble the full unit, trimming padding
@@ -455,7 +473,7 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
             upd = u.owned if (pending and not resliced) else 0
             host = sim.add(f"s{s} issue {u.name}", res("host"),
                            t_host(u, upd if not resliced else (shard[i] if pending else 0)), [sync])
-            dur = (t_update(upd) if upd else 0.0) + t_perturb(u) + t_forward(u)
+            dur = (t_update(upd) if upd else 0.0) + t_perturb(u) + t_forward(u) + t_floor(u, upd)
             if is_off[i]:
                 p = off_idx.index(i)
                 if p not in ready_of:

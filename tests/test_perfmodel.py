@@ -176,6 +176,21 @@ def test_the_counter_based_sampler_costs_the_host_one_launch_per_span_piece_not_
     assert steps[True] == pytest.approx(2 * (3 + 3) * 1e-3)        # 2 spans and a piece, 3 small tensors
 
 
+def test_each_zo_kernel_costs_the_device_its_floor():
+    """kernel_floor_s: the device's own time per ZO kernel, whatever its size. With only it costing, a resident step
+    is floor × (z draws + element-wise passes). The layer (one 16-chunk tensor and 3 small ones, a span of 8
+    chunks) is drawn in 6 pieces per draw (pm._chunks: 3 span pieces of its 16 M + 300 elements, 3 more tensors),
+    once to perturb and once to update, and each piece takes the passes that form both signs and apply the update."""
+    layer = pm.UnitSpec("layers.0", 16 * pm.CHUNK + 300, 16 * pm.CHUNK + 300, 0.0, 0, True, tensors=4)
+    model = pm.ModelSpec("toy", (layer,), 8)
+    h = hw(kernel_floor_s=1e-3, span_chunks=8, counter_z=True)
+    pieces = 3 + 3                                      # ceil(n / span) + tensors - 1
+    draws = 2 * pieces                                  # the perturbation's and the update's
+    passes = pm.perturb_passes(2) * pieces + pm.update_passes(1) * pieces
+    assert pm.simulate(model, h, pm.Layout("resident"), WORK).step_s == pytest.approx((draws + passes) * 1e-3)
+    assert pm.simulate(model, hw(span_chunks=8, counter_z=True), pm.Layout("resident"), WORK).step_s == 0.0
+
+
 def test_first_step_has_no_offload_and_steady_state_needs_two_steps():
     model = toy(layers=3, params=1000)
     h = hw(h2d_bw=1e9, d2h_bw=4000.0, overlap=False)
