@@ -230,16 +230,16 @@ def main(argv=None) -> dict:
     plain = [m for m in modes if not m.endswith(VARIANTS)]
     blocks = [m for m in modes if m.endswith("_whole_copies")]
     chunked = [m for m in modes if m.endswith("_chunked_z")]    # another z stream: alike among themselves only
-    if plain and len(modes) >= 2:
+    if len(plain) >= 2 or len(chunked) >= 2 or (plain and blocks):
         # one parameter at a time on the host: a 6.7B model's parameters are not all copied off the GPU at once
         states = {m: engines[m].module_state_dict() for m in modes}
         same, same_blocks, same_chunked, diff = True, True, True, 0.0
-        for n, t in states[plain[0]].items():
-            ref = t.cpu()
+        for n, t in states[modes[0]].items():
+            ref = states[plain[0]][n].cpu() if plain else None
             same &= all(torch.equal(ref, states[m][n].cpu()) for m in plain[1:])
             if len(chunked) >= 2:
                 same_chunked &= all(torch.equal(states[chunked[0]][n].cpu(), states[m][n].cpu()) for m in chunked[1:])
-            for m in blocks:
+            for m in blocks if plain else ():
                 other = states[m][n].cpu()
                 same_blocks &= torch.equal(ref, other)
                 if ref.numel():
@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
             result["params_identical"] = same
         if len(chunked) >= 2:
             result["chunked_z_params_identical"] = same_chunked
-        if blocks:
+        if blocks and plain:
             result["whole_copies_params_identical"] = same_blocks
             result["whole_copies_max_param_diff"] = diff
     for m in modes if args.profile else ():

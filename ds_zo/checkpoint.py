@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .optimizer import StepRecord
+from .perturb import parse_z_stream
 from .weights_fingerprint import describe, differing
 
 logger = logging.getLogger(__name__)
@@ -266,6 +267,10 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
                            for n, h in engine.base_weights.items()}
     engine.optimizer.pending = None
     saved_stream = state.get("z_stream", engine.z_stream)
+    if saved_stream != engine.z_stream and engine.zo_config.z_sampler == "auto" and "(" not in saved_stream:
+        # the default sampler resumes on the one the run drew with, where it can draw here: GPUs drew chunk by chunk
+        # until the sixteenth session and counter-based since; an explicit zero_order.z_sampler is kept
+        engine.use_sampler(parse_z_stream(saved_stream)[1])
     if saved_stream != engine.z_stream:
         # training goes on (z is as random here), but no single device can replay the whole step log any more
         logger.warning("ds_zo: resuming a run that drew z on %s on %s: its step log now mixes two z streams and "

@@ -109,16 +109,23 @@ def z_stream(device: torch.device | str, counter_based: bool = False) -> str:
     normal_ ("cpu"); on CUDA torch's Philox normal_, which strides a tensor's elements over a launch grid of
     multiProcessorCount × (maxThreadsPerMultiProcessor / 256) blocks (aten/src/ATen/native/cuda/
     DistributionTemplates.h), so GPUs with a different SM count — an A100 and an H100, a MIG slice — draw different z
-    from the same seed ("cuda/132x2048"). Counter-based (triton_z): integer Philox, then the GPU's own log, sin and
-    cos, so the same z on every GPU of one compute capability ("cuda-philox/9.0"; "cpu-philox" in Triton's
-    interpreter). Every rank of a run must draw the same z, and a replay must run on the same stream."""
+    from the same seed ("cuda/132x2048"). Counter-based (triton_z): integer Philox, then the device's own log, sin and
+    cos: named by the compute capability and a digest of values drawn here ("cuda-philox/9.0/1a2b3c4d";
+    "cpu-philox/<digest>" in Triton's interpreter), so that two hosts whose values differ in any bit never pass for
+    one stream. Every rank of a run must draw the same z, and a replay must run on the same stream."""
     device = torch.device(device)
+    if counter_based:
+        digest, why = _trial_launch(device.type)
+        if why:
+            raise ValueError(f"the counter-based z sampler cannot run on {device.type}: {why}")
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            return f"cuda-philox/{props.major}.{props.minor}/{digest}"
+        return f"{device.type}-philox/{digest}"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        if counter_based:
-            return f"cuda-philox/{props.major}.{props.minor}"
         return f"cuda/{props.multi_processor_count}x{getattr(props, 'max_threads_per_multi_processor', 0)}"
-    return f"{device.type}-philox" if counter_based else device.type
+    return device.type
 
 
 def parse_z_stream(stream: str) -> tuple[str, str]:
@@ -132,23 +139,29 @@ def counter_based_unavailable(device: torch.device | str) -> Optional[str]:
     kind = torch.device(device).type
     if kind not in ("cuda", "cpu"):
         return f"it runs on CUDA devices, not {kind}"
-    if kind == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return "on CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests)"
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (CUDA builds of torch bring it; pip install triton)"
-    return _triton_launch_fails(kind)
+    try:
+        from . import triton_z
+    except Exception as err:           # a broken Triton install: say so, the chunked sampler still works
+        return f"importing Triton failed ({type(err).__name__}: {err})"
+    if kind == "cpu" and not triton_z.INTERPRETED:
+        return "on CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests)"
+    if kind == "cuda" and triton_z.INTERPRETED:
+        return ("Triton's interpreter is on (TRITON_INTERPRET): it would compute z on the host with numpy, another "
+                "stream than the compiled kernel's; unset it on GPUs")
+    return _trial_launch(kind)[1]
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_launch_fails(kind: str) -> Optional[str]:
-    """Import Triton and launch the kernel once on this device type (it compiles there, or is read from Triton's
-    cache): a broken install or a missing host compiler shows here, before any z is drawn, not in a step."""
+def _trial_launch(kind: str) -> tuple[Optional[str], Optional[str]]:
+    """(digest of the stream here, None) or (None, why the kernel cannot run here). The launch compiles the kernel (or
+    reads it from Triton's cache): a broken install or a missing host compiler shows here, before any z is drawn."""
     try:
         from . import triton_z
-        triton_z.fill(torch.empty(8, device=kind), 0, 1, 1.0)
+        return triton_z.stream_digest(kind), None
     except Exception as err:
-        return f"Triton cannot run its kernel here ({type(err).__name__}: {err})"
-    return None
+        return None, f"Triton cannot run its kernel here ({type(err).__name__}: {err})"
 
 
 def param_key(name: str) -> int:

@@ -44,12 +44,14 @@ def _round_through(p: torch.Tensor, dtype: Optional[torch.dtype]) -> None:
 @torch.no_grad()
 def replay(model: torch.nn.Module, records: Iterable[StepRecord], trainable: Optional[Iterable[str]] = None,
            distribution: str = "gaussian", rows: Optional[dict[str, torch.Tensor]] = None,
-           stored: Optional[dict[str, torch.dtype]] = None, sampler: str = "chunked") -> torch.nn.Module:
+           stored: Optional[dict[str, torch.dtype]] = None, sampler: str = "auto") -> torch.nn.Module:
     """Apply the recorded steps to `model` (the base weights) in place and return it. `trainable` holds the canonical
     parameter names that were trained (default: every parameter with requires_grad); `rows` the row subsets;
     `stored` the dtype of the store the run kept a parameter in (zero_order.offload_dtype): as in the run, the
     parameter computes in its own dtype and its values are rounded to the stored dtype at the start and after
-    every update. `sampler`: the run's z sampler ("chunked" or "philox", perturb.parse_z_stream of its z_stream)."""
+    every update. `sampler`: the run's z sampler (zero_order.z_sampler; "auto", the default, picks as the engine
+    does on the model's device: counter-based on CUDA where Triton runs, chunked elsewhere; a checkpoint's is
+    perturb.parse_z_stream of its z_stream)."""
     rows = rows or {}
     stored = stored or {}
     names = set(trainable) if trainable is not None else resolve_trainable(model, [])

@@ -1,5 +1,7 @@
 """The counter-based z sampler (ds_zo/triton_z.py, zero_order.z_sampler "philox"), run in Triton's interpreter on CPU
 (tests/conftest.py sets TRITON_INTERPRET=1 where there is no GPU; tests/test_cuda.py runs the compiled kernel)."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -95,7 +97,7 @@ def test_which_sampler_draws_where(monkeypatch):
 
 
 def test_stream_names():
-    assert z_stream("cpu", True) == "cpu-philox" and z_stream("cpu") == "cpu"
+    assert re.fullmatch(r"cpu-philox/[0-9a-f]{8}", z_stream("cpu", True)) and z_stream("cpu") == "cpu"
     assert parse_z_stream("cuda-philox/9.0") == ("cuda", "philox")
     assert parse_z_stream("cuda/132x2048") == ("cuda", "chunked") and parse_z_stream("cpu") == ("cpu", "chunked")
 
@@ -105,7 +107,7 @@ def test_an_engine_on_the_counter_based_sampler_matches_the_plain_mezo_loop_bitw
     ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.1, seed=3, sampler="philox")
     engine, *_ = ds_zo.initialize(model=model, config=ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3,
                                                                 z_sampler="philox"))
-    assert engine.z_stream == "cpu-philox" and engine.perturbations.counter_based("cpu")
+    assert engine.z_stream == z_stream("cpu", True) and engine.perturbations.counter_based("cpu")
     b = batch()
     for _ in range(2):
         loss = engine.train_batch(b)
@@ -120,13 +122,46 @@ def test_an_engine_on_the_counter_based_sampler_matches_the_plain_mezo_loop_bitw
                                                   sampler="philox").step(b)[1][0]
     engine.save_checkpoint(str(tmp_path))
     from ds_zo.checkpoint import read_state
-    assert read_state(str(tmp_path), None)[1]["z_stream"] == "cpu-philox"
+    assert read_state(str(tmp_path), None)[1]["z_stream"] == z_stream("cpu", True)
 
 
 def test_philox_where_it_cannot_run_is_refused_by_name(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from ds_zo import triton_z
+    # on a GPU the interpreter would draw z with numpy: another stream than the compiled kernel's
+    assert "Triton's interpreter is on" in counter_based_unavailable("cuda")
+    monkeypatch.setattr(triton_z, "INTERPRETED", False)      # as where the kernels are compiled: CPU cannot run them
     with pytest.raises(ValueError, match="z_sampler 'philox' cannot draw on cpu: on CPU it runs only in Triton's "
                                          "interpreter"):
         ds_zo.initialize(model=tiny_model("llama"), config=ds_config(z_sampler="philox"))
     with pytest.raises(ValueError, match="zero_order.z_sampler"):
         ds_zo.initialize(model=tiny_model("llama"), config=ds_config(z_sampler="mt19937"))
+
+
+def test_a_resumed_run_keeps_the_sampler_it_drew_with_unless_one_is_named(tmp_path):
+    """z_sampler "auto" resumes on the sampler the checkpoint's z stream names (GPU runs drew chunk by chunk until the
+    sixteenth session, and "auto" picks the counter-based one there now): the resumed steps are the uninterrupted
+    run's, and the log stays replayable. A sampler named in the config is kept (the log then mixes two streams)."""
+    import copy
+    from ds_zo.replay import replay
+    base = tiny_model("llama", tied=True)
+    cfg = dict(lr=1e-2, eps=1e-3, wd=0.1, seed=3)
+    straight, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=ds_config(z_sampler="philox", **cfg))
+    first, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=ds_config(z_sampler="philox", **cfg))
+    for t in range(2):
+        straight.train_batch(batch(seed=t))
+        first.train_batch(batch(seed=t))
+    first.save_checkpoint(str(tmp_path))
+    resumed, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=ds_config(**cfg))     # "auto": chunked on CPU
+    assert resumed.z_stream == "cpu"
+    resumed.load_checkpoint(str(tmp_path))
+    assert resumed.z_stream == z_stream("cpu", True) and resumed.perturbations.counter_based("cpu")
+    for t in range(2, 4):
+        assert resumed.train_batch(batch(seed=t)) == straight.train_batch(batch(seed=t))
+    want = straight.module_state_dict()
+    assert all(torch.equal(p, want[n]) for n, p in resumed.module_state_dict().items())
+    # the Python replay's default picks as the engine's "auto" does on the model's device: chunked on CPU
+    replayed = replay(copy.deepcopy(base), resumed.step_log, sampler="philox")
+    assert all(torch.equal(p, want[n]) for n, p in replayed.state_dict().items() if n in want)
+    named, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=ds_config(z_sampler="chunked", **cfg))
+    named.load_checkpoint(str(tmp_path))
+    assert named.z_stream == f"mixed({z_stream('cpu', True)}, cpu)"

@@ -167,7 +167,7 @@ def test_fused_passes_count_their_bytes_except_for_row_block_copies():
 def test_the_counter_based_sampler_costs_the_host_one_launch_per_span_piece_not_per_chunk():
     """z_sampler "philox" draws a tensor's slice in one launch: a layer of one 16-chunk tensor and 3 small ones, at a
     span of 8 chunks, costs host_chunk_s per piece (2 + 3, for the perturbation and again for the update) instead
-    of per chunk (16 + 3)."""
+    of per chunk (17 + 3: pm._chunks counts the 300 elements past the 16 chunks as one more)."""
     layer = pm.UnitSpec("layers.0", 16 * pm.CHUNK + 300, 16 * pm.CHUNK + 300, 0.0, 0, True, tensors=4)
     model = pm.ModelSpec("toy", (layer,), 8)
     steps = {c: pm.simulate(model, hw(host_chunk_s=1e-3, span_chunks=8, counter_z=c), pm.Layout("resident"),
