@@ -211,20 +211,20 @@ class ZOEngine(DeepSpeedEngine):
             raise TypeError(f"ZOEngine needs a ZOSGD optimizer, got {type(client_optimizer).__name__}")
         self.basic_optimizer = self.optimizer = client_optimizer
 
-    # -- offload ----------------------------------------------------------------------------------------------------
     def use_sampler(self, sampler: str) -> None:
         """Draw z with `sampler` ("chunked" or "philox") from now on, where it can draw on this device (a resumed run
         takes the one it drew with; the default "auto" would pick the device's). Every rank calls this together and
         agrees on the result (ranks where it could not be used keep theirs, and the agreement then fails by name)."""
         gen, before = self.perturbations, self.perturbations.sampler
-        gen.sampler, gen._counter_based = sampler, {}
+        gen.set_sampler(sampler)
         try:
             counter = gen.counter_based(self.device)
         except ValueError:               # philox cannot run here: keep the sampler the run has
-            gen.sampler, gen._counter_based = before, {}
+            gen.set_sampler(before)
             counter = gen.counter_based(self.device)
         self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device, counter))
 
+    # -- offload ----------------------------------------------------------------------------------------------------
     def _build_offload(self, offload: OffloadConfig) -> OffloadPipeline:
         zo = self.zo_config
         layer_units = {id(u) for u in self.units if u.is_layer}

@@ -7,7 +7,9 @@ chunks it overlaps, and every rank, partitioning and offload layout sees the sam
 type. A chunk is always drawn at its full length because torch's CPU normal sampler fills blocks of 16 values and is
 not prefix-stable: drawing a shorter length can change earlier values.
 
-Nothing here depends on global RNG state or on call order.
+Nothing here depends on global RNG state or on call order. On GPUs z comes by default from a second, counter-based
+definition (ds_zo/triton_z.py: Philox at each element's index, any slice in one launch); `zero_order.z_sampler`
+chooses, and `z_stream` names the stream a run draws.
 """
 from __future__ import annotations
 
@@ -217,6 +219,12 @@ class PerturbationGenerator:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+
+    def set_sampler(self, sampler: str) -> None:
+        """Draw with `sampler` from now on (SAMPLERS); where it draws is decided again at the next draw."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"zero_order.z_sampler: {sampler!r} is not one of {SAMPLERS}")
+        self.sampler, self._counter_based = sampler, {}
 
     def counter_based(self, device: torch.device | str) -> bool:
         """Whether z on this device comes from the counter-based kernel (triton_z) rather than chunk by chunk: with
