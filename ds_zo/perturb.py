@@ -113,8 +113,8 @@ def z_stream(device: torch.device | str, counter_based: bool = False) -> str:
     DistributionTemplates.h), so GPUs with a different SM count — an A100 and an H100, a MIG slice — draw different z
     from the same seed ("cuda/132x2048"). Counter-based (triton_z): integer Philox, then the device's own log, sin and
     cos: named by the compute capability and a digest of values drawn here ("cuda-philox/9.0/1a2b3c4d";
-    "cpu-philox/<digest>" in Triton's interpreter), so that two hosts whose values differ in any bit never pass for
-    one stream. Every rank of a run must draw the same z, and a replay must run on the same stream."""
+    "cpu-philox/<digest>" in Triton's interpreter), so that two hosts whose values differ on a fixed sample never
+    pass for one stream. Every rank of a run must draw the same z, and a replay must run on the same stream."""
     device = torch.device(device)
     if counter_based:
         digest, why = _trial_launch(device.type)

@@ -121,7 +121,7 @@ DIGEST_KEY, DIGEST_START = (1 << 62) + 12345, (1 << 33) + 5
 
 def stream_digest(device: torch.device | str) -> str:
     """8 hex digits of 64 Gaussian z values drawn here at a 63-bit key and a counter above 2^32: part of the stream's
-    name (perturb.z_stream), so that hosts whose values differ in any bit (another libdevice, another Triton's code
+    name (perturb.z_stream), so that hosts whose values differ on that sample (another libdevice, another Triton's code
     generation, numpy's functions in the interpreter) never pass for one stream. It also compiles the 64-bit variant
     that training uses."""
     out = fill(torch.empty(64, dtype=torch.float32, device=device), DIGEST_START, DIGEST_KEY, 1.0)
