@@ -96,6 +96,12 @@ def test_which_sampler_draws_where(monkeypatch):
     assert not philox.draw_groups(torch.empty(64), 9, 0.5, torch.ones(4, dtype=torch.uint8))
 
 
+def test_the_slice_key_is_mix_of_its_three_integers():
+    from ds_zo.perturb import slice_key
+    for seed, index, key in [(0, 0, 0), (11, 1, 99), ((1 << 64) - 1, 3, (1 << 63) + 5), (-1, 2, 7)]:
+        assert slice_key(seed, index, key) == mix(seed, index, key)
+
+
 def test_stream_names():
     assert re.fullmatch(r"cpu-philox/[0-9a-f]{8}", z_stream("cpu", True)) and z_stream("cpu") == "cpu"
     assert parse_z_stream("cuda-philox/9.0") == ("cuda", "philox")
