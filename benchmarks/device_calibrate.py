@@ -171,24 +171,21 @@ def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
                     gen.fill(span, 1, 0, next(key), span.numel(), scale=1e-3)
             return queued_device_time(draw, device, reps) / (spans * ACCELERATOR_SPAN_CHUNKS)
         t_chunk = chunk_time(zgen)
-        other = PerturbationGenerator(sampler="chunked") if zgen.counter_based(device) else None
     else:   # one chunk per call: on CPU the draw runs on the host, one thread (with_host_rates subtracts it)
         chunk = torch.empty(CHUNK_ELEMENTS, device=device)
         t_chunk = device_time(lambda: [zgen.draw_chunks([(chunk, 12345)]) for _ in range(64)], device, reps) / 64
-        other = None
     x, y, o = (torch.randn(n, device=device) for _ in range(3))
     t_add = device_time(lambda: torch.add(x, y, out=o), device, reps)
     t_cat = device_time(lambda: torch.cat([x, y]), device, reps)
     out = {"rng_rate": CHUNK_ELEMENTS / t_chunk, "elem_bw": 12 * n / t_add, "merge_bw": 8 * n / t_cat,
            "fused_passes": zgen.fuses(device, torch.float32), "counter_z": zgen.counter_based(device)}
-    if other is not None:        # the chunked sampler beside the counter-based one: its device rate
-        out["rng_rate_chunked"] = CHUNK_ELEMENTS / chunk_time(other)
     if device.type == "cuda":
+        if out["counter_z"]:     # the chunked sampler beside the counter-based one: its device rate
+            out["rng_rate_chunked"] = CHUNK_ELEMENTS / chunk_time(PerturbationGenerator(sampler="chunked"))
         # a small element-wise kernel's device time (a bias's pass), queued: the model's per-kernel floor
         a, c = torch.randn(4096, device=device), torch.empty(4096, device=device)
         out["kernel_floor_s"] = queued_device_time(lambda: [torch.add(a, a, out=c) for _ in range(64)], device,
                                                    reps) / 64
-    if device.type == "cuda":
         # what the eighth session's calibration measured: bare normal_ calls issued back to back (host-bound)
         chunk = torch.empty(CHUNK_ELEMENTS, device=device)
         gen = torch.Generator(device=device).manual_seed(0)

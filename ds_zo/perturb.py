@@ -51,10 +51,14 @@ _RADEMACHER_MAX_SCALE = 1.7e38
 _FOLD_LIMIT = {"gaussian": float("inf"), "rademacher": _RADEMACHER_MAX_SCALE}   # scales a draw folds below
 
 
+def _key63(data: bytes) -> int:
+    """A stable 63-bit key of some bytes (blake2b: no Python hash randomisation, no collisions in practice)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
+
+
 def mix(*values: int) -> int:
     """A stable 63-bit key from a tuple of integers (blake2b: no Python hash randomisation, no collisions in practice)."""
-    data = struct.pack(f"<{len(values)}Q", *[v & _MASK64 for v in values])
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
+    return _key63(struct.pack(f"<{len(values)}Q", *[v & _MASK64 for v in values]))
 
 
 _FOUR = struct.Struct("<4Q")
@@ -63,8 +67,7 @@ _FOUR = struct.Struct("<4Q")
 def chunk_key(seed: int, index: int, key: int, chunk: int) -> int:
     """mix(seed, index, key, chunk), the seed of one z chunk, without mix's generic packing: it runs once per drawn
     chunk, on the host's critical path when a GPU draws."""
-    data = _FOUR.pack(seed & _MASK64, index & _MASK64, key & _MASK64, chunk & _MASK64)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
+    return _key63(_FOUR.pack(seed & _MASK64, index & _MASK64, key & _MASK64, chunk & _MASK64))
 
 
 _THREE = struct.Struct("<3Q")
@@ -73,8 +76,7 @@ _THREE = struct.Struct("<3Q")
 def slice_key(seed: int, index: int, key: int) -> int:
     """mix(seed, index, key), the key of a counter-based z stream, without mix's generic packing: it runs once per
     launch, on the host's critical path when a GPU draws."""
-    data = _THREE.pack(seed & _MASK64, index & _MASK64, key & _MASK64)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & _MASK63
+    return _key63(_THREE.pack(seed & _MASK64, index & _MASK64, key & _MASK64))
 
 
 def accelerator_span_chunks(layer_elements: Optional[int], chunk: int, model_elements: Optional[int] = None) -> int:
@@ -178,7 +180,7 @@ def _trial_launch(kind: str) -> tuple[Optional[str], Optional[str]]:
 
 def param_key(name: str) -> int:
     """The key of a parameter: its canonical (first) name in the model, stable across processes and layouts."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") & _MASK63
+    return _key63(name.encode())
 
 
 def step_seed(run_seed: int, step: int) -> int:
