@@ -90,6 +90,11 @@ def host_rates(device: torch.device) -> dict:
     span = torch.empty(8 * CHUNK_ELEMENTS, device=device)
     host_span = host_issue_time(lambda: zgen.fill(span, 1, 0, next(key), span.numel()), device, 50) / 8
     extra = {}
+    if zgen.counter_based(device) and zgen.fuses(device, torch.bfloat16):
+        # a fused update launch as a decoder layer issues it (triton_passes): 16 segments, their table's copy
+        thetas = torch.zeros(16 * 4096, dtype=torch.bfloat16, device=device).split(4096)
+        extra["host_fused_s"] = host_issue_time(lambda: zgen.update_fused(
+            [(t, i, 0, t.numel(), True) for i, t in enumerate(thetas)], next(key), [1e-3], 1e-9, 0.0), device, 100)
     if zgen.counter_based(device):       # the chunked sampler's issue of the same span, beside it
         chunked = PerturbationGenerator(sampler="chunked")
         extra["host_fill_in_span_chunked_s"] = host_issue_time(
@@ -182,6 +187,16 @@ def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
     if device.type == "cuda":
         if out["counter_z"]:     # the chunked sampler beside the counter-based one: its device rate
             out["rng_rate_chunked"] = CHUNK_ELEMENTS / chunk_time(PerturbationGenerator(sampler="chunked"))
+            out["fused_kernels"] = zgen.fuses(device, torch.bfloat16)
+        if out.get("fused_kernels"):
+            # the fused update over a span of bf16 θ, queued: the model charges its θ bytes (2 b) at elem_bw and
+            # the rest to drawing z, so the rate is what is left once those bytes are taken off
+            theta = torch.zeros(span.numel(), dtype=torch.bfloat16, device=device)
+            t = queued_device_time(lambda: [zgen.update_fused([(theta, 7, 0, theta.numel(), False)], next(key),
+                                                              [1e-3], 1e-9, 0.0) for _ in range(spans)],
+                                   device, reps) / spans
+            out["fused_update_s_per_value"] = t / theta.numel()
+            out["fused_rng_rate"] = theta.numel() / max(t - 4 * theta.numel() / out["elem_bw"], 0.1 * t)
         # a small element-wise kernel's device time (a bias's pass), queued: the model's per-kernel floor
         a, c = torch.randn(4096, device=device), torch.empty(4096, device=device)
         out["kernel_floor_s"] = queued_device_time(lambda: [torch.add(a, a, out=c) for _ in range(64)], device,
@@ -225,7 +240,9 @@ def hardware(micro: dict, flops: float, h2d_bw: float, d2h_bw: float, dtype_byte
                        span_chunks=span_chunks, unit_host_s=unit_host_s, dtype_bytes=dtype_bytes,
                        merge_bw=micro["merge_bw"], fused_passes=micro.get("fused_passes", False) and dtype_bytes == 4,
                        loss_tile_elements=loss_tile_elements, counter_z=micro.get("counter_z", False),
-                       kernel_floor_s=micro.get("kernel_floor_s", 0.0) if cuda else 0.0)
+                       kernel_floor_s=micro.get("kernel_floor_s", 0.0) if cuda else 0.0,
+                       fused=bool(micro.get("fused_kernels")) and cuda, fused_rng_rate=micro.get("fused_rng_rate"),
+                       host_fused_s=micro.get("host_fused_s"))
 
 
 def predict(result: dict) -> dict:

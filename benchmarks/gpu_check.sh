@@ -4,12 +4,13 @@
 # benchmarks/fetch_gpu_wheels.sh, then run on the device machine from the repository root, carrying .whl:
 #     bash benchmarks/gpu_check.sh            (device tool: timeout_s 590)
 # Writes its logs and JSON to $OUT (default /tmp/gpu_check; 8 files, the device tool's limit) and prints, in order:
-#  - tests/test_cuda.py (CUDA code paths, the counter-based z kernel against its numpy definition, and the
-#    fine-tuning job with ZeRO-3 offload on the GPU);
+#  - tests/test_cuda.py and tests/test_fused_triton.py (CUDA code paths, the counter-based z kernel against its
+#    numpy definition, the fused perturb/update kernels against the unfused passes bit for bit, and the fine-tuning
+#    job with ZeRO-3 offload on the GPU);
 #  - for OPT-1.3B and OPT-6.7B shapes in bf16 at seq 2048, batch 1 and 4: pinned H2D/D2H memcpy GB/s, ZO step time
-#    offload vs all-resident, each beside an engine on the chunked z sampler (*_chunked_z: torch's normal_ per
-#    2^20-element chunk; OPT-6.7B resident only) (every repetition's time kept: the host's speed drifts), each
-#    mode's peak GPU memory
+#    offload vs all-resident, each beside an engine with the unfused passes (*_unfused: z drawn into scratch, then
+#    torch's element-wise ops, the sixteenth session's GPU path; OPT-6.7B resident only; the parameters must come
+#    out identical) (every repetition's time kept: the host's speed drifts), each mode's peak GPU memory
 #    (batch 1, the setting of ZO2's published figures), offload-vs-resident exactness; per batch, one diagnosed step:
 #    the H2D rate during the uploads against memcpy, the seconds compute waited for uploads, the host seconds in
 #    the pipeline's begin/enter/exit; the GPU's kernel-busy fraction of a step and each mode's host ops (profiler);
@@ -51,7 +52,7 @@ smollm2_memory() {
         | grep -v '^\[' | grep -v "^|" | grep -E "^memory probe|^GPU peak|failed|Error|needs" | cut -c1-400
 }
 cuda_tests() {
-    python3 -m pytest -q -p no:cacheprovider -m "not multiprocess" tests/test_cuda.py 2>&1 \
+    python3 -m pytest -q -p no:cacheprovider -m "not multiprocess" tests/test_cuda.py tests/test_fused_triton.py 2>&1 \
         | tee "$OUTDIR/cuda_tests.log" | tail -8
 }
 opt() {   # opt SHAPE STEPS MODES
@@ -69,12 +70,12 @@ export OUTDIR
 export -f smollm2_memory cuda_tests opt smollm2_whole_copies
 # caps from the twelfth session's H100 host, the slowest yet (CUDA tests 114 s; the list as it was then, with
 # OPT-1.3B's whole-copies engine, about 11 minutes); the caps add up to more than the budget, so the last sections
-# take what is left. Since the sixteenth session the OPT sections also time engines on the chunked z sampler (the
-# GPUs' sampler until then) beside the default counter-based one, and SmolLM2's memory (measured in the fifteenth)
-# comes after them.
+# take what is left. Since the seventeenth session the OPT sections time engines with the unfused passes beside the
+# default fused kernels (the sixteenth timed the chunked z sampler there: *_chunked_z modes), and SmolLM2's memory
+# (measured in the fifteenth) comes after them.
 section "CUDA tests" 150 60 bash -c cuda_tests
-section "OPT-1.3B" 160 60 bash -c "opt opt-1.3b 2 resident,offload,resident_chunked_z,offload_chunked_z"
-section "OPT-6.7B" 220 120 bash -c "opt opt-6.7b 1 resident,offload,resident_chunked_z"
+section "OPT-1.3B" 160 60 bash -c "opt opt-1.3b 2 resident,offload,resident_unfused,offload_unfused"
+section "OPT-6.7B" 220 120 bash -c "opt opt-6.7b 1 resident,offload,resident_unfused"
 section "SmolLM2 GPU memory" 120 45 bash -c smollm2_memory
 section "SmolLM2 whole copies" 90 45 bash -c smollm2_whole_copies
 rm -f "$OUTDIR"/*.tmp      # a JSON write cut off by a timeout (the device tool returns at most 8 files)

@@ -37,8 +37,9 @@ def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
 
 
 MODES = ("resident", "offload", "resident_whole_copies", "offload_whole_copies", "resident_chunked_z",
-         "offload_chunked_z")
-VARIANTS = ("_whole_copies", "_chunked_z")       # mode suffixes: engines that differ from the default in one setting
+         "offload_chunked_z", "resident_unfused", "offload_unfused")
+# mode suffixes: engines that differ from the default in one setting
+VARIANTS = ("_whole_copies", "_chunked_z", "_unfused")
 
 
 def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
@@ -47,7 +48,9 @@ def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     "offload_whole_copies": an all-resident / offload (first depth) engine with zero_order.row_blocks "off" (the
     embedding and output layer from whole working copies, not the default's row blocks); "..._chunked_z": with
     zero_order.z_sampler "chunked" (torch's sampler, one seeded call per 2^20-element chunk: the z sampler GPUs
-    used until the sixteenth session)."""
+    used until the sixteenth session); "..._unfused": θ ± εz and the update as torch ops over drawn z instead of
+    the fused Triton kernels (ds_zo/triton_passes.py; the generator's fused_passes off: the sixteenth session's
+    GPU path), the same values bit for bit."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"--modes: unknown {sorted(unknown)}; allowed: {list(MODES)}")
@@ -60,7 +63,8 @@ def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     return out
 
 
-def make_engine(model, prefetch: int | None, args, whole_copies: bool = False, chunked_z: bool = False):
+def make_engine(model, prefetch: int | None, args, whole_copies: bool = False, chunked_z: bool = False,
+                unfused: bool = False):
     import ds_zo
     offload = prefetch is not None
     # one micro-batch of up to the largest batch size: each timed batch is a single forward pass per mode
@@ -76,6 +80,7 @@ def make_engine(model, prefetch: int | None, args, whole_copies: bool = False, c
     if chunked_z:
         cfg["zero_order"]["z_sampler"] = "chunked"
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
+    engine.perturbations.fused_passes = not unfused
     return engine
 
 
@@ -158,7 +163,7 @@ def main(argv=None) -> dict:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()   # what the engines built earlier keep on the GPU
         engines[mode] = make_engine(model, depth_of[mode], args, whole_copies=mode.endswith("_whole_copies"),
-                                    chunked_z=mode.endswith("_chunked_z"))
+                                    chunked_z=mode.endswith("_chunked_z"), unfused=mode.endswith("_unfused"))
         # warm-up (allocations, kernels): two steps, since a step's update is applied in the next one; the peak of a
         # first step alone misses the update's scratch (until the twelfth session it was measured so)
         for _ in range(2):
@@ -227,7 +232,8 @@ def main(argv=None) -> dict:
             result["h2d_during_transfer_over_memcpy"] = rate / result["memcpy"]["h2d_GBps"]
     # the same parameters after the same steps: offload and resident exactly; whole copies against the default path
     # (row blocks) to its rounding (on a GPU cuBLAS rounds a block's logits unlike the whole matmul's; on CPU exactly)
-    plain = [m for m in modes if not m.endswith(VARIANTS)]
+    # (the unfused passes compute the fused kernels' values: they belong with the plain modes)
+    plain = [m for m in modes if not m.endswith(VARIANTS) or m.endswith("_unfused")]
     blocks = [m for m in modes if m.endswith("_whole_copies")]
     chunked = [m for m in modes if m.endswith("_chunked_z")]    # another z stream: alike among themselves only
     if len(plain) >= 2 or len(chunked) >= 2 or (plain and blocks):

@@ -406,8 +406,7 @@ def predict_h100(plot_path: str | None) -> dict:
     model = pm.shape("opt-175b", seq)
     work = pm.Workload(rows, seq)
     hw = pm.H100
-    fused = pm.with_(hw, fused=True)
-    variants = (("as_built", hw), ("chunked_z", pm.H100_CHUNKED_Z), ("fused_kernels", fused))
+    variants = (("as_built", hw), ("unfused", pm.H100_UNFUSED), ("chunked_z", pm.H100_CHUNKED_Z))
     out = {"model": "opt-175b", "rows": rows, "seq": seq, "hardware": hw.__dict__ | {"name": hw.name},
            "stored_GB": model.layer_params() * hw.dtype_bytes / 1e9}
     for label, h in variants:
@@ -432,8 +431,9 @@ def predict_h100(plot_path: str | None) -> dict:
                         ("host memory 250 GB/s", pm.with_(hw, host_bw=250e9), work),
                         ("host memory unlimited", pm.with_(hw, host_bw=float("inf")), work),
                         ("no host z-launch cost", pm.with_(hw, host_chunk_s=0.0), work),
-                        ("chunked z sampler (before the sixteenth session)", pm.H100_CHUNKED_Z, work),
-                        ("fused element-wise kernels", fused, work)):
+                        ("fused kernels drawing z at 5e11/s", pm.with_(hw, fused_rng_rate=5e11), work),
+                        ("unfused passes (the sixteenth session's build)", pm.H100_UNFUSED, work),
+                        ("chunked z sampler (before the sixteenth session)", pm.H100_CHUNKED_Z, work)):
         m = pm.shape("opt-175b", w.seq)
         base = pm.simulate(m, h, pm.Layout("zo2"), w)
         r8 = pm.simulate(m, h, pm.Layout("reslice", 8), w)
@@ -455,14 +455,14 @@ def plot(pred: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.0), sharey=True)
-    for ax, label, title in ((axes[0], "as_built", "ds_zo as built (counter-based z)"),
-                             (axes[1], "fused_kernels", "with fused perturb/update kernels (what-if)")):
+    for ax, label, title in ((axes[0], "as_built", "as built (fused kernels, counter-based z)"),
+                             (axes[1], "unfused", "unfused passes (sixteenth session)")):
         names = {"naive": "naive DistZO2 (DDP, whole units over every PCIe link)",
                  "reslice": "reslicing, ZO-DDP", "reslice+pertp2": "reslicing, PertP 2 x ZO-DDP"}
         for name, curve in pred[label]["curves"].items():
             line, = ax.plot([c["gpus"] for c in curve], [c["speedup"] for c in curve], marker="o", ms=3,
                             label=names.get(name, name))
-            if label == "as_built" and "chunked_z" in pred:     # the same layout with the GPUs' former sampler
+            if label == "unfused" and "chunked_z" in pred:      # the same layout with the GPUs' former sampler
                 old = pred["chunked_z"]["curves"][name]
                 ax.plot([c["gpus"] for c in old], [c["speedup"] for c in old], ls=":", lw=1, color=line.get_color(),
                         label=f"{names.get(name, name)}, chunked z (before)")

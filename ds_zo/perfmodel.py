@@ -224,9 +224,13 @@ class Hardware:
     fused_passes: bool = False        # θ±εz and the update each in one sweep that draws z as it goes (never
                                       # written): b bytes read + b per output, z at rng_rate. ds_zo's CPU passes
                                       # (native/z_passes.h), except row-block units' copies
-    fused: bool = False               # what-if: one kernel per tensor draws z in registers and writes θ±εz (or the
-                                      # update) directly: b bytes read + b per output, one launch per tensor
-    fused_rng_rate: float = 5e11      # z values/s drawn inside such a kernel (assumed: Philox in registers)
+    fused: bool = False               # ds_zo's fused Triton kernels (triton_passes, with counter_z): per unit visit
+                                      # θ±εz in one launch per perturbation (row-block units: the unfused passes)
+                                      # and the update in one, z drawn in registers at fused_rng_rate, θ read once
+                                      # and each output written once; a launch costs the host host_chunk_s plus
+                                      # host_pass_s (its segment table's copy)
+    fused_rng_rate: Optional[float] = None    # z values/s drawn inside those kernels (None: rng_rate)
+    host_fused_s: Optional[float] = None      # host time per fused launch (None: host_chunk_s + host_pass_s)
     kernel_floor_s: float = 0.0       # device time of one ZO kernel beyond its bytes (launch, ramp, tail), charged per
                                       # z draw and element-wise pass on the compute stream: most of a step's ZO
                                       # kernels are small (a bias's, a norm's) with the counter-based sampler
@@ -244,13 +248,18 @@ class Hardware:
 # 4.8 TB/s); NVLink 4 ≈ 450 GB/s per direction; a DGX-H100-class node with 2 sockets × 8 DDR5-4800 channels (614 GB/s
 # peak), of which ≈ 450 GB/s is taken to be available to the GPUs' DMA in both directions together; 20 µs per
 # collective.
+# Since the seventeenth session θ±εz and the update are fused with the z draw (triton_passes): one launch per unit
+# and pass, z in registers at the rate the sampler's fill reaches (assumed: not yet timed on a GPU).
 H100 = Hardware("H100-SXM (8 per node)", flops=600e12, rng_rate=3.11e11, elem_bw=3.0e12, h2d_bw=55e9, d2h_bw=55e9,
                 link_bw=450e9, host_bw=450e9, gpus_per_node=8, overlap=True, host_chunk_s=25e-6, host_pass_s=8e-6,
-                span_chunks=8, unit_host_s=1.7e-3, collective_latency_s=20e-6, dtype_bytes=2, counter_z=True)
+                span_chunks=8, unit_host_s=1.7e-3, collective_latency_s=20e-6, dtype_bytes=2, counter_z=True,
+                fused=True)
+# the counter-based sampler with the element-wise passes as torch ops over drawn z (the sixteenth session's build)
+H100_UNFUSED = replace(H100, fused=False)
 # the same with the chunked sampler (the GPUs' until the sixteenth session): torch's normal_ at ≈ 1.77e11 values/s
 # (gpu_h200_2026-11-26j: 1.76e11 and 1.78e11; 1.81e11 on …27e), one seeded launch per 2^20-element chunk at 22 µs
 # of host time (blake2b key, Generator.manual_seed, the launch; 157 µs per span of 8 on …27e)
-H100_CHUNKED_Z = replace(H100, rng_rate=1.77e11, host_chunk_s=22e-6, counter_z=False)
+H100_CHUNKED_Z = replace(H100_UNFUSED, rng_rate=1.77e11, host_chunk_s=22e-6, counter_z=False)
 
 
 @dataclass(frozen=True)
@@ -387,14 +396,15 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
     def res(name: str) -> str:
         return name if hw.overlap else "device"
 
-    rng_rate = hw.fused_rng_rate if hw.fused else hw.rng_rate
+    fused_rate = hw.fused_rng_rate or hw.rng_rate
 
     def t_update(n: float) -> float:
-        return n * work.q / rng_rate + n * update_bytes(b, work.q, hw.fused or hw.fused_passes) / hw.elem_bw
+        return (n * work.q / (fused_rate if hw.fused else hw.rng_rate)
+                + n * update_bytes(b, work.q, hw.fused or hw.fused_passes) / hw.elem_bw)
 
     def t_perturb(u: UnitSpec) -> float:
-        fused = hw.fused or (hw.fused_passes and not u.row_blocks)
-        return (u.params * work.q / rng_rate
+        fused = (hw.fused or hw.fused_passes) and not u.row_blocks
+        return (u.params * work.q / (fused_rate if hw.fused and fused else hw.rng_rate)
                 + u.params * work.q * perturb_bytes(b, signs, fused) / hw.elem_bw)
 
     def t_forward(u: UnitSpec) -> float:
@@ -403,25 +413,30 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
             t += slots * tokens * u.out_width * b / (hw.merge_bw or hw.elem_bw / 2)
         return t
 
-    def zo_launches(u: UnitSpec, update_elems: float) -> tuple[int, int]:
-        """(z draws per perturbation, element-wise passes) that a visit of u issues, each one kernel launch."""
-        if hw.fused:                                   # one launch per tensor and pass, z drawn inside
-            return u.tensors * (1 + (update_elems > 0)), 0
+    def zo_launches(u: UnitSpec, update_elems: float) -> tuple[int, int, int]:
+        """(z draws, element-wise passes, fused kernels) that a visit of u issues, perturbations counted: each one
+        kernel launch."""
         span = CHUNK * hw.span_chunks
         draw_size = span if hw.counter_z else CHUNK
-        draws = _chunks(u.params, u.tensors, draw_size) + _chunks(update_elems, u.tensors, draw_size)
-        passes = (work.q * perturb_passes(signs) * _chunks(u.params, u.tensors, span)
-                  + update_passes(work.q) * _chunks(update_elems, u.tensors, span))
-        return draws, passes
+        perturb_fused = hw.fused and not u.row_blocks
+        fused = (work.q if perturb_fused and u.params > 0 else 0) + (1 if hw.fused and update_elems > 0 else 0)
+        draws = passes = 0
+        if not perturb_fused:
+            draws += work.q * _chunks(u.params, u.tensors, draw_size)
+            passes += work.q * perturb_passes(signs) * _chunks(u.params, u.tensors, span)
+        if not hw.fused:
+            draws += work.q * _chunks(update_elems, u.tensors, draw_size)
+            passes += update_passes(work.q) * _chunks(update_elems, u.tensors, span)
+        return draws, passes, fused
 
     def t_host(u: UnitSpec, update_elems: float) -> float:
-        draws, passes = zo_launches(u, update_elems)
-        return hw.unit_host_s + hw.host_chunk_s * work.q * draws + hw.host_pass_s * passes
+        draws, passes, fused = zo_launches(u, update_elems)
+        per_fused = hw.host_fused_s if hw.host_fused_s is not None else hw.host_chunk_s + hw.host_pass_s
+        return hw.unit_host_s + hw.host_chunk_s * draws + hw.host_pass_s * passes + per_fused * fused
 
     def t_floor(u: UnitSpec, update_elems: float) -> float:
         """The device's own time per ZO kernel beyond its bytes (launch, ramp, tail): what many small kernels cost."""
-        draws, passes = zo_launches(u, update_elems)
-        return hw.kernel_floor_s * (work.q * draws + passes)
+        return hw.kernel_floor_s * sum(zo_launches(u, update_elems))
 
     sim = Simulator()
     depth = layout.prefetch_depth
@@ -552,6 +567,6 @@ def with_(hw: Hardware, **changes) -> Hardware:
 
 
 __all__ = ["Simulator", "DeadlockError", "UnitSpec", "ModelSpec", "decoder", "shape", "SHAPES", "Hardware", "H100",
-           "H100_CHUNKED_Z",
+           "H100_UNFUSED", "H100_CHUNKED_Z",
            "Layout", "Workload", "Result", "simulate", "scaling", "saturation", "with_", "perturb_bytes",
            "update_bytes", "CHUNK"]

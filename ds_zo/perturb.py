@@ -19,6 +19,7 @@ import importlib.util
 import os
 import struct
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
@@ -49,6 +50,8 @@ _FOLDED_MIN = 16
 # Rademacher draws ±scale as b * (2 scale) - scale: 2 scale must stay finite in float32
 _RADEMACHER_MAX_SCALE = 1.7e38
 _FOLD_LIMIT = {"gaussian": float("inf"), "rademacher": _RADEMACHER_MAX_SCALE}   # scales a draw folds below
+# (device, dtype) whose fused-kernel self-check failure has been warned about
+_WARNED_FUSED: set = set()
 
 
 def _key63(data: bytes) -> int:
@@ -380,9 +383,85 @@ class PerturbationGenerator:
         return kernels if kernels is not None and kernels.fast_gaussian() else None
 
     def fuses(self, device: torch.device | str, dtype: torch.dtype) -> bool:
-        """Whether parameters of this device and dtype take the fused passes (benchmarks model the step by it)."""
+        """Whether parameters of this device and dtype take the fused passes (benchmarks model the step by it): the
+        native sweeps on CPU (float32), the Triton kernels where z is counter-based (triton_passes)."""
+        try:
+            counter_based = self.counter_based(device)
+        except ValueError:      # "philox" where it cannot draw: nothing runs there (a draw says why)
+            return False
+        if counter_based:
+            return self.fused_kernels_unavailable(device, dtype) is None
         return (torch.device(device).type == "cpu" and dtype == torch.float32
                 and self._fused_kernels([1.0]) is not None)
+
+    def fused_kernels_unavailable(self, device: torch.device | str, dtype: torch.dtype) -> Optional[str]:
+        """Why θ ± εz and the update cannot run as the fused Triton kernels (triton_passes) on tensors of this
+        device and dtype (None: they can): they need the counter-based z, and their self-check against the unfused
+        path must pass on the device (once per process; a failure is warned about once and the unfused path runs)."""
+        if not self.fused_passes:
+            return "the fused passes are switched off"
+        if not self.counter_based(device):
+            return "z is not counter-based there"
+        from . import triton_passes
+        if dtype not in triton_passes.DTYPES:
+            return f"{dtype} is not one of {list(triton_passes.DTYPES)}"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        why = triton_passes.self_check(str(device), dtype)
+        if why is not None and (str(device), dtype) not in _WARNED_FUSED:
+            _WARNED_FUSED.add((str(device), dtype))
+            warnings.warn(f"ds_zo: {why}; θ ± εz and the update run unfused on {device} ({dtype})")
+        return why
+
+    def _triton_ready(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether these tensors (a job's master and outs, or a piece's θ) can take the fused Triton kernels: flat,
+        contiguous, one dtype and device, where the kernels are available."""
+        t0 = tensors[0]
+        return (all(t.dim() == 1 and t.is_contiguous() and t.dtype == t0.dtype and t.device == t0.device
+                    for t in tensors)
+                and self.fused_kernels_unavailable(t0.device, t0.dtype) is None)
+
+    def _perturb_triton(self, jobs: list, scale: float) -> list:
+        """perturb_fused by the Triton kernel: one launch per (dtype, signs) for all the jobs that can take it."""
+        from . import triton_passes
+        rest, groups = [], {}
+        for job in jobs:
+            master, seed, index, key, numel, start, targets = job
+            if not 0 <= start <= numel - master.numel():
+                raise ValueError(f"slice [{start}, +{master.numel()}) is outside a parameter of {numel} elements")
+            if not 1 <= len(targets) <= 2 or not self._triton_ready([master, *(out for out, _ in targets)]):
+                rest.append(job)
+                continue
+            signs = tuple(1 if sign > 0 else -1 for _, sign in targets)
+            groups.setdefault((master.dtype, signs), []).append(
+                (master, start, slice_key(seed, index, key), [out for out, _ in targets]))
+        for (_, signs), segments in groups.items():
+            self.elements_drawn += triton_passes.perturb(segments, signs, scale, self.distribution == "gaussian")
+        return rest
+
+    def _update_triton(self, pieces: list, seed: int, grads: Sequence[float], lr: float, wd: float,
+                       applied: Optional[Callable[[list], None]]) -> list:
+        """update_fused by the Triton kernel: one launch per dtype for all the pieces that can take it."""
+        from . import triton_passes
+        if not 1 <= len(grads) <= triton_passes.MAX_Q:
+            return pieces
+        rest, groups, fused = [], {}, []
+        for piece in pieces:
+            flat, key, start, numel, decay = piece
+            if not 0 <= start <= numel - flat.numel():
+                raise ValueError(f"slice [{start}, +{flat.numel()}) is outside a parameter of {numel} elements")
+            if not self._triton_ready([flat]):
+                rest.append(piece)
+                continue
+            fused.append(piece)
+            groups.setdefault(flat.dtype, []).append(
+                (flat, start, [slice_key(seed, j, key) for j in range(len(grads))], decay))
+        for segments in groups.values():
+            self.elements_drawn += triton_passes.update(segments, grads, lr, wd, self.distribution == "gaussian")
+        if applied is not None and fused:
+            applied(fused)
+        return rest
 
     def _chunk_pieces(self, flat: torch.Tensor, start: int, numel: int):
         """(view, chunk index, chunk length, offset in the chunk) for each z chunk that the flat slice
@@ -410,7 +489,10 @@ class PerturbationGenerator:
         """Form working copies in one native sweep per z chunk where that applies (CPU, float32, Gaussian z):
         for each job (master, seed, index, key, numel, start, [(out, sign), ...]) every out := master ± scale·z over
         the flat slice [start, start + master.numel()) of z_index for the parameter `key` of `numel` elements (the
-        values `fill` and torch.add / torch.sub give). Returns the jobs left for the caller's own path."""
+        values `fill` and torch.add / torch.sub give). Returns the jobs left for the caller's own path. Where z is
+        counter-based the Triton kernel does the same on any device (triton_passes)."""
+        if jobs and self.counter_based(jobs[0][0].device):
+            return self._perturb_triton(jobs, scale)
         kernels = self._fused_kernels([scale])
         if kernels is None:
             return jobs
@@ -441,7 +523,10 @@ class PerturbationGenerator:
         nonzero): for each piece (flat, key, start, numel, decays) θ ← θ − lr·((1/q) Σ_j g_j·z_j + wd·θ), the values
         optimizer.apply_step_pieces gives. Returns the pieces left for that path. `applied(pieces)` is told which
         pieces the sweep updated, also when an interrupt (Ctrl-C, raised as soon as the native call returns) cuts
-        this call short: an update applied twice would be wrong."""
+        this call short: an update applied twice would be wrong. Where z is counter-based the Triton kernel does the
+        same on any device, with any g (triton_passes)."""
+        if pieces and self.counter_based(pieces[0][0].device):
+            return self._update_triton(pieces, seed, grads, lr, wd, applied)
         kernels = self._fused_kernels(grads)
         if kernels is None or not pieces or pieces[0][0].device.type != "cpu":
             return pieces

@@ -443,10 +443,14 @@ class PerturbedCopies:
         return copies
 
     def _form_fused(self, pieces: list, j: int) -> list:
-        """Perturbation j's copies of these pieces in one native sweep per z chunk where it applies (CPU, float32;
-        not row subsets); returns the pieces left for the drawn-chunk path."""
-        if not pieces or pieces[0][0].param.device.type != "cpu":
-            return pieces      # CPU only: no host work added where every op is a launch
+        """Perturbation j's copies of these pieces in one native sweep per z chunk (CPU, float32) or one Triton launch
+        (counter-based z, any device: triton_passes) where it applies (not row subsets); returns the pieces left for
+        the drawn-chunk path."""
+        if not pieces:
+            return pieces
+        p = pieces[0][0].param
+        if p.device.type != "cpu" and not self.generator.fuses(p.device, p.dtype):
+            return pieces      # no host work added where every op is a launch and nothing fuses
         signs = [(i, slot[1]) for i, slot in enumerate(self.slots) if slot is not None and slot[0] == j]
         cands = [pc for pc in pieces if pc[0].rows is None]
         jobs = [(base[lo:hi], self.seed, j, self.keys[id(ref.param)], m, lo,

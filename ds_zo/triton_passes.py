@@ -1,0 +1,298 @@
+"""The ZO element-wise passes fused with the counter-based z (triton_z): z is computed in registers and never written.
+
+Two kernels, each one launch for a list of segments (flat slices of parameters of one dtype):
+- `perturb`: out_t = master ± ε·z for one perturbation's slots (the working copies of a unit);
+- `update`:  θ ← θ − lr·((1/q) Σ_j g_j·z_j + wd·θ) (the pending ZO-SGD step).
+They compute the values the unfused path gives bit for bit — `triton_z.fill` into scratch, then torch's element-wise
+ops (perturbed_copies._shifted, optimizer.apply_step_pieces) — so the exactness invariants, the replay and the CPU
+tests do not depend on which path ran. Each operation is written in the order torch evaluates it, in float32, with
+contraction off; division by q is torch's on that device (a multiply by fl(1/q) on CUDA, a true division on CPU);
+16-bit results are rounded to nearest-even by integer arithmetic (Triton's interpreter truncates bfloat16
+conversions; the compiled kernel rounds; written out, both agree with torch).
+
+What replaces thousands of launches: the unfused path issues, per span piece of each tensor, one z launch and one
+or two element-wise launches per slot (OPT-1.3B: 4,179 launches and 27,819 host ops per step on an H200, most of
+them in these passes). Here a unit's whole pass is one table upload and one launch. The table (int64, built on the
+host: per segment its first program, element offsets from a base pointer, length, z offset, keys) travels through
+pinned memory on the launching stream, so no host synchronisation is added.
+
+`self_check` runs both kernels against the unfused path on the device once per (device, dtype); the generator uses
+them only where it passed (perturb.PerturbationGenerator.fused_kernels_unavailable).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import struct
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_z
+from .triton_z import _z4
+
+# Philox calls per program (z does not depend on it): triton_z's on GPUs; in the interpreter fewer than triton_z's
+# there, since a segment takes at least one program and units have many small ones
+QUADS = 1 << 12 if triton_z.INTERPRETED else triton_z.QUADS
+# segments per launch: the kernel finds its segment among SEGS table rows (a power of two, at least MIN_SEGS so that
+# a handful of variants serve every unit); longer lists take several launches
+MIN_SEGS, MAX_SEGS = 16, 256
+# perturbations an update kernel sums in registers (a step with more takes the unfused path)
+MAX_Q = 8
+_PERTURB_COLS = 6       # first program, master offset, out offset, length, z start, key
+_UPDATE_FIXED_COLS = 5  # first program, θ offset, length, z start, weight decay on; then one key per perturbation
+_NO_PROGRAM = (1 << 62)   # first program of the padding rows: never reached
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@triton.jit
+def _round(x, KIND: tl.constexpr):
+    """float32 → the storage dtype, rounded to nearest-even (KIND 0 float32, 1 bfloat16, 2 float16)."""
+    if KIND == 1:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x != x, 0x7FC0, r)          # NaN stays a (quiet) NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif KIND == 2:
+        return x.to(tl.float16)                  # (the interpreter's numpy conversion rounds to nearest-even too)
+    else:
+        return x
+
+
+@triton.jit
+def _segment(tab_ptr, COLS: tl.constexpr, SEGS: tl.constexpr):
+    """This program's table row: the last segment whose first program is at most this program's id."""
+    pid = tl.program_id(0).to(tl.int64)
+    firsts = tl.load(tab_ptr + tl.arange(0, SEGS).to(tl.int64) * COLS)
+    seg = tl.sum((firsts <= pid).to(tl.int64), axis=0) - 1
+    return tab_ptr + seg * COLS, pid
+
+
+@triton.jit
+def _z_block(row, pid, n, start, key, GAUSSIAN: tl.constexpr, QUADS: tl.constexpr):
+    """The z values of this program's block of its segment, and the block's element offsets in the segment."""
+    q0 = start // 4 + (pid - tl.load(row)) * QUADS
+    a, b, c, d = _z4(key, q0 + tl.arange(0, QUADS), GAUSSIAN)
+    z = tl.interleave(tl.interleave(a, c), tl.interleave(b, d))   # a0 b0 c0 d0 a1 b1 ... (as triton_z._fill)
+    at = q0 * 4 + tl.arange(0, 4 * QUADS) - start
+    return z, at, (at >= 0) & (at < n)
+
+
+@triton.jit
+def _perturb_kernel(master_ptr, out0_ptr, out1_ptr, tab_ptr, eps, SIGN0: tl.constexpr, SIGN1: tl.constexpr,
+                    TARGETS: tl.constexpr, KIND: tl.constexpr, SEGS: tl.constexpr, GAUSSIAN: tl.constexpr,
+                    QUADS: tl.constexpr):
+    """out_t[i] = master[i] ± ε·z[start + i] (sign SIGN_t) of each segment, in float32, rounded once."""
+    row, pid = _segment(tab_ptr, 6, SEGS)
+    m_off, o_off, n = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    start, key = tl.load(row + 4), tl.load(row + 5)
+    z, at, mask = _z_block(row, pid, n, start, key, GAUSSIAN, QUADS)
+    ez = z * eps
+    m = tl.load(master_ptr + m_off + at, mask=mask).to(tl.float32)
+    if SIGN0 > 0:
+        tl.store(out0_ptr + o_off + at, _round(m + ez, KIND), mask=mask)
+    else:
+        tl.store(out0_ptr + o_off + at, _round(m - ez, KIND), mask=mask)
+    if TARGETS == 2:
+        if SIGN1 > 0:
+            tl.store(out1_ptr + o_off + at, _round(m + ez, KIND), mask=mask)
+        else:
+            tl.store(out1_ptr + o_off + at, _round(m - ez, KIND), mask=mask)
+
+
+@triton.jit
+def _update_kernel(theta_ptr, tab_ptr, lr, wd, inv_q, Q: tl.constexpr, DOWN: tl.constexpr,
+                   RECIPROCAL: tl.constexpr, KIND: tl.constexpr, SEGS: tl.constexpr, GAUSSIAN: tl.constexpr,
+                   QUADS: tl.constexpr):
+    """θ[i] ← θ[i] − lr·(u + wd·θ[i]) of each segment, u = (1/q) Σ_j g_j·z_j[start + i], evaluated as
+    optimizer.apply_step_pieces evaluates it. The table starts with 2Q header words: fl32(|g_j|) as bits, and
+    whether g_j has g_0's sign; DOWN: g_0 > 0."""
+    COLS: tl.constexpr = 5 + Q
+    rows = tab_ptr + 2 * Q
+    row, pid = _segment(rows, COLS, SEGS)
+    t_off, n, start, decays = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+    z, at, mask = _z_block(row, pid, n, start, tl.load(row + 5), GAUSSIAN, QUADS)
+    u = z * tl.load(tab_ptr).to(tl.int32).to(tl.float32, bitcast=True)
+    for j in tl.static_range(1, Q):
+        zj, _, _ = _z_block(row, pid, n, start, tl.load(row + 5 + j), GAUSSIAN, QUADS)
+        t = zj * tl.load(tab_ptr + j).to(tl.int32).to(tl.float32, bitcast=True)
+        u = tl.where(tl.load(tab_ptr + Q + j) != 0, u + t, u - t)
+    if Q > 1:
+        if RECIPROCAL:
+            u = u * inv_q            # torch on CUDA divides by a scalar as a multiply by its reciprocal
+        else:
+            u = tl.div_rn(u, Q * 1.0)
+    theta = tl.load(theta_ptr + t_off + at, mask=mask).to(tl.float32)
+    # weight decay: u's sign is folded in first (θ − lr·(−(−u) + wd·θ)), then the step is always subtracted
+    if DOWN:
+        decayed = u + theta * wd
+    else:
+        decayed = -u + theta * wd
+    on = decays != 0
+    step = tl.where(on, decayed, u) * lr
+    if DOWN:
+        new = theta - step
+    else:
+        new = tl.where(on, theta - step, theta + step)
+    tl.store(theta_ptr + t_off + at, _round(new, KIND), mask=mask)
+
+
+def _programs(start: int, n: int) -> int:
+    return -(-((start + n + 3) // 4 - start // 4) // QUADS)
+
+
+def _table(device: torch.device, header: list[int], rows: list[list[int]], cols: int, segs: int) -> torch.Tensor:
+    """The int64 table on `device`: header words, then `segs` rows (the padding ones never reached). Staged through
+    pinned memory and copied on the current stream: torch's pinned allocator keeps the staging block until the copy
+    has run, so nothing waits."""
+    flat = np.full(len(header) + segs * cols, 0, dtype=np.int64)
+    flat[:len(header)] = header
+    body = flat[len(header):].reshape(segs, cols)
+    body[:, 0] = _NO_PROGRAM
+    body[:len(rows)] = rows
+    host = torch.from_numpy(flat)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _segs(count: int) -> int:
+    return max(MIN_SEGS, 1 << (count - 1).bit_length())
+
+
+def _offset(t: torch.Tensor, base: torch.Tensor) -> int:
+    """t's first element as an element offset from base's (same dtype and device: one address space)."""
+    return (t.data_ptr() - base.data_ptr()) // t.element_size()
+
+
+def _launch(kernel, grid: int, device: torch.device, args: tuple, kwargs: dict) -> None:
+    kwargs = dict(kwargs, num_warps=4, enable_fp_fusion=False)
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel[(grid,)](*args, **kwargs)
+    else:
+        kernel[(grid,)](*args, **kwargs)
+
+
+def _batches(items: list, limit: int = MAX_SEGS):
+    for i in range(0, len(items), limit):
+        yield items[i:i + limit]
+
+
+def perturb(segments: Sequence[tuple[torch.Tensor, int, int, Sequence[torch.Tensor]]], signs: Sequence[int],
+            eps: float, gaussian: bool = True) -> int:
+    """For each segment (master, z start, key, outs): outs[t] := master ± ε·z[start : start + n] with sign signs[t]
+    (one or two targets, every segment the same), z the counter-based stream of `key` (perturb.slice_key). Masters
+    and outs are flat, contiguous, of one dtype and device; outs[t] of every segment lie in one tensor per t or
+    anywhere else on the device. Returns the z values drawn."""
+    if not segments:
+        return 0
+    if len(signs) not in (1, 2):
+        raise ValueError(f"{len(signs)} targets: the fused perturbation writes one or two")
+    master0, outs0 = segments[0][0], segments[0][3]
+    device, kind, drawn = master0.device, DTYPES[master0.dtype], 0
+    for batch in _batches(list(segments)):
+        rows, first = [], 0
+        for master, start, key, outs in batch:
+            n = master.numel()
+            if n == 0:
+                continue
+            rows.append([first, _offset(master, master0), _offset(outs[0], outs0[0]), n, start, key])
+            for t in range(1, len(signs)):        # the out offset is shared: each target's tensor sits alike
+                if _offset(outs[t], outs0[t]) != rows[-1][2]:
+                    raise ValueError("the targets of a fused perturbation must lie alike in their buffers")
+            first += _programs(start, n)
+            drawn += n
+        if not rows:
+            continue
+        segs = _segs(len(rows))
+        tab = _table(device, [], rows, _PERTURB_COLS, segs)
+        out1 = outs0[1] if len(signs) == 2 else outs0[0]
+        _launch(_perturb_kernel, first, device, (master0, outs0[0], out1, tab, eps),
+                dict(SIGN0=int(signs[0]), SIGN1=int(signs[-1]), TARGETS=len(signs), KIND=kind, SEGS=segs,
+                     GAUSSIAN=gaussian, QUADS=QUADS))
+    return drawn
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def update(segments: Sequence[tuple[torch.Tensor, int, Sequence[int], bool]], grads: Sequence[float], lr: float,
+           wd: float, gaussian: bool = True) -> int:
+    """For each segment (θ, z start, keys per perturbation, decays): θ ← θ − lr·((1/q) Σ_j g_j·z_j + wd·θ) over
+    z[start : start + n] (wd only where decays), evaluated as optimizer.apply_step_pieces evaluates it. θ flat,
+    contiguous, one dtype and device. Returns the z values drawn."""
+    if not segments:
+        return 0
+    q = len(grads)
+    if not 1 <= q <= MAX_Q:
+        raise ValueError(f"{q} perturbations: the fused update sums 1 to {MAX_Q}")
+    theta0 = segments[0][0]
+    device, kind, drawn = theta0.device, DTYPES[theta0.dtype], 0
+    signs = [math.copysign(1.0, g) > 0 for g in grads]
+    header = [_f32_bits(abs(g)) for g in grads] + [int(s == signs[0]) for s in signs]
+    for batch in _batches(list(segments)):
+        rows, first = [], 0
+        for theta, start, keys, decays in batch:
+            n = theta.numel()
+            if n == 0:
+                continue
+            rows.append([first, _offset(theta, theta0), n, start, int(decays and wd != 0.0), *keys])
+            first += _programs(start, n)
+            drawn += n * q
+        if not rows:
+            continue
+        segs = _segs(len(rows))
+        tab = _table(device, header, rows, _UPDATE_FIXED_COLS + q, segs)
+        inv_q = float(np.float32(1.0) / np.float32(q))
+        _launch(_update_kernel, first, device, (theta0, tab, lr, wd, inv_q),
+                dict(Q=q, DOWN=signs[0], RECIPROCAL=device.type == "cuda", KIND=kind, SEGS=segs, GAUSSIAN=gaussian,
+                     QUADS=QUADS))
+    return drawn
+
+
+@functools.lru_cache(maxsize=None)
+def self_check(device: str, dtype: torch.dtype) -> Optional[str]:
+    """None where both kernels give the unfused path's values bit for bit on this device and dtype (segments at odd
+    offsets, both signs, one and three perturbations, weight decay on and off), else what differed or failed."""
+    from .model.perturbed_copies import _shifted
+    from .optimizer import StepRecord, apply_step_pieces
+    from .perturb import PerturbationGenerator, slice_key
+    try:
+        dev = torch.device(device)
+        gen = PerturbationGenerator(sampler="philox")
+        gen.fused_passes = False
+        cpu = torch.Generator().manual_seed(7)
+        sizes, starts = [4099, 1, 37], [3, 0, 5]
+        masters = [torch.randn(n, generator=cpu).to(dtype=dtype, device=dev) for n in sizes]
+        flat = torch.cat(masters)
+        views = list(flat.split(sizes))
+        eps, seed = 1e-3, 12345
+        outs = [torch.empty_like(flat) for _ in range(2)]
+        views_out = [list(o.split(sizes)) for o in outs]
+        perturb([(m, s, slice_key(seed, 0, 11 + i), [views_out[0][i], views_out[1][i]])
+                 for i, (m, s) in enumerate(zip(views, starts))], (1, -1), eps)
+        for i, (m, s) in enumerate(zip(views, starts)):
+            ez = gen.z(seed, 0, 11 + i, s + m.numel(), start=s, device=dev).mul_(eps)
+            for t, sign in enumerate((1, -1)):
+                ref = torch.empty_like(m)
+                _shifted(m, ez, sign, ref)
+                if not torch.equal(ref, views_out[t][i]):
+                    return f"the fused perturbation differs from the unfused one ({dtype}, segment {i}, sign {sign})"
+        for grads, wd in (((0.7,), 0.0), ((-0.3, 0.2, -1.1), 0.01)):
+            record = StepRecord(step=0, seed=seed, g=list(grads), lr=0.05, wd=wd)
+            mine, ref = flat.clone(), flat.clone()
+            mine_views, ref_views = mine.split(sizes), ref.split(sizes)
+            update([(v, s, [slice_key(seed, j, 11 + i) for j in range(len(grads))], i != 1)
+                    for i, (v, s) in enumerate(zip(mine_views, starts))], grads, record.lr, wd)
+            apply_step_pieces([(v, 11 + i, s, s + v.numel(), i != 1) for i, (v, s) in enumerate(zip(ref_views, starts))],
+                              record, gen)
+            if not torch.equal(mine, ref):
+                return f"the fused update differs from the unfused one ({dtype}, q = {len(grads)}, wd = {wd})"
+        return None
+    except Exception as err:       # a compile or launch failure: the unfused path still works
+        return f"the fused kernels cannot run here ({type(err).__name__}: {err})"

@@ -1,0 +1,166 @@
+"""The fused ZO passes (ds_zo/triton_passes.py): θ ± εz and the update with z in registers, one launch for many
+segments. They must give the unfused path's values bit for bit — triton_z.fill into scratch, then torch's ops — on
+every dtype, sign, offset and number of perturbations. On CPU they run in Triton's interpreter (tests/conftest.py),
+on a GPU compiled."""
+import pytest
+import torch
+
+import ds_zo
+from ds_zo import triton_passes
+from ds_zo.model.perturbed_copies import _shifted
+from ds_zo.optimizer import StepRecord, apply_step_pieces
+from ds_zo.perturb import PerturbationGenerator, counter_based_unavailable, slice_key
+from conftest import ds_config
+from models import batch, tiny_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or counter_based_unavailable("cuda") is not None,
+                          reason="needs CUDA and Triton")
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(counter_based_unavailable("cpu") is not None,
+                                                        reason="needs Triton's interpreter")),
+           pytest.param("cuda", marks=cuda)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SIZES, STARTS = [5000, 1, 16, 3, 700, 8193], [3, 0, 17, 1, 4096, 2]
+
+
+def _unfused() -> PerturbationGenerator:
+    gen = PerturbationGenerator(sampler="philox")
+    gen.fused_passes = False
+    return gen
+
+
+def _params(device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    flat = (torch.randn(sum(SIZES), generator=g) * 0.05).to(device=device, dtype=dtype)
+    return flat, list(flat.split(SIZES))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("signs", [(1, -1), (-1, 1), (1,), (-1,)])
+def test_the_fused_perturbation_is_the_unfused_one_bitwise(device, dtype, signs):
+    flat, masters = _params(device, dtype)
+    outs = [torch.full_like(flat, float("nan")) for _ in signs]
+    seed, eps = 991, 1e-3
+    drawn = triton_passes.perturb([(m, s, slice_key(seed, 2, 50 + i), [o.split(SIZES)[i] for o in outs])
+                                   for i, (m, s) in enumerate(zip(masters, STARTS))], signs, eps)
+    assert drawn == sum(SIZES)
+    gen = _unfused()
+    for i, (m, s) in enumerate(zip(masters, STARTS)):
+        ez = gen.z(seed, 2, 50 + i, s + m.numel(), start=s, device=device).mul_(eps)
+        for o, sign in zip(outs, signs):
+            ref = torch.empty_like(m)
+            _shifted(m, ez, sign, ref)
+            assert torch.equal(_bits(o.split(SIZES)[i]), _bits(ref)), (i, sign)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grads,wd", [((0.7,), 0.0), ((-0.7,), 0.1), ((0.0,), 0.1), ((-0.0,), 0.0),
+                                      ((0.3, -0.2), 0.1), ((-1.5, -0.5, 2.0), 0.05), ((0.1,) * 5, 0.0)])
+def test_the_fused_update_is_the_unfused_one_bitwise(device, dtype, grads, wd):
+    """Every sign of g_0 (the step is added or subtracted; −0.0 counts as negative, as math.copysign says), mixed
+    signs among several perturbations, q not a power of two (the division as torch divides on that device), weight
+    decay on some segments only."""
+    flat, _ = _params(device, dtype, seed=1)
+    mine, ref = flat.clone(), flat.clone()
+    seed, lr = 4242, 0.05
+    decays = [i % 2 == 0 for i in range(len(SIZES))]
+    drawn = triton_passes.update([(v, s, [slice_key(seed, j, 70 + i) for j in range(len(grads))], d)
+                                  for i, (v, s, d) in enumerate(zip(mine.split(SIZES), STARTS, decays))],
+                                 grads, lr, wd)
+    assert drawn == sum(SIZES) * len(grads)
+    record = StepRecord(step=0, seed=seed, g=tuple(grads), lr=lr, wd=wd)
+    apply_step_pieces([(v, 70 + i, s, s + v.numel(), d)
+                       for i, (v, s, d) in enumerate(zip(ref.split(SIZES), STARTS, decays))], record, _unfused())
+    assert torch.equal(_bits(mine), _bits(ref))
+    assert not torch.equal(mine, flat) or all(g == 0 for g in grads) and wd == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_segments_than_a_launch_holds_take_several_launches(device, monkeypatch):
+    monkeypatch.setattr(triton_passes, "MAX_SEGS", 2)
+    flat, masters = _params(device, torch.float32)
+    out = torch.full_like(flat, float("nan"))
+    segments = [(m, s, slice_key(5, 0, i), [o]) for i, (m, s, o) in enumerate(zip(masters, STARTS, out.split(SIZES)))]
+    triton_passes.perturb(segments, (1,), 0.5)
+    whole = torch.full_like(flat, float("nan"))
+    monkeypatch.setattr(triton_passes, "MAX_SEGS", 256)
+    triton_passes.perturb([(m, s, k, [o]) for (m, s, k, _), o in zip(segments, whole.split(SIZES))], (1,), 0.5)
+    assert torch.equal(out, whole) and not out.isnan().any()
+
+
+def test_the_self_check_passes_here_and_catches_a_wrong_kernel(monkeypatch):
+    """The generator trusts the kernels on a device only after this check: it must pass where they are right and
+    name the pass that differs where they are not (here a |g| off by one unit in the last place)."""
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    for dtype in DTYPES:
+        assert triton_passes.self_check("cpu", dtype) is None
+    monkeypatch.setattr(triton_passes, "_f32_bits", lambda x, bits=triton_passes._f32_bits: bits(x) + 1)
+    why = triton_passes.self_check.__wrapped__("cpu", torch.float32)
+    assert why is not None and "the fused update differs from the unfused one" in why
+
+
+def test_the_generator_fuses_what_it_can_and_hands_back_the_rest():
+    """Jobs the kernel cannot take (a strided out, three targets, a dtype it does not know) come back for the
+    unfused path, untouched; the others are written; a slice outside its parameter is an error, as for `fill`."""
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    gen = PerturbationGenerator(sampler="philox")
+    master = torch.randn(64)
+    ok, strided = torch.empty(64), torch.full((128,), 7.0)
+    jobs = [(master, 1, 0, 9, 64, 0, [(ok, 1)]),
+            (master, 1, 0, 9, 64, 0, [(strided[::2], 1)]),
+            (master, 1, 0, 9, 64, 0, [(torch.empty(64), 1)] * 3),
+            (master.double(), 1, 0, 9, 64, 0, [(torch.empty(64, dtype=torch.float64), 1)])]
+    rest = gen.perturb_fused(jobs, 0.25)
+    assert [id(j) for j in rest] == [id(j) for j in jobs[1:]] and (strided == 7.0).all()
+    assert torch.equal(ok, master + gen.z(1, 0, 9, 64).mul_(0.25))
+    with pytest.raises(ValueError, match="outside a parameter of 64 elements"):
+        gen.perturb_fused([(master, 1, 0, 9, 64, 1, [(ok, 1)])], 0.25)
+    pieces = [(torch.zeros(64), 9, 0, 64, False)]
+    assert gen.update_fused(pieces, 1, [0.1] * (triton_passes.MAX_Q + 1), 0.1, 0.0) is pieces   # too many g: unfused
+    assert gen.fuses("cpu", torch.float32) and not _unfused().fuses("cpu", torch.float32)
+    assert "switched off" in _unfused().fused_kernels_unavailable("cpu", torch.float32)
+    assert "not counter-based" in PerturbationGenerator(sampler="chunked").fused_kernels_unavailable("cpu",
+                                                                                                     torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offload", [False, True])
+def test_an_engine_with_fused_kernels_takes_the_unfused_engines_steps(device, offload, monkeypatch):
+    """Three steps of a tied tiny Llama with the fused kernels and without (the generator's `fused_passes`), resident
+    and offloaded: the same losses, the same g and the same parameters, bit for bit; the kernels ran (a launch per
+    unit and pass, not per tensor) only where switched on."""
+    import copy
+    base = tiny_model("llama", True)
+    launches = {"perturb": 0, "update": 0}
+    for name in launches:
+        def counted(*args, _run=getattr(triton_passes, name), _name=name, **kwargs):
+            launches[_name] += 1
+            return _run(*args, **kwargs)
+        monkeypatch.setattr(triton_passes, name, counted)
+    results = []
+    for fused in (True, False):
+        cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, z_sampler="philox")
+        if offload:
+            cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
+        engine, *_ = ds_zo.initialize(model=copy.deepcopy(base).to(device), config=cfg)
+        engine.perturbations.fused_passes = fused
+        drawn0 = engine.perturbations.elements_drawn
+        losses = [engine.train_batch({k: v.to(device) for k, v in batch(seed=t).items()}) for t in range(3)]
+        results.append((losses, [r.g for r in engine.step_log], engine.module_state_dict(),
+                        engine.perturbations.elements_drawn - drawn0))
+        counts = dict(launches)
+        launches.update(perturb=0, update=0)
+        if fused:
+            assert counts["perturb"] > 0 and counts["update"] > 0, counts
+        else:
+            assert counts == {"perturb": 0, "update": 0}
+    (l1, g1, sd1, n1), (l2, g2, sd2, n2) = results
+    assert l1 == l2 and g1 == g2 and n1 == n2
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
