@@ -98,6 +98,10 @@ class ZOEngine(DeepSpeedEngine):
             sum(full_numel(p) for p in self.module.parameters()))
         self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device,
                                                               self.perturbations.counter_based(self.device)))
+        if self.perturbations.counter_based(self.device):
+            # the fused kernels' self-check (triton_passes) here, once, not inside the first step's streams
+            for dtype in {p.dtype for p in self.module.parameters()}:
+                self.perturbations.fuses(self.device, dtype)
         # the weights the run started from (weights_fingerprint; ds_zo.initialize fills it in before partitioning)
         self.base_weights: dict = {}
         self.half_dtype: Optional[torch.dtype] = None    # what DeepSpeed cast the parameters to (bf16 / fp16)
