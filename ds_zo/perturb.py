@@ -408,7 +408,7 @@ class PerturbationGenerator:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        why = triton_passes.self_check(str(device), dtype)
+        why = triton_passes.self_check(str(device), dtype, self.distribution == "gaussian")
         if why is not None and (str(device), dtype) not in _WARNED_FUSED:
             _WARNED_FUSED.add((str(device), dtype))
             warnings.warn(f"ds_zo: {why}; θ ± εz and the update run unfused on {device} ({dtype})")
@@ -434,9 +434,9 @@ class PerturbationGenerator:
                 rest.append(job)
                 continue
             signs = tuple(1 if sign > 0 else -1 for _, sign in targets)
-            groups.setdefault((master.dtype, signs), []).append(
+            groups.setdefault((master.device, master.dtype, signs), []).append(
                 (master, start, slice_key(seed, index, key), [out for out, _ in targets]))
-        for (_, signs), segments in groups.items():
+        for (_, _, signs), segments in groups.items():
             self.elements_drawn += triton_passes.perturb(segments, signs, scale, self.distribution == "gaussian")
         return rest
 
@@ -446,7 +446,7 @@ class PerturbationGenerator:
         from . import triton_passes
         if not 1 <= len(grads) <= triton_passes.MAX_Q:
             return pieces
-        rest, groups, fused = [], {}, []
+        rest, groups = [], {}
         for piece in pieces:
             flat, key, start, numel, decay = piece
             if not 0 <= start <= numel - flat.numel():
@@ -454,13 +454,16 @@ class PerturbationGenerator:
             if not self._triton_ready([flat]):
                 rest.append(piece)
                 continue
-            fused.append(piece)
-            groups.setdefault(flat.dtype, []).append(
-                (flat, start, [slice_key(seed, j, key) for j in range(len(grads))], decay))
-        for segments in groups.values():
-            self.elements_drawn += triton_passes.update(segments, grads, lr, wd, self.distribution == "gaussian")
-        if applied is not None and fused:
-            applied(fused)
+            groups.setdefault((flat.device, flat.dtype), []).append(piece)
+        for group in groups.values():
+            # each launch's pieces are reported as soon as it is issued: an interrupt or an error before a later
+            # launch must leave them noted as updated (applying them again would be wrong)
+            def launched(i: int, j: int, group=group) -> None:
+                if applied is not None:
+                    applied(group[i:j])
+            self.elements_drawn += triton_passes.update(
+                [(flat, start, [slice_key(seed, j, key) for j in range(len(grads))], decay)
+                 for flat, key, start, _, decay in group], grads, lr, wd, self.distribution == "gaussian", launched)
         return rest
 
     def _chunk_pieces(self, flat: torch.Tensor, start: int, numel: int):

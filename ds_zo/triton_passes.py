@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-import struct
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +42,7 @@ MIN_SEGS, MAX_SEGS = 16, 256
 # perturbations an update kernel sums in registers (a step with more takes the unfused path)
 MAX_Q = 8
 _PERTURB_COLS = 6       # first program, master offset, out offset, length, z start, key
+_PERTURB_HEADER = 2     # the targets' signs
 _UPDATE_FIXED_COLS = 5  # first program, θ offset, length, z start, weight decay on; then one key per perturbation
 _NO_PROGRAM = (1 << 62)   # first program of the padding rows: never reached
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -82,36 +82,30 @@ def _z_block(row, pid, n, start, key, GAUSSIAN: tl.constexpr, QUADS: tl.constexp
 
 
 @triton.jit
-def _perturb_kernel(master_ptr, out0_ptr, out1_ptr, tab_ptr, eps, SIGN0: tl.constexpr, SIGN1: tl.constexpr,
-                    TARGETS: tl.constexpr, KIND: tl.constexpr, SEGS: tl.constexpr, GAUSSIAN: tl.constexpr,
-                    QUADS: tl.constexpr):
-    """out_t[i] = master[i] ± ε·z[start + i] (sign SIGN_t) of each segment, in float32, rounded once."""
-    row, pid = _segment(tab_ptr, 6, SEGS)
+def _perturb_kernel(master_ptr, out0_ptr, out1_ptr, tab_ptr, eps, TARGETS: tl.constexpr, KIND: tl.constexpr,
+                    SEGS: tl.constexpr, GAUSSIAN: tl.constexpr, QUADS: tl.constexpr):
+    """out_t[i] = master[i] ± ε·z[start + i] of each segment, in float32, rounded once. The table starts with two
+    header words: the targets' signs (> 0: add); signs are read, not compiled in, so one variant serves both."""
+    row, pid = _segment(tab_ptr + 2, 6, SEGS)           # after the header's 2 words (_PERTURB_HEADER)
     m_off, o_off, n = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
     start, key = tl.load(row + 4), tl.load(row + 5)
     z, at, mask = _z_block(row, pid, n, start, key, GAUSSIAN, QUADS)
     ez = z * eps
     m = tl.load(master_ptr + m_off + at, mask=mask).to(tl.float32)
-    if SIGN0 > 0:
-        tl.store(out0_ptr + o_off + at, _round(m + ez, KIND), mask=mask)
-    else:
-        tl.store(out0_ptr + o_off + at, _round(m - ez, KIND), mask=mask)
+    plus, minus = _round(m + ez, KIND), _round(m - ez, KIND)
+    tl.store(out0_ptr + o_off + at, tl.where(tl.load(tab_ptr) > 0, plus, minus), mask=mask)
     if TARGETS == 2:
-        if SIGN1 > 0:
-            tl.store(out1_ptr + o_off + at, _round(m + ez, KIND), mask=mask)
-        else:
-            tl.store(out1_ptr + o_off + at, _round(m - ez, KIND), mask=mask)
+        tl.store(out1_ptr + o_off + at, tl.where(tl.load(tab_ptr + 1) > 0, plus, minus), mask=mask)
 
 
 @triton.jit
-def _update_kernel(theta_ptr, tab_ptr, lr, wd, inv_q, Q: tl.constexpr, DOWN: tl.constexpr,
-                   RECIPROCAL: tl.constexpr, KIND: tl.constexpr, SEGS: tl.constexpr, GAUSSIAN: tl.constexpr,
-                   QUADS: tl.constexpr):
+def _update_kernel(theta_ptr, tab_ptr, lr, wd, inv_q, Q: tl.constexpr, RECIPROCAL: tl.constexpr,
+                   KIND: tl.constexpr, SEGS: tl.constexpr, GAUSSIAN: tl.constexpr, QUADS: tl.constexpr):
     """θ[i] ← θ[i] − lr·(u + wd·θ[i]) of each segment, u = (1/q) Σ_j g_j·z_j[start + i], evaluated as
-    optimizer.apply_step_pieces evaluates it. The table starts with 2Q header words: fl32(|g_j|) as bits, and
-    whether g_j has g_0's sign; DOWN: g_0 > 0."""
+    optimizer.apply_step_pieces evaluates it. The table starts with 2Q + 1 header words: fl32(|g_j|) as bits,
+    whether g_j has g_0's sign, and whether g_0 > 0 (read, not compiled in: one variant serves both signs)."""
     COLS: tl.constexpr = 5 + Q
-    rows = tab_ptr + 2 * Q
+    rows = tab_ptr + 2 * Q + 1
     row, pid = _segment(rows, COLS, SEGS)
     t_off, n, start, decays = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
     z, at, mask = _z_block(row, pid, n, start, tl.load(row + 5), GAUSSIAN, QUADS)
@@ -126,17 +120,11 @@ def _update_kernel(theta_ptr, tab_ptr, lr, wd, inv_q, Q: tl.constexpr, DOWN: tl.
         else:
             u = tl.div_rn(u, Q * 1.0)
     theta = tl.load(theta_ptr + t_off + at, mask=mask).to(tl.float32)
+    down = tl.load(tab_ptr + 2 * Q) != 0
     # weight decay: u's sign is folded in first (θ − lr·(−(−u) + wd·θ)), then the step is always subtracted
-    if DOWN:
-        decayed = u + theta * wd
-    else:
-        decayed = -u + theta * wd
     on = decays != 0
-    step = tl.where(on, decayed, u) * lr
-    if DOWN:
-        new = theta - step
-    else:
-        new = tl.where(on, theta - step, theta + step)
+    step = tl.where(on, tl.where(down, u, -u) + theta * wd, u) * lr
+    new = tl.where(down | on, theta - step, theta + step)
     tl.store(theta_ptr + t_off + at, _round(new, KIND), mask=mask)
 
 
@@ -165,7 +153,11 @@ def _segs(count: int) -> int:
 
 def _offset(t: torch.Tensor, base: torch.Tensor) -> int:
     """t's first element as an element offset from base's (same dtype and device: one address space)."""
-    return (t.data_ptr() - base.data_ptr()) // t.element_size()
+    diff = t.data_ptr() - base.data_ptr()
+    if t.dtype != base.dtype or t.device != base.device or diff % t.element_size():
+        raise ValueError(f"a {t.dtype} tensor on {t.device} is not addressable from a {base.dtype} one on "
+                         f"{base.device} in whole elements")
+    return diff // t.element_size()
 
 
 def _launch(kernel, grid: int, device: torch.device, args: tuple, kwargs: dict) -> None:
@@ -177,9 +169,10 @@ def _launch(kernel, grid: int, device: torch.device, args: tuple, kwargs: dict) 
         kernel[(grid,)](*args, **kwargs)
 
 
-def _batches(items: list, limit: int = MAX_SEGS):
-    for i in range(0, len(items), limit):
-        yield items[i:i + limit]
+def _batches(items: list):
+    """(first index, items) per launch: at most MAX_SEGS segments each (read at the call: tests lower it)."""
+    for i in range(0, len(items), MAX_SEGS):
+        yield i, items[i:i + MAX_SEGS]
 
 
 def perturb(segments: Sequence[tuple[torch.Tensor, int, int, Sequence[torch.Tensor]]], signs: Sequence[int],
@@ -194,7 +187,8 @@ def perturb(segments: Sequence[tuple[torch.Tensor, int, int, Sequence[torch.Tens
         raise ValueError(f"{len(signs)} targets: the fused perturbation writes one or two")
     master0, outs0 = segments[0][0], segments[0][3]
     device, kind, drawn = master0.device, DTYPES[master0.dtype], 0
-    for batch in _batches(list(segments)):
+    header = [1 if s > 0 else -1 for s in signs] + [1] * (_PERTURB_HEADER - len(signs))
+    for _, batch in _batches(list(segments)):
         rows, first = [], 0
         for master, start, key, outs in batch:
             n = master.numel()
@@ -209,23 +203,25 @@ def perturb(segments: Sequence[tuple[torch.Tensor, int, int, Sequence[torch.Tens
         if not rows:
             continue
         segs = _segs(len(rows))
-        tab = _table(device, [], rows, _PERTURB_COLS, segs)
+        tab = _table(device, header, rows, _PERTURB_COLS, segs)
         out1 = outs0[1] if len(signs) == 2 else outs0[0]
         _launch(_perturb_kernel, first, device, (master0, outs0[0], out1, tab, eps),
-                dict(SIGN0=int(signs[0]), SIGN1=int(signs[-1]), TARGETS=len(signs), KIND=kind, SEGS=segs,
-                     GAUSSIAN=gaussian, QUADS=QUADS))
+                dict(TARGETS=len(signs), KIND=kind, SEGS=segs, GAUSSIAN=gaussian, QUADS=QUADS))
     return drawn
 
 
 def _f32_bits(x: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", x))[0]
+    """x rounded to float32 (to ±inf beyond its range, as Triton's launcher converts a float argument), as bits."""
+    with np.errstate(over="ignore"):
+        return int(np.float32(x).view(np.int32))
 
 
 def update(segments: Sequence[tuple[torch.Tensor, int, Sequence[int], bool]], grads: Sequence[float], lr: float,
-           wd: float, gaussian: bool = True) -> int:
+           wd: float, gaussian: bool = True, launched: Optional[Callable[[int, int], None]] = None) -> int:
     """For each segment (θ, z start, keys per perturbation, decays): θ ← θ − lr·((1/q) Σ_j g_j·z_j + wd·θ) over
     z[start : start + n] (wd only where decays), evaluated as optimizer.apply_step_pieces evaluates it. θ flat,
-    contiguous, one dtype and device. Returns the z values drawn."""
+    contiguous, one dtype and device. `launched(i, j)` is told right after each launch that segments [i, j) are
+    updated (an update cut short between launches must not be applied twice). Returns the z values drawn."""
     if not segments:
         return 0
     q = len(grads)
@@ -234,8 +230,8 @@ def update(segments: Sequence[tuple[torch.Tensor, int, Sequence[int], bool]], gr
     theta0 = segments[0][0]
     device, kind, drawn = theta0.device, DTYPES[theta0.dtype], 0
     signs = [math.copysign(1.0, g) > 0 for g in grads]
-    header = [_f32_bits(abs(g)) for g in grads] + [int(s == signs[0]) for s in signs]
-    for batch in _batches(list(segments)):
+    header = [_f32_bits(abs(g)) for g in grads] + [int(s == signs[0]) for s in signs] + [int(signs[0])]
+    for at, batch in _batches(list(segments)):
         rows, first = [], 0
         for theta, start, keys, decays in batch:
             n = theta.numel()
@@ -244,55 +240,65 @@ def update(segments: Sequence[tuple[torch.Tensor, int, Sequence[int], bool]], gr
             rows.append([first, _offset(theta, theta0), n, start, int(decays and wd != 0.0), *keys])
             first += _programs(start, n)
             drawn += n * q
-        if not rows:
-            continue
-        segs = _segs(len(rows))
-        tab = _table(device, header, rows, _UPDATE_FIXED_COLS + q, segs)
-        inv_q = float(np.float32(1.0) / np.float32(q))
-        _launch(_update_kernel, first, device, (theta0, tab, lr, wd, inv_q),
-                dict(Q=q, DOWN=signs[0], RECIPROCAL=device.type == "cuda", KIND=kind, SEGS=segs, GAUSSIAN=gaussian,
-                     QUADS=QUADS))
+        if rows:
+            segs = _segs(len(rows))
+            tab = _table(device, header, rows, _UPDATE_FIXED_COLS + q, segs)
+            inv_q = float(np.float32(1.0) / np.float32(q))
+            _launch(_update_kernel, first, device, (theta0, tab, lr, wd, inv_q),
+                    dict(Q=q, RECIPROCAL=device.type == "cuda", KIND=kind, SEGS=segs, GAUSSIAN=gaussian,
+                         QUADS=QUADS))
+        if launched is not None:
+            launched(at, at + len(batch))
     return drawn
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
 @functools.lru_cache(maxsize=None)
-def self_check(device: str, dtype: torch.dtype) -> Optional[str]:
+def self_check(device: str, dtype: torch.dtype, gaussian: bool = True) -> Optional[str]:
     """None where both kernels give the unfused path's values bit for bit on this device and dtype (segments at odd
-    offsets, both signs, one and three perturbations, weight decay on and off), else what differed or failed."""
+    offsets; two targets and one; g_0 of either sign, one and three perturbations, weight decay on and off), else
+    what differed or failed to compile. An out-of-memory error or a CUDA error is raised, not cached: the first may
+    pass, and after the second the device is not usable by either path."""
     from .model.perturbed_copies import _shifted
     from .optimizer import StepRecord, apply_step_pieces
     from .perturb import PerturbationGenerator, slice_key
     try:
         dev = torch.device(device)
-        gen = PerturbationGenerator(sampler="philox")
+        gen = PerturbationGenerator("gaussian" if gaussian else "rademacher", sampler="philox")
         gen.fused_passes = False
         cpu = torch.Generator().manual_seed(7)
         sizes, starts = [4099, 1, 37], [3, 0, 5]
-        masters = [torch.randn(n, generator=cpu).to(dtype=dtype, device=dev) for n in sizes]
-        flat = torch.cat(masters)
+        flat = torch.randn(sum(sizes), generator=cpu).to(dtype=dtype, device=dev)
         views = list(flat.split(sizes))
         eps, seed = 1e-3, 12345
-        outs = [torch.empty_like(flat) for _ in range(2)]
-        views_out = [list(o.split(sizes)) for o in outs]
-        perturb([(m, s, slice_key(seed, 0, 11 + i), [views_out[0][i], views_out[1][i]])
-                 for i, (m, s) in enumerate(zip(views, starts))], (1, -1), eps)
-        for i, (m, s) in enumerate(zip(views, starts)):
-            ez = gen.z(seed, 0, 11 + i, s + m.numel(), start=s, device=dev).mul_(eps)
-            for t, sign in enumerate((1, -1)):
-                ref = torch.empty_like(m)
-                _shifted(m, ez, sign, ref)
-                if not torch.equal(ref, views_out[t][i]):
-                    return f"the fused perturbation differs from the unfused one ({dtype}, segment {i}, sign {sign})"
-        for grads, wd in (((0.7,), 0.0), ((-0.3, 0.2, -1.1), 0.01)):
-            record = StepRecord(step=0, seed=seed, g=list(grads), lr=0.05, wd=wd)
+        for signs in ((1, -1), (-1,)):
+            outs = [torch.empty_like(flat).split(sizes) for _ in signs]
+            perturb([(m, s, slice_key(seed, 0, 11 + i), [o[i] for o in outs])
+                     for i, (m, s) in enumerate(zip(views, starts))], signs, eps, gaussian)
+            for i, (m, s) in enumerate(zip(views, starts)):
+                ez = gen.z(seed, 0, 11 + i, s + m.numel(), start=s, device=dev).mul_(eps)
+                for o, sign in zip(outs, signs):
+                    ref = torch.empty_like(m)
+                    _shifted(m, ez, sign, ref)
+                    if not torch.equal(_bits(ref), _bits(o[i])):
+                        return (f"the fused perturbation differs from the unfused one ({dtype}, segment {i}, "
+                                f"sign {sign})")
+        for grads, wd in (((0.7,), 0.01), ((-0.7,), 0.0), ((-0.3, 0.2, -1.1), 0.01)):
+            record = StepRecord(step=0, seed=seed, g=tuple(grads), lr=0.05, wd=wd)
             mine, ref = flat.clone(), flat.clone()
-            mine_views, ref_views = mine.split(sizes), ref.split(sizes)
             update([(v, s, [slice_key(seed, j, 11 + i) for j in range(len(grads))], i != 1)
-                    for i, (v, s) in enumerate(zip(mine_views, starts))], grads, record.lr, wd)
-            apply_step_pieces([(v, 11 + i, s, s + v.numel(), i != 1) for i, (v, s) in enumerate(zip(ref_views, starts))],
-                              record, gen)
-            if not torch.equal(mine, ref):
-                return f"the fused update differs from the unfused one ({dtype}, q = {len(grads)}, wd = {wd})"
+                    for i, (v, s) in enumerate(zip(mine.split(sizes), starts))], grads, record.lr, wd, gaussian)
+            apply_step_pieces([(v, 11 + i, s, s + v.numel(), i != 1)
+                               for i, (v, s) in enumerate(zip(ref.split(sizes), starts))], record, gen)
+            if not torch.equal(_bits(mine), _bits(ref)):
+                return f"the fused update differs from the unfused one ({dtype}, g = {grads}, wd = {wd})"
         return None
+    except torch.cuda.OutOfMemoryError:
+        raise
     except Exception as err:       # a compile or launch failure: the unfused path still works
+        if "CUDA error" in str(err):
+            raise
         return f"the fused kernels cannot run here ({type(err).__name__}: {err})"

@@ -82,15 +82,61 @@ def test_the_fused_update_is_the_unfused_one_bitwise(device, dtype, grads, wd):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_more_segments_than_a_launch_holds_take_several_launches(device, monkeypatch):
-    monkeypatch.setattr(triton_passes, "MAX_SEGS", 2)
+    launches = []
+    real = triton_passes._launch
+    monkeypatch.setattr(triton_passes, "_launch", lambda *a, **k: launches.append(1) or real(*a, **k))
     flat, masters = _params(device, torch.float32)
-    out = torch.full_like(flat, float("nan"))
-    segments = [(m, s, slice_key(5, 0, i), [o]) for i, (m, s, o) in enumerate(zip(masters, STARTS, out.split(SIZES)))]
-    triton_passes.perturb(segments, (1,), 0.5)
-    whole = torch.full_like(flat, float("nan"))
-    monkeypatch.setattr(triton_passes, "MAX_SEGS", 256)
-    triton_passes.perturb([(m, s, k, [o]) for (m, s, k, _), o in zip(segments, whole.split(SIZES))], (1,), 0.5)
-    assert torch.equal(out, whole) and not out.isnan().any()
+    results = {}
+    for limit in (2, 256):
+        monkeypatch.setattr(triton_passes, "MAX_SEGS", limit)
+        launches.clear()
+        out, theta = torch.full_like(flat, float("nan")), flat.clone()
+        triton_passes.perturb([(m, s, slice_key(5, 0, i), [o]) for i, (m, s, o) in
+                               enumerate(zip(masters, STARTS, out.split(SIZES)))], (1,), 0.5)
+        spans = []
+        triton_passes.update([(v, s, [slice_key(5, 0, i)], True) for i, (v, s) in
+                              enumerate(zip(theta.split(SIZES), STARTS))], [0.3], 0.1, 0.01,
+                             launched=lambda i, j: spans.append((i, j)))
+        results[limit] = (out, theta, len(launches), spans)
+    (out2, theta2, n2, spans2), (out_all, theta_all, n_all, spans_all) = results[2], results[256]
+    assert (n2, spans2) == (6, [(0, 2), (2, 4), (4, 6)]) and (n_all, spans_all) == (2, [(0, 6)])
+    assert torch.equal(out2, out_all) and not out2.isnan().any() and torch.equal(theta2, theta_all)
+
+
+def test_an_update_cut_short_between_launches_reports_what_it_applied(monkeypatch):
+    """Two dtypes are two launches; an interrupt at the second leaves the first's pieces updated and reported to
+    `applied` (ZOSGD then skips them when the update resumes: applying them twice would be wrong), the second's
+    untouched and not reported."""
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    gen = PerturbationGenerator(sampler="philox")
+    a, b = torch.zeros(64), torch.zeros(64, dtype=torch.bfloat16)
+    assert gen.fuses("cpu", torch.float32) and gen.fuses("cpu", torch.bfloat16)     # (their self-checks first)
+    real, calls = triton_passes._launch, []
+
+    def launch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(triton_passes, "_launch", launch)
+    noted = []
+    with pytest.raises(KeyboardInterrupt):
+        gen.update_fused([(a, 1, 0, 64, False), (b, 2, 0, 64, False)], 7, [0.5], 0.1, 0.0, noted.extend)
+    assert [p[1] for p in noted] == [1] and a.abs().sum() > 0 and b.abs().sum() == 0
+
+
+def test_a_g_beyond_float32_gives_what_the_unfused_update_gives():
+    """|g| above float32's range is ±inf in both paths (Triton's launcher and torch convert a float argument so),
+    not an error in one of them."""
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    theta = torch.randn(100)
+    mine, ref = theta.clone(), theta.clone()
+    triton_passes.update([(mine, 0, [slice_key(3, 0, 9)], False)], [-1e39], 0.1, 0.0)
+    apply_step_pieces([(ref, 9, 0, 100, False)], StepRecord(step=0, seed=3, g=(-1e39,), lr=0.1, wd=0.0), _unfused())
+    assert mine.isinf().all()
+    torch.testing.assert_close(mine, ref, rtol=0, atol=0, equal_nan=True)
 
 
 def test_the_self_check_passes_here_and_catches_a_wrong_kernel(monkeypatch):

@@ -448,8 +448,8 @@ class PerturbedCopies:
         the drawn-chunk path."""
         if not pieces:
             return pieces
-        p = pieces[0][0].param
-        if p.device.type != "cpu" and not self.generator.fuses(p.device, p.dtype):
+        kinds = {(pc[0].param.device, pc[0].param.dtype) for pc in pieces}
+        if all(d.type != "cpu" and not self.generator.fuses(d, t) for d, t in kinds):
             return pieces      # no host work added where every op is a launch and nothing fuses
         signs = [(i, slot[1]) for i, slot in enumerate(self.slots) if slot is not None and slot[0] == j]
         cands = [pc for pc in pieces if pc[0].rows is None]

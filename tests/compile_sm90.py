@@ -1,0 +1,43 @@
+"""Compile ds_zo's Triton kernels for sm_90 without a GPU (Triton's own ptxas), in a process where Triton's
+interpreter is off: the interpreter runs kernels as Python and accepts code the compiler refuses (a non-constexpr
+global in a kernel was found so). Prints one line per variant; exits non-zero on the first failure. Run by
+tests/test_triton_compile.py."""
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+import triton                                                   # noqa: E402
+from triton.backends.compiler import GPUTarget                  # noqa: E402
+from triton.compiler import ASTSource                           # noqa: E402
+
+from ds_zo import triton_passes, triton_z                       # noqa: E402
+
+assert not triton_z.INTERPRETED
+TARGET = GPUTarget("cuda", 90, 32)
+OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+POINTER = {0: "*fp32", 1: "*bf16", 2: "*fp16"}
+
+
+def compile_one(fn, signature: dict, constexprs: dict) -> str:
+    signature = dict(signature, **{k: "constexpr" for k in constexprs})
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                            options=OPTIONS)
+    ptx = kernel.asm["ptx"]
+    if "fma.rn.f32" in ptx:        # contraction would change the rounding the exactness invariants rest on
+        raise SystemExit(f"{fn.__name__} {constexprs}: fused multiply-add in the PTX")
+    return f"{fn.__name__} {constexprs}: {len(kernel.asm['cubin'])} bytes"
+
+
+print(compile_one(triton_z._fill, {"out_ptr": "*fp32", "n": "i64", "start": "i64", "key": "i64", "scale": "fp32"},
+                  {"GAUSSIAN": True, "QUADS": triton_z.QUADS}))
+for kind in (0, 1):
+    ptr = POINTER[kind]
+    print(compile_one(triton_passes._perturb_kernel,
+                      {"master_ptr": ptr, "out0_ptr": ptr, "out1_ptr": ptr, "tab_ptr": "*i64", "eps": "fp32"},
+                      {"TARGETS": 2, "KIND": kind, "SEGS": 16, "GAUSSIAN": True, "QUADS": triton_passes.QUADS}))
+    for q, reciprocal in ((1, True), (2, True), (3, False)):
+        print(compile_one(triton_passes._update_kernel,
+                          {"theta_ptr": ptr, "tab_ptr": "*i64", "lr": "fp32", "wd": "fp32", "inv_q": "fp32"},
+                          {"Q": q, "RECIPROCAL": reciprocal, "KIND": kind, "SEGS": 32, "GAUSSIAN": kind == 0,
+                           "QUADS": triton_passes.QUADS}))
+sys.exit(0)
