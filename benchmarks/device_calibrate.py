@@ -183,7 +183,9 @@ def micro_rates(device: torch.device, n: int = 64 << 20, reps: int = 5) -> dict:
     t_add = device_time(lambda: torch.add(x, y, out=o), device, reps)
     t_cat = device_time(lambda: torch.cat([x, y]), device, reps)
     out = {"rng_rate": CHUNK_ELEMENTS / t_chunk, "elem_bw": 12 * n / t_add, "merge_bw": 8 * n / t_cat,
-           "fused_passes": zgen.fuses(device, torch.float32), "counter_z": zgen.counter_based(device)}
+           # the native CPU sweeps (the Triton kernels on GPUs are "fused_kernels", below)
+           "fused_passes": device.type == "cpu" and zgen.fuses(device, torch.float32),
+           "counter_z": zgen.counter_based(device)}
     if device.type == "cuda":
         if out["counter_z"]:     # the chunked sampler beside the counter-based one: its device rate
             out["rng_rate_chunked"] = CHUNK_ELEMENTS / chunk_time(PerturbationGenerator(sampler="chunked"))
@@ -245,11 +247,13 @@ def hardware(micro: dict, flops: float, h2d_bw: float, d2h_bw: float, dtype_byte
                        host_fused_s=micro.get("host_fused_s"))
 
 
-def predict(result: dict) -> dict:
+def predict(result: dict, what_if: Optional[dict] = None) -> dict:
     """ds_zo.perfmodel's step times for the runs an offload_bench result holds, from the calibration stored in it
     (result["model"]: micro, forward, and host_steps or, in records before the ninth session, unit_overhead), against
     the measured medians. With host_steps the host costs are fitted per mode (fit_host) and the micro-measured ones
-    predict beside them ("predicted_micro_s", "error_micro")."""
+    predict beside them ("predicted_micro_s", "error_micro"). `what_if`: a change for the prediction only (e.g.
+    {"fused_kernels": True} on a record whose steps ran unfused): the host costs are still fitted as the record's
+    steps ran, then the prediction is made with the calibration's rates changed by it."""
     cal = result["model"]
     micro = cal["micro"]
     if "memcpy" in result:
@@ -277,7 +281,7 @@ def predict(result: dict) -> dict:
     tile = result.get("loss_tile_elements", 1 << 21)
 
     def step_s(rates: dict, unit_host_s: float, b: int, span: int, layout) -> pm.Result:
-        hw = hardware(rates, flops[b], h2d, d2h, nbytes, unit_host_s, result["device"], span, tile)
+        hw = hardware(rates | (what_if or {}), flops[b], h2d, d2h, nbytes, unit_host_s, result["device"], span, tile)
         return pm.simulate(spec, hw, layout, pm.Workload(b, result["seq"]))
 
     def fitted(rates: dict, fit: dict) -> tuple[dict, float]:
@@ -349,7 +353,9 @@ def fit_host(rates: dict, steps: dict, times: dict, mode: str, device: torch.dev
     """unit_host_s and host_chunk_s for `mode` with which the model reproduces the measured calibration steps
     (`times`: "shape/mode" -> seconds; steps["shapes"] = (the unit-cost shape, the chunk-cost shape)): the first
     shape's step fixes the per-unit cost, the second's the per-chunk cost, alternately until both hold (each by
-    bisection: the modelled step grows with either)."""
+    bisection: the modelled step grows with either). With the fused kernels (rates["fused_kernels"]) a unit's ZO
+    launches do not grow with its size, so the chunk-cost shape cannot tell a per-launch cost from the per-unit
+    one: only unit_host_s is fitted, host_chunk_s keeps its micro-measured value."""
     unit_shape, chunk_shape = steps["shapes"]
     layout = pm.Layout("resident") if mode == "resident" else pm.Layout("zo2", 1, 1, prefetch)
 
@@ -359,6 +365,9 @@ def fit_host(rates: dict, steps: dict, times: dict, mode: str, device: torch.dev
         return pm.simulate(pm.shape(shape, HOST_SEQ), hw, layout, pm.Workload(1, HOST_SEQ)).step_s
 
     unit, chunk = 0.0, rates["host_chunk_s"]
+    if rates.get("fused_kernels") and torch.device(device).type == "cuda":
+        return {"unit_host_s": _solve(lambda x: modelled(unit_shape, x, chunk), times[f"{unit_shape}/{mode}"]),
+                "host_chunk_s": chunk}
     for _ in range(8):
         unit_before, chunk_before = unit, chunk
         unit = _solve(lambda x: modelled(unit_shape, x, chunk), times[f"{unit_shape}/{mode}"])

@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_summary /tmp/gpu_check
     python -m benchmarks.gpu_summary --repredict benchmarks/results/gpu_h200_2026-11-26j   # today's ds_zo.perfmodel
+    python -m benchmarks.gpu_summary --repredict-fused benchmarks/results/gpu_h200_2026-11-27e   # with fused kernels
 
 For each offload_bench result (the OPT runs; SmolLM2 with zero_order.row_blocks "off"): offload / resident (or
 whole copies / default; older records: row blocks / default) throughput, each mode's peak GPU memory, and with
@@ -10,7 +11,9 @@ micro-measured ones — beside the profiled kernel time
 against the modelled compute time (which side of the model misses) and the draws' queued rate against the old
 back-to-back one. For the GPU memory section of benchmarks.run: each mode's peak and the ratios to inference.
 --repredict: the model's cases from the calibration stored in each record, by the current ds_zo.perfmodel (a record
-keeps the predictions of the model it ran with).
+keeps the predictions of the model it ran with). --repredict-fused: the same with the fused Triton passes switched on
+for the prediction (host costs still fitted to the record's own, unfused, calibration steps): what the model expects
+them to buy on that host.
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ def memory_lines(name: str, sections: list[dict]) -> list[str]:
     return out
 
 
-def summary(folder: str, repredict: bool = False) -> list[str]:
+def summary(folder: str, repredict: bool = False, fused: bool = False) -> list[str]:
     lines = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         with open(path) as f:
@@ -100,8 +103,8 @@ def summary(folder: str, repredict: bool = False) -> list[str]:
         if "runs" in r and "shape" in r:
             if repredict and r.get("model"):
                 from benchmarks.device_calibrate import predict
-                r["model"] = r["model"] | predict(r)
-                name += " (re-predicted)"
+                r["model"] = r["model"] | predict(r, {"fused_kernels": True} if fused else None)
+                name += " (re-predicted with the fused kernels)" if fused else " (re-predicted)"
             lines += offload_lines(name, r)
         elif "gpu_memory" in r:
             lines += memory_lines(name, r["gpu_memory"])
@@ -110,11 +113,13 @@ def summary(folder: str, repredict: bool = False) -> list[str]:
 
 def main(argv=None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    repredict = "--repredict" in args
-    args = [a for a in args if a != "--repredict"]
+    fused = "--repredict-fused" in args
+    repredict = fused or "--repredict" in args
+    args = [a for a in args if a not in ("--repredict", "--repredict-fused")]
     if len(args) != 1 or not os.path.isdir(args[0]):
-        raise SystemExit("usage: python -m benchmarks.gpu_summary [--repredict] FOLDER (the GPU check's output)")
-    lines = summary(args[0], repredict)
+        raise SystemExit("usage: python -m benchmarks.gpu_summary [--repredict | --repredict-fused] FOLDER (the GPU "
+                         "check's output)")
+    lines = summary(args[0], repredict, fused)
     print("\n".join(lines) if lines else f"no GPU check results in {args[0]}")
 
 

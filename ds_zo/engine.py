@@ -289,14 +289,10 @@ class ZOEngine(DeepSpeedEngine):
     def _update_shard(self, su: ShardedUnit, shard: torch.Tensor) -> bool:
         """The fused update on this rank's device shard of a resliced unit (z drawn for the shard's slice only)."""
         opt = self.optimizer
-        changed = False
-        for i, p in enumerate(su.params):
-            if opt.owes(p):
-                o = su.shard_offsets[i]
-                opt.apply_pending_to_slice(p, shard[o:o + su.valid(i)], su.rank * su.shard_numels[i],
-                                           su.full_numels[i])
-                changed = True
-        return changed
+        owed = [(p, shard[su.shard_offsets[i]:su.shard_offsets[i] + su.valid(i)], su.rank * su.shard_numels[i],
+                 su.full_numels[i]) for i, p in enumerate(su.params) if opt.owes(p)]
+        opt.apply_pending_to_slices(owed)          # all at once: one fused launch per dtype on a GPU
+        return bool(owed)
 
     def comm_stats(self) -> dict:
         """Cumulative bytes moved by this rank: host→device and device→host parameter traffic, bytes received by

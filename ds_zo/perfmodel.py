@@ -311,6 +311,9 @@ class Workload:
 #   perturb (model/perturbed_copies.py): per sign torch.add/sub(θ, εz, out) r b + r4 + w b
 #   update (optimizer.apply_step): u.mul_(lr) 8, torch.sub(θ, u, out=θ) r b r4 w b; per further perturbation
 #     u.add_(z) 12 and once u.div_(q) 8
+FUSED_MAX_Q = 8      # perturbations the fused update kernel sums (triton_passes.MAX_Q); beyond, the unfused update
+
+
 def perturb_passes(signs: int) -> int:
     """Element-wise ops issued per piece by the perturbation: per sign torch.add/sub into the copy."""
     return signs
@@ -399,8 +402,9 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
     fused_rate = hw.fused_rng_rate or hw.rng_rate
 
     def t_update(n: float) -> float:
-        return (n * work.q / (fused_rate if hw.fused else hw.rng_rate)
-                + n * update_bytes(b, work.q, hw.fused or hw.fused_passes) / hw.elem_bw)
+        fused = hw.fused and work.q <= FUSED_MAX_Q
+        return (n * work.q / (fused_rate if fused else hw.rng_rate)
+                + n * update_bytes(b, work.q, fused or hw.fused_passes) / hw.elem_bw)
 
     def t_perturb(u: UnitSpec) -> float:
         fused = (hw.fused or hw.fused_passes) and not u.row_blocks
@@ -419,12 +423,13 @@ def simulate(model: ModelSpec, hw: Hardware, layout: Layout, work: Workload, ste
         span = CHUNK * hw.span_chunks
         draw_size = span if hw.counter_z else CHUNK
         perturb_fused = hw.fused and not u.row_blocks
-        fused = (work.q if perturb_fused and u.params > 0 else 0) + (1 if hw.fused and update_elems > 0 else 0)
+        update_fused = hw.fused and work.q <= FUSED_MAX_Q
+        fused = (work.q if perturb_fused and u.params > 0 else 0) + (1 if update_fused and update_elems > 0 else 0)
         draws = passes = 0
         if not perturb_fused:
             draws += work.q * _chunks(u.params, u.tensors, draw_size)
             passes += work.q * perturb_passes(signs) * _chunks(u.params, u.tensors, span)
-        if not hw.fused:
+        if not update_fused:
             draws += work.q * _chunks(update_elems, u.tensors, draw_size)
             passes += update_passes(work.q) * _chunks(update_elems, u.tensors, span)
         return draws, passes, fused

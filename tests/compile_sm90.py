@@ -30,14 +30,17 @@ def compile_one(fn, signature: dict, constexprs: dict) -> str:
 
 print(compile_one(triton_z._fill, {"out_ptr": "*fp32", "n": "i64", "start": "i64", "key": "i64", "scale": "fp32"},
                   {"GAUSSIAN": True, "QUADS": triton_z.QUADS}))
-for kind in (0, 1):
+# every storage dtype, one and two targets, 1 to MAX_Q perturbations, the smallest and largest tables, both
+# distributions, both divisions
+for kind, targets, q, segs, reciprocal in ((0, 2, 1, 16, True), (1, 2, 2, 32, True), (2, 1, 3, 256, False),
+                                           (1, 1, triton_passes.MAX_Q, triton_passes.MAX_SEGS, True)):
     ptr = POINTER[kind]
     print(compile_one(triton_passes._perturb_kernel,
                       {"master_ptr": ptr, "out0_ptr": ptr, "out1_ptr": ptr, "tab_ptr": "*i64", "eps": "fp32"},
-                      {"TARGETS": 2, "KIND": kind, "SEGS": 16, "GAUSSIAN": True, "QUADS": triton_passes.QUADS}))
-    for q, reciprocal in ((1, True), (2, True), (3, False)):
-        print(compile_one(triton_passes._update_kernel,
-                          {"theta_ptr": ptr, "tab_ptr": "*i64", "lr": "fp32", "wd": "fp32", "inv_q": "fp32"},
-                          {"Q": q, "RECIPROCAL": reciprocal, "KIND": kind, "SEGS": 32, "GAUSSIAN": kind == 0,
-                           "QUADS": triton_passes.QUADS}))
+                      {"TARGETS": targets, "KIND": kind, "SEGS": segs, "GAUSSIAN": kind != 2,
+                       "QUADS": triton_passes.QUADS}))
+    print(compile_one(triton_passes._update_kernel,
+                      {"theta_ptr": ptr, "tab_ptr": "*i64", "lr": "fp32", "wd": "fp32", "inv_q": "fp32"},
+                      {"Q": q, "RECIPROCAL": reciprocal, "KIND": kind, "SEGS": segs, "GAUSSIAN": kind != 2,
+                       "QUADS": triton_passes.QUADS}))
 sys.exit(0)

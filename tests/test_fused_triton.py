@@ -180,8 +180,8 @@ def test_the_generator_fuses_what_it_can_and_hands_back_the_rest():
 @pytest.mark.parametrize("offload", [False, True])
 def test_an_engine_with_fused_kernels_takes_the_unfused_engines_steps(device, offload, monkeypatch):
     """Three steps of a tied tiny Llama with the fused kernels and without (the generator's `fused_passes`), resident
-    and offloaded: the same losses, the same g and the same parameters, bit for bit; the kernels ran (a launch per
-    unit and pass, not per tensor) only where switched on."""
+    and offloaded: the same losses, the same g and the same parameters, bit for bit; the kernels ran only where
+    switched on."""
     import copy
     base = tiny_model("llama", True)
     launches = {"perturb": 0, "update": 0}

@@ -211,6 +211,12 @@ def test_fused_kernels_cost_one_launch_per_unit_pass_and_read_theta_once():
     rng = pm.simulate(pm.ModelSpec("toy", (layer,), 8), hw(rng_rate=1e9, fused_rng_rate=4e9, **h),
                       pm.Layout("resident"), WORK).step_s
     assert rng == pytest.approx(2 * n / 4e9)
+    # more perturbations than the update kernel sums: the copies stay fused (q launches), the update does not
+    q = pm.FUSED_MAX_Q + 1
+    many = pm.simulate(pm.ModelSpec("toy", (layer,), 8), hw(host_chunk_s=1e-3, host_pass_s=1e-4, **h),
+                       pm.Layout("resident"), pm.Workload(WORK.rows, WORK.seq, q)).step_s
+    pieces = 3 + 3                                      # span pieces of the layer's 4 tensors (as above)
+    assert many == pytest.approx(q * (1e-3 + 1e-4) + q * pieces * 1e-3 + pm.update_passes(q) * pieces * 1e-4)
 
 
 def test_first_step_has_no_offload_and_steady_state_needs_two_steps():
