@@ -181,10 +181,11 @@ def perturb(segments: Sequence[tuple[torch.Tensor, int, int, Sequence[torch.Tens
     (one or two targets, every segment the same), z the counter-based stream of `key` (perturb.slice_key). Masters
     and outs are flat, contiguous, of one dtype and device; outs[t] of every segment lie in one tensor per t or
     anywhere else on the device. Returns the z values drawn."""
-    if not segments:
-        return 0
     if len(signs) not in (1, 2):
         raise ValueError(f"{len(signs)} targets: the fused perturbation writes one or two")
+    segments = [seg for seg in segments if seg[0].numel()]      # (an empty tensor may have no address)
+    if not segments:
+        return 0
     master0, outs0 = segments[0][0], segments[0][3]
     device, kind, drawn = master0.device, DTYPES[master0.dtype], 0
     header = [1 if s > 0 else -1 for s in signs] + [1] * (_PERTURB_HEADER - len(signs))
@@ -192,16 +193,12 @@ def perturb(segments: Sequence[tuple[torch.Tensor, int, int, Sequence[torch.Tens
         rows, first = [], 0
         for master, start, key, outs in batch:
             n = master.numel()
-            if n == 0:
-                continue
             rows.append([first, _offset(master, master0), _offset(outs[0], outs0[0]), n, start, key])
             for t in range(1, len(signs)):        # the out offset is shared: each target's tensor sits alike
                 if _offset(outs[t], outs0[t]) != rows[-1][2]:
                     raise ValueError("the targets of a fused perturbation must lie alike in their buffers")
             first += _programs(start, n)
             drawn += n
-        if not rows:
-            continue
         segs = _segs(len(rows))
         tab = _table(device, header, rows, _PERTURB_COLS, segs)
         out1 = outs0[1] if len(signs) == 2 else outs0[0]
@@ -227,7 +224,8 @@ def update(segments: Sequence[tuple[torch.Tensor, int, Sequence[int], bool]], gr
     q = len(grads)
     if not 1 <= q <= MAX_Q:
         raise ValueError(f"{q} perturbations: the fused update sums 1 to {MAX_Q}")
-    theta0 = segments[0][0]
+    # the base pointer: the first non-empty θ (an empty tensor may have no address)
+    theta0 = next((seg[0] for seg in segments if seg[0].numel()), segments[0][0])
     device, kind, drawn = theta0.device, DTYPES[theta0.dtype], 0
     signs = [math.copysign(1.0, g) > 0 for g in grads]
     header = [_f32_bits(abs(g)) for g in grads] + [int(s == signs[0]) for s in signs] + [int(signs[0])]
