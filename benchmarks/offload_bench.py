@@ -49,7 +49,7 @@ def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     embedding and output layer from whole working copies, not the default's row blocks); "..._chunked_z": with
     zero_order.z_sampler "chunked" (torch's sampler, one seeded call per 2^20-element chunk: the z sampler GPUs
     used until the sixteenth session); "..._unfused": θ ± εz and the update as torch ops over drawn z instead of
-    the fused Triton kernels (ds_zo/triton_passes.py; the generator's fused_passes off: the sixteenth session's
+    the fused Triton kernels (ds_zo/triton_passes.py; zero_order.fused_passes false: the sixteenth session's
     GPU path), the same values bit for bit."""
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -79,8 +79,9 @@ def make_engine(model, prefetch: int | None, args, whole_copies: bool = False, c
         cfg["zero_order"]["row_blocks"] = "off"
     if chunked_z:
         cfg["zero_order"]["z_sampler"] = "chunked"
+    if unfused:
+        cfg["zero_order"]["fused_passes"] = False
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
-    engine.perturbations.fused_passes = not unfused
     return engine
 
 

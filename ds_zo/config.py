@@ -39,6 +39,9 @@ class ZeroOrderConfig(DeepSpeedConfigModel):
     trainable: list[str] = Field(default_factory=list)   # fnmatch patterns on parameter names; empty = all
     trainable_rows: dict[str, list[int]] = Field(default_factory=dict)  # pattern -> rows: train only those rows
     fuse_update: bool = True                            # apply step t's update inside step t+1's forward
+    fused_passes: bool = True                           # θ ± εz and the update computed where z is drawn (CPU:
+                                                        # native sweeps; counter-based z: Triton kernels, one launch
+                                                        # per unit and pass); false: passes over drawn z (same values)
     tied_z_cache: bool = False                          # keep a tied weight's ε·z from its first unit to its second
                                                         # (drawn once, not twice; costs one float32 copy of it)
     row_blocks: Literal["auto", "on", "off"] = "auto"   # embedding / output-layer units from row blocks of their

@@ -92,6 +92,7 @@ class ZOEngine(DeepSpeedEngine):
         self.units: list[Unit] = cut_into_units(self.module, trainable, self.trainable_rows)
         self.param_keys = {id(p): param_key(n) for n, p in self.module.named_parameters() if n in trainable}
         self.perturbations = PerturbationGenerator(zo_config.distribution, sampler=zo_config.z_sampler)
+        self.perturbations.fused_passes = zo_config.fused_passes
         layers = [sum(full_numel(r.param) for r in u.params) for u in self.units if u.is_layer]
         self.perturbations.accelerator_span_chunks = accelerator_span_chunks(
             max(layers, default=None), self.perturbations.chunk,

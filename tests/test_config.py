@@ -35,6 +35,7 @@ def _with(**changes):
     ({"zero_order__trainable": "layers"}, ["zero_order.trainable"]),
     ({"zero_order__fuse_update": "maybe"}, ["zero_order.fuse_update", "maybe"]),
     ({"zero_order__tied_z_cache": "maybe"}, ["zero_order.tied_z_cache", "maybe"]),
+    ({"zero_order__fused_passes": "maybe"}, ["zero_order.fused_passes", "maybe"]),
     ({"optimizer__params__eps": 0.0}, ["optimizer.params.eps", "greater than 0"]),
     ({"optimizer__params__eps": -1e-3}, ["optimizer.params.eps"]),
     ({"optimizer__params__lr": -1.0}, ["optimizer.params.lr", "-1.0"]),

@@ -191,12 +191,12 @@ def test_an_engine_with_fused_kernels_takes_the_unfused_engines_steps(device, of
             return _run(*args, **kwargs)
         monkeypatch.setattr(triton_passes, name, counted)
     results = []
-    for fused in (True, False):
-        cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, z_sampler="philox")
+    for fused in (True, False):          # (zero_order.fused_passes)
+        cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, z_sampler="philox", fused_passes=fused)
         if offload:
             cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
         engine, *_ = ds_zo.initialize(model=copy.deepcopy(base).to(device), config=cfg)
-        engine.perturbations.fused_passes = fused
+        assert engine.perturbations.fused_passes == fused
         drawn0 = engine.perturbations.elements_drawn
         losses = [engine.train_batch({k: v.to(device) for k, v in batch(seed=t).items()}) for t in range(3)]
         results.append((losses, [r.g for r in engine.step_log], engine.module_state_dict(),
