@@ -7,6 +7,8 @@
 #  - tests/test_cuda.py and tests/test_fused_triton.py (CUDA code paths, the counter-based z kernel against its
 #    numpy definition, the fused perturb/update kernels against the unfused passes bit for bit, and the fine-tuning
 #    job with ZeRO-3 offload on the GPU);
+#  - the fused kernels' self-check on the GPU in a process of its own: should they crash, the OPT sections run with
+#    --unfused (the unfused passes only, no model calibration) instead of failing;
 #  - for OPT-1.3B and OPT-6.7B shapes in bf16 at seq 2048, batch 1 and 4: pinned H2D/D2H memcpy GB/s, ZO step time
 #    offload vs all-resident, each beside an engine with the unfused passes (*_unfused: z drawn into scratch, then
 #    torch's element-wise ops, the sixteenth session's GPU path; OPT-6.7B resident only; the parameters must come
@@ -55,10 +57,19 @@ cuda_tests() {
     python3 -m pytest -q -p no:cacheprovider -m "not multiprocess" tests/test_cuda.py tests/test_fused_triton.py 2>&1 \
         | tee "$OUTDIR/cuda_tests.log" | tail -8
 }
-opt() {   # opt SHAPE STEPS MODES
+opt() {   # opt SHAPE STEPS MODES [FLAGS]: FLAGS default --calibrate (--unfused where the fused kernels crash)
     python3 -m benchmarks.offload_bench --shape "$1" --dtype bf16 --seq 2048 --batch 1,4 --span-chunks 8 \
-        --steps "$2" --reps 5 --modes "$3" --calibrate --out "$OUTDIR/$1.json" 2>&1 | grep -v '^\[' \
+        --steps "$2" --reps 5 --modes "$3" ${4:---calibrate} --out "$OUTDIR/$1.json" 2>&1 | grep -v '^\[' \
         | tee "$OUTDIR/$1.log"
+}
+# the fused kernels' self-check on this GPU in a process of its own: a mismatch only makes the engines fall back
+# (and is printed), but a crash (a CUDA error) would end every benchmark that builds an engine, so then the OPT
+# sections time the unfused passes alone and skip the model's calibration (which times the fused kernels)
+fused_probe() {
+    timeout -k 5 120 python3 -c "import torch; from ds_zo import triton_passes as t
+for d in (torch.bfloat16, torch.float32): print('fused kernels, self-check', d, ':', t.self_check('cuda:0', d) or 'ok')" \
+        2>&1 | grep -v '^\[' | tail -4
+    return "${PIPESTATUS[0]}"
 }
 smollm2_whole_copies() {
     python3 -m benchmarks.offload_bench --shape smollm2-135m --dtype bf16 --seq 64 --batch 4 --steps 3 --reps 5 \
@@ -67,15 +78,21 @@ smollm2_whole_copies() {
 }
 # timeout signals its child's whole process group, so a section's pipeline ends with it
 export OUTDIR
-export -f smollm2_memory cuda_tests opt smollm2_whole_copies
+export -f smollm2_memory cuda_tests opt smollm2_whole_copies fused_probe
 # caps from the twelfth session's H100 host, the slowest yet (CUDA tests 114 s; the list as it was then, with
 # OPT-1.3B's whole-copies engine, about 11 minutes); the caps add up to more than the budget, so the last sections
 # take what is left. Since the seventeenth session the OPT sections time engines with the unfused passes beside the
 # default fused kernels (the sixteenth timed the chunked z sampler there: *_chunked_z modes), and SmolLM2's memory
 # (measured in the fifteenth) comes after them.
 section "CUDA tests" 150 60 bash -c cuda_tests
-section "OPT-1.3B" 160 60 bash -c "opt opt-1.3b 2 resident,offload,resident_unfused,offload_unfused"
-section "OPT-6.7B" 220 120 bash -c "opt opt-6.7b 1 resident,offload,resident_unfused"
+if fused_probe; then
+    section "OPT-1.3B" 160 60 bash -c "opt opt-1.3b 2 resident,offload,resident_unfused,offload_unfused"
+    section "OPT-6.7B" 220 120 bash -c "opt opt-6.7b 1 resident,offload,resident_unfused"
+else
+    echo "--- the fused kernels crashed here: the OPT sections run unfused, without the model's calibration"
+    section "OPT-1.3B" 160 60 bash -c "opt opt-1.3b 2 resident,offload --unfused"
+    section "OPT-6.7B" 220 120 bash -c "opt opt-6.7b 1 resident,offload --unfused"
+fi
 section "SmolLM2 GPU memory" 120 45 bash -c smollm2_memory
 section "SmolLM2 whole copies" 90 45 bash -c smollm2_whole_copies
 rm -f "$OUTDIR"/*.tmp      # a JSON write cut off by a timeout (the device tool returns at most 8 files)

@@ -130,6 +130,9 @@ def main(argv=None) -> dict:
     p.add_argument("--host-shapes", dest="host_shapes", default="tiny,wide",
                    help="--calibrate: the shapes whose ZO steps at 1 x 8 tokens fit the model's host costs (the "
                         "unit-cost shape, the chunk-cost shape)")
+    p.add_argument("--unfused", action="store_true",
+                   help="every engine with zero_order.fused_passes false (the GPU check's fallback where the fused "
+                        "kernels fail on the device; without --calibrate, whose micro-measurements run them)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the profiled steps (GPU busy fraction, host ops, traces)")
     p.add_argument("--trace", default=None, help="also write each mode's chrome trace of one step (gzipped) here")
@@ -164,7 +167,8 @@ def main(argv=None) -> dict:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()   # what the engines built earlier keep on the GPU
         engines[mode] = make_engine(model, depth_of[mode], args, whole_copies=mode.endswith("_whole_copies"),
-                                    chunked_z=mode.endswith("_chunked_z"), unfused=mode.endswith("_unfused"))
+                                    chunked_z=mode.endswith("_chunked_z"),
+                                    unfused=mode.endswith("_unfused") or args.unfused)
         # warm-up (allocations, kernels): two steps, since a step's update is applied in the next one; the peak of a
         # first step alone misses the update's scratch (until the twelfth session it was measured so)
         for _ in range(2):
