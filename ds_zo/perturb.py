@@ -211,6 +211,7 @@ class PerturbationGenerator:
         self.distribution = distribution
         self.sampler = sampler
         self._counter_based: dict[str, bool] = {}     # device type -> whether z comes from triton_z there
+        self._fused_why: dict[tuple, Optional[str]] = {}     # fused_kernels_unavailable's answers
         self.chunk = chunk_elements
         self.accelerator_span_chunks = ACCELERATOR_SPAN_CHUNKS
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -228,18 +229,19 @@ class PerturbationGenerator:
         # the worker pool and the per-thread generators belong to this process: a copy makes its own
         state = dict(self.__dict__)
         state.update(_local=None, _pool=None, _pool_size=0, _pool_pid=0, _generators={}, _scratch={}, _spans={},
-                     _counter_based={})
+                     _counter_based={}, _fused_why={})
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_fused_why", {})       # (a state from before the fused kernels)
         self._local = threading.local()
 
     def set_sampler(self, sampler: str) -> None:
         """Draw with `sampler` from now on (SAMPLERS); where it draws is decided again at the next draw."""
         if sampler not in SAMPLERS:
             raise ValueError(f"zero_order.z_sampler: {sampler!r} is not one of {SAMPLERS}")
-        self.sampler, self._counter_based = sampler, {}
+        self.sampler, self._counter_based, self._fused_why = sampler, {}, {}
 
     def counter_based(self, device: torch.device | str) -> bool:
         """Whether z on this device comes from the counter-based kernel (triton_z) rather than chunk by chunk: with
@@ -397,7 +399,14 @@ class PerturbationGenerator:
     def fused_kernels_unavailable(self, device: torch.device | str, dtype: torch.dtype) -> Optional[str]:
         """Why θ ± εz and the update cannot run as the fused Triton kernels (triton_passes) on tensors of this
         device and dtype (None: they can): they need the counter-based z, and their self-check against the unfused
-        path must pass on the device (once per process; a failure is warned about once and the unfused path runs)."""
+        path must pass on the device (once per process; a failure is warned about once and the unfused path runs).
+        Asked per tensor on the host's path: the answer is kept per (device, dtype, fused_passes)."""
+        key = (device, dtype, self.fused_passes)
+        if key not in self._fused_why:
+            self._fused_why[key] = self._fused_kernels_why(device, dtype)
+        return self._fused_why[key]
+
+    def _fused_kernels_why(self, device: torch.device | str, dtype: torch.dtype) -> Optional[str]:
         if not self.fused_passes:
             return "the fused passes are switched off"
         if not self.counter_based(device):

@@ -128,10 +128,6 @@ def _update_kernel(theta_ptr, tab_ptr, lr, wd, inv_q, Q: tl.constexpr, RECIPROCA
     tl.store(theta_ptr + t_off + at, _round(new, KIND), mask=mask)
 
 
-def _programs(start: int, n: int) -> int:
-    return -(-((start + n + 3) // 4 - start // 4) // QUADS)
-
-
 def _table(device: torch.device, header: list[int], rows: list[list[int]], cols: int, segs: int) -> torch.Tensor:
     """The int64 table on `device`: header words, then `segs` rows (the padding ones never reached). Staged through
     pinned memory and copied on the current stream: torch's pinned allocator keeps the staging block until the copy
@@ -161,12 +157,7 @@ def _offset(t: torch.Tensor, base: torch.Tensor) -> int:
 
 
 def _launch(kernel, grid: int, device: torch.device, args: tuple, kwargs: dict) -> None:
-    kwargs = dict(kwargs, num_warps=4, enable_fp_fusion=False)
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            kernel[(grid,)](*args, **kwargs)
-    else:
-        kernel[(grid,)](*args, **kwargs)
+    triton_z.launch(kernel, grid, device, args, kwargs)      # (a seam the tests count launches at)
 
 
 def _batches(items: list):
@@ -197,7 +188,7 @@ def perturb(segments: Sequence[tuple[torch.Tensor, int, int, Sequence[torch.Tens
             for t in range(1, len(signs)):        # the out offset is shared: each target's tensor sits alike
                 if _offset(outs[t], outs0[t]) != rows[-1][2]:
                     raise ValueError("the targets of a fused perturbation must lie alike in their buffers")
-            first += _programs(start, n)
+            first += triton_z.programs(start, n, QUADS)
             drawn += n
         segs = _segs(len(rows))
         tab = _table(device, header, rows, _PERTURB_COLS, segs)
@@ -236,7 +227,7 @@ def update(segments: Sequence[tuple[torch.Tensor, int, Sequence[int], bool]], gr
             if n == 0:
                 continue
             rows.append([first, _offset(theta, theta0), n, start, int(decays and wd != 0.0), *keys])
-            first += _programs(start, n)
+            first += triton_z.programs(start, n, QUADS)
             drawn += n * q
         if rows:
             segs = _segs(len(rows))

@@ -105,15 +105,25 @@ def fill(out: torch.Tensor, start: int, key: int, scale: float, gaussian: bool =
     n = out.numel()
     if n == 0:
         return out
-    programs = -(-((start + n + 3) // 4 - start // 4) // quads)
-    args = (out, n, start, key, scale)
-    kwargs = dict(GAUSSIAN=gaussian, QUADS=quads, num_warps=4, enable_fp_fusion=False)
-    if out.device.type == "cuda" and out.device.index != torch.cuda.current_device():
-        with torch.cuda.device(out.device):     # Triton launches on the current device
-            _fill[(programs,)](*args, **kwargs)
-    else:
-        _fill[(programs,)](*args, **kwargs)
+    launch(_fill, programs(start, n, quads), out.device, (out, n, start, key, scale),
+           dict(GAUSSIAN=gaussian, QUADS=quads))
     return out
+
+
+def programs(start: int, n: int, quads: int = QUADS) -> int:
+    """Programs covering z[start : start + n] at `quads` Philox calls each (the first and last partly masked)."""
+    return -(-((start + n + 3) // 4 - start // 4) // quads)
+
+
+def launch(kernel, grid: int, device: torch.device, args: tuple, kwargs: dict) -> None:
+    """kernel[(grid,)](*args) on `device` and its current stream, with contraction off (the exactness invariants
+    rest on one rounding per operation)."""
+    kwargs = dict(kwargs, num_warps=4, enable_fp_fusion=False)
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):         # Triton launches on the current device
+            kernel[(grid,)](*args, **kwargs)
+    else:
+        kernel[(grid,)](*args, **kwargs)
 
 
 DIGEST_KEY, DIGEST_START = (1 << 62) + 12345, (1 << 33) + 5
