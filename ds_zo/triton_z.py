@@ -115,10 +115,13 @@ def programs(start: int, n: int, quads: int = QUADS) -> int:
     return -(-((start + n + 3) // 4 - start // 4) // quads)
 
 
+# how every kernel here is compiled: contraction off (the exactness invariants rest on one rounding per operation)
+LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+
+
 def launch(kernel, grid: int, device: torch.device, args: tuple, kwargs: dict) -> None:
-    """kernel[(grid,)](*args) on `device` and its current stream, with contraction off (the exactness invariants
-    rest on one rounding per operation)."""
-    kwargs = dict(kwargs, num_warps=4, enable_fp_fusion=False)
+    """kernel[(grid,)](*args) on `device` and its current stream, compiled with LAUNCH_OPTIONS."""
+    kwargs = dict(kwargs, **LAUNCH_OPTIONS)
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):         # Triton launches on the current device
             kernel[(grid,)](*args, **kwargs)

@@ -14,7 +14,7 @@ from ds_zo import triton_passes, triton_z                       # noqa: E402
 
 assert not triton_z.INTERPRETED
 TARGET = GPUTarget("cuda", 90, 32)
-OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+OPTIONS = triton_z.LAUNCH_OPTIONS             # as the kernels are compiled when launched
 POINTER = {0: "*fp32", 1: "*bf16", 2: "*fp16"}
 
 

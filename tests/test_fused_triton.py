@@ -7,6 +7,7 @@ import torch
 
 import ds_zo
 from ds_zo import triton_passes
+from ds_zo.triton_passes import _bits
 from ds_zo.model.perturbed_copies import _shifted
 from ds_zo.optimizer import StepRecord, apply_step_pieces
 from ds_zo.perturb import PerturbationGenerator, counter_based_unavailable, slice_key
@@ -32,10 +33,6 @@ def _params(device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     flat = (torch.randn(sum(SIZES), generator=g) * 0.05).to(device=device, dtype=dtype)
     return flat, list(flat.split(SIZES))
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 @pytest.mark.parametrize("device", DEVICES)
