@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .perturb import PerturbationGenerator, span_groups
+from .perturb import PerturbationGenerator, slice_key, span_groups
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,8 @@ class ZOSGD(torch.optim.Optimizer):
         # stopped, and applies no piece twice
         self._pieces_done: set[tuple[int, int]] = set()
         self._decay_of: Optional[dict[int, float]] = None
+        # _apply_fused's layouts: (parameters, q, their addresses) -> (launches, base) or False (the general path)
+        self._fused_layouts: dict[tuple, object] = {}
 
     # -- wiring -------------------------------------------------------------------------------------------------
     def attach(self, generator: PerturbationGenerator, keys: dict[int, int],
@@ -169,6 +171,7 @@ class ZOSGD(torch.optim.Optimizer):
     def groups_changed(self) -> None:
         """The parameter groups' settings were edited in place (a checkpoint restored them): forget what was cached."""
         self._decay_of = None
+        self._fused_layouts.clear()       # (their rows hold which parameters decay)
 
     def _decays(self) -> dict[int, float]:
         if self._decay_of is None:
@@ -220,6 +223,10 @@ class ZOSGD(torch.optim.Optimizer):
         Returns whether any parameter changed."""
         if self.pending is None:
             return False
+        params = list(params)
+        fused = self._apply_fused(params)
+        if fused is not None:
+            return fused
         decays = self._decays()
         whole: dict[torch.device, list[Piece]] = {}
         subsets: list[tuple] = []
@@ -249,6 +256,57 @@ class ZOSGD(torch.optim.Optimizer):
             self._pending_done.add(id(p))
             changed |= bool(pieces)
         return changed
+
+    def _apply_fused(self, params: list[torch.nn.Parameter]) -> Optional[bool]:
+        """apply_pending for parameters that all take the fused Triton update whole (one device and dtype,
+        contiguous, no row subsets, none updated in part: a unit of the GPUs' decoder layers): one launch from a
+        layout kept per parameter list and addresses, so that a step pays only its keys, not the general path's
+        per-piece cutting and table rows. Returns whether any parameter changed, or None where the general path
+        applies. Each launch notes its parameters as updated as soon as it is issued (as `update_fused` does)."""
+        decays = self._decays()
+        todo = [p for p in params if id(p) in decays and id(p) not in self._pending_done]
+        if not todo or self._pieces_done:
+            return None
+        datas = [p.data for p in todo]
+        d0, q = datas[0], len(self.pending.g)
+        if not (self.generator.fuses(d0.device, d0.dtype) and self.generator.counter_based(d0.device)):
+            return None
+        from . import triton_passes
+        if q > triton_passes.MAX_Q:
+            return None
+        key = (tuple(id(p) for p in todo), q, triton_passes.address_key(datas))
+        layout = self._fused_layouts.get(key)
+        if layout is None:
+            if len(self._fused_layouts) >= triton_passes.LAYOUTS_KEPT:
+                self._fused_layouts.clear()
+            layout = self._fused_layouts[key] = self._fused_layout(todo, datas, q, decays)
+        if layout is False:
+            return None
+        launches, base = layout
+        seed = self.pending.seed
+        keys = [[slice_key(seed, j, self.keys[id(p)]) for j in range(q)] for p in todo]
+
+        def launched(i: int, j: int) -> None:
+            self._pending_done.update(id(p) for p in todo[i:j])
+
+        self.generator.elements_drawn += launches.run(
+            keys, datas[base].view(-1), self.pending.g, self.pending.lr, self.pending.wd,
+            self.generator.distribution == "gaussian", launched)
+        return launches.drawn > 0
+
+    def _fused_layout(self, params: list, datas: list[torch.Tensor], q: int, decays: dict[int, float]):
+        """_apply_fused's layout of these parameters, or False where they do not qualify."""
+        from . import triton_passes
+        d0 = datas[0]
+        if (any(id(p) in self.rows for p in params)
+                or any(t.device != d0.device or t.dtype != d0.dtype or not t.is_contiguous() for t in datas)):
+            return False
+        # offsets from the first non-empty tensor (an empty tensor may have no address)
+        base = next((i for i, t in enumerate(datas) if t.numel()), 0)
+        theta0 = datas[base].view(-1)
+        rows = [(triton_passes._offset(t.view(-1), theta0) if t.numel() else 0, t.numel(), 0, decays[id(p)] != 0.0)
+                for p, t in zip(params, datas)]
+        return triton_passes.UpdateLaunches(rows, q), base
 
     def apply_pending_to_slice(self, param: torch.nn.Parameter, flat: torch.Tensor, start: int, numel: int) -> None:
         """Apply the pending update to `flat`, the elements [start, start + flat.numel()) of `param` (a ZeRO-3 shard

@@ -128,15 +128,9 @@ def _update_kernel(theta_ptr, tab_ptr, lr, wd, inv_q, Q: tl.constexpr, RECIPROCA
     tl.store(theta_ptr + t_off + at, _round(new, KIND), mask=mask)
 
 
-def _table(device: torch.device, header: list[int], rows: list[list[int]], cols: int, segs: int) -> torch.Tensor:
-    """The int64 table on `device`: header words, then `segs` rows (the padding ones never reached). Staged through
-    pinned memory and copied on the current stream: torch's pinned allocator keeps the staging block until the copy
-    has run, so nothing waits."""
-    flat = np.full(len(header) + segs * cols, 0, dtype=np.int64)
-    flat[:len(header)] = header
-    body = flat[len(header):].reshape(segs, cols)
-    body[:, 0] = _NO_PROGRAM
-    body[:len(rows)] = rows
+def _staged(flat: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An int64 table on `device`. Staged through pinned memory and copied on the current stream: torch's pinned
+    allocator keeps the staging block until the copy has run, so nothing waits."""
     host = torch.from_numpy(flat)
     if device.type != "cuda":
         return host
@@ -156,8 +150,120 @@ def _offset(t: torch.Tensor, base: torch.Tensor) -> int:
     return diff // t.element_size()
 
 
+# layouts a caller keeps (per unit and addresses) before it starts over: addresses that keep changing (ZeRO-3's
+# gathered parameters) must not grow its cache without bound
+LAYOUTS_KEPT = 1024
+
+
+def address_key(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What a layout of these tensors depends on: each one's address, length and dtype."""
+    return tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors)
+
+
 def _launch(kernel, grid: int, device: torch.device, args: tuple, kwargs: dict) -> None:
     triton_z.launch(kernel, grid, device, args, kwargs)      # (a seam the tests count launches at)
+
+
+class _Launches:
+    """A fused pass's launches with everything but the step's values fixed: per launch (at most MAX_SEGS segments,
+    read when built: tests lower it) the segments it covers, its table rows with the key columns left for `run`, and
+    its grid. Rows hold element offsets from base tensors, so the layout is valid for any tensors at the same
+    addresses: callers keep it per unit and address (model.perturbed_copies, optimizer) and pay only the keys per
+    step, not the per-segment work of building it."""
+
+    def __init__(self, segments: Sequence[tuple[tuple[int, ...], int, int]], keys: int):
+        """segments: per segment (its table columns after the first program's, n, z start); `keys` key columns
+        follow those columns."""
+        self.keys = keys
+        self.cols = 1 + (len(segments[0][0]) if segments else 0) + keys
+        self.drawn = 0
+        self.batches = []        # (first segment, segments, kept indices, rows, grid, segs)
+        for at, batch in _batches(list(segments)):
+            kept, rows, first = [], [], 0
+            for i, (cols, n, start) in enumerate(batch):
+                if n == 0:
+                    continue           # (an empty tensor may have no address)
+                kept.append(at + i)
+                rows.append([first, *cols, *([0] * keys)])
+                first += triton_z.programs(start, n, QUADS)
+                self.drawn += n
+            segs = _segs(len(rows)) if rows else 0
+            body = np.zeros((segs, self.cols), dtype=np.int64)
+            body[:, 0] = _NO_PROGRAM
+            body[:len(rows)] = rows
+            self.batches.append((at, len(batch), np.asarray(kept, dtype=np.intp), body, first, segs))
+
+    def tables(self, header: Sequence[int], keys: np.ndarray, device: torch.device, column=None):
+        """(first segment, segments, table on device or None where a launch has no rows, grid, segs) per launch:
+        `keys` (one row of `self.keys` per segment) filled in after `header`; column(body) may set more."""
+        for at, count, kept, body, grid, segs in self.batches:
+            if not segs:
+                yield at, count, None, 0, 0
+                continue
+            flat = np.empty(len(header) + body.size, dtype=np.int64)
+            flat[:len(header)] = header
+            rows = flat[len(header):].reshape(body.shape)
+            rows[:] = body
+            rows[:len(kept), self.cols - self.keys:] = keys[kept]
+            if column is not None:
+                column(rows[:len(kept)])
+            yield at, count, _staged(flat, device), grid, segs
+
+
+class PerturbLaunches(_Launches):
+    """perturb's launches for segments at these element offsets: (master offset, out offset, n, z start) each."""
+
+    def __init__(self, segments: Sequence[tuple[int, int, int, int]]):
+        super().__init__([(seg, seg[2], seg[3]) for seg in segments], 1)
+
+    def run(self, keys: Sequence[int], master0: torch.Tensor, outs0: Sequence[torch.Tensor], signs: Sequence[int],
+            eps: float, gaussian: bool = True) -> int:
+        """outs0[t] + out offset := master0 + master offset ± ε·z of each segment's key; returns the z values drawn."""
+        if len(signs) not in (1, 2) or len(outs0) != len(signs):
+            raise ValueError(f"{len(signs)} targets: the fused perturbation writes one or two")
+        header = [1 if s > 0 else -1 for s in signs] + [1] * (_PERTURB_HEADER - len(signs))
+        key_rows = np.asarray(keys, dtype=np.int64).reshape(-1, 1)
+        kind, device = DTYPES[master0.dtype], master0.device
+        out1 = outs0[1] if len(signs) == 2 else outs0[0]
+        for _, _, tab, grid, segs in self.tables(header, key_rows, device):
+            if tab is not None:
+                _launch(_perturb_kernel, grid, device, (master0, outs0[0], out1, tab, eps),
+                        dict(TARGETS=len(signs), KIND=kind, SEGS=segs, GAUSSIAN=gaussian, QUADS=QUADS))
+        return self.drawn
+
+
+class UpdateLaunches(_Launches):
+    """update's launches for segments at these element offsets: (θ offset, n, z start, decays) each, q keys."""
+
+    def __init__(self, segments: Sequence[tuple[int, int, int, bool]], q: int):
+        if not 1 <= q <= MAX_Q:
+            raise ValueError(f"{q} perturbations: the fused update sums 1 to {MAX_Q}")
+        super().__init__([((off, n, start, int(decays)), n, start) for off, n, start, decays in segments], q)
+
+    def run(self, keys: np.ndarray | Sequence[Sequence[int]], theta0: torch.Tensor, grads: Sequence[float], lr: float,
+            wd: float, gaussian: bool = True, launched: Optional[Callable[[int, int], None]] = None) -> int:
+        """θ ← θ − lr·((1/q) Σ_j g_j·z_j + wd·θ) of each segment (keys: q per segment); `launched(i, j)` as in
+        `update`. Returns the z values drawn."""
+        q = len(grads)
+        if q != self.keys:
+            raise ValueError(f"{q} perturbations for a layout of {self.keys}")
+        signs = [math.copysign(1.0, g) > 0 for g in grads]
+        header = [_f32_bits(abs(g)) for g in grads] + [int(s == signs[0]) for s in signs] + [int(signs[0])]
+        key_rows = np.asarray(keys, dtype=np.int64).reshape(-1, q)
+        kind, device = DTYPES[theta0.dtype], theta0.device
+        inv_q = float(np.float32(1.0) / np.float32(q))
+
+        def no_decay(rows):
+            rows[:, 4] = 0
+
+        for at, count, tab, grid, segs in self.tables(header, key_rows, device, None if wd != 0.0 else no_decay):
+            if tab is not None:
+                _launch(_update_kernel, grid, device, (theta0, tab, lr, wd, inv_q),
+                        dict(Q=q, RECIPROCAL=device.type == "cuda", KIND=kind, SEGS=segs, GAUSSIAN=gaussian,
+                             QUADS=QUADS))
+            if launched is not None:
+                launched(at, at + count)
+        return self.drawn * q
 
 
 def _batches(items: list):
@@ -178,24 +284,15 @@ def perturb(segments: Sequence[tuple[torch.Tensor, int, int, Sequence[torch.Tens
     if not segments:
         return 0
     master0, outs0 = segments[0][0], segments[0][3]
-    device, kind, drawn = master0.device, DTYPES[master0.dtype], 0
-    header = [1 if s > 0 else -1 for s in signs] + [1] * (_PERTURB_HEADER - len(signs))
-    for _, batch in _batches(list(segments)):
-        rows, first = [], 0
-        for master, start, key, outs in batch:
-            n = master.numel()
-            rows.append([first, _offset(master, master0), _offset(outs[0], outs0[0]), n, start, key])
-            for t in range(1, len(signs)):        # the out offset is shared: each target's tensor sits alike
-                if _offset(outs[t], outs0[t]) != rows[-1][2]:
-                    raise ValueError("the targets of a fused perturbation must lie alike in their buffers")
-            first += triton_z.programs(start, n, QUADS)
-            drawn += n
-        segs = _segs(len(rows))
-        tab = _table(device, header, rows, _PERTURB_COLS, segs)
-        out1 = outs0[1] if len(signs) == 2 else outs0[0]
-        _launch(_perturb_kernel, first, device, (master0, outs0[0], out1, tab, eps),
-                dict(TARGETS=len(signs), KIND=kind, SEGS=segs, GAUSSIAN=gaussian, QUADS=QUADS))
-    return drawn
+    layout = []
+    for master, start, _, outs in segments:
+        out_off = _offset(outs[0], outs0[0])
+        for t in range(1, len(signs)):        # the out offset is shared: each target's tensor sits alike
+            if _offset(outs[t], outs0[t]) != out_off:
+                raise ValueError("the targets of a fused perturbation must lie alike in their buffers")
+        layout.append((_offset(master, master0), out_off, master.numel(), start))
+    return PerturbLaunches(layout).run([seg[2] for seg in segments], master0, list(outs0[:len(signs)]), signs, eps,
+                                       gaussian)
 
 
 def _f32_bits(x: float) -> int:
@@ -217,28 +314,9 @@ def update(segments: Sequence[tuple[torch.Tensor, int, Sequence[int], bool]], gr
         raise ValueError(f"{q} perturbations: the fused update sums 1 to {MAX_Q}")
     # the base pointer: the first non-empty θ (an empty tensor may have no address)
     theta0 = next((seg[0] for seg in segments if seg[0].numel()), segments[0][0])
-    device, kind, drawn = theta0.device, DTYPES[theta0.dtype], 0
-    signs = [math.copysign(1.0, g) > 0 for g in grads]
-    header = [_f32_bits(abs(g)) for g in grads] + [int(s == signs[0]) for s in signs] + [int(signs[0])]
-    for at, batch in _batches(list(segments)):
-        rows, first = [], 0
-        for theta, start, keys, decays in batch:
-            n = theta.numel()
-            if n == 0:
-                continue
-            rows.append([first, _offset(theta, theta0), n, start, int(decays and wd != 0.0), *keys])
-            first += triton_z.programs(start, n, QUADS)
-            drawn += n * q
-        if rows:
-            segs = _segs(len(rows))
-            tab = _table(device, header, rows, _UPDATE_FIXED_COLS + q, segs)
-            inv_q = float(np.float32(1.0) / np.float32(q))
-            _launch(_update_kernel, first, device, (theta0, tab, lr, wd, inv_q),
-                    dict(Q=q, RECIPROCAL=device.type == "cuda", KIND=kind, SEGS=segs, GAUSSIAN=gaussian,
-                         QUADS=QUADS))
-        if launched is not None:
-            launched(at, at + len(batch))
-    return drawn
+    layout = [(_offset(theta, theta0) if theta.numel() else 0, theta.numel(), start, decays)
+              for theta, start, _, decays in segments]
+    return UpdateLaunches(layout, q).run([list(seg[2]) for seg in segments], theta0, grads, lr, wd, gaussian, launched)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -182,11 +182,12 @@ def test_an_engine_with_fused_kernels_takes_the_unfused_engines_steps(device, of
     import copy
     base = tiny_model("llama", True)
     launches = {"perturb": 0, "update": 0}
-    for name in launches:
-        def counted(*args, _run=getattr(triton_passes, name), _name=name, **kwargs):
-            launches[_name] += 1
-            return _run(*args, **kwargs)
-        monkeypatch.setattr(triton_passes, name, counted)
+    names = {triton_passes._perturb_kernel: "perturb", triton_passes._update_kernel: "update"}
+
+    def counted(kernel, *args, _run=triton_passes._launch):
+        launches[names[kernel]] += 1
+        return _run(kernel, *args)
+    monkeypatch.setattr(triton_passes, "_launch", counted)
     results = []
     for fused in (True, False):          # (zero_order.fused_passes)
         cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, z_sampler="philox", fused_passes=fused)
@@ -207,3 +208,119 @@ def test_an_engine_with_fused_kernels_takes_the_unfused_engines_steps(device, of
     (l1, g1, sd1, n1), (l2, g2, sd2, n2) = results
     assert l1 == l2 and g1 == g2 and n1 == n2
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def _zosgd(params, fused: bool):
+    from ds_zo.optimizer import ZOSGD
+    opt = ZOSGD([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}],
+                lr=0.05, eps=1e-3)
+    gen = PerturbationGenerator(sampler="philox")
+    gen.fused_passes = fused
+    opt.attach(gen, {id(p): 40 + i for i, p in enumerate(params)})
+    return opt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_kept_update_layout_gives_the_unfused_update_and_follows_the_groups(device, dtype):
+    """ZOSGD's update from a layout kept per parameter list and address (one launch, the step's keys filled in)
+    against the unfused update, over steps of either sign, q = 1 and 2, an empty parameter, and a weight decay the
+    groups change mid-run (groups_changed must drop the layouts, whose rows hold which parameters decay)."""
+    made = []
+    for fused in (True, False):
+        g = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter((torch.randn(n, generator=g) * 0.05).to(device=device, dtype=dtype))
+                  for n in (300, 7, 0, 4099)]
+        made.append((params, _zosgd(params, fused)))
+    (mine, fused_opt), (ref, plain_opt) = made
+    built = []
+    fused_opt._fused_layout = lambda *a, _real=fused_opt._fused_layout: built.append(1) or _real(*a)
+    steps = [(0.7,), (-0.4,), (0.3, -1.2), (0.5,)]
+    for t, grads in enumerate(steps):
+        if t == 3:
+            for opt in (fused_opt, plain_opt):
+                opt.param_groups[0]["weight_decay"] = 0.0
+                opt.param_groups[1]["weight_decay"] = 0.2
+                opt.groups_changed()
+        for opt, params in ((fused_opt, mine), (plain_opt, ref)):
+            opt.record_step(t, 1000 + t, list(grads), 0.05, opt.weight_decay())
+            assert opt.apply_pending(params) is True
+            opt.flush()
+        assert all(torch.equal(_bits(a.data), _bits(b.data)) for a, b in zip(mine, ref)), t
+    # laid out at the first step, for q = 2, and for q = 1 again once the groups changed (not at the second step)
+    assert len(built) == 3 and all(v is not False for v in fused_opt._fused_layouts.values())
+
+
+def test_an_update_from_a_kept_layout_cut_short_resumes_without_applying_twice(monkeypatch):
+    """A unit's update split over launches (segment limit lowered) and interrupted at the second: the parameters of
+    the first launch are noted as updated as soon as it is issued, so the update, resumed, applies the rest once."""
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    monkeypatch.setattr(triton_passes, "MAX_SEGS", 2)
+    made = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(9)
+        params = [torch.nn.Parameter(torch.randn(n, generator=g) * 0.05) for n in (40, 3, 17, 64, 9)]
+        before = [p.detach().clone() for p in params]
+        opt = _zosgd(params, True)
+        opt.record_step(0, 77, [0.6], 0.05, opt.weight_decay())
+        made.append((params, opt))
+    (cut, cut_opt), (whole, whole_opt) = made
+    real, calls = triton_passes._launch, []
+
+    def launch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(triton_passes, "_launch", launch)
+    with pytest.raises(KeyboardInterrupt):
+        cut_opt.apply_pending(cut)
+    assert cut_opt._pending_done == {id(cut[0]), id(cut[1])}
+    monkeypatch.setattr(triton_passes, "_launch", real)
+    cut_opt.flush()
+    whole_opt.flush()
+    assert all(torch.equal(a, b) and not torch.equal(a, b0) for a, b, b0 in zip(cut, whole, before))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_fused_unit_is_one_launch_per_pass_from_a_kept_layout(offload, monkeypatch):
+    """On the fused path a unit's copies are one launch per perturbation and its update one launch, and the
+    layouts are kept: once every unit has been seen at its addresses (the offload pipeline alternates buffers),
+    a step lays out nothing and pays only its keys."""
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    from ds_zo.model.perturbed_copies import PerturbedCopies
+    from ds_zo.optimizer import ZOSGD
+    counts = {"perturb": 0, "update": 0, "copies": 0, "updates": 0, "layouts": 0}
+    names = {triton_passes._perturb_kernel: "perturb", triton_passes._update_kernel: "update"}
+
+    def counted(kernel, *args, _run=triton_passes._launch):
+        counts[names[kernel]] += 1
+        return _run(kernel, *args)
+    monkeypatch.setattr(triton_passes, "_launch", counted)
+    for cls, name, what in ((PerturbedCopies, "_copies_fused", "copies"), (ZOSGD, "_apply_fused", "updates")):
+        def spy(*args, _real=getattr(cls, name), _what=what):
+            out = _real(*args)
+            counts[_what] += out is not None
+            return out
+        monkeypatch.setattr(cls, name, spy)
+    for cls in (PerturbedCopies, ZOSGD):
+        def built(*args, _real=cls._fused_layout):
+            counts["layouts"] += 1
+            return _real(*args)
+        monkeypatch.setattr(cls, "_fused_layout", built)
+    cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, z_sampler="philox", num_perturbations=2)
+    if offload:
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu", "pin_memory": True}}
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama", True), config=cfg)
+    per_step = []
+    for t in range(4):
+        counts.update(dict.fromkeys(counts, 0))
+        engine.train_batch(batch(seed=t))
+        per_step.append(dict(counts))
+    for t, c in enumerate(per_step):
+        # whole copies: the 2 decoder layers and the final norm, q = 2 launches each; updated from the second step
+        # on: those and the tied embedding / output weight (its copies are row blocks), one launch each
+        assert (c["copies"], c["perturb"]) == (3, 6) and c["update"] == c["updates"] == (4 if t else 0), per_step
+    assert per_step[0]["layouts"] == 3 and per_step[-1]["layouts"] == 0, per_step

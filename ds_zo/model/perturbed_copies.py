@@ -23,8 +23,9 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch._utils import _unflatten_dense_tensors
 
-from ..perturb import PerturbationGenerator, chunk_key, span_groups
+from ..perturb import PerturbationGenerator, chunk_key, slice_key, span_groups
 from .units import Unit
 
 OUTPUT_ROLE = "output:"           # FlatBuffers role prefix of the streamed units' kept outputs (PerturbedCopies.output)
@@ -104,6 +105,9 @@ class PerturbedCopies:
         self._row_ez: dict[tuple[int, int], tuple] = {}
         self._whole_ez: dict[tuple[int, int], tuple[torch.Tensor, set, Optional[int]]] = {}
         self._rows_on_device: dict[int, torch.Tensor] = {}
+        # _copies_fused's layouts: (parameter refs, slots, their addresses) -> (launches, base, keys, length) or
+        # False where the general path applies
+        self._fused_layouts: dict[tuple, object] = {}
 
     def set_slots(self, seed: Optional[int], slots: Sequence[Slot]) -> None:
         if any(s is not None for s in slots) and seed is None:
@@ -389,6 +393,9 @@ class PerturbedCopies:
         refs = unit.trainable
         if all(s is None for s in self.slots):
             return [[r.param.data for r in refs] for _ in self.slots]
+        fused = self._copies_fused(refs)
+        if fused is not None:
+            return fused
         sizes: dict[tuple, int] = {}
         for ref in refs:
             k = (ref.param.device, ref.param.dtype)
@@ -441,6 +448,60 @@ class PerturbedCopies:
                     self._form(ref, base, outs, j, lo, hi, z[at:at + hi - lo])
                     at += hi - lo
         return copies
+
+    def _copies_fused(self, refs) -> Optional[list[list[torch.Tensor]]]:
+        """`_copies` for a unit whose parameters all take the fused Triton kernel whole (one device and dtype,
+        contiguous, not row subsets nor kept whole: the GPUs' decoder layers): one launch per perturbation from a
+        layout kept per unit, slots and addresses, so that a step pays only its keys, not the general path's
+        per-piece cutting, checks and table rows (about 0.6 of a host's time per OPT layer). None where it does
+        not apply. The values are the general path's bit for bit (z is counter-based: any cut gives the same)."""
+        if not refs:
+            return None
+        masters = [r.param.data for r in refs]
+        p0 = masters[0]
+        if not (self.generator.fuses(p0.device, p0.dtype) and self.generator.counter_based(p0.device)):
+            return None
+        from .. import triton_passes
+        key = (tuple(id(r) for r in refs), tuple(self.slots), triton_passes.address_key(masters))
+        layout = self._fused_layouts.get(key)
+        if layout is None:
+            if len(self._fused_layouts) >= triton_passes.LAYOUTS_KEPT:
+                self._fused_layouts.clear()       # (addresses that keep changing: ZeRO-3's gathers)
+            layout = self._fused_layouts[key] = self._fused_layout(refs, masters)
+        if layout is False:
+            return None
+        launches, base, key_ids, n = layout
+        gaussian = self.generator.distribution == "gaussian"
+        flats = {i: self.buffers.get(f"slot{i}", n, p0.dtype, p0.device)
+                 for i, slot in enumerate(self.slots) if slot is not None}
+        master0 = masters[base].view(-1)
+        for j in self._perturbations():
+            targets = [(i, slot[1]) for i, slot in enumerate(self.slots) if slot is not None and slot[0] == j]
+            keys = [slice_key(self.seed, j, k) for k in key_ids]
+            self.generator.elements_drawn += launches.run(keys, master0, [flats[i] for i, _ in targets],
+                                                          [sign for _, sign in targets], self.eps, gaussian)
+        # each copy a view of its place in the flat buffer, made in one call (a view apiece is 3x the host time;
+        # views are not kept: the buffers are freed at every step's embedding and output layer, drop_whole_copies)
+        return [list(masters) if slot is None else list(_unflatten_dense_tensors(flats[i], masters))
+                for i, slot in enumerate(self.slots)]
+
+    def _fused_layout(self, refs, masters: list[torch.Tensor]):
+        """_copies_fused's layout of these parameters: the launches (each copy at its place in the slot's flat
+        buffer, as `_copies` lays it out), the base master, the keys and the buffer's length; False where the unit
+        does not qualify."""
+        from .. import triton_passes
+        p0 = masters[0]
+        if (any(r.rows is not None or id(r.param) in self.keep_whole for r in refs)
+                or any(m.device != p0.device or m.dtype != p0.dtype or not m.is_contiguous() for m in masters)
+                or any(len([s for s in self.slots if s is not None and s[0] == j]) > 2 for j in self._perturbations())):
+            return False
+        # offsets from the first non-empty master (an empty tensor may have no address)
+        base = next((i for i, m in enumerate(masters) if m.numel()), 0)
+        master0, rows, at = masters[base].view(-1), [], 0
+        for m in masters:
+            rows.append((triton_passes._offset(m.view(-1), master0) if m.numel() else 0, at, m.numel(), 0))
+            at += m.numel()
+        return triton_passes.PerturbLaunches(rows), base, [self.keys[id(r.param)] for r in refs], at
 
     def _form_fused(self, pieces: list, j: int) -> list:
         """Perturbation j's copies of these pieces in one native sweep per z chunk (CPU, float32) or one Triton launch
