@@ -209,6 +209,23 @@ def test_sampler_benchmark_smoke():
     assert native.chunk_draws().fast_gaussian()     # left on
 
 
+def test_host_path_benchmark_smoke(tmp_path):
+    """benchmarks.host_path on two layers: every arm is timed with the kernels stood in (restored after)
+    and the JSON is written."""
+    from ds_zo import triton_z
+    from ds_zo.perturb import counter_based_unavailable
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    from benchmarks import host_path
+    real = triton_z.launch
+    out = tmp_path / "host.json"
+    r = host_path.main(["--layers", "2", "--steps", "1", "--reps", "1", "--out", str(out)])
+    assert triton_z.launch is real
+    assert set(r["step_s"]) == {"kept", "general", "kept_offload", "general_offload", "hf_forward"}
+    assert all(v["median"] > 0 for v in r["step_s"].values()) and r["units"] == 6   # (OPT: 2 embeddings, the head)
+    assert out.exists() and set(r["kept_over_general"]) == {"", "_offload"}
+
+
 def test_offload_benchmark_smoke_on_cpu(tmp_path):
     """benchmarks.offload_bench on the tiny shape (the GPU check's benchmark, here on CPU): both modes timed, the
     same parameters at the end, and each mode's host ops profiled, the pipeline's copies visible in the offload one."""
