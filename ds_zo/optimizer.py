@@ -249,7 +249,7 @@ class ZOSGD(torch.optim.Optimizer):
         for device, pieces in whole.items():
             self._apply_pieces(pieces, self._pieces_done)
             changed |= bool(pieces)
-            self._pending_done.update(id(p) for p in owed[device])
+            self._done(owed[device])
         for p, rows, target, pieces in subsets:
             self._apply_pieces(pieces)      # a failure discards the copy: the parameter is untouched and owed
             p.data[rows] = target
@@ -265,8 +265,12 @@ class ZOSGD(torch.optim.Optimizer):
         applies. Each launch notes its parameters as updated as soon as it is issued (as `update_fused` does)."""
         decays = self._decays()
         todo = [p for p in params if id(p) in decays and id(p) not in self._pending_done]
-        if not todo or self._pieces_done:
+        if not todo:
             return None
+        if self._pieces_done:       # a parameter left part-way resumes on the general path, piece by piece
+            partial = {key for key, _ in self._pieces_done}
+            if any(self.keys[id(p)] in partial for p in todo):
+                return None
         datas = [p.data for p in todo]
         d0, q = datas[0], len(self.pending.g)
         if not (self.generator.fuses(d0.device, d0.dtype) and self.generator.counter_based(d0.device)):
@@ -321,7 +325,15 @@ class ZOSGD(torch.optim.Optimizer):
         pieces = [piece for param, flat, start, numel in slices if flat.numel()
                   for piece in self._pieces(param, flat, start, numel, decays[id(param)] != 0.0)]
         self._apply_pieces(pieces, self._pieces_done)
-        self._pending_done.update(id(param) for param, *_ in slices)
+        self._done([param for param, *_ in slices])
+
+    def _done(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """These parameters are updated: noted, and their pieces forgotten (`_pieces_done` then holds only those of
+        parameters an update left part-way, which alone keep `_apply_fused` off)."""
+        self._pending_done.update(id(p) for p in params)
+        if self._pieces_done:
+            keys = {self.keys[id(p)] for p in params}
+            self._pieces_done = {piece for piece in self._pieces_done if piece[0] not in keys}
 
     def owes(self, param: torch.nn.Parameter) -> bool:
         """Whether the pending update still has to be applied to this parameter."""

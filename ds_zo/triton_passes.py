@@ -156,8 +156,9 @@ LAYOUTS_KEPT = 1024
 
 
 def address_key(tensors: Sequence[torch.Tensor]) -> tuple:
-    """What a layout of these tensors depends on: each one's address, length and dtype."""
-    return tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors)
+    """What a layout of these tensors depends on: each one's address, length and dtype, and whether it is contiguous
+    (layouts are made of contiguous tensors only: a view at the same address with other strides must not match)."""
+    return tuple((t.data_ptr(), t.numel(), t.dtype, t.is_contiguous()) for t in tensors)
 
 
 def _launch(kernel, grid: int, device: torch.device, args: tuple, kwargs: dict) -> None:

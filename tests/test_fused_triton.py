@@ -324,3 +324,63 @@ def test_a_fused_unit_is_one_launch_per_pass_from_a_kept_layout(offload, monkeyp
         # on: those and the tied embedding / output weight (its copies are row blocks), one launch each
         assert (c["copies"], c["perturb"]) == (3, 6) and c["update"] == c["updates"] == (4 if t else 0), per_step
     assert per_step[0]["layouts"] == 3 and per_step[-1]["layouts"] == 0, per_step
+
+
+def test_a_kept_layout_is_not_taken_by_a_view_with_other_strides():
+    """A parameter whose .data becomes a transposed view at the same address, length and dtype: the copies and the
+    update take the general path again (a kept layout, made of contiguous tensors, would read it in storage
+    order), so the copies are the ones a fresh provider forms, and the update refuses it as the general path does."""
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    from ds_zo.model.perturbed_copies import PerturbedCopies
+    from ds_zo.model.units import ParamRef, Unit
+    from ds_zo.optimizer import ZOSGD
+
+    def made(transposed):
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.nn.Parameter(torch.randn(4, 4, generator=g)), torch.nn.Parameter(torch.randn(4, generator=g))
+        if transposed:
+            w.data = w.data.t()
+        unit = Unit("u", torch.nn.Module(), [ParamRef("b", b, True), ParamRef("w", w, True)])
+        provider = PerturbedCopies(PerturbationGenerator(sampler="philox"), {id(w): 11, id(b): 12}, 1e-3)
+        opt = ZOSGD([b, w], lr=0.05)
+        opt.attach(PerturbationGenerator(sampler="philox"), {id(w): 11, id(b): 12})
+        return w, b, unit, provider, opt
+
+    def copies(provider, unit, seed):
+        provider.set_slots(seed, [(0, 1), (0, -1)])
+        return [[t.clone() for t in slot] for slot in provider._copies(unit)]
+
+    w, b, unit, provider, opt = made(False)
+    copies(provider, unit, 5)
+    opt.record_step(0, 1, [0.5], 0.05, 0.0)
+    assert opt.apply_pending([b, w]) and len(opt._fused_layouts) == 1
+    opt.flush()
+    w.data = w.data.t()
+    fresh_w, _, fresh_unit, fresh_provider, fresh_opt = made(True)
+    fresh_w.data.copy_(w.data)
+    _.data.copy_(b.data)
+    mine, ref = copies(provider, unit, 6), copies(fresh_provider, fresh_unit, 6)
+    assert all(torch.equal(x, y) for s1, s2 in zip(mine, ref) for x, y in zip(s1, s2))
+    assert (mine[0][1] - w.data).abs().max() < 0.01          # θ + εz of w as it reads now
+    opt.record_step(1, 2, [0.5], 0.05, 0.0)
+    with pytest.raises(RuntimeError, match="view size"):
+        opt.apply_pending([b, w])
+
+
+def test_a_general_path_update_leaves_the_fused_one_on_for_other_units():
+    """A resliced shard (or any unit the fused path declines) is updated piece by piece; once its parameters are
+    done their pieces are forgotten, so the units after it in the step still take their kept layouts."""
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    from ds_zo.optimizer import ZOSGD
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.nn.Parameter(torch.randn(n, generator=g)) for n in (64, 32, 16))
+    opt = ZOSGD([a, b, c], lr=0.05)
+    opt.attach(PerturbationGenerator(sampler="philox"), {id(a): 1, id(b): 2, id(c): 3})
+    for step in range(2):
+        opt.record_step(step, 10 + step, [0.5], 0.05, 0.0)
+        opt.apply_pending_to_slices([(a, a.data.view(-1), 0, a.numel())])
+        assert not opt._pieces_done and id(a) in opt._pending_done
+        assert opt._apply_fused([b, c]) is True
+        opt.flush()
