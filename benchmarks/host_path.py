@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")      # Triton on CPU (compiled kernels are never run here)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")      # (on a GPU machine too: this measures the host's path on CPU)
 
 import torch  # noqa: E402
 
@@ -121,7 +122,8 @@ def main(argv=None) -> dict:
                         engines[name].train_batch(batch)
                 times[name].append((time.perf_counter() - t0) / args.steps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    result = {"command": "python -m benchmarks.host_path " + " ".join(argv or []), "layers": args.layers,
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    result = {"command": f"python -m benchmarks.host_path {command}".strip(), "layers": args.layers,
               "units": units, "seq": args.seq, "steps": args.steps, "reps": args.reps, "threads": args.threads,
               "step_s": {name: {"median": med[name], "min": min(ts), "max": max(ts)} for name, ts in times.items()},
               "kept_over_general": {off: med[f"kept{off}"] / med[f"general{off}"] for off in ("", "_offload")},

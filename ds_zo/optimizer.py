@@ -141,6 +141,8 @@ class ZOSGD(torch.optim.Optimizer):
                rows: Optional[dict[int, torch.Tensor]] = None) -> None:
         """keys: id(param) -> perturbation key; rows: id(param) -> the rows (dim 0) trained, for row subsets."""
         self.generator, self.keys, self.rows = generator, keys, rows or {}
+        self._fused_layouts.clear()      # (they hold which parameters are row subsets: an optimizer handed to a new
+                                         # engine may have other rows)
         missing = [p for g in self.param_groups for p in g["params"] if id(p) not in keys]
         if missing:
             raise ValueError(f"{len(missing)} optimizer parameters are not parameters of the engine's model")
@@ -249,7 +251,7 @@ class ZOSGD(torch.optim.Optimizer):
         for device, pieces in whole.items():
             self._apply_pieces(pieces, self._pieces_done)
             changed |= bool(pieces)
-            self._done(owed[device])
+            self._pending_done.update(id(p) for p in owed[device])
         for p, rows, target, pieces in subsets:
             self._apply_pieces(pieces)      # a failure discards the copy: the parameter is untouched and owed
             p.data[rows] = target
@@ -267,7 +269,9 @@ class ZOSGD(torch.optim.Optimizer):
         todo = [p for p in params if id(p) in decays and id(p) not in self._pending_done]
         if not todo:
             return None
-        if self._pieces_done:       # a parameter left part-way resumes on the general path, piece by piece
+        if self._pieces_done:
+            # a parameter an update left part-way resumes on the general path, piece by piece (the pieces of
+            # parameters done are kept too, and their parameters are not in `todo`)
             partial = {key for key, _ in self._pieces_done}
             if any(self.keys[id(p)] in partial for p in todo):
                 return None
@@ -325,15 +329,8 @@ class ZOSGD(torch.optim.Optimizer):
         pieces = [piece for param, flat, start, numel in slices if flat.numel()
                   for piece in self._pieces(param, flat, start, numel, decays[id(param)] != 0.0)]
         self._apply_pieces(pieces, self._pieces_done)
-        self._done([param for param, *_ in slices])
+        self._pending_done.update(id(param) for param, *_ in slices)
 
-    def _done(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """These parameters are updated: noted, and their pieces forgotten (`_pieces_done` then holds only those of
-        parameters an update left part-way, which alone keep `_apply_fused` off)."""
-        self._pending_done.update(id(p) for p in params)
-        if self._pieces_done:
-            keys = {self.keys[id(p)] for p in params}
-            self._pieces_done = {piece for piece in self._pieces_done if piece[0] not in keys}
 
     def owes(self, param: torch.nn.Parameter) -> bool:
         """Whether the pending update still has to be applied to this parameter."""

@@ -176,28 +176,32 @@ class _Launches:
         """segments: per segment (its table columns after the first program's, n, z start); `keys` key columns
         follow those columns."""
         self.keys = keys
-        self.cols = 1 + (len(segments[0][0]) if segments else 0) + keys
+        fixed = 1 + (len(segments[0][0]) if segments else 0)        # the first program, then the given columns
+        self.cols = fixed + keys
         self.drawn = 0
-        self.batches = []        # (first segment, segments, kept indices, rows, grid, segs)
+        self.batches = []        # (first segment, segments, the non-empty ones' indices, rows, grid, segs)
         for at, batch in _batches(list(segments)):
             kept, rows, first = [], [], 0
             for i, (cols, n, start) in enumerate(batch):
                 if n == 0:
                     continue           # (an empty tensor may have no address)
                 kept.append(at + i)
-                rows.append([first, *cols, *([0] * keys)])
+                rows.append((first, *cols))
                 first += triton_z.programs(start, n, QUADS)
                 self.drawn += n
             segs = _segs(len(rows)) if rows else 0
             body = np.zeros((segs, self.cols), dtype=np.int64)
             body[:, 0] = _NO_PROGRAM
-            body[:len(rows)] = rows
-            self.batches.append((at, len(batch), np.asarray(kept, dtype=np.intp), body, first, segs))
+            if rows:
+                body[:len(rows), :fixed] = rows
+            # the keys of the non-empty segments: a slice where they are consecutive (no empty one among them)
+            pick = slice(kept[0], kept[-1] + 1) if kept and kept[-1] - kept[0] == len(kept) - 1 else kept
+            self.batches.append((at, len(batch), pick, len(kept), body, first, segs))
 
     def tables(self, header: Sequence[int], keys: np.ndarray, device: torch.device, column=None):
         """(first segment, segments, table on device or None where a launch has no rows, grid, segs) per launch:
-        `keys` (one row of `self.keys` per segment) filled in after `header`; column(body) may set more."""
-        for at, count, kept, body, grid, segs in self.batches:
+        `keys` (one row of `self.keys` per segment) filled in after `header`; column(rows) may set more."""
+        for at, count, pick, kept, body, grid, segs in self.batches:
             if not segs:
                 yield at, count, None, 0, 0
                 continue
@@ -205,9 +209,9 @@ class _Launches:
             flat[:len(header)] = header
             rows = flat[len(header):].reshape(body.shape)
             rows[:] = body
-            rows[:len(kept), self.cols - self.keys:] = keys[kept]
+            rows[:kept, self.cols - self.keys:] = keys[pick]
             if column is not None:
-                column(rows[:len(kept)])
+                column(rows[:kept])
             yield at, count, _staged(flat, device), grid, segs
 
 
@@ -216,6 +220,7 @@ class PerturbLaunches(_Launches):
 
     def __init__(self, segments: Sequence[tuple[int, int, int, int]]):
         super().__init__([(seg, seg[2], seg[3]) for seg in segments], 1)
+        assert not segments or self.cols == _PERTURB_COLS      # the kernel's row (_perturb_kernel spells it 6)
 
     def run(self, keys: Sequence[int], master0: torch.Tensor, outs0: Sequence[torch.Tensor], signs: Sequence[int],
             eps: float, gaussian: bool = True) -> int:
@@ -240,6 +245,7 @@ class UpdateLaunches(_Launches):
         if not 1 <= q <= MAX_Q:
             raise ValueError(f"{q} perturbations: the fused update sums 1 to {MAX_Q}")
         super().__init__([((off, n, start, int(decays)), n, start) for off, n, start, decays in segments], q)
+        assert not segments or self.cols == _UPDATE_FIXED_COLS + q     # (_update_kernel spells it 5 + Q)
 
     def run(self, keys: np.ndarray | Sequence[Sequence[int]], theta0: torch.Tensor, grads: Sequence[float], lr: float,
             wd: float, gaussian: bool = True, launched: Optional[Callable[[int, int], None]] = None) -> int:

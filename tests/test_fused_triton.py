@@ -381,6 +381,29 @@ def test_a_general_path_update_leaves_the_fused_one_on_for_other_units():
     for step in range(2):
         opt.record_step(step, 10 + step, [0.5], 0.05, 0.0)
         opt.apply_pending_to_slices([(a, a.data.view(-1), 0, a.numel())])
-        assert not opt._pieces_done and id(a) in opt._pending_done
+        assert opt._pieces_done and id(a) in opt._pending_done
         assert opt._apply_fused([b, c]) is True
+        once = a.detach().clone()
+        opt.apply_pending_to_slices([(a, a.data.view(-1), 0, a.numel())])     # (its pieces are known done)
+        assert torch.equal(a, once)
         opt.flush()
+
+
+def test_an_optimizer_attached_again_forgets_its_layouts():
+    """An optimizer handed to a new engine is attached again, maybe with row subsets (trainable_rows) where the
+    old engine trained whole parameters: a kept whole-parameter layout must not update every row."""
+    if counter_based_unavailable("cpu") is not None:
+        pytest.skip("needs Triton's interpreter")
+    from ds_zo.optimizer import ZOSGD
+    w = torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
+    opt = ZOSGD([w], lr=0.05)
+    opt.attach(PerturbationGenerator(sampler="philox"), {id(w): 5})
+    for step, rows in enumerate((None, torch.tensor([1, 3]))):
+        if rows is not None:
+            opt.attach(PerturbationGenerator(sampler="philox"), {id(w): 5}, {id(w): rows})
+        before = w.detach().clone()
+        opt.record_step(step, 20 + step, [0.5], 0.05, 0.0)
+        assert opt.apply_pending([w])
+        opt.flush()
+        changed = (w != before).any(dim=1).nonzero().flatten().tolist()
+        assert changed == (list(range(6)) if rows is None else [1, 3])
