@@ -331,7 +331,6 @@ class ZOSGD(torch.optim.Optimizer):
         self._apply_pieces(pieces, self._pieces_done)
         self._pending_done.update(id(param) for param, *_ in slices)
 
-
     def owes(self, param: torch.nn.Parameter) -> bool:
         """Whether the pending update still has to be applied to this parameter."""
         return self.pending is not None and id(param) not in self._pending_done and id(param) in self._decays()

@@ -179,7 +179,9 @@ class _Launches:
         fixed = 1 + (len(segments[0][0]) if segments else 0)        # the first program, then the given columns
         self.cols = fixed + keys
         self.drawn = 0
-        self.batches = []        # (first segment, segments, the non-empty ones' indices, rows, grid, segs)
+        # per launch: (its first segment, its segments, the non-empty ones' keys (a slice or indices), how many,
+        # its rows, grid, segs)
+        self.batches = []
         for at, batch in _batches(list(segments)):
             kept, rows, first = [], [], 0
             for i, (cols, n, start) in enumerate(batch):
