@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from ds_zo import perfmodel as pm
-from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS, CHUNK_ELEMENTS, PerturbationGenerator
+from ds_zo.perturb import ACCELERATOR_SPAN_CHUNKS, CHUNK_ELEMENTS, PerturbationGenerator, slice_key
 
 
 def _sync(device: torch.device) -> None:
@@ -91,9 +91,15 @@ def host_rates(device: torch.device) -> dict:
     host_span = host_issue_time(lambda: zgen.fill(span, 1, 0, next(key), span.numel()), device, 50) / 8
     extra = {}
     if zgen.counter_based(device) and zgen.fuses(device, torch.bfloat16):
-        # a fused update launch as a decoder layer issues it (triton_passes): 16 segments, their table's copy
-        thetas = torch.zeros(16 * 4096, dtype=torch.bfloat16, device=device).split(4096)
-        extra["host_fused_s"] = host_issue_time(lambda: zgen.update_fused(
+        from ds_zo import triton_passes
+        # a fused update launch as a decoder layer issues it (ZOSGD._apply_fused): 16 segments from a kept layout,
+        # the step's 16 keys, the table's copy; `_general`: the same laid out at the call (units that do not qualify)
+        flat = torch.zeros(16 * 4096, dtype=torch.bfloat16, device=device)
+        thetas = flat.split(4096)
+        layout = triton_passes.UpdateLaunches([(i * 4096, 4096, 0, True) for i in range(16)], 1)
+        extra["host_fused_s"] = host_issue_time(lambda: layout.run(
+            [[slice_key(next(key), 0, i)] for i in range(16)], flat, [1e-3], 1e-9, 0.0), device, 100)
+        extra["host_fused_general_s"] = host_issue_time(lambda: zgen.update_fused(
             [(t, i, 0, t.numel(), True) for i, t in enumerate(thetas)], next(key), [1e-3], 1e-9, 0.0), device, 100)
     if zgen.counter_based(device):       # the chunked sampler's issue of the same span, beside it
         chunked = PerturbationGenerator(sampler="chunked")
