@@ -29,6 +29,20 @@ def _unfused() -> PerturbationGenerator:
     return gen
 
 
+def _interrupt_the_second_launch(monkeypatch):
+    """triton_passes' second launch from now on raises KeyboardInterrupt (a Ctrl-C between launches); returns the
+    real launch."""
+    real, calls = triton_passes._launch, []
+
+    def launch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(triton_passes, "_launch", launch)
+    return real
+
+
 def _params(device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     flat = (torch.randn(sum(SIZES), generator=g) * 0.05).to(device=device, dtype=dtype)
@@ -109,14 +123,7 @@ def test_an_update_cut_short_between_launches_reports_what_it_applied(monkeypatc
     gen = PerturbationGenerator(sampler="philox")
     a, b = torch.zeros(64), torch.zeros(64, dtype=torch.bfloat16)
     assert gen.fuses("cpu", torch.float32) and gen.fuses("cpu", torch.bfloat16)     # (their self-checks first)
-    real, calls = triton_passes._launch, []
-
-    def launch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(triton_passes, "_launch", launch)
+    _interrupt_the_second_launch(monkeypatch)
     noted = []
     with pytest.raises(KeyboardInterrupt):
         gen.update_fused([(a, 1, 0, 64, False), (b, 2, 0, 64, False)], 7, [0.5], 0.1, 0.0, noted.extend)
@@ -266,14 +273,7 @@ def test_an_update_from_a_kept_layout_cut_short_resumes_without_applying_twice(m
         opt.record_step(0, 77, [0.6], 0.05, opt.weight_decay())
         made.append((params, opt))
     (cut, cut_opt), (whole, whole_opt) = made
-    real, calls = triton_passes._launch, []
-
-    def launch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(triton_passes, "_launch", launch)
+    real = _interrupt_the_second_launch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cut_opt.apply_pending(cut)
     assert cut_opt._pending_done == {id(cut[0]), id(cut[1])}
