@@ -283,11 +283,8 @@ class ZOSGD(torch.optim.Optimizer):
         if q > triton_passes.MAX_Q:
             return None
         key = (tuple(id(p) for p in todo), q, triton_passes.address_key(datas))
-        layout = self._fused_layouts.get(key)
-        if layout is None:
-            if len(self._fused_layouts) >= triton_passes.LAYOUTS_KEPT:
-                self._fused_layouts.clear()
-            layout = self._fused_layouts[key] = self._fused_layout(todo, datas, q, decays)
+        layout = triton_passes.kept_layout(self._fused_layouts, key,
+                                           lambda: self._fused_layout(todo, datas, q, decays))
         if layout is False:
             return None
         launches, base = layout
@@ -309,11 +306,8 @@ class ZOSGD(torch.optim.Optimizer):
         if (any(id(p) in self.rows for p in params)
                 or any(t.device != d0.device or t.dtype != d0.dtype or not t.is_contiguous() for t in datas)):
             return False
-        # offsets from the first non-empty tensor (an empty tensor may have no address)
-        base = next((i for i, t in enumerate(datas) if t.numel()), 0)
-        theta0 = datas[base].view(-1)
-        rows = [(triton_passes._offset(t.view(-1), theta0) if t.numel() else 0, t.numel(), 0, decays[id(p)] != 0.0)
-                for p, t in zip(params, datas)]
+        base, offs = triton_passes.offsets(datas)
+        rows = [(off, t.numel(), 0, decays[id(p)] != 0.0) for off, p, t in zip(offs, params, datas)]
         return triton_passes.UpdateLaunches(rows, q), base
 
     def apply_pending_to_slice(self, param: torch.nn.Parameter, flat: torch.Tensor, start: int, numel: int) -> None:

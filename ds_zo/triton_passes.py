@@ -155,6 +155,23 @@ def _offset(t: torch.Tensor, base: torch.Tensor) -> int:
 LAYOUTS_KEPT = 1024
 
 
+def kept_layout(cache: dict, key: tuple, build: Callable[[], object]) -> object:
+    """cache[key], built by `build` the first time; the cache starts over at LAYOUTS_KEPT entries."""
+    layout = cache.get(key)
+    if layout is None:
+        if len(cache) >= LAYOUTS_KEPT:
+            cache.clear()
+        layout = cache[key] = build()
+    return layout
+
+
+def offsets(tensors: Sequence[torch.Tensor]) -> tuple[int, list[int]]:
+    """The base (the first non-empty tensor's index: an empty tensor may have no address) and each tensor's element
+    offset from it (0 for empty ones)."""
+    base = next((i for i, t in enumerate(tensors) if t.numel()), 0)
+    return base, [_offset(t, tensors[base]) if t.numel() else 0 for t in tensors]
+
+
 def address_key(tensors: Sequence[torch.Tensor]) -> tuple:
     """What a layout of these tensors depends on: each one's address, length and dtype, and whether it is contiguous
     (layouts are made of contiguous tensors only: a view at the same address with other strides must not match)."""
@@ -321,11 +338,10 @@ def update(segments: Sequence[tuple[torch.Tensor, int, Sequence[int], bool]], gr
     q = len(grads)
     if not 1 <= q <= MAX_Q:
         raise ValueError(f"{q} perturbations: the fused update sums 1 to {MAX_Q}")
-    # the base pointer: the first non-empty θ (an empty tensor may have no address)
-    theta0 = next((seg[0] for seg in segments if seg[0].numel()), segments[0][0])
-    layout = [(_offset(theta, theta0) if theta.numel() else 0, theta.numel(), start, decays)
-              for theta, start, _, decays in segments]
-    return UpdateLaunches(layout, q).run([list(seg[2]) for seg in segments], theta0, grads, lr, wd, gaussian, launched)
+    base, offs = offsets([seg[0] for seg in segments])
+    layout = [(off, theta.numel(), start, decays) for off, (theta, start, _, decays) in zip(offs, segments)]
+    return UpdateLaunches(layout, q).run([list(seg[2]) for seg in segments], segments[base][0], grads, lr, wd,
+                                         gaussian, launched)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

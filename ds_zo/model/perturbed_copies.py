@@ -454,7 +454,8 @@ class PerturbedCopies:
         contiguous, not row subsets nor kept whole: the GPUs' decoder layers): one launch per perturbation from a
         layout kept per unit, slots and addresses, so that a step pays only its keys, not the general path's
         per-piece cutting, checks and table rows (on CPU 197 against 744 µs per OPT-shaped layer, kernels stood in:
-        docs/performance.md). None where it does not apply. The values are the general path's bit for bit (z is counter-based: any cut gives the same)."""
+        docs/performance.md). None where it does not apply. The values are the general path's bit for bit (z is
+        counter-based: any cut gives the same)."""
         if not refs:
             return None
         masters = [r.param.data for r in refs]
@@ -463,11 +464,7 @@ class PerturbedCopies:
             return None
         from .. import triton_passes
         key = (tuple(id(r) for r in refs), tuple(self.slots), triton_passes.address_key(masters))
-        layout = self._fused_layouts.get(key)
-        if layout is None:
-            if len(self._fused_layouts) >= triton_passes.LAYOUTS_KEPT:
-                self._fused_layouts.clear()       # (addresses that keep changing: ZeRO-3's gathers)
-            layout = self._fused_layouts[key] = self._fused_layout(refs, masters)
+        layout = triton_passes.kept_layout(self._fused_layouts, key, lambda: self._fused_layout(refs, masters))
         if layout is False:
             return None
         launches, base, key_ids, n = layout
@@ -495,11 +492,10 @@ class PerturbedCopies:
                 or any(m.device != p0.device or m.dtype != p0.dtype or not m.is_contiguous() for m in masters)
                 or any(len([s for s in self.slots if s is not None and s[0] == j]) > 2 for j in self._perturbations())):
             return False
-        # offsets from the first non-empty master (an empty tensor may have no address)
-        base = next((i for i, m in enumerate(masters) if m.numel()), 0)
-        master0, rows, at = masters[base].view(-1), [], 0
-        for m in masters:
-            rows.append((triton_passes._offset(m.view(-1), master0) if m.numel() else 0, at, m.numel(), 0))
+        base, offs = triton_passes.offsets(masters)
+        rows, at = [], 0
+        for off, m in zip(offs, masters):
+            rows.append((off, at, m.numel(), 0))
             at += m.numel()
         return triton_passes.PerturbLaunches(rows), base, [self.keys[id(r.param)] for r in refs], at
 
