@@ -37,9 +37,9 @@ def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
 
 
 MODES = ("resident", "offload", "resident_whole_copies", "offload_whole_copies", "resident_chunked_z",
-         "offload_chunked_z", "resident_unfused", "offload_unfused", "resident_table_copy", "offload_table_copy")
+         "offload_chunked_z", "resident_unfused", "offload_unfused")
 # mode suffixes: engines that differ from the default in one setting
-VARIANTS = ("_whole_copies", "_chunked_z", "_unfused", "_table_copy")
+VARIANTS = ("_whole_copies", "_chunked_z", "_unfused")
 
 
 def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
@@ -50,8 +50,7 @@ def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
     zero_order.z_sampler "chunked" (torch's sampler, one seeded call per 2^20-element chunk: the z sampler GPUs
     used until the sixteenth session); "..._unfused": θ ± εz and the update as torch ops over drawn z instead of
     the fused Triton kernels (ds_zo/triton_passes.py; zero_order.fused_passes false: the sixteenth session's
-    GPU path), the same values bit for bit; "..._table_copy": the fused launches' tables copied by the copy engines
-    (triton_passes.TABLE_STAGING "copy", the eighteenth session's), not fetched by a kernel, the same values."""
+    GPU path), the same values bit for bit."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"--modes: unknown {sorted(unknown)}; allowed: {list(MODES)}")
@@ -65,7 +64,7 @@ def mode_names(modes: list[str], depths: list[int]) -> dict[str, int | None]:
 
 
 def make_engine(model, prefetch: int | None, args, whole_copies: bool = False, chunked_z: bool = False,
-                unfused: bool = False, table_copy: bool = False):
+                unfused: bool = False):
     import ds_zo
     offload = prefetch is not None
     # one micro-batch of up to the largest batch size: each timed batch is a single forward pass per mode
@@ -83,23 +82,7 @@ def make_engine(model, prefetch: int | None, args, whole_copies: bool = False, c
     if unfused:
         cfg["zero_order"]["fused_passes"] = False
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
-    if table_copy:
-        engine.train_batch = with_table_staging("copy", engine.train_batch)    # (this instance's; every use)
     return engine
-
-
-def with_table_staging(staging: str, fn):
-    """fn with triton_passes.TABLE_STAGING set to `staging` while it runs (a process-wide setting: the engines
-    timed beside it keep the default)."""
-    from ds_zo import triton_passes
-
-    def call(*a, **kw):
-        saved, triton_passes.TABLE_STAGING = triton_passes.TABLE_STAGING, staging
-        try:
-            return fn(*a, **kw)
-        finally:
-            triton_passes.TABLE_STAGING = saved
-    return call
 
 
 def write_json(path: str, result: dict) -> None:
@@ -185,8 +168,7 @@ def main(argv=None) -> dict:
             before = torch.cuda.memory_allocated()   # what the engines built earlier keep on the GPU
         engines[mode] = make_engine(model, depth_of[mode], args, whole_copies=mode.endswith("_whole_copies"),
                                     chunked_z=mode.endswith("_chunked_z"),
-                                    unfused=mode.endswith("_unfused") or args.unfused,
-                                    table_copy=mode.endswith("_table_copy"))
+                                    unfused=mode.endswith("_unfused") or args.unfused)
         # warm-up (allocations, kernels): two steps, since a step's update is applied in the next one; the peak of a
         # first step alone misses the update's scratch (until the twelfth session it was measured so)
         for _ in range(2):
@@ -256,7 +238,7 @@ def main(argv=None) -> dict:
     # the same parameters after the same steps: offload and resident exactly; whole copies against the default path
     # (row blocks) to its rounding (on a GPU cuBLAS rounds a block's logits unlike the whole matmul's; on CPU exactly)
     # (the unfused passes compute the fused kernels' values: they belong with the plain modes)
-    plain = [m for m in modes if not m.endswith(VARIANTS) or m.endswith(("_unfused", "_table_copy"))]
+    plain = [m for m in modes if not m.endswith(VARIANTS) or m.endswith("_unfused")]
     blocks = [m for m in modes if m.endswith("_whole_copies")]
     chunked = [m for m in modes if m.endswith("_chunked_z")]    # another z stream: alike among themselves only
     if len(plain) >= 2 or len(chunked) >= 2 or (plain and blocks):

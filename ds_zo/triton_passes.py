@@ -14,8 +14,7 @@ What replaces thousands of launches: the unfused path issues, per span piece of 
 or two element-wise launches per slot (OPT-1.3B: 4,179 launches and 27,819 host ops per step on an H200, most of
 them in these passes). Here a unit's whole pass is one table upload and one launch. The table (int64, built on the
 host: per segment its first program, element offsets from a base pointer, length, z offset, keys) travels through
-pinned memory on the launching stream (read by a one-program kernel, not the copy engines: TABLE_STAGING), so no
-host synchronisation is added.
+pinned memory on the launching stream, so no host synchronisation is added.
 
 `self_check` runs both kernels against the unfused path on the device once per (device, dtype); the generator uses
 them only where it passed (perturb.PerturbationGenerator.fused_kernels_unavailable).
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import deque
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -130,50 +128,13 @@ def _update_kernel(theta_ptr, tab_ptr, lr, wd, inv_q, Q: tl.constexpr, RECIPROCA
     tl.store(theta_ptr + t_off + at, _round(new, KIND), mask=mask)
 
 
-# How a launch's table reaches the device (read at each launch: benchmarks compare the two):
-# - "fetch": a one-program kernel on the launching stream reads the pinned table over PCIe into device memory. No
-#   copy engine is involved, so a table never queues behind the offload pipeline's uploads.
-# - "copy": cudaMemcpyAsync from pinned memory on the launching stream. The copy engines serve it in order with
-#   the uploads on the other stream, so a unit's table may wait for the next unit's whole upload (2 ms for an
-#   OPT-1.3B layer at 52 GB/s), and the compute stream with it.
-TABLE_STAGING = "fetch"
-STAGINGS = ("fetch", "copy")
-# (pinned table, event after its fetch) until the fetch has run: the kernel reads the pinned block, which torch's
-# pinned allocator would hand out again as soon as it is freed (it knows only of its own copies' uses)
-_fetching: deque = deque()
-
-
-@triton.jit
-def _fetch_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
-    """dst[:n] := src[:n], src in pinned host memory (read through the device's mapping of it), one program."""
-    at = tl.arange(0, BLOCK)
-    mask = at < n
-    tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=mask, cache_modifier=".cv"), mask=mask)
-
-
 def _staged(flat: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An int64 table on `device`, staged through pinned memory on the current stream (TABLE_STAGING), so no host
-    synchronisation is added."""
-    if TABLE_STAGING not in STAGINGS:
-        raise ValueError(f"triton_passes.TABLE_STAGING: {TABLE_STAGING!r}; allowed: {list(STAGINGS)}")
+    """An int64 table on `device`. Staged through pinned memory and copied on the current stream: torch's pinned
+    allocator keeps the staging block until the copy has run, so nothing waits."""
     host = torch.from_numpy(flat)
     if device.type != "cuda":
         return host
-    pinned = host.pin_memory()
-    if TABLE_STAGING == "copy":
-        return pinned.to(device, non_blocking=True)     # torch's pinned allocator keeps the block until it has run
-    while _fetching and _fetching[0][1].query():
-        _fetching.popleft()
-    table = torch.empty(flat.size, dtype=torch.int64, device=device)
-    triton_z.launch(_fetch_kernel, 1, device, (pinned, table, flat.size), dict(BLOCK=_pow2(flat.size)))
-    fetched = torch.cuda.Event()
-    fetched.record(torch.cuda.current_stream(device))
-    _fetching.append((pinned, fetched))
-    return table
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(4, (n - 1).bit_length())
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _segs(count: int) -> int:

@@ -43,8 +43,4 @@ for kind, targets, q, segs, reciprocal in ((0, 2, 1, 16, True), (1, 2, 2, 32, Tr
                       {"theta_ptr": ptr, "tab_ptr": "*i64", "lr": "fp32", "wd": "fp32", "inv_q": "fp32"},
                       {"Q": q, "RECIPROCAL": reciprocal, "KIND": kind, "SEGS": segs, "GAUSSIAN": kind != 2,
                        "QUADS": triton_passes.QUADS}))
-# the table's fetch from pinned host memory, the smallest and largest blocks (a volatile load: .cv)
-for block in (16, 4096):
-    print(compile_one(triton_passes._fetch_kernel, {"src_ptr": "*i64", "dst_ptr": "*i64", "n": "i64"},
-                      {"BLOCK": block}))
 sys.exit(0)

@@ -2,7 +2,6 @@
 segments. They must give the unfused path's values bit for bit — triton_z.fill into scratch, then torch's ops — on
 every dtype, sign, offset and number of perturbations. On CPU they run in Triton's interpreter (tests/conftest.py),
 on a GPU compiled."""
-import numpy as np
 import pytest
 import torch
 
@@ -90,54 +89,6 @@ def test_the_fused_update_is_the_unfused_one_bitwise(device, dtype, grads, wd):
                        for i, (v, s, d) in enumerate(zip(ref.split(SIZES), STARTS, decays))], record, _unfused())
     assert torch.equal(_bits(mine), _bits(ref))
     assert not torch.equal(mine, flat) or all(g == 0 for g in grads) and wd == 0
-
-
-@pytest.mark.skipif(counter_based_unavailable("cpu") is not None, reason="needs Triton's interpreter")
-@pytest.mark.parametrize("n", [1, 16, 17, 3345])
-def test_the_fetch_kernel_copies_a_table_and_nothing_beyond_it(n):
-    """The one-program kernel that brings a launch's table to the device (TABLE_STAGING "fetch"), in Triton's
-    interpreter: the smallest table, a power of two, one past it, and the largest an update's launch builds."""
-    src = torch.randint(-(1 << 62), 1 << 62, (n,), dtype=torch.int64)
-    dst = torch.full((n + 40,), -7, dtype=torch.int64)
-    triton_passes._fetch_kernel[(1,)](src, dst, n, BLOCK=triton_passes._pow2(n))
-    assert torch.equal(dst[:n], src) and bool((dst[n:] == -7).all())
-
-
-def test_an_unknown_table_staging_is_refused_by_name(monkeypatch):
-    monkeypatch.setattr(triton_passes, "TABLE_STAGING", "dma")
-    with pytest.raises(ValueError, match=r"TABLE_STAGING: 'dma'; allowed: \['fetch', 'copy'\]"):
-        triton_passes._staged(np.zeros(4, dtype=np.int64), torch.device("cpu"))
-
-
-@cuda
-def test_either_table_staging_gives_the_same_passes_and_releases_its_pinned_tables(monkeypatch):
-    """The fetch kernel reads pinned host memory from the device (and keeps each block until that has run); the
-    copy goes through a copy engine. Both give the perturbation and the update bit for bit, behind a large upload on
-    another stream as an offloaded unit's passes run."""
-    src = torch.randn(1 << 26).pin_memory()
-    dst = torch.empty_like(src, device="cuda")
-    side = torch.cuda.Stream()
-    results = {}
-    for staging in triton_passes.STAGINGS:
-        monkeypatch.setattr(triton_passes, "TABLE_STAGING", staging)
-        flat, masters = _params("cuda", torch.bfloat16)
-        outs = [torch.full_like(flat, float("nan")) for _ in range(2)]
-        with torch.cuda.stream(side):
-            dst.copy_(src, non_blocking=True)
-        triton_passes.perturb([(m, s, slice_key(7, 2, 50 + i), [o.split(SIZES)[i] for o in outs])
-                               for i, (m, s) in enumerate(zip(masters, STARTS))], (1, -1), 1e-3)
-        theta = flat.clone()
-        triton_passes.update([(v, s, [slice_key(7, 0, 70 + i)], i % 2 == 0)
-                              for i, (v, s) in enumerate(zip(theta.split(SIZES), STARTS))], (0.3,), 0.05, 0.1)
-        torch.cuda.synchronize()
-        results[staging] = [_bits(t) for t in (*outs, theta)]
-    assert all(torch.equal(a, b) for a, b in zip(results["fetch"], results["copy"]))
-    assert not torch.equal(results["fetch"][2], _bits(_params("cuda", torch.bfloat16)[0]))
-    monkeypatch.setattr(triton_passes, "TABLE_STAGING", "fetch")
-    triton_passes._staged(np.arange(5, dtype=np.int64), torch.device("cuda"))
-    torch.cuda.synchronize()
-    triton_passes._staged(np.arange(5, dtype=np.int64), torch.device("cuda"))
-    assert len(triton_passes._fetching) == 1      # the earlier fetches have run: their pinned blocks are released
 
 
 @pytest.mark.parametrize("device", DEVICES)
