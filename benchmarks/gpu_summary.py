@@ -49,6 +49,10 @@ def offload_lines(name: str, r: dict) -> list[str]:
                         f"{r[variant + '_max_param_diff']:.2e}")
     if same:
         out.append("  " + ", ".join(same))
+    cp = r.get("memcpy") or {}
+    if "h2d_duplex_GBps" in cp:
+        out.append(f"  pinned memcpy GB/s: h2d {cp['h2d_GBps']:.1f} alone, {cp['h2d_duplex_GBps']:.1f} beside d2h; "
+                   f"d2h {cp['d2h_GBps']:.1f} alone, {cp['d2h_duplex_GBps']:.1f} beside h2d")
     model = r.get("model")
     if model:
         micro = model.get("micro", {})

@@ -27,13 +27,41 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
+    """Pinned copies' GB/s: each direction alone ("h2d_GBps", "d2h_GBps"), and each while the other runs
+    ("h2d_duplex_GBps", "d2h_duplex_GBps"), as the offload pipeline runs them: the next unit's upload beside the last
+    one's offload. The performance model takes the duplex rates (device_calibrate.predict)."""
     from benchmarks.device_calibrate import device_time
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     out = {f"{name}_GBps": nbytes / device_time(lambda: dst.copy_(src, non_blocking=True), dev.device, reps) / 1e9
            for name, (dst, src) in {"h2d": (dev, host), "d2h": (host, dev)}.items()}
-    del host, dev
+    host_out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev_out = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    out.update(duplex_rates({"h2d": (dev, host), "d2h": (host_out, dev_out)}, reps))
+    del host, dev, host_out, dev_out
     return out
+
+
+def duplex_rates(copies: dict, reps: int) -> dict:
+    """GB/s of each copy (name: (dst, src)) on a stream of its own, all started together: the median over `reps`
+    of its bytes over the time from the common start to its end (after one untimed round)."""
+    streams = {name: torch.cuda.Stream() for name in copies}
+    times = {name: [] for name in copies}
+    for rep in range(reps + 1):
+        start, ends = torch.cuda.Event(enable_timing=True), {}
+        start.record()
+        for name, (dst, src) in copies.items():
+            streams[name].wait_event(start)
+            with torch.cuda.stream(streams[name]):
+                dst.copy_(src, non_blocking=True)
+                ends[name] = torch.cuda.Event(enable_timing=True)
+                ends[name].record()
+        torch.cuda.synchronize()
+        for name, end in ends.items():
+            if rep:
+                times[name].append(start.elapsed_time(end) / 1000)
+    return {f"{name}_duplex_GBps": copies[name][1].numel() * copies[name][1].element_size()
+            / statistics.median(ts) / 1e9 for name, ts in times.items()}
 
 
 MODES = ("resident", "offload", "resident_whole_copies", "offload_whole_copies", "resident_chunked_z",

@@ -341,6 +341,35 @@ def test_gpu_summary_reads_the_gpu_checks_results(calibrated_run, tmp_path):
     main([str(empty)])
 
 
+def test_the_model_takes_the_copy_rates_measured_with_both_directions_busy():
+    """device_calibrate.predict on a GPU record (OPT-6.7B, H200, nineteenth session): where the memcpy baseline holds
+    each direction's rate beside the other (offload_bench.memcpy_baseline), the offload pipeline is modelled at
+    those rates, not at each direction's alone; all-resident steps move no bytes and do not change."""
+    import copy
+    import json
+    import os
+    from benchmarks.device_calibrate import predict
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                        "gpu_h200_2026-11-27h", "opt-6.7b.json")
+    with open(path) as f:
+        record = json.load(f)
+    alone = {(c["batch"], c["mode"]): c for c in predict(record)["cases"]}
+    duplex = copy.deepcopy(record)
+    duplex["memcpy"].update(h2d_duplex_GBps=50.0, d2h_duplex_GBps=45.0)
+    both = {(c["batch"], c["mode"]): c for c in predict(duplex)["cases"]}
+    assert alone.keys() == both.keys() and len(both) == 4
+    layer_bytes = record["h2d_bytes_per_step"]
+    for key, c in both.items():
+        if key[1] == "resident":
+            assert c["predicted_s"] == alone[key]["predicted_s"]
+        else:
+            assert c["busy"]["h2d"] == pytest.approx(layer_bytes / 50e9, rel=1e-6)
+            assert c["busy"]["d2h"] == pytest.approx(layer_bytes / 45e9, rel=1e-6)
+            assert alone[key]["busy"]["h2d"] == pytest.approx(layer_bytes / (record["memcpy"]["h2d_GBps"] * 1e9),
+                                                              rel=1e-6)
+    assert both[(1, "offload")]["predicted_s"] > alone[(1, "offload")]["predicted_s"] * 1.1   # bound by the copies
+
+
 def test_the_calibrations_host_steps_run_at_the_span_they_are_fitted_with(monkeypatch):
     """fit_host models the host-calibration steps at pm_span chunks per pass; the engines must run at it, not at the
     span the engine picks for the shape (a GPU's wide shape would get 1 chunk from the model-size cap, and its

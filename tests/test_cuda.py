@@ -359,6 +359,17 @@ def test_queued_device_time_counts_the_kernels_not_the_host():
 
 
 @cuda
+def test_the_memcpy_baseline_times_each_direction_alone_and_beside_the_other():
+    """offload_bench.memcpy_baseline: pinned copies' rates alone and with both directions running at once (the rates
+    the model takes for the offload pipeline). Beside the other, a direction is not faster than alone by more than
+    the timing's noise, and both move data at all."""
+    from benchmarks.offload_bench import memcpy_baseline
+    r = memcpy_baseline(1 << 26, reps=3)
+    for d in ("h2d", "d2h"):
+        assert 1.0 < r[f"{d}_duplex_GBps"] < 1.2 * r[f"{d}_GBps"], r
+
+
+@cuda
 @pytest.mark.timeout(300)
 def test_memory_probe_measures_the_gpu_peak():
     """benchmarks.memory_probe --device cuda: each mode's peak GPU memory counts the model's parameters on the GPU
