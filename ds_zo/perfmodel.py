@@ -252,8 +252,9 @@ class Hardware:
 # and pass. Timed on the H200 in the nineteenth session (gpu_h200_2026-11-27f, device_calibrate): z drawn inside
 # the fused kernels at 2.27e11 values/s (queued), 90 µs of host time per launch from a kept layout (the keys, the
 # table and its copy, the launch), 1.9 µs of device time per small ZO kernel; the fitted per-unit host time with
-# the fused kernels 1.67–1.83 ms.
-H100 = Hardware("H100-SXM (8 per node)", flops=600e12, rng_rate=3.11e11, elem_bw=3.0e12, h2d_bw=55e9, d2h_bw=55e9,
+# the fused kernels 1.67–1.83 ms. PCIe: 55 GB/s is each direction alone; the offload pipeline runs both at once,
+# and its uploads ran at 50–52 GB/s in transfer-bound steps (…27f, …27h): 51 GB/s each way is taken.
+H100 = Hardware("H100-SXM (8 per node)", flops=600e12, rng_rate=3.11e11, elem_bw=3.0e12, h2d_bw=51e9, d2h_bw=51e9,
                 link_bw=450e9, host_bw=450e9, gpus_per_node=8, overlap=True, host_chunk_s=25e-6, host_pass_s=8e-6,
                 span_chunks=8, unit_host_s=1.75e-3, collective_latency_s=20e-6, dtype_bytes=2, counter_z=True,
                 fused=True, fused_rng_rate=2.27e11, host_fused_s=90e-6, kernel_floor_s=1.9e-6)
