@@ -98,6 +98,35 @@ def _perturb_kernel(master_ptr, out0_ptr, out1_ptr, tab_ptr, eps, TARGETS: tl.co
         tl.store(out1_ptr + o_off + at, tl.where(tl.load(tab_ptr + 1) > 0, plus, minus), mask=mask)
 
 
+@functools.partial(triton.jit, do_not_specialize=["sign0", "sign1"])     # one variant serves every sign
+def _perturb_rows_kernel(master_ptr, out0_ptr, out1_ptr, rows_ptr, length, start, key, eps, sign0, sign1,
+                         PER_ROW: tl.constexpr, LISTED: tl.constexpr, TARGETS: tl.constexpr, KIND: tl.constexpr,
+                         GAUSSIAN: tl.constexpr, QUADS: tl.constexpr):
+    """out_t[i·length + e] = master[m_i + e] ± ε·z[z_i + e] for e < length, z of one key, evaluated as
+    _perturb_kernel does: LISTED, for each row i of a weight whose rows are `length` long, m_i = z_i =
+    rows[i]·length (rows read on the device: an embedding's ids, never copied to the host); else one range,
+    m_i = 0 and z_i = start (master: that slice of the parameter). PER_ROW programs per row; signs > 0 add."""
+    pid = tl.program_id(0).to(tl.int64)
+    i = pid // PER_ROW
+    if LISTED:
+        z0 = tl.load(rows_ptr + i) * length
+        m0 = z0
+    else:
+        z0 = pid * 0 + start
+        m0 = pid * 0
+    q0 = z0 // 4 + (pid % PER_ROW) * QUADS
+    a, b, c, d = _z4(key, q0 + tl.arange(0, QUADS), GAUSSIAN)
+    z = tl.interleave(tl.interleave(a, c), tl.interleave(b, d))   # a0 b0 c0 d0 a1 b1 ... (as triton_z._fill)
+    at = q0 * 4 + tl.arange(0, 4 * QUADS) - z0
+    mask = (at >= 0) & (at < length)
+    ez = z * eps
+    m = tl.load(master_ptr + m0 + at, mask=mask).to(tl.float32)
+    plus, minus = _round(m + ez, KIND), _round(m - ez, KIND)
+    tl.store(out0_ptr + i * length + at, tl.where(sign0 > 0, plus, minus), mask=mask)
+    if TARGETS == 2:
+        tl.store(out1_ptr + i * length + at, tl.where(sign1 > 0, plus, minus), mask=mask)
+
+
 @triton.jit
 def _update_kernel(theta_ptr, tab_ptr, lr, wd, inv_q, Q: tl.constexpr, RECIPROCAL: tl.constexpr,
                    KIND: tl.constexpr, SEGS: tl.constexpr, GAUSSIAN: tl.constexpr, QUADS: tl.constexpr):
@@ -321,6 +350,35 @@ def perturb(segments: Sequence[tuple[torch.Tensor, int, int, Sequence[torch.Tens
                                        gaussian)
 
 
+def perturb_rows(master: torch.Tensor, outs: Sequence[torch.Tensor], signs: Sequence[int], key: int, eps: float,
+                 length: int, rows: Optional[torch.Tensor] = None, start: int = 0, gaussian: bool = True) -> int:
+    """One launch, no table: outs[t] := master ± ε·z with sign signs[t] (one or two targets), z the counter-based
+    stream of `key`, for
+    - rows (an int64 tensor on master's device): each listed row of a weight with rows of `length` elements, master
+      the whole weight flat, outs[t] the rows in their order (len(rows)·length elements): an embedding's used rows;
+    - rows None: one range of `length` elements at z offset `start`, master that range's master values: a block
+      of rows of an output layer.
+    Tensors flat, contiguous, of one dtype and device. Returns the z values drawn."""
+    if len(signs) not in (1, 2) or len(outs) != len(signs):
+        raise ValueError(f"{len(signs)} targets: the fused perturbation writes one or two")
+    count = 1 if rows is None else rows.numel()
+    if count == 0 or length == 0:
+        return 0
+    if rows is None:
+        per_row = triton_z.programs(start, length, QUADS)
+    else:
+        if rows.dtype != torch.int64 or rows.device != master.device or not rows.is_contiguous():
+            raise ValueError(f"rows: an int64 contiguous tensor on {master.device}, not {rows.dtype} on "
+                             f"{rows.device}")
+        per_row = -(-((length - 1) // 4 + 2) // QUADS)       # any row's start: at most that many quads
+    s0, s1 = (1 if s > 0 else -1 for s in (*signs, signs[0])[:2])
+    _launch(_perturb_rows_kernel, count * per_row, master.device,
+            (master, outs[0], outs[-1], master if rows is None else rows, length, start, key, eps, s0, s1),
+            dict(PER_ROW=per_row, LISTED=rows is not None, TARGETS=len(signs), KIND=DTYPES[master.dtype],
+                 GAUSSIAN=gaussian, QUADS=QUADS))
+    return count * length
+
+
 def _f32_bits(x: float) -> int:
     """x rounded to float32 (to ±inf beyond its range, as Triton's launcher converts a float argument), as bits."""
     with np.errstate(over="ignore"):
@@ -378,6 +436,26 @@ def self_check(device: str, dtype: torch.dtype, gaussian: bool = True) -> Option
                     if not torch.equal(_bits(ref), _bits(o[i])):
                         return (f"the fused perturbation differs from the unfused one ({dtype}, segment {i}, "
                                 f"sign {sign})")
+        # the rows kernel: listed rows of a weight of 100 rows of 37 (an embedding's ids) and one range of it (a
+        # block of an output layer's rows, at an odd z offset)
+        d, weight = 37, flat[:3700]
+        rows = torch.tensor([0, 3, 4, 99], device=dev)
+        ez = gen.z(seed, 0, 5, weight.numel(), device=dev).mul_(eps)
+        for signs in ((1, -1), (-1,)):
+            for listed, (a, b) in ((True, (0, 3700)), (False, (5, 2001))):
+                n = rows.numel() * d if listed else b - a
+                outs = [torch.empty(n, dtype=dtype, device=dev) for _ in signs]
+                perturb_rows(weight if listed else weight[a:b], outs, signs, slice_key(seed, 0, 5), eps,
+                             d if listed else b - a, rows=rows if listed else None, start=a, gaussian=gaussian)
+                pieces = ([(r * d, (r + 1) * d, i * d) for i, r in enumerate(rows.tolist())] if listed
+                          else [(a, b, 0)])
+                for o, sign in zip(outs, signs):
+                    for lo, hi, at in pieces:
+                        ref = torch.empty(hi - lo, dtype=dtype, device=dev)
+                        _shifted(weight[lo:hi], ez[lo:hi], sign, ref)
+                        if not torch.equal(_bits(ref), _bits(o[at:at + hi - lo])):
+                            return (f"the fused perturbation of {'listed rows' if listed else 'a range'} differs "
+                                    f"from the unfused one ({dtype}, sign {sign})")
         for grads, wd in (((0.7,), 0.01), ((-0.7,), 0.0), ((-0.3, 0.2, -1.1), 0.01)):
             record = StepRecord(step=0, seed=seed, g=tuple(grads), lr=0.05, wd=wd)
             mine, ref = flat.clone(), flat.clone()

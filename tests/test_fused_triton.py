@@ -92,6 +92,45 @@ def test_the_fused_update_is_the_unfused_one_bitwise(device, dtype, grads, wd):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("signs", [(1, -1), (-1,)])
+def test_the_rows_kernel_is_the_unfused_perturbation_bitwise(device, dtype, signs):
+    """triton_passes.perturb_rows: an embedding's used rows, listed on the device (repeated neighbours, the first and
+    the last row, rows of a length that is no multiple of 4: row starts at every alignment), and one range at odd z
+    offsets (an output layer's block), against master ± ε·z of the unfused path; the z values drawn are returned."""
+    rows_n, d = 300, 37
+    weight = (torch.randn(rows_n * d, generator=torch.Generator().manual_seed(3)) * 0.05).to(device=device,
+                                                                                            dtype=dtype)
+    seed, eps, key = 77, 1e-3, 9
+    ez = _unfused().z(seed, 1, key, weight.numel(), device=device).mul_(eps)
+    rows = torch.tensor([0, 1, 2, 5, 6, 150, 298, 299], device=device)
+    for listed, (a, b) in ((True, (0, rows_n * d)), (False, (3, 5000)), (False, (4096, 11100))):
+        n = rows.numel() * d if listed else b - a
+        outs = [torch.full((n,), float("nan"), dtype=dtype, device=device) for _ in signs]
+        drawn = triton_passes.perturb_rows(weight if listed else weight[a:b], outs, signs,
+                                           slice_key(seed, 1, key), eps, d if listed else b - a,
+                                           rows=rows if listed else None, start=a)
+        assert drawn == n
+        pieces = [(r * d, (r + 1) * d, i * d) for i, r in enumerate(rows.tolist())] if listed else [(a, b, 0)]
+        for o, sign in zip(outs, signs):
+            for lo, hi, at in pieces:
+                ref = torch.empty(hi - lo, dtype=dtype, device=device)
+                _shifted(weight[lo:hi], ez[lo:hi], sign, ref)
+                assert torch.equal(_bits(o[at:at + hi - lo]), _bits(ref)), (listed, lo, sign)
+
+
+def test_the_rows_kernel_refuses_rows_it_cannot_read():
+    weight = torch.zeros(40)
+    with pytest.raises(ValueError, match="rows: an int64 contiguous tensor on cpu, not torch.int32"):
+        triton_passes.perturb_rows(weight, [torch.empty(8)], (1,), 5, 1e-3, 4, rows=torch.tensor([0, 2],
+                                                                                                  dtype=torch.int32))
+    with pytest.raises(ValueError, match="3 targets"):
+        triton_passes.perturb_rows(weight, [torch.empty(8)] * 3, (1, -1, 1), 5, 1e-3, 4, rows=torch.tensor([0, 2]))
+    assert triton_passes.perturb_rows(weight, [torch.empty(0)], (1,), 5, 1e-3, 4, rows=torch.tensor([],
+                                                                                                   dtype=torch.int64)) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_more_segments_than_a_launch_holds_take_several_launches(device, monkeypatch):
     launches = []
     real = triton_passes._launch
@@ -188,8 +227,9 @@ def test_an_engine_with_fused_kernels_takes_the_unfused_engines_steps(device, of
     switched on."""
     import copy
     base = tiny_model("llama", True)
-    launches = {"perturb": 0, "update": 0}
-    names = {triton_passes._perturb_kernel: "perturb", triton_passes._update_kernel: "update"}
+    launches = {"perturb": 0, "update": 0, "rows": 0}
+    names = {triton_passes._perturb_kernel: "perturb", triton_passes._update_kernel: "update",
+             triton_passes._perturb_rows_kernel: "rows"}
 
     def counted(kernel, *args, _run=triton_passes._launch):
         launches[names[kernel]] += 1
@@ -207,14 +247,17 @@ def test_an_engine_with_fused_kernels_takes_the_unfused_engines_steps(device, of
         results.append((losses, [r.g for r in engine.step_log], engine.module_state_dict(),
                         engine.perturbations.elements_drawn - drawn0))
         counts = dict(launches)
-        launches.update(perturb=0, update=0)
-        if fused:
-            assert counts["perturb"] > 0 and counts["update"] > 0, counts
+        launches.update(perturb=0, update=0, rows=0)
+        if fused:        # (rows: the embedding's ids and the output layer's row blocks)
+            assert counts["perturb"] > 0 and counts["update"] > 0 and counts["rows"] > 0, counts
         else:
-            assert counts == {"perturb": 0, "update": 0}
+            assert counts == {"perturb": 0, "update": 0, "rows": 0}
     (l1, g1, sd1, n1), (l2, g2, sd2, n2) = results
-    assert l1 == l2 and g1 == g2 and n1 == n2
+    assert l1 == l2 and g1 == g2
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    # z drawn: the same but for the tied embedding, whose unit draws only its ids' rows when fused (the unfused
+    # path forms the row blocks that hold them, whose chunks the output layer then takes from the ε·z cache)
+    assert 0 < n1 and 0 < n2
 
 
 def _zosgd(params, fused: bool):

@@ -10,7 +10,9 @@ formed from it in float32, rounded once into the parameter's dtype. On CPU, floa
 native sweep per chunk draws z a tile at a time and writes both signs (`_form_fused`, native/z_passes.h; the same
 values). z is thus drawn once per step to perturb and once
 more (next step) to update: two draws per element per step (MeZO's in-place loop draws four). A weight used by two
-units (a tied embedding and output layer) is drawn twice as well on CPU (`id_rows`); elsewhere its chunks are drawn
+units (a tied embedding and output layer) is drawn twice as well: on CPU the embedding keeps its ids' rows' ε·z for
+the output layer (`id_rows`); where z is counter-based and the fused kernels run (GPUs) the embedding draws only its
+ids' rows (`_id_rows_fused`: 2 + ids / vocabulary draws per element of that weight); elsewhere its chunks are drawn
 again in its second unit unless `tied_z_cache` keeps them.
 
 `acquire` forms whole copies of a unit (decoder layers); `working_rows` forms any block of rows of one parameter's
@@ -165,8 +167,11 @@ class PerturbedCopies:
         p = ref.param.data
         c, numel = self.generator.chunk, p.numel()
         d = numel // max(1, p.shape[0])
-        if (id(ref.param) in self.keep_whole or ref.rows is not None
-                or p.device.type != "cpu" or d % 16 or c % 16 or numel % 16 or not self.perturbs()):
+        if id(ref.param) in self.keep_whole or ref.rows is not None or not self.perturbs():
+            return None
+        if self._fuses_rows(p):
+            return self._id_rows_fused(ref, needed, d)
+        if p.device.type != "cpu" or d % 16 or c % 16 or numel % 16:
             return None
         elems = (needed.to(torch.int64)[:, None] * d + torch.arange(d)).reshape(-1)     # ascending
         ks = torch.unique_consecutive(elems // c)
@@ -202,6 +207,36 @@ class PerturbedCopies:
             _shifted(master, ez[slot[0]], slot[1], out)
             outs.append(out.view(shape))
         return outs
+
+    def _fuses_rows(self, t: torch.Tensor) -> bool:
+        """Whether rows of a weight like t take the fused rows kernel (triton_passes.perturb_rows): counter-based z
+        and the fused kernels on its device and dtype (the GPUs), contiguous, at most two slots per perturbation."""
+        g = self.generator
+        return (t.is_contiguous() and g.fuses(t.device, t.dtype) and g.counter_based(t.device)
+                and all(len(self._targets(j)) <= 2 for j in self._perturbations()))
+
+    def _targets(self, j: int) -> list[tuple[int, int]]:
+        """(slot, sign) of perturbation j's slots."""
+        return [(i, slot[1]) for i, slot in enumerate(self.slots) if slot is not None and slot[0] == j]
+
+    def _id_rows_fused(self, ref, needed: torch.Tensor, d: int) -> list[torch.Tensor]:
+        """id_rows by one launch per perturbation that reads the ids on the device: no other row's z is drawn and
+        the host neither waits for the ids nor lays out a table. The rows' ε·z is not kept for a later unit: with
+        counter-based z it is only redrawn (the ids' rows, twice per step)."""
+        from .. import triton_passes
+        p = ref.param.data
+        rows = needed.to(torch.int64).contiguous()
+        outs: list[Optional[torch.Tensor]] = [p[rows] if slot is None else
+                                              self.buffers.get(f"idrows{i}", rows.numel() * d, p.dtype, p.device)
+                                              for i, slot in enumerate(self.slots)]
+        gaussian = self.generator.distribution == "gaussian"
+        for j in self._perturbations():
+            targets = self._targets(j)
+            self.generator.elements_drawn += triton_passes.perturb_rows(
+                p.view(-1), [outs[i] for i, _ in targets], [sign for _, sign in targets],
+                slice_key(self.seed, j, self.keys[id(ref.param)]), self.eps, d, rows=rows, gaussian=gaussian)
+        shape = (rows.numel(), *p.shape[1:])
+        return [o.view(shape) for o in outs]
 
     def _draw_around_rows(self, ref, j: int, k: int, z: torch.Tensor) -> bool:
         """z := ε·z_j of chunk k of a shared weight whose earlier unit kept some rows' ε·z this step: those rows
@@ -294,6 +329,16 @@ class PerturbedCopies:
         c = self.generator.chunk
         if id(ref.param) in self.keep_whole:
             self._perturb_chunks(ref, base, a, a, b, numel, outs)
+            return
+        if self._fuses_rows(base) and not any(key[0] == id(ref.param) for key in self._row_ez):
+            # counter-based z: the range in one launch per perturbation, its edge chunks too (no cache needed)
+            from .. import triton_passes
+            gaussian = self.generator.distribution == "gaussian"
+            for j in self._perturbations():
+                targets = self._targets(j)
+                self.generator.elements_drawn += triton_passes.perturb_rows(
+                    base, [outs[i][:b - a] for i, _ in targets], [sign for _, sign in targets],
+                    slice_key(self.seed, j, self.keys[id(ref.param)]), self.eps, b - a, start=a, gaussian=gaussian)
             return
         if (b - 1) // c - a // c + 1 <= self._ez_room(base.device):
             for j in self._perturbations():
