@@ -42,26 +42,34 @@ def memcpy_baseline(nbytes: int = 1 << 30, reps: int = 5) -> dict:
     return out
 
 
-def duplex_rates(copies: dict, reps: int) -> dict:
-    """GB/s of each copy (name: (dst, src)) on a stream of its own, all started together: the median over `reps`
-    of its bytes over the time from the common start to its end (after one untimed round)."""
+def duplex_rates(copies: dict, reps: int, pieces: int = 16) -> dict:
+    """GB/s of each copy (name: (dst, src)) while they all run at once: each on a stream of its own, in `pieces`
+    parts, all started together. A copy's rate is the bytes of its parts done while every copy was still running,
+    over the time they took; the copy finishing last runs its tail alone, and that tail is left out. The median over
+    `reps` rounds, after one untimed round."""
     streams = {name: torch.cuda.Stream() for name in copies}
-    times = {name: [] for name in copies}
+    rates = {name: [] for name in copies}
     for rep in range(reps + 1):
         start, ends = torch.cuda.Event(enable_timing=True), {}
         start.record()
         for name, (dst, src) in copies.items():
             streams[name].wait_event(start)
+            ends[name] = []
             with torch.cuda.stream(streams[name]):
-                dst.copy_(src, non_blocking=True)
-                ends[name] = torch.cuda.Event(enable_timing=True)
-                ends[name].record()
+                for d, s in zip(dst.chunk(pieces), src.chunk(pieces)):
+                    d.copy_(s, non_blocking=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                    ends[name].append((end, s.numel() * s.element_size()))
         torch.cuda.synchronize()
-        for name, end in ends.items():
-            if rep:
-                times[name].append(start.elapsed_time(end) / 1000)
-    return {f"{name}_duplex_GBps": copies[name][1].numel() * copies[name][1].element_size()
-            / statistics.median(ts) / 1e9 for name, ts in times.items()}
+        if not rep:
+            continue
+        done_at = {name: [(start.elapsed_time(e) / 1000, n) for e, n in parts] for name, parts in ends.items()}
+        common = min(parts[-1][0] for parts in done_at.values())    # until then every copy was running
+        for name, parts in done_at.items():
+            inside = [(t, n) for t, n in parts if t <= common] or parts[:1]
+            rates[name].append(sum(n for _, n in inside) / inside[-1][0])
+    return {f"{name}_duplex_GBps": statistics.median(r) / 1e9 for name, r in rates.items()}
 
 
 MODES = ("resident", "offload", "resident_whole_copies", "offload_whole_copies", "resident_chunked_z",

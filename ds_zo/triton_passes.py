@@ -98,23 +98,24 @@ def _perturb_kernel(master_ptr, out0_ptr, out1_ptr, tab_ptr, eps, TARGETS: tl.co
         tl.store(out1_ptr + o_off + at, tl.where(tl.load(tab_ptr + 1) > 0, plus, minus), mask=mask)
 
 
-@functools.partial(triton.jit, do_not_specialize=["sign0", "sign1"])     # one variant serves every sign
-def _perturb_rows_kernel(master_ptr, out0_ptr, out1_ptr, rows_ptr, length, start, key, eps, sign0, sign1,
-                         PER_ROW: tl.constexpr, LISTED: tl.constexpr, TARGETS: tl.constexpr, KIND: tl.constexpr,
+# one variant serves every sign, row length, offset, key and block size (none is compiled in)
+@functools.partial(triton.jit, do_not_specialize=["length", "start", "key", "sign0", "sign1", "per_row"])
+def _perturb_rows_kernel(master_ptr, out0_ptr, out1_ptr, rows_ptr, length, start, key, eps, sign0, sign1, per_row,
+                         LISTED: tl.constexpr, TARGETS: tl.constexpr, KIND: tl.constexpr,
                          GAUSSIAN: tl.constexpr, QUADS: tl.constexpr):
     """out_t[i·length + e] = master[m_i + e] ± ε·z[z_i + e] for e < length, z of one key, evaluated as
     _perturb_kernel does: LISTED, for each row i of a weight whose rows are `length` long, m_i = z_i =
     rows[i]·length (rows read on the device: an embedding's ids, never copied to the host); else one range,
-    m_i = 0 and z_i = start (master: that slice of the parameter). PER_ROW programs per row; signs > 0 add."""
+    m_i = 0 and z_i = start (master: that slice of the parameter). per_row programs per row; signs > 0 add."""
     pid = tl.program_id(0).to(tl.int64)
-    i = pid // PER_ROW
+    i = pid // per_row
     if LISTED:
         z0 = tl.load(rows_ptr + i) * length
         m0 = z0
     else:
         z0 = pid * 0 + start
         m0 = pid * 0
-    q0 = z0 // 4 + (pid % PER_ROW) * QUADS
+    q0 = z0 // 4 + (pid % per_row) * QUADS
     a, b, c, d = _z4(key, q0 + tl.arange(0, QUADS), GAUSSIAN)
     z = tl.interleave(tl.interleave(a, c), tl.interleave(b, d))   # a0 b0 c0 d0 a1 b1 ... (as triton_z._fill)
     at = q0 * 4 + tl.arange(0, 4 * QUADS) - z0
@@ -359,24 +360,34 @@ def perturb_rows(master: torch.Tensor, outs: Sequence[torch.Tensor], signs: Sequ
     - rows None: one range of `length` elements at z offset `start`, master that range's master values: a block
       of rows of an output layer.
     Tensors flat, contiguous, of one dtype and device. Returns the z values drawn."""
-    if len(signs) not in (1, 2) or len(outs) != len(signs):
+    if len(signs) not in (1, 2):
         raise ValueError(f"{len(signs)} targets: the fused perturbation writes one or two")
+    if len(outs) != len(signs):
+        raise ValueError(f"{len(outs)} outputs for {len(signs)} signs: one output per sign")
     count = 1 if rows is None else rows.numel()
-    if count == 0 or length == 0:
+    if rows is not None and (rows.dtype != torch.int64 or rows.device != master.device or not rows.is_contiguous()):
+        raise ValueError(f"rows: an int64 contiguous tensor on {master.device} is needed, not a "
+                         f"{'' if rows.is_contiguous() else 'non-contiguous '}{rows.dtype} tensor on {rows.device}")
+    need = count * length
+    for name, t, n in (("master", master, length if rows is None else 0), *(("outs", o, need) for o in outs)):
+        if (t.dtype != master.dtype or t.device != master.device or not t.is_contiguous() or t.dim() != 1
+                or t.numel() < n):
+            raise ValueError(f"perturb_rows: {name} must be flat and contiguous, {master.dtype} on {master.device}, "
+                             f"with at least {n} elements, not {tuple(t.shape)} {t.dtype} on {t.device}")
+    if need == 0:
         return 0
     if rows is None:
         per_row = triton_z.programs(start, length, QUADS)
     else:
-        if rows.dtype != torch.int64 or rows.device != master.device or not rows.is_contiguous():
-            raise ValueError(f"rows: an int64 contiguous tensor on {master.device}, not {rows.dtype} on "
-                             f"{rows.device}")
-        per_row = -(-((length - 1) // 4 + 2) // QUADS)       # any row's start: at most that many quads
+        # a row starts at rows[i]·length: 4-aligned when length is, else at any offset in its first quad
+        quads = length // 4 if length % 4 == 0 else (length + 6) // 4
+        per_row = -(-quads // QUADS)
     s0, s1 = (1 if s > 0 else -1 for s in (*signs, signs[0])[:2])
     _launch(_perturb_rows_kernel, count * per_row, master.device,
-            (master, outs[0], outs[-1], master if rows is None else rows, length, start, key, eps, s0, s1),
-            dict(PER_ROW=per_row, LISTED=rows is not None, TARGETS=len(signs), KIND=DTYPES[master.dtype],
-                 GAUSSIAN=gaussian, QUADS=QUADS))
-    return count * length
+            (master, outs[0], outs[-1], master if rows is None else rows, length, start, key, eps, s0, s1, per_row),
+            dict(LISTED=rows is not None, TARGETS=len(signs), KIND=DTYPES[master.dtype], GAUSSIAN=gaussian,
+                 QUADS=QUADS))
+    return need
 
 
 def _f32_bits(x: float) -> int:

@@ -43,12 +43,13 @@ for kind, targets, q, segs, reciprocal in ((0, 2, 1, 16, True), (1, 2, 2, 32, Tr
                       {"theta_ptr": ptr, "tab_ptr": "*i64", "lr": "fp32", "wd": "fp32", "inv_q": "fp32"},
                       {"Q": q, "RECIPROCAL": reciprocal, "KIND": kind, "SEGS": segs, "GAUSSIAN": kind != 2,
                        "QUADS": triton_passes.QUADS}))
-# the rows kernel: listed rows and one range, one and two targets
-for kind, listed, targets in ((1, True, 2), (0, False, 1), (2, True, 1)):
+# the rows kernel: listed rows and one range, one and two targets, small ints as Triton types them (i32) and large
+for kind, listed, targets, small in ((1, True, 2, "i32"), (0, False, 1, "i64"), (2, True, 1, "i32")):
     ptr = POINTER[kind]
     print(compile_one(triton_passes._perturb_rows_kernel,
-                      {"master_ptr": ptr, "out0_ptr": ptr, "out1_ptr": ptr, "rows_ptr": "*i64", "length": "i64",
-                       "start": "i64", "key": "i64", "eps": "fp32", "sign0": "i32", "sign1": "i32"},
-                      {"PER_ROW": 2, "LISTED": listed, "TARGETS": targets, "KIND": kind, "GAUSSIAN": kind != 2,
+                      {"master_ptr": ptr, "out0_ptr": ptr, "out1_ptr": ptr, "rows_ptr": "*i64", "length": small,
+                       "start": small, "key": "i64", "eps": "fp32", "sign0": "i32", "sign1": "i32",
+                       "per_row": small},
+                      {"LISTED": listed, "TARGETS": targets, "KIND": kind, "GAUSSIAN": kind != 2,
                        "QUADS": triton_passes.QUADS}))
 sys.exit(0)

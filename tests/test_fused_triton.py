@@ -93,24 +93,33 @@ def test_the_fused_update_is_the_unfused_one_bitwise(device, dtype, grads, wd):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("signs", [(1, -1), (-1,)])
-def test_the_rows_kernel_is_the_unfused_perturbation_bitwise(device, dtype, signs):
-    """triton_passes.perturb_rows: an embedding's used rows, listed on the device (repeated neighbours, the first and
-    the last row, rows of a length that is no multiple of 4: row starts at every alignment), and one range at odd z
-    offsets (an output layer's block), against master ± ε·z of the unfused path; the z values drawn are returned."""
-    rows_n, d = 300, 37
+@pytest.mark.parametrize("signs,d,quads", [((1, -1), 37, None), ((-1,), 37, None), ((1, -1), 32, 4),
+                                           ((-1,), 37, 4)])
+def test_the_rows_kernel_is_the_unfused_perturbation_bitwise(device, dtype, signs, d, quads, monkeypatch):
+    """triton_passes.perturb_rows: an embedding's used rows, listed on the device (neighbours, the first and the last
+    row; rows of a length that is no multiple of 4 start at every alignment), and one range at odd z offsets (an
+    output layer's block), against master ± ε·z of the unfused path; the z values drawn are returned. With 4 Philox
+    calls per program a row takes several programs (exactly its quads when its length is a multiple of 4)."""
+    if quads is not None:
+        monkeypatch.setattr(triton_passes, "QUADS", quads)
+    rows_n = 300
     weight = (torch.randn(rows_n * d, generator=torch.Generator().manual_seed(3)) * 0.05).to(device=device,
                                                                                             dtype=dtype)
     seed, eps, key = 77, 1e-3, 9
     ez = _unfused().z(seed, 1, key, weight.numel(), device=device).mul_(eps)
     rows = torch.tensor([0, 1, 2, 5, 6, 150, 298, 299], device=device)
-    for listed, (a, b) in ((True, (0, rows_n * d)), (False, (3, 5000)), (False, (4096, 11100))):
+    grids, real = [], triton_passes._launch
+    monkeypatch.setattr(triton_passes, "_launch", lambda kernel, grid, *rest: grids.append(grid) or
+                        real(kernel, grid, *rest))
+    for listed, (a, b) in ((True, (0, rows_n * d)), (False, (3, 5000)), (False, (4096, rows_n * d))):
         n = rows.numel() * d if listed else b - a
         outs = [torch.full((n,), float("nan"), dtype=dtype, device=device) for _ in signs]
         drawn = triton_passes.perturb_rows(weight if listed else weight[a:b], outs, signs,
                                            slice_key(seed, 1, key), eps, d if listed else b - a,
                                            rows=rows if listed else None, start=a)
         assert drawn == n
+        if listed and quads is not None:       # programs per row: a row of 32 is 8 whole quads, one of 37 spans 10
+            assert grids[-1] == rows.numel() * {32: 2, 37: 3}[d]
         pieces = [(r * d, (r + 1) * d, i * d) for i, r in enumerate(rows.tolist())] if listed else [(a, b, 0)]
         for o, sign in zip(outs, signs):
             for lo, hi, at in pieces:
@@ -119,13 +128,24 @@ def test_the_rows_kernel_is_the_unfused_perturbation_bitwise(device, dtype, sign
                 assert torch.equal(_bits(o[at:at + hi - lo]), _bits(ref)), (listed, lo, sign)
 
 
-def test_the_rows_kernel_refuses_rows_it_cannot_read():
-    weight = torch.zeros(40)
-    with pytest.raises(ValueError, match="rows: an int64 contiguous tensor on cpu, not torch.int32"):
-        triton_passes.perturb_rows(weight, [torch.empty(8)], (1,), 5, 1e-3, 4, rows=torch.tensor([0, 2],
-                                                                                                  dtype=torch.int32))
+def test_the_rows_kernel_refuses_what_it_cannot_read_or_write():
+    weight, rows = torch.zeros(40), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match="rows: an int64 contiguous tensor on cpu is needed, not a torch.int32"):
+        triton_passes.perturb_rows(weight, [torch.empty(8)], (1,), 5, 1e-3, 4, rows=rows.to(torch.int32))
+    with pytest.raises(ValueError, match="not a non-contiguous torch.int64"):
+        triton_passes.perturb_rows(weight, [torch.empty(8)], (1,), 5, 1e-3, 4, rows=torch.tensor([0, 9, 2])[::2])
     with pytest.raises(ValueError, match="3 targets"):
-        triton_passes.perturb_rows(weight, [torch.empty(8)] * 3, (1, -1, 1), 5, 1e-3, 4, rows=torch.tensor([0, 2]))
+        triton_passes.perturb_rows(weight, [torch.empty(8)] * 3, (1, -1, 1), 5, 1e-3, 4, rows=rows)
+    with pytest.raises(ValueError, match="1 outputs for 2 signs"):
+        triton_passes.perturb_rows(weight, [torch.empty(8)], (1, -1), 5, 1e-3, 4, rows=rows)
+    out = torch.zeros(12)          # 2 rows of 4 need 8 elements: a short output would be written past its end
+    with pytest.raises(ValueError, match=r"outs must be flat .* at least 8 elements, not \(4,\)"):
+        triton_passes.perturb_rows(weight, [out[:4]], (1,), 5, 1e-3, 4, rows=rows)
+    with pytest.raises(ValueError, match=r"master must be .* at least 10 elements, not \(8,\)"):
+        triton_passes.perturb_rows(weight[:8], [out], (1,), 5, 1e-3, 10, start=3)
+    with pytest.raises(ValueError, match="torch.float32 on cpu"):
+        triton_passes.perturb_rows(weight, [torch.empty(8, dtype=torch.float64)], (1,), 5, 1e-3, 4, rows=rows)
+    assert not out.any()
     assert triton_passes.perturb_rows(weight, [torch.empty(0)], (1,), 5, 1e-3, 4, rows=torch.tensor([],
                                                                                                    dtype=torch.int64)) == 0
 
@@ -255,9 +275,14 @@ def test_an_engine_with_fused_kernels_takes_the_unfused_engines_steps(device, of
     (l1, g1, sd1, n1), (l2, g2, sd2, n2) = results
     assert l1 == l2 and g1 == g2
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
-    # z drawn: the same but for the tied embedding, whose unit draws only its ids' rows when fused (the unfused
-    # path forms the row blocks that hold them, whose chunks the output layer then takes from the ε·z cache)
-    assert 0 < n1 and 0 < n2
+    # z drawn: the same but for the tied embedding's ids' rows. On CPU the unfused path keeps their ε·z for the
+    # output layer, which the fused one draws again; on a GPU the unfused path forms every block that holds an id,
+    # the fused one only the ids' rows
+    ids_rows = sum(batch(seed=t)["input_ids"].unique().numel() for t in range(3)) * base.config.hidden_size
+    if device == "cpu":
+        assert n1 - n2 == ids_rows
+    else:
+        assert n1 < n2
 
 
 def _zosgd(params, fused: bool):
@@ -335,8 +360,9 @@ def test_a_fused_unit_is_one_launch_per_pass_from_a_kept_layout(offload, monkeyp
         pytest.skip("needs Triton's interpreter")
     from ds_zo.model.perturbed_copies import PerturbedCopies
     from ds_zo.optimizer import ZOSGD
-    counts = {"perturb": 0, "update": 0, "copies": 0, "updates": 0, "layouts": 0}
-    names = {triton_passes._perturb_kernel: "perturb", triton_passes._update_kernel: "update"}
+    counts = {"perturb": 0, "update": 0, "rows": 0, "copies": 0, "updates": 0, "layouts": 0}
+    names = {triton_passes._perturb_kernel: "perturb", triton_passes._update_kernel: "update",
+             triton_passes._perturb_rows_kernel: "rows"}
 
     def counted(kernel, *args, _run=triton_passes._launch):
         counts[names[kernel]] += 1
@@ -366,6 +392,8 @@ def test_a_fused_unit_is_one_launch_per_pass_from_a_kept_layout(offload, monkeyp
         # whole copies: the 2 decoder layers and the final norm, q = 2 launches each; updated from the second step
         # on: those and the tied embedding / output weight (its copies are row blocks), one launch each
         assert (c["copies"], c["perturb"]) == (3, 6) and c["update"] == c["updates"] == (4 if t else 0), per_step
+        # the tied weight's rows: the embedding's ids and the output layer's one block, one launch per perturbation
+        assert c["rows"] == 2 * 2, per_step
     assert per_step[0]["layouts"] == 3 and per_step[-1]["layouts"] == 0, per_step
 
 
