@@ -128,6 +128,34 @@ def test_the_rows_kernel_is_the_unfused_perturbation_bitwise(device, dtype, sign
                 assert torch.equal(_bits(o[at:at + hi - lo]), _bits(ref)), (listed, lo, sign)
 
 
+@pytest.mark.skipif(counter_based_unavailable("cpu") is not None, reason="needs Triton's interpreter")
+@pytest.mark.parametrize("subset", [None, [1, 2, 5, 9, 63, 64, 90]])
+def test_row_blocks_from_the_rows_kernel_are_the_unfused_ones(subset):
+    """PerturbedCopies.working_rows on the fused rows kernel against the unfused path, bit for bit, for whole weights
+    and row subsets (z over the trained rows only, the other rows the master's), with an unperturbed slot beside
+    the two signs (a row subset's block then has no output for it)."""
+    from ds_zo.model.perturbed_copies import PerturbedCopies
+    from ds_zo.model.units import ParamRef
+    weight = torch.nn.Parameter(torch.randn(100, 24, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16))
+    ref = ParamRef("w", weight, True, None if subset is None else torch.tensor(subset))
+    blocks = {}
+    for fused in (True, False):
+        gen = PerturbationGenerator(sampler="philox")
+        gen.fused_passes = fused
+        copies = PerturbedCopies(gen, {id(weight): 31}, 1e-3)
+        copies.set_slots(5, [None, (0, 1), (0, -1)])
+        calls, real = [], triton_passes._launch
+        triton_passes._launch = lambda kernel, *a, _real=real: calls.append(kernel) or _real(kernel, *a)
+        try:
+            blocks[fused] = [[b.clone() for b in copies.working_rows(ref, r0, r1)] for r0, r1 in ((0, 64), (64, 100))]
+        finally:
+            triton_passes._launch = real
+        assert (triton_passes._perturb_rows_kernel in calls) == fused
+    for mine, theirs in zip(blocks[True], blocks[False]):
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(mine, theirs))
+        assert torch.equal(mine[0], weight.data[:mine[0].shape[0]]) or torch.equal(mine[0], weight.data[64:])
+
+
 def test_the_rows_kernel_refuses_what_it_cannot_read_or_write():
     weight, rows = torch.zeros(40), torch.tensor([0, 2])
     with pytest.raises(ValueError, match="rows: an int64 contiguous tensor on cpu is needed, not a torch.int32"):

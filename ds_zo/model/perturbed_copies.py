@@ -223,20 +223,27 @@ class PerturbedCopies:
         """id_rows by one launch per perturbation that reads the ids on the device: no other row's z is drawn and
         the host neither waits for the ids nor lays out a table. The rows' ε·z is not kept for a later unit: with
         counter-based z it is only redrawn (the ids' rows, twice per step)."""
-        from .. import triton_passes
         p = ref.param.data
         rows = needed.to(torch.int64).contiguous()
         outs: list[Optional[torch.Tensor]] = [p[rows] if slot is None else
                                               self.buffers.get(f"idrows{i}", rows.numel() * d, p.dtype, p.device)
                                               for i, slot in enumerate(self.slots)]
+        self._form_rows(ref, p.view(-1), outs, d, rows=rows)
+        shape = (rows.numel(), *p.shape[1:])
+        return [o.view(shape) for o in outs]
+
+    def _form_rows(self, ref, master: torch.Tensor, outs: list, length: int, rows: Optional[torch.Tensor] = None,
+                   start: int = 0) -> None:
+        """Each perturbation's slots of outs (by slot) from master by the rows kernel (triton_passes.perturb_rows:
+        listed rows of `length`, or one range at z offset `start`), one launch per perturbation."""
+        from .. import triton_passes
         gaussian = self.generator.distribution == "gaussian"
         for j in self._perturbations():
             targets = self._targets(j)
             self.generator.elements_drawn += triton_passes.perturb_rows(
-                p.view(-1), [outs[i] for i, _ in targets], [sign for _, sign in targets],
-                slice_key(self.seed, j, self.keys[id(ref.param)]), self.eps, d, rows=rows, gaussian=gaussian)
-        shape = (rows.numel(), *p.shape[1:])
-        return [o.view(shape) for o in outs]
+                master, [outs[i] for i, _ in targets], [sign for _, sign in targets],
+                slice_key(self.seed, j, self.keys[id(ref.param)]), self.eps, length, rows=rows, start=start,
+                gaussian=gaussian)
 
     def _draw_around_rows(self, ref, j: int, k: int, z: torch.Tensor) -> bool:
         """z := ε·z_j of chunk k of a shared weight whose earlier unit kept some rows' ε·z this step: those rows
@@ -331,14 +338,9 @@ class PerturbedCopies:
             self._perturb_chunks(ref, base, a, a, b, numel, outs)
             return
         if self._fuses_rows(base) and not any(key[0] == id(ref.param) for key in self._row_ez):
-            # counter-based z: the range in one launch per perturbation, its edge chunks too (no cache needed)
-            from .. import triton_passes
-            gaussian = self.generator.distribution == "gaussian"
-            for j in self._perturbations():
-                targets = self._targets(j)
-                self.generator.elements_drawn += triton_passes.perturb_rows(
-                    base, [outs[i][:b - a] for i, _ in targets], [sign for _, sign in targets],
-                    slice_key(self.seed, j, self.keys[id(ref.param)]), self.eps, b - a, start=a, gaussian=gaussian)
+            # counter-based z: the range in one launch per perturbation, its edge chunks too (no cache needed); a
+            # row subset's unperturbed slot has no out (None)
+            self._form_rows(ref, base, [None if o is None else o[:b - a] for o in outs], b - a, start=a)
             return
         if (b - 1) // c - a // c + 1 <= self._ez_room(base.device):
             for j in self._perturbations():
@@ -518,7 +520,7 @@ class PerturbedCopies:
                  for i, slot in enumerate(self.slots) if slot is not None}
         master0 = masters[base].view(-1)
         for j in self._perturbations():
-            targets = [(i, slot[1]) for i, slot in enumerate(self.slots) if slot is not None and slot[0] == j]
+            targets = self._targets(j)
             keys = [slice_key(self.seed, j, k) for k in key_ids]
             self.generator.elements_drawn += launches.run(keys, master0, [flats[i] for i, _ in targets],
                                                           [sign for _, sign in targets], self.eps, gaussian)
@@ -553,7 +555,7 @@ class PerturbedCopies:
         kinds = {(pc[0].param.device, pc[0].param.dtype) for pc in pieces}
         if all(d.type != "cpu" and not self.generator.fuses(d, t) for d, t in kinds):
             return pieces      # no host work added where every op is a launch and nothing fuses
-        signs = [(i, slot[1]) for i, slot in enumerate(self.slots) if slot is not None and slot[0] == j]
+        signs = self._targets(j)
         cands = [pc for pc in pieces if pc[0].rows is None]
         jobs = [(base[lo:hi], self.seed, j, self.keys[id(ref.param)], m, lo,
                  [(outs[i][lo:hi], sign) for i, sign in signs]) for ref, base, m, outs, lo, hi in cands]
