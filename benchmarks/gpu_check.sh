@@ -19,6 +19,7 @@
 #    and ds_zo.perfmodel calibrated on this GPU against the steps: device rates timed queued (the kernels' own
 #    time), host costs fitted per mode to ZO steps of two small shapes sampled between the repetitions, the
 #    micro-measured host costs beside them;
+#  - the offload pipeline's host time per unit visit and its primitives (benchmarks/pipeline_host.py), printed;
 #  - SmolLM2-135M's peak GPU memory (bf16, 4 x 64 tokens), one fresh process per mode, all at once: inference with
 #    and without HF's loss, ds_zo all-resident (the default: embedding and output layer from row blocks, the span
 #    capped by the model's layers and size; dszo_span<N>: a span of N chunks; dszo_whole_copies: row_blocks "off") and
@@ -93,6 +94,9 @@ else
     section "OPT-1.3B" 160 60 bash -c "opt opt-1.3b 2 resident,offload --unfused"
     section "OPT-6.7B" 220 120 bash -c "opt opt-6.7b 1 resident,offload --unfused"
 fi
+# the offload pipeline's host time per unit visit and its primitives beside what they replaced (printed only: the
+# device tool returns at most 8 files)
+section "pipeline host" 45 20 bash -c "python3 -m benchmarks.pipeline_host --reps 5 2>&1 | grep -v '^\['"
 section "SmolLM2 GPU memory" 120 45 bash -c smollm2_memory
 section "SmolLM2 whole copies" 90 45 bash -c smollm2_whole_copies
 rm -f "$OUTDIR"/*.tmp      # a JSON write cut off by a timeout (the device tool returns at most 8 files)

@@ -226,6 +226,18 @@ def test_host_path_benchmark_smoke(tmp_path):
     assert out.exists() and set(r["kept_over_general"]) == {"", "_offload"}
 
 
+def test_pipeline_host_benchmark_smoke(tmp_path):
+    """benchmarks.pipeline_host on CPU: the pipeline's host time per unit visit over every layer, and the pointing
+    primitive (the CUDA primitives only where CUDA is)."""
+    from benchmarks import pipeline_host
+    out = tmp_path / "pipe.json"
+    r = pipeline_host.main(["--layers", "3", "--passes", "2", "--reps", "1", "--device", "cpu", "--out", str(out)])
+    v = r["pipeline_visit"]
+    assert v["units"] == 3 and v["unit_params"] == 16 and 0 < v["min_us"] <= v["median_us"] <= v["max_us"]
+    assert set(r["primitive_us"]) == {"point_16_params_twice"} and r["primitive_us"]["point_16_params_twice"] > 0
+    assert out.exists()
+
+
 def test_offload_benchmark_smoke_on_cpu(tmp_path):
     """benchmarks.offload_bench on the tiny shape (the GPU check's benchmark, here on CPU): both modes timed, the
     same parameters at the end, and each mode's host ops profiled, the pipeline's copies visible in the offload one."""
@@ -428,5 +440,6 @@ def test_the_gpu_check_script_runs_its_sections_in_order_under_its_budget(tmp_pa
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     skipped = [line.split(":")[0].removeprefix("--- ") for line in proc.stdout.splitlines() if "skipped" in line]
-    assert skipped == ["CUDA tests", "OPT-1.3B", "OPT-6.7B", "SmolLM2 GPU memory", "SmolLM2 whole copies"]
+    assert skipped == ["CUDA tests", "OPT-1.3B", "OPT-6.7B", "pipeline host", "SmolLM2 GPU memory",
+                       "SmolLM2 whole copies"]
     assert f"no GPU check results in {tmp_path}" in proc.stdout

@@ -100,6 +100,9 @@ def test_the_slice_key_is_mix_of_its_three_integers():
     from ds_zo.perturb import slice_key
     for seed, index, key in [(0, 0, 0), (11, 1, 99), ((1 << 64) - 1, 3, (1 << 63) + 5), (-1, 2, 7)]:
         assert slice_key(seed, index, key) == mix(seed, index, key)
+        hits = slice_key.cache_info().hits
+        assert slice_key(seed, index, key) == mix(seed, index, key)       # kept: a step's update asks again
+        assert slice_key.cache_info().hits == hits + 1
 
 
 def test_stream_names():

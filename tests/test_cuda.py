@@ -150,6 +150,23 @@ def test_cuda_offload_equals_resident(depth, overlap):
 
 
 @cuda
+def test_cuda_stream_switch_makes_the_stream_current_then_the_compute_stream_again():
+    """Streams.on(s), made once per stream, instead of torch.cuda.stream(s) (host time on every unit visit): s is
+    current inside, the compute stream after, also when the block raises."""
+    model, units, store, pipe = _pipeline_on_cuda()
+    st = pipe.streams
+    assert st.on(st.h2d) is st.on(st.h2d) and st.on(st.h2d) is not st.on(st.d2h)
+    for stream in (st.h2d, st.d2h):
+        with st.on(stream):
+            assert torch.cuda.current_stream() == stream
+        assert torch.cuda.current_stream() == st.compute
+    with pytest.raises(KeyError):
+        with st.on(st.h2d):
+            raise KeyError("inside")
+    assert torch.cuda.current_stream() == st.compute and torch.cuda.current_device() == st.compute.device_index
+
+
+@cuda
 def test_cuda_steady_state_loop_never_synchronizes_the_host(monkeypatch):
     model, units, store, pipe = _pipeline_on_cuda(depth=2)
     _streamed_logits(model, units, pipe)  # warm-up: allocations, cuBLAS handles

@@ -153,3 +153,33 @@ def test_bf16_dual_forward_rounds_each_copy_once(arch):
     for ref, got in zip(unit.trainable, seen["plus"]):
         z = gen.z(seed, 0, keys[id(ref.param)], ref.param.numel()).view_as(ref.param)
         assert torch.equal(got, (ref.param.float() + eps * z).bfloat16())
+
+
+def test_a_unit_failing_on_a_later_slot_leaves_its_parameters_at_the_masters():
+    """The wrapper points the parameters from one slot's copies straight to the next and back to the masters once:
+    a slot that raises still leaves them at the masters (the same storage, the same values)."""
+    from ds_zo.model.dual_forward import DualForwardError
+    model = tiny_model("llama").eval()
+    units = cut_into_units(model, resolve_trainable(model, []))
+    layer = next(u for u in units if u.is_layer)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    calls = []
+    original = layer.module.forward
+
+    def fails_on_the_second_slot(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("slot 1 broke")
+        return original(*args, **kwargs)
+    layer.module.forward = fails_on_the_second_slot
+    keys = {id(p): param_key(n) for n, p in model.named_parameters()}
+    copies = PerturbedCopies(PerturbationGenerator(), keys, 1e-2)
+    copies.set_slots(1, [(0, 1), (0, -1)])
+    b = batch(rows=1)
+    with torch.no_grad(), pytest.raises(DualForwardError, match="row block 1 of 2"):
+        with dual_forward(units, 2, 1, copies):
+            model(input_ids=torch.cat([b["input_ids"]] * 2), use_cache=False)
+    del layer.module.forward
+    assert len(calls) == 2
+    for n, p in model.named_parameters():
+        assert p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n

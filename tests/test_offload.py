@@ -208,6 +208,27 @@ def test_next_pass_does_not_start_in_the_buffer_being_offloaded():
     assert pipe._buffer_of(0) == (last_buffer + 1) % len(pipe.buffers)
 
 
+def test_steady_state_steps_make_no_new_events():
+    """Each unit's events (loaded, computed, landed) are made once and recorded again at every visit: new events are
+    host time on every visit of a host-bound GPU step. Timing events (opt-in, benchmarks) are new ones."""
+    engine, *_ = ds_zo.initialize(model=_deep_model(), config=offload_config(depth=2))
+    pipe = engine.pipeline
+    for t in range(2):              # (the first step has no pending update: nothing written back, no "landed" yet)
+        engine.train_batch(batch(seed=t))
+    made = []
+    event = pipe.streams.event
+    pipe.streams.event = lambda timing=False: made.append(timing) or event(timing)   # this instance only
+    before, offloads = [s.flat.clone() for s in pipe.order], pipe.stats["offloads"]
+    for t in range(2, 4):
+        engine.train_batch(batch(seed=t))
+    assert made == []
+    assert pipe.stats["offloads"] - offloads == 2 * len(pipe.order)     # every visit wrote its unit back
+    assert all(not torch.equal(b, s.flat) for b, s in zip(before, pipe.order))
+    pipe.time_transfers = True
+    engine.train_batch(batch(seed=4))
+    assert made == [True] * (4 * len(pipe.order))    # per unit: its upload's start and end, its wait's two
+
+
 def test_upload_timing_is_opt_in_and_counts_every_timed_upload():
     """Benchmarks time uploads while they run (CUDA: timing events; CPU: the synchronous copy); off by default."""
     engine, *_ = ds_zo.initialize(model=_deep_model(), config=offload_config(depth=2))

@@ -122,15 +122,23 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
                 with pointed_at(params, copies[0]):
                     return original(*args, **kwargs)
             outs = []
-            for block in range(slots):
-                a, kw = split_block(args, block, rows, slots), split_block(kwargs, block, rows, slots)
-                with pointed_at(params, copies[block]):
+            # from one slot's copies straight to the next, and back to the masters once: pointing is host time on
+            # every unit visit of a host-bound GPU step (a `p.data` read or write apiece)
+            masters = [p.data for p in params]
+            try:
+                for block in range(slots):
+                    a, kw = split_block(args, block, rows, slots), split_block(kwargs, block, rows, slots)
+                    for p, t in zip(params, copies[block]):
+                        p.data = t
                     try:
                         outs.append(original(*a, **kw))
                     except RuntimeError as error:
                         if isinstance(error, torch.OutOfMemoryError) or type(error).__module__.startswith("ds_zo"):
                             raise       # memory, a collective, ds_zo's own: nothing to do with the rows
                         raise DualForwardError(unit, block, slots, rows, args, kwargs, error) from error
+            finally:
+                for p, m in zip(params, masters):
+                    p.data = m
             return merge_blocks(outs, rows)
         finally:
             provider.release(unit)

@@ -537,7 +537,7 @@ class PerturbedCopies:
         p0 = masters[0]
         if (any(r.rows is not None or id(r.param) in self.keep_whole for r in refs)
                 or any(m.device != p0.device or m.dtype != p0.dtype or not m.is_contiguous() for m in masters)
-                or any(len([s for s in self.slots if s is not None and s[0] == j]) > 2 for j in self._perturbations())):
+                or any(len(self._targets(j)) > 2 for j in self._perturbations())):
             return False
         base, offs = triton_passes.offsets(masters)
         rows, at = [], 0

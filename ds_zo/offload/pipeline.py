@@ -61,6 +61,7 @@ class OffloadPipeline(Residency):
         self._stall_times: list[tuple[object, object]] = []
         self.trace: Optional[list[tuple[str, str]]] = None   # set to [] to record the issue order of operations
         self._view_cache: dict[tuple[int, Optional[int]], list[torch.Tensor]] = {}
+        self._events: dict[tuple[str, int], object] = {}
 
     @staticmethod
     def _converts(stored) -> bool:
@@ -102,11 +103,10 @@ class OffloadPipeline(Residency):
         if prev is not None and prev != k:
             self._retire(prev, b)                # it was prefetched but never computed: upload it again if needed
         st = self.streams
-        with st.on(st.h2d):
-            if self._free[b] is not None:
-                st.h2d.wait_event(self._free[b])      # the buffer's previous unit is done with it
-            if k in self._store_ready:
-                st.h2d.wait_event(self._store_ready[k])  # this unit's last offload has landed in the store
+        if self._free[b] is not None:
+            st.h2d.wait_event(self._free[b])      # the buffer's previous unit is done with it
+        if k in self._store_ready:
+            st.h2d.wait_event(self._store_ready[k])  # this unit's last offload has landed in the store
         try:
             self._uploaded[k] = self._load(k, b)
         except BaseException:
@@ -120,6 +120,18 @@ class OffloadPipeline(Residency):
         self.stats["uploads"] += 1
         self._log("upload", k)
 
+    def _event(self, role: str, k: int):
+        """Unit k's event for `role` (loaded: on the h2d stream, computed: compute, landed: d2h), made once and
+        recorded again at each visit: three new events per visit are host time on a host-bound step. Recording an
+        event again is safe because each role is only ever recorded on its one stream: a wait issued before keeps
+        the recording it saw, and one issued after sees a later point of the same in-order stream, so it can only
+        wait longer, never less. (An override recording elsewhere, like the sharded `_load` on its all-gather
+        stream, makes its own events.)"""
+        event = self._events.get((role, k))
+        if event is None:
+            event = self._events[(role, k)] = self.streams.event()
+        return event
+
     def _failed_load_event(self):
         """An event after whatever a failed `_load` issued (its copy, on the upload stream)."""
         event = self.streams.event()
@@ -128,7 +140,11 @@ class OffloadPipeline(Residency):
 
     def retire_leftovers(self) -> None:
         """Retire the units the last pass uploaded but never computed (it ended early: an exception in the
-        forward). Called when the next pass begins and by the engine's flush, before anything reads the store."""
+        forward). Called when the next pass begins and by the engine's flush, before anything reads the store.
+        A write-back issued here returns to the compute stream (Streams.on), so, as for a pass, that must be the
+        current one."""
+        if any(k is not None for k in self._occupant):
+            self.streams.check_compute_stream()
         for b, k in enumerate(self._occupant):
             if k is not None:
                 self._retire(k, b)
@@ -152,11 +168,11 @@ class OffloadPipeline(Residency):
             self._free[b] = after
             return
         st = self.streams
+        st.d2h.wait_event(after)
         with st.on(st.d2h):
-            st.d2h.wait_event(after)
             self._store(k, b)
-            landed = st.event()
-            landed.record(st.d2h)
+        landed = self._event("landed", k)
+        landed.record(st.d2h)
         self._free[b] = landed
         self._store_ready[k] = landed
         self.stats["offloads"] += 1
@@ -189,8 +205,8 @@ class OffloadPipeline(Residency):
             if start is not None:
                 start.record(st.h2d)
             self._copy_in(self.buffers[b][:s.numel], s.flat, stage)
-            done = st.event(timing=self.time_transfers)
-            done.record(st.h2d)
+        done = st.event(timing=True) if start is not None else self._event("loaded", k)
+        done.record(st.h2d)
         if start is not None:
             self._transfer_times.append((start, done, s.flat.numel() * s.flat.element_size()))
         return done
@@ -279,7 +295,7 @@ class OffloadPipeline(Residency):
             return
         b = self._buffer_of(k)
         st = self.streams
-        computed = st.event()
+        computed = self._event("computed", k)
         computed.record(st.compute)
         self._log("compute_end", k)
         self._release(k, b, computed, self._written_back(k, dirty))

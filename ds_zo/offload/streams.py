@@ -41,6 +41,7 @@ class Streams:
             self.d2h = torch.cuda.Stream(device) if overlap else self.compute
         else:
             self.compute = self.h2d = self.d2h = _NoOpStream()
+        self._switches: dict[int, _Switch] = {}
 
     def check_compute_stream(self) -> None:
         """The pipeline orders uploads, compute and write-backs around the stream current when the engine was built;
@@ -63,4 +64,37 @@ class Streams:
         return end.t - start.t
 
     def on(self, stream):
-        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
+        """A context in which `stream` is current, then the compute stream again (the pipeline issues from the
+        compute stream: check_compute_stream). Made once per stream: torch.cuda.stream(s) asks for the current
+        device and stream on every entry, host time on every unit visit of a host-bound step."""
+        if not self.cuda:
+            return _NULL
+        switch = self._switches.get(id(stream))
+        if switch is None or switch.stream is not stream:     # (an id outlives its object: a dead stream's id)
+            switch = self._switches[id(stream)] = _Switch(stream, self.compute)
+        return switch
+
+
+_NULL = contextlib.nullcontext()
+
+
+class _Switch:
+    """`with`: the stream current, then the one to return to (and the device current before, if the stream's
+    device was not: torch.cuda.set_stream also makes the stream's device current). Not for nesting: it returns to
+    `back`, not to whatever was current."""
+
+    def __init__(self, stream, back):
+        self.stream, self.back = stream, back
+        self.device = stream.device_index
+        self._device_before = None
+
+    def __enter__(self):
+        before = torch.cuda.current_device()
+        self._device_before = before if before != self.device else None
+        torch.cuda.set_stream(self.stream)
+
+    def __exit__(self, *exc):
+        torch.cuda.set_stream(self.back)
+        if self._device_before is not None:
+            torch.cuda.set_device(self._device_before)
+        return False
