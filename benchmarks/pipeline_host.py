@@ -85,9 +85,8 @@ def pipeline_visit_us(device: torch.device, layers: int, passes: int, reps: int)
     from ds_zo.model.units import cut_into_units
     from ds_zo.offload.pipeline import OffloadPipeline
     from ds_zo.offload.store import ParameterStore
-    m = model(layers).to(device)
+    m = model(layers)
     units = [u for u in cut_into_units(m, {n for n, _ in m.named_parameters()}) if u.is_layer]
-    m.cpu()
     store = ParameterStore(units, None, pin=device.type == "cuda")
     pipe = OffloadPipeline(store, units, device)
 
