@@ -24,14 +24,11 @@ import time
 import torch
 
 
-def _per_call_us(fn, calls: int, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append((time.perf_counter() - t0) / calls * 1e6)
-    return out
+def _per_call_us(fn, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def primitives(device: torch.device, reps: int, calls: int = 2000) -> dict:
@@ -70,10 +67,10 @@ def primitives(device: torch.device, reps: int, calls: int = 2000) -> dict:
                     reused_event_recorded=reused_event)
     times: dict[str, list[float]] = {name: [] for name in arms}
     for fn in arms.values():
-        _per_call_us(fn, calls // 10, 1)                  # first-call costs
-    for r in range(reps):
+        _per_call_us(fn, calls // 10)                  # first-call costs
+    for _ in range(reps):
         for name, fn in arms.items():
-            times[name] += _per_call_us(fn, calls, 1)
+            times[name].append(_per_call_us(fn, calls))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {name: statistics.median(ts) for name, ts in times.items()}
