@@ -183,3 +183,62 @@ def test_a_unit_failing_on_a_later_slot_leaves_its_parameters_at_the_masters():
     assert len(calls) == 2
     for n, p in model.named_parameters():
         assert p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_offloaded_units_go_from_their_last_copies_straight_to_their_store(fail):
+    """Where the residency points a unit's parameters at its store on exit (the offload pipeline), the wrapper does
+    not point them back at the masters first (host time on every visit of a host-bound GPU step): at exit they
+    still point at the last slot's copies, and after it at the store, also when a slot raised."""
+    from ds_zo.model.dual_forward import DualForwardError
+    from ds_zo.offload.pipeline import OffloadPipeline
+    from ds_zo.offload.store import ParameterStore
+    model = tiny_model("llama").eval()
+    units = cut_into_units(model, resolve_trainable(model, []))
+    layers = [u for u in units if u.is_layer]
+    store = ParameterStore(layers, None, pin=False)
+    stored = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class Spy(OffloadPipeline):
+        def exit(self, unit, dirty):
+            if self.repoints(unit):
+                slot1 = copies.buffers.get("slot1", 1, torch.float32, torch.device("cpu"))   # (not re-allocated)
+                at, size = slot1.data_ptr(), slot1.untyped_storage().nbytes()
+                seen.append([at <= p.data_ptr() < at + size for p in (r.param for r in unit.trainable)])
+            super().exit(unit, dirty)
+
+    seen = []
+    pipe = Spy(store, layers, torch.device("cpu"))
+    keys = {id(p): param_key(n) for n, p in model.named_parameters()}
+    copies = PerturbedCopies(PerturbationGenerator(), keys, 1e-2, residency=pipe)
+    copies.set_slots(1, [(0, 1), (0, -1)])
+    assert copies.repoints(layers[0]) and not copies.repoints(next(u for u in units if not u.is_layer))
+    if fail:
+        original = layers[0].module.forward
+        calls = []
+
+        def fails_on_the_second_slot(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("slot 1 broke")
+            return original(*args, **kwargs)
+        layers[0].module.forward = fails_on_the_second_slot
+    b = batch(rows=1)
+    pipe.begin()
+    with torch.no_grad(), dual_forward(units, 2, 1, copies):
+        if fail:
+            with pytest.raises(DualForwardError, match="row block 1 of 2"):
+                model(input_ids=torch.cat([b["input_ids"]] * 2), use_cache=False)
+            del layers[0].module.forward
+        else:
+            model(input_ids=torch.cat([b["input_ids"]] * 2), use_cache=False)
+    assert len(seen) == (1 if fail else len(layers))
+    for in_slot1 in seen:                  # at exit: still the second slot's copies (in its flat buffer)
+        assert in_slot1 and all(in_slot1)
+    for unit in layers:                    # after it: views of the store, holding the unperturbed values
+        s = store[unit]
+        lo, hi = s.flat.data_ptr(), s.flat.data_ptr() + s.nbytes
+        for p in s.params:
+            assert lo <= p.data_ptr() < hi
+    for n, p in model.named_parameters():
+        assert torch.equal(p, stored[n]), n

@@ -26,6 +26,10 @@ class SlotParams(Protocol):
     def release(self, unit: Unit) -> None:
         ...
 
+    def repoints(self, unit: Unit) -> bool:
+        """Whether `release` points the unit's parameters at their store (offloaded units): the forward then leaves
+        them at its last copies instead of pointing them back at the masters first."""
+
 
 # keyword arguments whose first dim is the batch times a per-row count, batch-major: BLOOM's ALiBi bias is
 # (batch * heads, 1, T)
@@ -111,6 +115,11 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
     params = [r.param for r in unit.trainable]
     kind = streamed_kind(unit, getattr(provider, "row_blocks", "auto")) if hasattr(provider, "working_rows") else None
 
+    # pointing is host time on every unit visit of a host-bound GPU step (a `p.data` read or write apiece): from one
+    # slot's copies straight to the next, and back to the masters once, or not at all where `release` points the
+    # parameters at their store anyway (an offloaded unit)
+    point_back = not (hasattr(provider, "repoints") and provider.repoints(unit))
+
     def forward(*args, **kwargs):
         if kind is not None and provider.perturbs():
             out = streamed_forward(unit, kind, provider, args, kwargs, slots, rows, split_block, merge_blocks)
@@ -119,12 +128,14 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
         copies = provider.acquire(unit)
         try:
             if slots == 1:
-                with pointed_at(params, copies[0]):
-                    return original(*args, **kwargs)
+                if point_back:
+                    with pointed_at(params, copies[0]):
+                        return original(*args, **kwargs)
+                for p, t in zip(params, copies[0]):
+                    p.data = t
+                return original(*args, **kwargs)
             outs = []
-            # from one slot's copies straight to the next, and back to the masters once: pointing is host time on
-            # every unit visit of a host-bound GPU step (a `p.data` read or write apiece)
-            masters = [p.data for p in params]
+            masters = [p.data for p in params] if point_back else None
             try:
                 for block in range(slots):
                     a, kw = split_block(args, block, rows, slots), split_block(kwargs, block, rows, slots)
@@ -137,8 +148,9 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
                             raise       # memory, a collective, ds_zo's own: nothing to do with the rows
                         raise DualForwardError(unit, block, slots, rows, args, kwargs, error) from error
             finally:
-                for p, m in zip(params, masters):
-                    p.data = m
+                if point_back:
+                    for p, m in zip(params, masters):
+                        p.data = m
             return merge_blocks(outs, rows)
         finally:
             provider.release(unit)

@@ -73,6 +73,10 @@ class Residency:
     def exit(self, unit: Unit, dirty: bool) -> None:
         pass
 
+    def repoints(self, unit: Unit) -> bool:
+        """Whether `exit` points the unit's parameters somewhere else (its store) whatever they point at."""
+        return False
+
 
 class PerturbedCopies:
     """dual_forward's provider: per slot, the tensors a unit's trainable parameters point at while it computes."""
@@ -592,6 +596,9 @@ class PerturbedCopies:
                 outs[i].view_as(p)[ref.rows] = gathered.view(-1, *p.shape[1:])
             else:
                 _shifted(master, ez, slot[1], outs[i][lo:hi])
+
+    def repoints(self, unit: Unit) -> bool:
+        return self.residency.repoints(unit)
 
     def release(self, unit: Unit) -> None:
         # the copy buffers are reused by the next unit: safe, since it computes after this one on the same stream

@@ -289,6 +289,9 @@ class OffloadPipeline(Residency):
         self._point(k, self._buffer_of(k))
         self._log("compute_begin", k)
 
+    def repoints(self, unit: Unit) -> bool:
+        return id(unit) in self.index           # exit points an offloaded unit's parameters at its store
+
     def exit(self, unit: Unit, dirty: bool) -> None:
         k = self.index.get(id(unit))
         if k is None:
@@ -298,8 +301,8 @@ class OffloadPipeline(Residency):
         computed = self._event("computed", k)
         computed.record(st.compute)
         self._log("compute_end", k)
+        self._unpoint(k)        # first: whatever fails below, the parameters point at the store, not at a buffer
         self._release(k, b, computed, self._written_back(k, dirty))
-        self._unpoint(k)
         self._uploaded.pop(k, None)
         self._occupant[b] = None
         pos = self._pos.get(k)
