@@ -222,7 +222,21 @@ def read_steps(folder: str) -> list[StepRecord]:
     return read_step_log(os.path.join(folder, "steps.jsonl"))
 
 
-def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
+def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[Optional[str], Optional[dict]]:
+    """ZOEngine.load_checkpoint: (folder, client state), or (None, None) where no tag is given and load_dir holds no
+    'latest' (nothing saved there yet), as DeepSpeed returns, with its warning. The ranks decide together: one
+    that loaded while another went on from the model as it is would train a different model."""
+    if tag is None:
+        found = engine.comm.gather_strings("1" if os.path.isfile(os.path.join(load_dir, "latest")) else "0")
+        if "1" not in found:
+            logger.warning("ds_zo: no checkpoint to load in %r (no 'latest' file there): nothing loaded, training "
+                           "starts from the model as it is", os.path.abspath(load_dir))
+            return None, None
+        if "0" in found:
+            raise CheckpointError(f"ranks {[r for r, f in enumerate(found) if f == '0']} see no checkpoint in "
+                                  f"{os.path.abspath(load_dir)!r} (no 'latest' file) and ranks "
+                                  f"{[r for r, f in enumerate(found) if f == '1']} do: every rank must load the same "
+                                  "checkpoint (a folder on a file system all nodes share)")
     engine.flush()
     folder, state = read_state(load_dir, tag)
     if state["model"] != model_fingerprint(engine):
@@ -281,14 +295,19 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
     engine.skipped_steps = state["skipped_steps"]
     # the optimizer's state is restored, as DeepSpeed restores it: lr and weight_decay (the steps record the groups'
     # values, so the step log follows); eps stays the config's, which the engine perturbs with
+    # values of this run's groups that the checkpoint's replace are said, once each; an lr that a scheduler set (here
+    # at its start, there at its step) is the schedule's, restored with it below, not a config's value replaced
+    scheduled = engine.lr_scheduler is not None and state["lr_scheduler"] is not None
     restored = []
     for group, saved in zip(engine.optimizer.param_groups, state["param_groups"]):
         saved = {k: v for k, v in saved.items() if k != "eps"}
-        restored += [f"{k} {v!r} (config {group[k]!r})" for k, v in saved.items() if k in group and group[k] != v]
+        restored += [f"{k} {v!r} (this run's {group[k]!r})" for k, v in saved.items()
+                     if k in group and group[k] != v and not (scheduled and k == "lr")]
         group.update(saved)
     engine.optimizer.groups_changed()
     if restored:
-        logger.warning("ds_zo: the checkpoint's optimizer state replaces the config's: %s", "; ".join(restored))
+        logger.warning("ds_zo: the checkpoint's optimizer state replaces this run's: %s",
+                       "; ".join(dict.fromkeys(restored)))
     if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     elif engine.lr_scheduler is not None:

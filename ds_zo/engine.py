@@ -743,7 +743,9 @@ class ZOEngine(DeepSpeedEngine):
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                         load_module_only: bool = False, custom_load_fn=None):
         """Restore parameters, step log, counters and lr schedule from dir/<tag> (default: dir/latest); returns
-        (path, client_state) like DeepSpeed. Training then continues exactly as the saved run would have."""
+        (path, client_state) like DeepSpeed. Training then continues exactly as the saved run would have. As in
+        DeepSpeed, a folder with no checkpoint yet (no tag given and no 'latest' file: a first run) loads nothing and
+        returns (None, None); a tag given that is not there is an error."""
         from . import checkpoint
         self._refuse_if_destroyed("load_checkpoint")
         given = {"load_module_strict": (load_module_strict, True),
@@ -757,5 +759,7 @@ class ZOEngine(DeepSpeedEngine):
             raise ValueError(f"ds_zo.load_checkpoint({', '.join(partial)}): a ZO checkpoint is restored whole "
                              "(parameters, step log, counters, lr schedule); for the fine-tuned weights alone load "
                              "the saved model (save_pretrained) or rebuild them with `python -m ds_zo.replay`")
-        self._data_iterator = None      # the engine's dataloader goes on from the checkpoint's step
-        return checkpoint.load(self, load_dir, tag)
+        folder, client_state = checkpoint.load(self, load_dir, tag)
+        if folder is not None:
+            self._data_iterator = None      # the engine's dataloader goes on from the checkpoint's step
+        return folder, client_state

@@ -108,8 +108,8 @@ def test_tampered_truncated_and_mismatched_checkpoints_are_refused(tmp_path):
         _engine(arch="qwen2").load_checkpoint(str(tmp_path))
     with pytest.raises(CheckpointError, match="another parameter set"):
         _engine(trainable=["*layers.0*"]).load_checkpoint(str(tmp_path))
-    with pytest.raises(CheckpointError, match="'latest' is missing"):
-        _engine().load_checkpoint(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="zo_state.json is missing"):
+        _engine().load_checkpoint(str(tmp_path / "nowhere"), tag="global_step2")      # a tag given must be there
     with pytest.raises(CheckpointError, match="plain folder name"):
         e.save_checkpoint(str(tmp_path), tag="../escape")
     (folder / "zo_state.json").write_text("{broken")
@@ -228,7 +228,7 @@ def test_the_restored_weight_decay_is_the_one_steps_apply_and_record(tmp_path, c
     resumed = _engine()                                       # weight_decay 0.1 in its config
     with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
         resumed.load_checkpoint(str(tmp_path))
-    assert "weight_decay 0.0 (config 0.1)" in caplog.text
+    assert caplog.text.count("weight_decay 0.0 (this run's 0.1)") == 1        # said once, not once per group
     for t in range(1, 3):
         resumed.train_batch(batch(seed=t))
     resumed.flush()
@@ -475,3 +475,35 @@ def test_partial_loads_are_refused_by_name(tmp_path):
     fresh = _engine()
     fresh.load_checkpoint(str(tmp_path), load_module_strict=True, load_optimizer_states=True)
     assert fresh.global_steps == 1
+
+
+def test_resuming_under_the_same_scheduled_config_warns_nothing(tmp_path, caplog):
+    """An lr the scheduler set is the schedule's (restored with it), not a config value the checkpoint replaces: an
+    ordinary resume, same config, says nothing about the optimizer state (it used to name the lr once per group)."""
+    e = _engine()
+    for t in range(3):
+        e.train_batch(batch(seed=t))
+    e.save_checkpoint(str(tmp_path))
+    with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
+        resumed = _engine()
+        resumed.load_checkpoint(str(tmp_path))
+    assert "optimizer state" not in caplog.text and [g["lr"] for g in resumed.optimizer.param_groups] == \
+        [g["lr"] for g in e.optimizer.param_groups]
+
+
+def test_a_folder_with_no_checkpoint_yet_loads_nothing_as_in_deepspeed(tmp_path, caplog):
+    """DeepSpeed's resume idiom, `path, _ = engine.load_checkpoint(dir)` then `if path is None: start fresh`: with no
+    'latest' in dir (or no dir) nothing is loaded, (None, None) comes back with a warning, and the engine trains as
+    one that never called it. The ranks decide together: where they disagree, every rank is told which see it."""
+    first, untouched = _engine(), _engine()
+    with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
+        assert first.load_checkpoint(str(tmp_path)) == (None, None)
+        assert first.load_checkpoint(str(tmp_path / "not_made_yet")) == (None, None)
+    assert "no checkpoint to load" in caplog.text and not os.listdir(tmp_path)
+    assert first.train_batch(batch()) == untouched.train_batch(batch())
+    first.flush(), untouched.flush()
+    assert all(torch.equal(p, q) for p, q in zip(first.module.parameters(), untouched.module.parameters()))
+    first.save_checkpoint(str(tmp_path))
+    first.comm.gather_strings = lambda value, width=64: [value, "0"]        # rank 1 of 2 sees no 'latest'
+    with pytest.raises(CheckpointError, match=r"ranks \[1\] see no checkpoint .* and ranks \[0\] do"):
+        first.load_checkpoint(str(tmp_path))
