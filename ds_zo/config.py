@@ -74,7 +74,9 @@ def _pydantic_error(section: str, err: ValidationError) -> ConfigError:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         value = e.get("input")
-        lines.append(f"{section}.{loc}: {e['msg']} (got {value!r})")
+        hint = (": \"auto\" is HF Trainer's placeholder, filled in by its DeepSpeed integration, which does not "
+                "drive ds_zo; give the value" if value == "auto" else "")
+        lines.append(f"{section}.{loc}: {e['msg']} (got {value!r}){hint}")
     return ConfigError("invalid ds_config: " + "; ".join(lines))
 
 
@@ -118,7 +120,7 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, Offl
     if not isinstance(zo_raw, dict):
         raise ConfigError(f"zero_order: must be an object, got {type(zo_raw).__name__}")
     try:
-        zo = ZeroOrderConfig(**zo_raw)
+        zo = ZeroOrderConfig(strict=True, **zo_raw)     # strict: DeepSpeed's base would drop "auto" values unsaid
     except ValidationError as e:
         raise _pydantic_error("zero_order", e) from None
 
@@ -134,7 +136,7 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, Offl
     if str(opt.get("type", "")).lower() != OPTIMIZER_TYPE.lower():
         raise ConfigError(f"optimizer.type: {opt.get('type')!r} is not supported by ds_zo; use {OPTIMIZER_TYPE!r}")
     try:
-        params = ZOSGDParams(**(opt.get("params") or {}))
+        params = ZOSGDParams(strict=True, **(opt.get("params") or {}))
     except ValidationError as e:
         raise _pydantic_error("optimizer.params", e) from None
 

@@ -236,6 +236,10 @@ class ZOEngine(DeepSpeedEngine):
         if zo.resident_units is None:
             offloaded = [u for u in self.units if id(u) in layer_units]
         else:
+            unmatched = [pat for pat in zo.resident_units if not any(fnmatchcase(u.name, pat) for u in self.units)]
+            if unmatched:       # a typo would offload the units it meant to keep, the tied embedding among them
+                raise ValueError(f"zero_order.resident_units: {unmatched} match no unit; units are named "
+                                 f"{[u.name for u in self.units][:4]}... (fnmatch patterns on these names)")
             offloaded = [u for u in self.units if not any(fnmatchcase(u.name, pat) for pat in zo.resident_units)]
         uses = Counter(id(r.param) for u in self.units for r in u.params)
         shared = {i for i, n in uses.items() if n > 1}
@@ -635,8 +639,9 @@ class ZOEngine(DeepSpeedEngine):
         if self._consecutive_skips >= limit:
             raise NonFiniteLossError(
                 f"{self._consecutive_skips} consecutive ZO steps (up to step {step}) had non-finite losses "
-                f"({means}); stopping (zero_order.max_consecutive_skips = {limit}). The parameters hold the last good "
-                "step and no checkpoint was written after it: lower the lr or eps, or check the data")
+                f"({means}); stopping (zero_order.max_consecutive_skips = {limit}). The parameters hold the updates of "
+                "every step before them, the last of which may be what made the losses non-finite, and no checkpoint "
+                "was written since: resume from the last checkpoint with a lower lr or eps, or check the data")
         return float("nan")
 
     def backward(self, loss, *args, **kwargs):

@@ -110,12 +110,13 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
 
     try:
         rows = resolve_rows(model, zo.trainable_rows)
+        # rows alone: only those rows are trained; with patterns too: the patterns' parameters plus the rows
+        trainable = set(rows) if rows and not zo.trainable else resolve_trainable(model, zo.trainable) | set(rows)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    # rows alone: only those rows are trained; with patterns too: the patterns' parameters plus the rows
-    trainable = set(rows) if rows and not zo.trainable else resolve_trainable(model, zo.trainable) | set(rows)
-    if not trainable:
-        raise ConfigError("zero_order.trainable: no parameter of the model matches; nothing would be trained")
+    if not trainable:       # (a pattern that matches nothing is refused by name above): every parameter is frozen
+        raise ConfigError("zero_order.trainable: every parameter of the model has requires_grad=False; nothing "
+                          "would be trained")
     if optimizer is not None and not isinstance(optimizer, ZOSGD):
         raise TypeError(f"ds_zo.initialize: optimizer must be a ds_zo.ZOSGD (or None), got {type(optimizer).__name__}")
     if optimizer is not None:

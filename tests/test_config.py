@@ -62,6 +62,10 @@ def _with(**changes):
     ({"zero_order__overlap": False}, ["zero_order.overlap", "False"]),
     ({"zero_order__resident_units": ["lm_head"]}, ["zero_order.resident_units", "lm_head"]),
     ({"zero_order__partition_group_size": 2}, ["zero_order.partition_group_size", "2", "stage 3", "0"]),
+    # HF Trainer's placeholder: DeepSpeed's own sections drop it (their defaults apply), ds_zo's refuse it (it trained
+    # at lr 1e-6 unsaid before)
+    ({"optimizer__params__lr": "auto"}, ["optimizer.params.lr", "'auto'", "HF Trainer's placeholder"]),
+    ({"zero_order__seed": "auto"}, ["zero_order.seed", "'auto'", "give the value"]),
 ])
 def test_bad_values_name_the_field(changes, must_mention):
     msg = _err(_with(**changes))

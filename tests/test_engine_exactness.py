@@ -162,16 +162,17 @@ def test_micro_batching_does_not_change_the_step():
 
 
 def test_frozen_parameters_are_untouched():
+    """Only the parameters a pattern names that require grad move (a frozen one the pattern also names stays)."""
     model = tiny_model("llama", tied=False)
-    model.lm_head.weight.requires_grad_(False)
-    engine, *_ = ds_zo.initialize(model=model, config=ds_config(seed=1, trainable=["*.layers.1.*", "lm_head.*"]))
+    model.model.layers[1].mlp.down_proj.weight.requires_grad_(False)
+    engine, *_ = ds_zo.initialize(model=model, config=ds_config(seed=1, trainable=["*.layers.1.*"]))
     before = {n: p.clone() for n, p in engine.module_state_dict().items()}
     for _ in range(2):
         engine.train_batch(batch())
     after = engine.module_state_dict()
     moved = {n for n in before if not torch.equal(before[n], after[n])}
     assert moved and all(".layers.1." in n for n in moved)
-    assert {n for n in before if ".layers.1." in n} == moved
+    assert {n for n in before if ".layers.1." in n} - {"model.layers.1.mlp.down_proj.weight"} == moved
     # the reference with the same trainable set agrees
     ref = MeZOReference(tiny_model("llama", tied=False), lr=1e-2, eps=1e-3, seed=1, trainable=moved)
     for _ in range(2):
@@ -266,6 +267,27 @@ def test_trainable_rows_errors():
         ds_zo.initialize(model=tiny_model("llama"), config=ds_config(trainable_rows={"nope.*": [1]}))
     with pytest.raises(ConfigError, match="not rows of"):
         ds_zo.initialize(model=tiny_model("llama"), config=ds_config(trainable_rows={"*embed_tokens*": [1000]}))
+
+
+def test_trainable_patterns_that_select_nothing_are_refused_by_name():
+    """A `trainable` pattern that matches no parameter (a typo, a model it was not written for), or only frozen
+    ones, is refused naming it: it was silently ignored where another pattern matched, and a pattern matching only
+    frozen parameters was reported as matching nothing. A pattern matching frozen and trainable parameters trains
+    those that require grad (the README's rule), and a model with every parameter frozen is refused as such."""
+    from ds_zo.config import ConfigError
+    with pytest.raises(ConfigError, match=r"pattern '\*layrs\.0\*' matches no parameter .* such as model.embed"):
+        ds_zo.initialize(model=tiny_model("llama"), config=ds_config(trainable=["*layers.1*", "*layrs.0*"]))
+    frozen = tiny_model("llama")
+    frozen.model.layers[0].requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"pattern '\*layers.0\*' matches only parameters with requires_grad=False "
+                                          r"\(9 of them\)"):
+        ds_zo.initialize(model=frozen, config=ds_config(trainable=["*layers.0*"]))
+    engine, *_ = ds_zo.initialize(model=frozen, config=ds_config(trainable=["*layers.*"]))
+    assert engine.trainable_names == {n for n, p in frozen.named_parameters() if "layers." in n and p.requires_grad}
+    engine.destroy()
+    frozen.requires_grad_(False)
+    with pytest.raises(ConfigError, match="every parameter of the model has requires_grad=False"):
+        ds_zo.initialize(model=frozen, config=ds_config())
 
 
 def test_classification_batches_score_only_the_label_position():

@@ -516,3 +516,11 @@ def test_a_model_partitioned_in_fp32_is_refused_under_a_bf16_config():
     cfg["zero_optimization"]["stage"] = 3
     with pytest.raises(ValueError, match=r"already ZeRO-3 partitioned in \['torch.float32'\].*enables torch.bfloat16"):
         ds_zo.initialize(model=model, config=cfg)
+
+
+def test_a_resident_units_pattern_that_matches_no_unit_is_refused_by_name():
+    """A typo in zero_order.resident_units would offload the units it meant to keep on the device (a tied embedding
+    then fails further on, an untied one silently streams): the pattern is named, with the units' names."""
+    with pytest.raises(ValueError, match=r"zero_order.resident_units: \['\*embd\*'\] match no unit; units are named "
+                                         r"\['model.embed_tokens'"):
+        ds_zo.initialize(model=tiny_model("llama", tied=False), config=offload_config(resident=["*embd*", "lm_head"]))

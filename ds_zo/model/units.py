@@ -99,18 +99,31 @@ def cut_into_units(model: nn.Module, trainable_names: set[str],
 
 def resolve_trainable(model: nn.Module, patterns: list[str]) -> set[str]:
     """Canonical names of the trainable parameters: requires_grad, and (if patterns are given) any alias of the
-    parameter matches one of the fnmatch patterns."""
+    parameter matches one of the fnmatch patterns. A pattern that matches no parameter, or only frozen ones, is an
+    error (ValueError)."""
     from fnmatch import fnmatchcase
 
     aliases: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
     names = set()
+    matched: dict[str, list[bool]] = {pat: [] for pat in patterns}     # pattern -> requires_grad of its matches
     for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if not patterns or any(fnmatchcase(a, pat) for a in aliases[id(p)] for pat in patterns):
+        hits = [pat for pat in patterns if any(fnmatchcase(a, pat) for a in aliases[id(p)])]
+        for pat in hits:
+            matched[pat].append(p.requires_grad)
+        if p.requires_grad and (hits or not patterns):
             names.add(n)
+    # a pattern that selects nothing is a typo or a model it was not written for: said, as trainable_rows says it
+    for pat, grads in matched.items():
+        if not grads:
+            some = ", ".join(n for n, _ in list(model.named_parameters())[:3])
+            raise ValueError(f"zero_order.trainable: pattern {pat!r} matches no parameter of the model (fnmatch on "
+                             f"parameter names such as {some})")
+        if not any(grads):
+            raise ValueError(f"zero_order.trainable: pattern {pat!r} matches only parameters with "
+                             f"requires_grad=False ({len(grads)} of them): ds_zo trains parameters that require grad; "
+                             "set requires_grad_(True) on those to train them, or drop the pattern")
     return names
 
 
