@@ -100,6 +100,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     ckpt = os.path.abspath(args.checkpoint)
     if args.tag is None and not os.path.isfile(os.path.join(ckpt, "latest")):
+        if not os.path.isfile(os.path.join(ckpt, "zo_state.json")):
+            inner = os.path.join(ckpt, "checkpoints")       # ds_zo.train's --output_dir was given
+            hint = f"; ds_zo.train writes its checkpoints to {inner}" if os.path.isdir(inner) else ""
+            p.error(f"--checkpoint {args.checkpoint!r} is neither a checkpoint folder (with a 'latest' file) nor one "
+                    f"tag's folder (with zo_state.json){hint}")
         ckpt, args.tag = os.path.dirname(ckpt), os.path.basename(ckpt)   # a tag folder was given
     folder, state = read_state(ckpt, args.tag)
     model, tokenizer = load_model_and_tokenizer(args.model)

@@ -71,8 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
+    if args.deepscale_config and args.deepspeed_config:
+        p.error("--deepscale_config and --deepspeed_config: give one (--deepscale_config is DeepSpeed's old name)")
     if not args.deepspeed_config:
-        args.deepspeed_config = DEFAULT_CONFIG
+        args.deepspeed_config = args.deepscale_config or DEFAULT_CONFIG   # (DeepSpeed reads the old name too)
     try:
         args.label_words = json.loads(args.label_words)
         assert isinstance(args.label_words, list) and all(isinstance(w, str) for w in args.label_words)
@@ -183,14 +185,25 @@ def checkpoint_location(path: str) -> tuple[str, Optional[str]]:
     return path, None
 
 
+def _same_setting(key: str, value):
+    """A setting as it names the job: a model folder by its real path (relative or absolute, with or without a
+    trailing slash: the same folder), the class values without the spaces around their commas."""
+    if key == "model" and isinstance(value, str) and os.path.isdir(value):
+        return os.path.realpath(value)
+    if key == "label_values" and isinstance(value, str):
+        return ",".join(v.strip() for v in value.split(","))
+    return value
+
+
 def check_same_job(saved: Optional[dict], current: dict, where: str) -> None:
     if saved is None:
         return                  # a checkpoint from before jobs were fingerprinted
-    differ = [f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    differ = [f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in current
+              if _same_setting(k, saved.get(k)) != _same_setting(k, current[k])]
     if differ:
         raise SystemExit(f"[ds_zo] {where} holds a checkpoint of another job ({'; '.join(differ)}): resuming it would "
-                         "mix that run's steps and results into this one. Use another --output_dir, --resume no, or "
-                         "the same settings")
+                         "mix that run's steps and results into this one. Use another --output_dir, or the same "
+                         "settings to continue that run, or remove that folder to start this one there")
 
 
 def step_examples(train: list, step: int, global_rows: int, seed: int) -> list:
@@ -369,5 +382,20 @@ def _fmt(result) -> str:
     return f"loss {result['loss']:.4f}"
 
 
+def cli(argv=None) -> None:
+    """`python -m ds_zo.train`: an input the job cannot use (data, config, task settings, checkpoint) ends it with its
+    message and exit status 2, as argparse does, not a traceback; anything else keeps its traceback."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data.files import DataError
+    from .data.tasks import TaskError
+    from .model.units import UnitCutError
+    try:
+        main(argv)
+    except (CheckpointError, ConfigError, DataError, TaskError, UnitCutError) as error:
+        print(f"[ds_zo] error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -507,3 +507,16 @@ def test_a_folder_with_no_checkpoint_yet_loads_nothing_as_in_deepspeed(tmp_path,
     first.comm.gather_strings = lambda value, width=64: [value, "0"]        # rank 1 of 2 sees no 'latest'
     with pytest.raises(CheckpointError, match=r"ranks \[1\] see no checkpoint .* and ranks \[0\] do"):
         first.load_checkpoint(str(tmp_path))
+
+
+def test_replay_given_the_training_output_folder_points_at_its_checkpoints(tmp_path, capsys):
+    """`--checkpoint OUTPUT_DIR` (not OUTPUT_DIR/checkpoints) was reported as an incomplete checkpoint; it is named
+    as neither kind of checkpoint folder, with the folder ds_zo.train writes them to."""
+    from ds_zo import replay
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit) as stop:
+        replay.main(["--checkpoint", str(tmp_path / "out"), "--model", "tiny", "--output", str(tmp_path / "r")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "is neither a checkpoint folder (with a 'latest' file) nor one tag's folder" in err
+    assert f"ds_zo.train writes its checkpoints to {tmp_path / 'out' / 'checkpoints'}" in err

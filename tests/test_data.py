@@ -191,8 +191,15 @@ def test_user_csv_and_jsonl_are_read(tmp_path):
     ("review,label\nfine,1\n", r"row 1 \(line 2\): missing column 'text'"),
     ("", r"empty file"),
     ("text,text,label\na,b,1\n", r"header names column\(s\) \['text'\] more than once"),
-    ('text,label\nfine,1\n"opened,0\nnext,1\n', r"row 2 \(line 3\): spans lines 3-4 and has fewer fields than the "
-                                              r"header: a field that starts with a double quote"),
+    # a quote left open: refused where it opens (it took the rows after it into one field, unsaid where a later quote
+    # closed it), a quote inside an unquoted field is text
+    ('text,label\nfine,1\n"opened,0\nnext,1\n', r"row 2 \(line 3\): unexpected end of data: a field that starts "
+                                              r"with a double quote"),
+    ('text,label\nfine,1\n"bad start,0\ngood,1\nalso "fine" here,1\nlast,0\n',
+     r"row 2 \(line 3\): ',' expected after '\"': a field that starts with a double quote"),
+    ('text,label\n"opened\nmore, and more"\n', r"row 1 \(line 2\): spans lines 2-3 and has fewer fields than the "
+                                               r"header"),
+    ('text,label\ngood,1\n\n\nbad,x\n', r"row 2 \(line 5\): label 'x' is not one of"),       # blank lines count
 ])
 def test_malformed_csv_rows_are_named(tmp_path, content, expected):
     path = write(tmp_path / "user.csv", content)
@@ -201,8 +208,20 @@ def test_malformed_csv_rows_are_named(tmp_path, content, expected):
     assert str(path) in str(error.value)
 
 
+def test_tsv_has_no_quoting_and_csv_quotes_strictly(tmp_path):
+    """A .tsv is read as GLUE's TSV files are, with no quoting (SST-2's sentences hold quotes: they took the rows
+    after them into one field); a .csv keeps quoted fields with commas, newlines and doubled quotes, and a quote
+    inside an unquoted field is text."""
+    tsv = write(tmp_path / "sst.tsv", 'text\tlabel\nWow\t1\n"it is bad\t0\nhe said no" and left\t1\n"Cool" film\t1\n')
+    assert [e["text"] for e in read_labelled(tsv)] == ["Wow", '"it is bad', 'he said no" and left', '"Cool" film']
+    csv_file = write(tmp_path / "q.csv", 'text,label\n"multi\nline, ""quoted""",1\nplain "q" mid,0\n')
+    assert read_labelled(csv_file) == [{"text": 'multi\nline, "quoted"', "label": 1},
+                                       {"text": 'plain "q" mid', "label": 0}]
+
+
 @pytest.mark.parametrize("content, expected", [
     ('{"text": "a", "label": 1}\n{"text": "b", "label": 1\n', r"line 2: invalid JSON"),
+    ('{\n  "text": "a",\n  "label": 1\n}\n', r"line 1: invalid JSON \(.*\); JSON Lines hold one whole object per line"),
     ('{"text": "a", "label": 1}\n\n{"label": 0}\n', r"line 3: missing column 'text'"),
     ('["a", 1]\n', r"line 1: expected a JSON object, got list"),
     ('{"text": "a", "label": "positive"}\n', r"line 1: label 'positive' is not one of"),

@@ -133,11 +133,12 @@ def test_bad_paths_and_rows_fail_clearly(tmp_path, data):
     bad.mkdir()
     (bad / "train.csv").write_text("text,label\nfine film,1\nawful,7\n")
     (bad / "test.csv").write_text("text,label\nok,1\n")
+    # an input the job cannot use ends it with its message and status 2, as a bad option does: no traceback
     proc = _job(tmp_path / "y", bad)
-    assert proc.returncode != 0
-    assert "train.csv, row 2" in proc.stderr and "'7'" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "[ds_zo] error: " in proc.stderr and "train.csv, row 2" in proc.stderr and "'7'" in proc.stderr
     proc = _job(tmp_path / "z", data, "--label_words", '[" bad", " superlative"]')
-    assert proc.returncode != 0 and "superlative" in proc.stderr
+    assert proc.returncode == 2 and "superlative" in proc.stderr and "Traceback" not in proc.stderr
     small = tmp_path / "small"
     small.mkdir()
     (small / "train.csv").write_text("text,label\nfine film,1\nawful,0\nok,1\n")

@@ -99,6 +99,33 @@ def test_resume_no_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
     assert train.parse_args(["--resume", "auto", "--output_dir", str(tmp_path)]).resume == "auto"
 
 
+def test_the_same_job_spelled_otherwise_resumes_and_another_is_told_a_way_that_works(tmp_path, monkeypatch):
+    """A model folder given relative or absolute (or with a trailing slash) and class values with spaces after the
+    commas name the same job; another job is refused with advice that works there (it said --resume no, which that
+    folder refuses: test_resume_no_refuses_a_folder_that_holds_a_run)."""
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"model": "model", "label_values": "0,1", "seed": 0}
+    train.check_same_job(saved, {"model": str(tmp_path / "model") + "/", "label_values": "0, 1", "seed": 0}, "ck")
+    with pytest.raises(SystemExit, match=r"another job \(seed: saved 0, now 1\).*Use another --output_dir, or the "
+                                         r"same settings to continue that run, or remove that folder") as stop:
+        train.check_same_job(saved, {"model": "model", "label_values": "0,1", "seed": 1}, "ck")
+    assert "--resume no" not in str(stop.value)
+    with pytest.raises(SystemExit, match=r"label_values: saved '0,1', now '1,0'"):
+        train.check_same_job(saved, {"model": "model", "label_values": "1,0", "seed": 0}, "ck")
+
+
+def test_deepscale_config_is_read_as_deepspeed_does(tmp_path, capsys):
+    """DeepSpeed's older name for --deepspeed_config (its add_config_arguments lists both): it was ignored, and the
+    default config trained."""
+    cfg = tmp_path / "mine.json"
+    cfg.write_text("{}")
+    assert train.parse_args(["--deepscale_config", str(cfg)]).deepspeed_config == str(cfg)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--deepscale_config", str(cfg), "--deepspeed_config", str(cfg)])
+    assert "give one" in capsys.readouterr().err
+
+
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.reader(f))

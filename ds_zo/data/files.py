@@ -44,24 +44,32 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
 
 
 def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    # a .csv quotes as spreadsheets do (a quoted field may hold commas, quotes doubled and newlines), strictly: a
+    # quote left open is an error, not the rows after it taken into one field; a .tsv has no quoting (as GLUE's TSV
+    # files: a quote is text, as in SST-2's sentences)
+    quoting = dict(strict=True) if delimiter == "," else dict(quoting=csv.QUOTE_NONE)
     with open(path, encoding="utf-8-sig", newline="") as f:   # -sig: spreadsheet exports often start with a BOM
-        reader = csv.DictReader(f, delimiter=delimiter)
-        start = 1
+        reader = csv.reader(f, delimiter=delimiter, **quoting)
+        start, number = 1, 0
         try:
-            if not reader.fieldnames:
+            header = next(reader, None)
+            if not header:
                 raise DataError(f"{path}: empty file (expected a header row)")
-            repeated = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+            repeated = sorted({c for c in header if header.count(c) > 1})
             if repeated:
                 raise DataError(f"{path}: the header names column(s) {repeated} more than once")
             start = reader.line_num + 1
-            for number, row in enumerate(reader, start=1):
+            for fields in reader:
+                if not fields:                      # a blank line: no row (its line still counts)
+                    start = reader.line_num + 1
+                    continue
+                number += 1
                 where = f"{path}, row {number} (line {start})"
-                if None in row:   # csv puts surplus fields under the key None
-                    raise DataError(f"{where}: {len(reader.fieldnames) + len(row[None])} fields but the header has "
-                                    f"{len(reader.fieldnames)}")
-                if any(v is None for v in row.values()) and any(
-                        isinstance(v, str) and delimiter in v.partition("\n")[2] for v in row.values()):
-                    # a field opened with a double quote runs on until the next one, taking the lines in between
+                if len(fields) > len(header):
+                    raise DataError(f"{where}: {len(fields)} fields but the header has {len(header)}")
+                row = dict(zip(header, fields + [None] * (len(header) - len(fields))))
+                if len(fields) < len(header) and any(delimiter in v.partition("\n")[2] for v in fields):
+                    # a quoted field that closes lines later, taking the lines in between
                     raise DataError(f"{where}: spans lines {start}-{reader.line_num} and has fewer fields than the "
                                     "header: a field that starts with a double quote (\") and does not close it "
                                     "takes the following lines; quote the whole field and double its inner quotes")
@@ -70,7 +78,9 @@ def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
         except csv.Error as error:
-            raise DataError(f"{path}, line {start}: {error}") from None
+            hint = ("" if delimiter != "," else ": a field that starts with a double quote (\") must end with one, "
+                    "and quotes inside it are doubled (\"\"); a quote inside an unquoted field is text")
+            raise DataError(f"{path}, row {number + 1} (line {start}): {error}{hint}") from None
 
 
 def _not_utf8(path: Path) -> DataError:
@@ -114,7 +124,10 @@ def _json_lines(path: Path, text: str) -> Iterator[tuple[str, object]]:
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{where}: invalid JSON ({error.msg})") from None
+            hint = ("; JSON Lines hold one whole object per line, and this looks like JSON spread over lines: write "
+                    "each object on one line, or save one array of objects as .json" if line.strip() in ("{", "[")
+                    else "")
+            raise DataError(f"{where}: invalid JSON ({error.msg}){hint}") from None
 
 
 def field(where: str, row: dict, column: str, allow_empty: bool = False) -> str:

@@ -22,6 +22,11 @@ import torch
 IGNORE_INDEX = -100
 
 
+class TaskError(ValueError):
+    """The task's settings (template, label words, max_length) do not fit the tokenizer or the examples; the message
+    names the setting and what would fit."""
+
+
 def tokenize(tokenizer, text: str) -> list[int]:
     """The tokens of `text` alone, without BOS/EOS."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -45,10 +50,10 @@ def single_token_id(tokenizer, word: str) -> int:
     """The id of `word`, which must be exactly one token (a label word is scored as a single next-token choice)."""
     ids = tokenize(tokenizer, word)
     if len(ids) != 1:
-        raise ValueError(f"label word {word!r} is {len(ids)} tokens {ids} for this tokenizer; label words must be "
+        raise TaskError(f"label word {word!r} is {len(ids)} tokens {ids} for this tokenizer; label words must be "
                          f"single tokens (a leading space often helps, e.g. ' great')")
     if ids[0] == getattr(tokenizer, "unk_token_id", None):
-        raise ValueError(f"label word {word!r} is the unknown token for this tokenizer; choose one in its vocabulary")
+        raise TaskError(f"label word {word!r} is the unknown token for this tokenizer; choose one in its vocabulary")
     return ids[0]
 
 
@@ -60,9 +65,9 @@ class PromptClassification:
 
     def __post_init__(self):
         if self.template.count("{text}") != 1:
-            raise ValueError(f"template {self.template!r} must contain the placeholder {{text}} exactly once")
+            raise TaskError(f"template {self.template!r} must contain the placeholder {{text}} exactly once")
         if len(self.label_words) < 2 or len(set(self.label_words)) != len(self.label_words):
-            raise ValueError(f"need at least two distinct label words, got {list(self.label_words)}")
+            raise TaskError(f"need at least two distinct label words, got {list(self.label_words)}")
         object.__setattr__(self, "label_words", tuple(self.label_words))
 
     def prompt(self, text: str) -> str:
@@ -73,7 +78,7 @@ class PromptClassification:
         """The candidate token of each class, in class order; an error naming any label word that is not one token."""
         ids = [single_token_id(tokenizer, word) for word in self.label_words]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"label words {list(self.label_words)} map to the same token ids {ids}")
+            raise TaskError(f"label words {list(self.label_words)} map to the same token ids {ids}")
         return ids
 
     def encode(self, tokenizer, examples: Iterable[dict], max_length: int | None = None) -> list[dict]:
@@ -93,7 +98,8 @@ class PromptClassification:
             if max_length is not None:
                 keep = max_length - len(prefix) - 1
                 if keep < 1:
-                    raise ValueError(f"max_length {max_length} leaves no room for the prompt")
+                    raise TaskError(f"max_length {max_length} leaves no room for the prompt after the tokenizer's "
+                                    f"{len(prefix)} special token(s) and the label word; raise --max_length")
                 prompt = prompt[-keep:]
             ids = prefix + prompt + [candidates[label]]
             encoded.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (len(ids) - 1) + [candidates[label]]})
@@ -116,7 +122,7 @@ def encode_prompt_completion(tokenizer, examples: Iterable[dict], max_length: in
         ids = (context + target)[:max_length]
         labels = ([IGNORE_INDEX] * len(context) + target)[:max_length]
         if all(t == IGNORE_INDEX for t in labels):
-            raise ValueError(f"{example.get('where', f'example {number}')}: the prompt alone fills "
+            raise TaskError(f"{example.get('where', f'example {number}')}: the prompt alone fills "
                              f"max_length={max_length}; no completion token is left to train on (raise --max_length "
                              "or shorten the prompt)")
         encoded.append({"input_ids": ids, "labels": labels})
