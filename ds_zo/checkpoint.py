@@ -222,21 +222,27 @@ def read_steps(folder: str) -> list[StepRecord]:
     return read_step_log(os.path.join(folder, "steps.jsonl"))
 
 
+def has_latest(comm, load_dir: str) -> bool:
+    """Whether load_dir holds a checkpoint ('latest'), decided by every rank together (a collective: every rank
+    calls it): ranks that disagree are named on each, since those that loaded and those that went on from the model
+    as it is would train different models."""
+    found = comm.gather_strings("1" if os.path.isfile(os.path.join(load_dir, "latest")) else "0")
+    if "1" in found and "0" in found:
+        raise CheckpointError(f"ranks {[r for r, f in enumerate(found) if f == '0']} see no checkpoint in "
+                              f"{os.path.abspath(load_dir)!r} (no 'latest' file) and ranks "
+                              f"{[r for r, f in enumerate(found) if f == '1']} do: every rank must load the same "
+                              "checkpoint (a folder on a file system all nodes share)")
+    return "1" in found
+
+
 def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[Optional[str], Optional[dict]]:
     """ZOEngine.load_checkpoint: (folder, client state), or (None, None) where no tag is given and load_dir holds no
     'latest' (nothing saved there yet), as DeepSpeed returns, with its warning. The ranks decide together: one
     that loaded while another went on from the model as it is would train a different model."""
-    if tag is None:
-        found = engine.comm.gather_strings("1" if os.path.isfile(os.path.join(load_dir, "latest")) else "0")
-        if "1" not in found:
-            logger.warning("ds_zo: no checkpoint to load in %r (no 'latest' file there): nothing loaded, training "
-                           "starts from the model as it is", os.path.abspath(load_dir))
-            return None, None
-        if "0" in found:
-            raise CheckpointError(f"ranks {[r for r, f in enumerate(found) if f == '0']} see no checkpoint in "
-                                  f"{os.path.abspath(load_dir)!r} (no 'latest' file) and ranks "
-                                  f"{[r for r, f in enumerate(found) if f == '1']} do: every rank must load the same "
-                                  "checkpoint (a folder on a file system all nodes share)")
+    if tag is None and not has_latest(engine.comm, load_dir):
+        logger.warning("ds_zo: no checkpoint to load in %r (no 'latest' file there): nothing loaded, training starts "
+                       "from the model as it is", os.path.abspath(load_dir))
+        return None, None
     engine.flush()
     folder, state = read_state(load_dir, tag)
     if state["model"] != model_fingerprint(engine):

@@ -74,8 +74,8 @@ def _pydantic_error(section: str, err: ValidationError) -> ConfigError:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
         value = e.get("input")
-        hint = (": \"auto\" is HF Trainer's placeholder, filled in by its DeepSpeed integration, which does not "
-                "drive ds_zo; give the value" if value == "auto" else "")
+        hint = (": \"auto\" is not a value of this field (in ds_config it is HF Trainer's placeholder, filled in by "
+                "its DeepSpeed integration, which does not drive ds_zo); give the value" if value == "auto" else "")
         lines.append(f"{section}.{loc}: {e['msg']} (got {value!r}){hint}")
     return ConfigError("invalid ds_config: " + "; ".join(lines))
 

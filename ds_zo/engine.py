@@ -20,7 +20,7 @@ import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import logger
 
-from .config import OffloadConfig, ZeroOrderConfig, ZOSGDParams
+from .config import ConfigError, OffloadConfig, ZeroOrderConfig, ZOSGDParams
 from .loss import IGNORE_INDEX, StreamedTokenLoss, default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
 from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
@@ -238,17 +238,17 @@ class ZOEngine(DeepSpeedEngine):
         else:
             unmatched = [pat for pat in zo.resident_units if not any(fnmatchcase(u.name, pat) for u in self.units)]
             if unmatched:       # a typo would offload the units it meant to keep, the tied embedding among them
-                raise ValueError(f"zero_order.resident_units: {unmatched} match no unit; units are named "
+                raise ConfigError(f"zero_order.resident_units: {unmatched} match no unit; units are named "
                                  f"{[u.name for u in self.units][:4]}... (fnmatch patterns on these names)")
             offloaded = [u for u in self.units if not any(fnmatchcase(u.name, pat) for pat in zo.resident_units)]
         uses = Counter(id(r.param) for u in self.units for r in u.params)
         shared = {i for i, n in uses.items() if n > 1}
         for u in offloaded:
             if any(id(r.param) in shared for r in u.params):
-                raise ValueError(f"offload: unit '{u.name}' holds a weight tied to another unit; keep it resident "
-                                 "(zero_order.resident_units)")
+                raise ConfigError(f"offload: unit '{u.name}' holds a weight tied to another unit; keep it resident "
+                                  "(zero_order.resident_units)")
         if not offloaded:
-            raise ValueError("offload: no unit is offloaded (zero_order.resident_units matches every unit)")
+            raise ConfigError("offload: no unit is offloaded (zero_order.resident_units matches every unit)")
         pin = offload.pin_memory and self.device.type == "cuda"
         if self.device.type == "cuda" and not offload.pin_memory:
             logger.warning("ds_zo: zero_optimization.offload_param.pin_memory is false: copies between pageable host "

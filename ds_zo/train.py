@@ -282,7 +282,8 @@ def main(argv=None) -> dict:
     history = {"train": [], "eval": []}
     results = {}
     resume_from = None
-    if args.resume == "auto" and os.path.isfile(os.path.join(ckpt_dir, "latest")):
+    from .checkpoint import has_latest
+    if args.resume == "auto" and has_latest(engine.comm, ckpt_dir):        # (every rank decides the same)
         resume_from = ckpt_dir
     elif args.resume not in ("auto", "no"):
         resume_from = args.resume

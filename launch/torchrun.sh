@@ -3,9 +3,9 @@
 # Multi-node: run on every node with NNODES, NODE_RANK, MASTER_ADDR (node 0's address) and MASTER_PORT (the same
 # free port on every node) set.
 set -euo pipefail
-if [ "${NNODES:-1}" -gt 1 ] && [ -z "${MASTER_PORT:-}" ]; then
-    # a single node picks a free port itself; nodes that each picked their own would wait for each other forever
-    echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_PORT, the same on every node (a free port on node 0)" >&2
+if [ "${NNODES:-1}" -gt 1 ] && { [ -z "${MASTER_PORT:-}" ] || [ -z "${MASTER_ADDR:-}" ]; }; then
+    # a single node picks 127.0.0.1 and a free port itself; nodes that each picked their own would wait forever
+    echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (node 0's address) and MASTER_PORT (a free port"          "there), the same on every node" >&2
     exit 2
 fi
 source "$(dirname "$0")/common.sh"

@@ -208,12 +208,20 @@ def test_malformed_csv_rows_are_named(tmp_path, content, expected):
     assert str(path) in str(error.value)
 
 
-def test_tsv_has_no_quoting_and_csv_quotes_strictly(tmp_path):
-    """A .tsv is read as GLUE's TSV files are, with no quoting (SST-2's sentences hold quotes: they took the rows
-    after them into one field); a .csv keeps quoted fields with commas, newlines and doubled quotes, and a quote
-    inside an unquoted field is text."""
-    tsv = write(tmp_path / "sst.tsv", 'text\tlabel\nWow\t1\n"it is bad\t0\nhe said no" and left\t1\n"Cool" film\t1\n')
-    assert [e["text"] for e in read_labelled(tsv)] == ["Wow", '"it is bad', 'he said no" and left', '"Cool" film']
+def test_tsv_and_csv_quote_as_their_writers_do_and_strictly(tmp_path):
+    """A .tsv or .csv written by csv.writer / pandas (quoted fields with delimiters, newlines and doubled quotes)
+    reads back as written; a quote inside an unquoted field is text; a field that opens with a quote that is text
+    (SST-2-style sentences) is refused where it opens: it took the rows after it into one field, unsaid."""
+    import csv
+    rows = [["text", "label"], ['a "great"\tmovie', "1"], ["line1\nline2", "0"], ['he said no" and left', "1"]]
+    with open(tmp_path / "w.tsv", "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows(rows)
+    assert [[e["text"], str(e["label"])] for e in read_labelled(tmp_path / "w.tsv")] == rows[1:]
+    sst = write(tmp_path / "sst.tsv", 'text\tlabel\nWow\t1\n"it is bad\t0\nhe said no" and left\t1\n"Cool" film\t1\n')
+    with pytest.raises(DataError, match=r"row 2 \(line 3\): .* such as GLUE's TSV files"):
+        read_labelled(sst)
+    with pytest.raises(DataError, match=r"the header \(line 1\): "):
+        read_labelled(write(tmp_path / "h.csv", '"text"x,label\na,1\n'))
     csv_file = write(tmp_path / "q.csv", 'text,label\n"multi\nline, ""quoted""",1\nplain "q" mid,0\n')
     assert read_labelled(csv_file) == [{"text": 'multi\nline, "quoted"', "label": 1},
                                        {"text": 'plain "q" mid', "label": 0}]

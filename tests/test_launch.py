@@ -61,11 +61,13 @@ def test_run_ranks_kills_the_started_ranks_when_a_later_one_fails_to_start(monke
     assert started[0].poll() is not None          # killed, not left sleeping
 
 
-def test_torchrun_on_several_nodes_needs_one_master_port(tmp_path):
-    """Each node running launch/torchrun.sh picked its own free port when none was given, and the nodes waited for
-    each other forever: with NNODES > 1 a missing MASTER_PORT is refused at once, naming it."""
+def test_torchrun_on_several_nodes_needs_one_master_address_and_port(tmp_path):
+    """Each node running launch/torchrun.sh picked its own free port (and 127.0.0.1) when none was given, and the
+    nodes waited for each other forever: with NNODES > 1 a missing MASTER_ADDR or MASTER_PORT is refused at once."""
     import os
-    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
-    proc = subprocess.run(["bash", os.path.join(local_ranks.ROOT, "launch", "torchrun.sh"), "--help"], cwd=tmp_path,
-                          env={**env, "NNODES": "2", "NODE_RANK": "1"}, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "NNODES=2 needs MASTER_PORT, the same on every node" in proc.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    script = os.path.join(local_ranks.ROOT, "launch", "torchrun.sh")
+    for given in ({"MASTER_ADDR": "10.0.0.1"}, {"MASTER_PORT": "29611"}):
+        proc = subprocess.run(["bash", script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              env={**env, "NNODES": "2", "NODE_RANK": "1", **given})
+        assert proc.returncode == 2 and "NNODES=2 needs MASTER_ADDR (node 0's address) and MASTER_PORT" in proc.stderr

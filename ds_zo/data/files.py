@@ -44,12 +44,11 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
 
 
 def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    # a .csv quotes as spreadsheets do (a quoted field may hold commas, quotes doubled and newlines), strictly: a
-    # quote left open is an error, not the rows after it taken into one field; a .tsv has no quoting (as GLUE's TSV
-    # files: a quote is text, as in SST-2's sentences)
-    quoting = dict(strict=True) if delimiter == "," else dict(quoting=csv.QUOTE_NONE)
+    # quoted as spreadsheets, csv.writer and pandas write them (a quoted field may hold delimiters, doubled quotes
+    # and newlines), strictly: a quote left open is an error where it opens, not the rows after it taken into one
+    # field unsaid; a quote inside an unquoted field is text
     with open(path, encoding="utf-8-sig", newline="") as f:   # -sig: spreadsheet exports often start with a BOM
-        reader = csv.reader(f, delimiter=delimiter, **quoting)
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
         start, number = 1, 0
         try:
             header = next(reader, None)
@@ -78,9 +77,12 @@ def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
         except csv.Error as error:
-            hint = ("" if delimiter != "," else ": a field that starts with a double quote (\") must end with one, "
-                    "and quotes inside it are doubled (\"\"); a quote inside an unquoted field is text")
-            raise DataError(f"{path}, row {number + 1} (line {start}): {error}{hint}") from None
+            where = f"row {number + 1} (line {start})" if start > 1 else "the header (line 1)"
+            raise DataError(f"{path}, {where}: {error}: a field that starts with a double quote (\") is quoted: it "
+                            "ends at the next lone quote, which a delimiter or the line's end must follow, and quotes "
+                            "inside it are doubled (\"\"); a quote inside an unquoted field is text (a file whose "
+                            "fields start with quotes that are text, such as GLUE's TSV files, must double them "
+                            "and quote the field, or be converted to JSON Lines)") from None
 
 
 def _not_utf8(path: Path) -> DataError:
