@@ -63,6 +63,25 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _together(comm, what: str, fn):
+    """fn() on this rank, then whether it succeeded on every rank (a collective: every rank calls it). A rank whose
+    fn raised raises that; the others raise an error naming it, at once: without this they went on to the next
+    collective and waited there until the collective timeout blamed a dead peer (a checkpoint file only one rank
+    cannot read, a save folder one node does not share)."""
+    try:
+        result, failure = fn(), None
+    except Exception as e:              # noqa: BLE001 (re-raised below, on this rank, after the others are told)
+        result, failure = None, e
+    outcomes = comm.gather_strings("ok" if failure is None else "failed")
+    if failure is not None:
+        raise failure
+    failed = [r for r, o in enumerate(outcomes) if o != "ok"]
+    if failed:
+        raise CheckpointError(f"{what} failed on rank{'s' if len(failed) > 1 else ''} "
+                              f"{', '.join(map(str, failed))} (the error there says why); every rank stops here")
+    return result
+
+
 def _safe_tag(tag: str) -> str:
     tag = str(tag)
     if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or tag.endswith(".partial"):
@@ -130,63 +149,73 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
     rank, comm = engine.global_rank, engine.comm
     save_dir = os.path.abspath(save_dir)
     partial = os.path.join(save_dir, tag + ".partial")
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        _remove_leftovers(save_dir)
-        shutil.rmtree(partial, ignore_errors=True)   # leftovers of an interrupted save
-        os.makedirs(partial)
-    comm.barrier()
-    name = f"zo_rank_{rank:05d}.safetensors"
-    tensors = _rank_tensors(engine)
-    path = os.path.join(partial, name)
-    save_file(tensors, path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-    digest = torch.zeros(engine.dims.world, 32, dtype=torch.float64)   # share per-rank checksums (as byte values)
-    digest[rank] = torch.tensor(list(bytes.fromhex(_sha256(path))), dtype=torch.float64)
-    comm.all_reduce_sum(digest)
-    if rank == 0:
-        with open(os.path.join(partial, "steps.jsonl"), "w") as f:
-            for r in engine.step_log:
-                f.write(json.dumps(r.to_json()) + "\n")
-            f.flush()
+
+    def make_partial():
+        if rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            _remove_leftovers(save_dir)
+            shutil.rmtree(partial, ignore_errors=True)   # leftovers of an interrupted save
+            os.makedirs(partial)
+
+    def write_rank_file():
+        if not os.path.isdir(partial):
+            raise CheckpointError(f"saving checkpoint {tag!r}: rank {rank} does not see {partial!r}, which rank 0 "
+                                  "made: the save folder must be on a file system every rank shares")
+        path = os.path.join(partial, f"zo_rank_{rank:05d}.safetensors")
+        save_file(_rank_tensors(engine), path)
+        with open(path, "rb+") as f:
             os.fsync(f.fileno())
-        state = {
-            "format": FORMAT, "tag": tag,
-            "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-            "skipped_steps": engine.skipped_steps,
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
-            "layout": {"world": engine.dims.world, "pertp": engine.dims.pertp, "partition": engine.dims.partition,
-                       "resliced": type(engine.pipeline).__name__ == "ShardedOffloadPipeline"},
-            "trainable": sorted(engine.trainable_names),
-            "trainable_rows": {n: r.tolist() for n, r in engine.trainable_rows.items()},
-            "distribution": engine.zo_config.distribution,
-            "z_stream": engine.z_stream,          # the sampler z came from: a replay must use the same one
-            "model": model_fingerprint(engine),
-            "base_weights": engine.base_weights,   # what the run started from: resume and replay compare
-            "half_dtype": str(engine.half_dtype) if engine.half_dtype is not None else None,   # replay casts to it
-            "stored_dtypes": stored_dtypes(engine),     # replay rounds each update to them, as the run did
-            "files": {f"zo_rank_{r:05d}.safetensors": bytes(int(x) for x in digest[r].tolist()).hex()
-                      for r in range(engine.dims.world)},
-            "steps_sha256": _sha256(os.path.join(partial, "steps.jsonl")),
-            "client_state": client_state or {},
-        }
-        _write_atomic(os.path.join(partial, "zo_state.json"), json.dumps(state, indent=1).encode())
-        _fsync_dir(partial)
-        final = os.path.join(save_dir, tag)
-        old = final + ".old"
-        if os.path.exists(final):
-            # replacing a tag: the old one is moved aside first; until the new one is in place, `read_state` reads
-            # the tag from `<tag>.old` (a save killed between the two renames leaves only that)
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(partial, final)
-        _fsync_dir(save_dir)
-        _write_atomic(os.path.join(save_dir, "latest"), tag.encode())
-        shutil.rmtree(old, ignore_errors=True)
-    comm.barrier()
+        return _sha256(path)
+
+    _together(comm, f"making checkpoint folder {partial!r}", make_partial)
+    sha = _together(comm, f"writing the rank files of checkpoint {tag!r}", write_rank_file)
+    files = {f"zo_rank_{r:05d}.safetensors": h for r, h in enumerate(comm.gather_strings(sha))}   # rank 0 lists them
+    _together(comm, f"completing checkpoint {tag!r}",
+              lambda: _complete(engine, save_dir, partial, tag, files, client_state) if rank == 0 else None)
     return os.path.join(save_dir, tag)
+
+
+def _complete(engine, save_dir: str, partial: str, tag: str, files: dict, client_state) -> None:
+    """Rank 0, once every rank's file is written: the step log and zo_state.json, then the renames that make the
+    tag complete and `latest` point at it."""
+    with open(os.path.join(partial, "steps.jsonl"), "w") as f:
+        for r in engine.step_log:
+            f.write(json.dumps(r.to_json()) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    state = {
+        "format": FORMAT, "tag": tag,
+        "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
+        "layout": {"world": engine.dims.world, "pertp": engine.dims.pertp, "partition": engine.dims.partition,
+                   "resliced": type(engine.pipeline).__name__ == "ShardedOffloadPipeline"},
+        "trainable": sorted(engine.trainable_names),
+        "trainable_rows": {n: r.tolist() for n, r in engine.trainable_rows.items()},
+        "distribution": engine.zo_config.distribution,
+        "z_stream": engine.z_stream,          # the sampler z came from: a replay must use the same one
+        "model": model_fingerprint(engine),
+        "base_weights": engine.base_weights,   # what the run started from: resume and replay compare
+        "half_dtype": str(engine.half_dtype) if engine.half_dtype is not None else None,   # replay casts to it
+        "stored_dtypes": stored_dtypes(engine),     # replay rounds each update to them, as the run did
+        "files": files,
+        "steps_sha256": _sha256(os.path.join(partial, "steps.jsonl")),
+        "client_state": client_state or {},
+    }
+    _write_atomic(os.path.join(partial, "zo_state.json"), json.dumps(state, indent=1).encode())
+    _fsync_dir(partial)
+    final = os.path.join(save_dir, tag)
+    old = final + ".old"
+    if os.path.exists(final):
+        # replacing a tag: the old one is moved aside first; until the new one is in place, `read_state` reads
+        # the tag from `<tag>.old` (a save killed between the two renames leaves only that)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(partial, final)
+    _fsync_dir(save_dir)
+    _write_atomic(os.path.join(save_dir, "latest"), tag.encode())
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_state(load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
@@ -235,15 +264,9 @@ def has_latest(comm, load_dir: str) -> bool:
     return "1" in found
 
 
-def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[Optional[str], Optional[dict]]:
-    """ZOEngine.load_checkpoint: (folder, client state), or (None, None) where no tag is given and load_dir holds no
-    'latest' (nothing saved there yet), as DeepSpeed returns, with its warning. The ranks decide together: one
-    that loaded while another went on from the model as it is would train a different model."""
-    if tag is None and not has_latest(engine.comm, load_dir):
-        logger.warning("ds_zo: no checkpoint to load in %r (no 'latest' file there): nothing loaded, training starts "
-                       "from the model as it is", os.path.abspath(load_dir))
-        return None, None
-    engine.flush()
+def _verified(engine, load_dir: str, tag: Optional[str]):
+    """The checkpoint read and checked against this engine, which is left as it is: (folder, state, step log, the
+    copies that restore its tensors)."""
     folder, state = read_state(load_dir, tag)
     if state["model"] != model_fingerprint(engine):
         raise CheckpointError(f"checkpoint {folder!r} was saved from a different model (parameter names, shapes or "
@@ -278,8 +301,28 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[Optional[str
     tensors = _read_rank_file(folder, state, engine.global_rank if resliced else 0)
     if resliced and engine.global_rank != 0:     # (not rank 0's shards: 1/k of the offloaded layers)
         tensors.update(_read_rank_file(folder, state, 0, keep=lambda name: not name.endswith("@shard")))
-    _restore_tensors(engine, tensors, folder)
-    engine.optimizer.step_log = read_steps(folder)
+    return folder, state, read_steps(folder), _restore_copies(engine, tensors, folder)
+
+
+def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[Optional[str], Optional[dict]]:
+    """ZOEngine.load_checkpoint: (folder, client state), or (None, None) where no tag is given and load_dir holds no
+    'latest' (nothing saved there yet), as DeepSpeed returns, with its warning. The ranks decide together: one
+    that loaded while another went on from the model as it is would train a different model."""
+    if tag is None and not has_latest(engine.comm, load_dir):
+        logger.warning("ds_zo: no checkpoint to load in %r (no 'latest' file there): nothing loaded, training starts "
+                       "from the model as it is", os.path.abspath(load_dir))
+        return None, None
+    engine.flush()
+    # read and check on every rank before any rank changes anything: a rank that cannot (its own shard file corrupt,
+    # the folder not shared) stops them all, with the model as it was
+    folder, state, steps, copies = _together(engine.comm, f"loading checkpoint {tag or 'latest'!r} from "
+                                             f"{os.path.abspath(load_dir)!r}",
+                                             lambda: _verified(engine, load_dir, tag))
+    with torch.no_grad():
+        for dst, t in copies:
+            dst.copy_(t)
+    engine.optimizer.step_log = steps
+    saved_base = state.get("base_weights") or {}
     # the run's base, carried on to later checkpoints (their replay needs it): this model's trained parameters may
     # already hold fine-tuned values, so where the checkpoint has no base (saved before the field, or a model
     # partitioned before initialize) theirs is unknown
@@ -338,14 +381,14 @@ def _read_rank_file(folder: str, state: dict, rank: int, keep=lambda name: True)
         return {name: f.get_tensor(name) for name in f.keys() if keep(name)}
 
 
-@torch.no_grad()
-def _restore_tensors(engine, tensors: dict[str, torch.Tensor], folder: str) -> None:
+def _restore_copies(engine, tensors: dict[str, torch.Tensor], folder: str) -> list:
+    """(destination, saved tensor) for every trained parameter (its shard under reslicing), each checked to fit."""
     from .offload.sharded import ShardedOffloadPipeline
     shards = {}
     if isinstance(engine.pipeline, ShardedOffloadPipeline):
         for su in engine.pipeline.order:
             shards.update({id(p): (su, i) for i, p in enumerate(su.params)})
-    expected = set()
+    expected, copies = set(), []
     for n, p in engine.module.named_parameters():
         if n not in engine.trainable_names:
             continue
@@ -363,7 +406,8 @@ def _restore_tensors(engine, tensors: dict[str, torch.Tensor], folder: str) -> N
         if t.shape != dst.shape or t.dtype != dst.dtype:
             raise CheckpointError(f"checkpoint {folder!r}: {key} has shape {tuple(t.shape)} {t.dtype}, the model "
                                   f"expects {tuple(dst.shape)} {dst.dtype}")
-        dst.copy_(t)
+        copies.append((dst, t))
     extra = set(tensors) - expected
     if extra:
         raise CheckpointError(f"checkpoint {folder!r} holds unknown parameters {sorted(extra)[:3]}")
+    return copies

@@ -56,7 +56,7 @@ def run_case(case: dict, out_dir: str) -> dict:
     if "shard_of_rank" in case:                    # uneven (or empty) shards: [start, stop) of the global batch
         shard = slice(*case["shard_of_rank"][str(rank)])
     seed_shift = rank if case.get("batch_differs_by_rank") else 0    # a launch that feeds each rank other data
-    losses, grads = [], []
+    losses, grads, faults = [], [], None
     for t in range(case.get("steps", 3)):
         if case.get("kill_rank") == rank and case.get("kill_at") == t:
             os.kill(os.getpid(), signal.SIGKILL)     # a rank dying mid-run
@@ -67,6 +67,8 @@ def run_case(case: dict, out_dir: str) -> dict:
             engine, *_ = ds_zo.initialize(model=tiny_model(case.get("arch", "llama"), case.get("tied", False)),
                                           config=case_config(case))
             engine.load_checkpoint(folder)
+        if case.get("checkpoint_faults_at") == t:
+            faults = checkpoint_faults(engine, out_dir, case["name"])
         global_batch = batch(rows=GLOBAL_ROWS, seed=100 + t + 50 * seed_shift)
         losses.append(engine.train_batch({k: v[shard] for k, v in global_batch.items()}))
         grads.append(engine.last_projected_grad)
@@ -85,7 +87,7 @@ def run_case(case: dict, out_dir: str) -> dict:
               "pertp": engine.dims.pertp, "partition": engine.dims.partition,
               "offloaded": [s.unit.name for s in engine.pipeline.order] if engine.pipeline else [],
               "store_bytes": engine.pipeline.store.nbytes() if engine.pipeline else 0,
-              "base_weights": engine.base_weights, "samples": engine.global_samples}
+              "base_weights": engine.base_weights, "samples": engine.global_samples, "faults": faults}
     if out_dir:
         name = f"{case['name']}.rank{rank}"
         torch.save(state, os.path.join(out_dir, name + ".pt"))
@@ -93,6 +95,34 @@ def run_case(case: dict, out_dir: str) -> dict:
             json.dump(result, f)
     engine.comm.barrier()
     return {"state": state, **result}
+
+
+def checkpoint_faults(engine, out_dir: str, name: str) -> dict:
+    """Checkpoint failures on rank 1 only: a save folder rank 1 does not share, then a load of a checkpoint whose rank 1
+    file is corrupt. Each rank's error message, and whether the failed load left the model as it was."""
+    rank, errors = engine.global_rank, {}
+    try:
+        engine.save_checkpoint(os.path.join(out_dir, f"{name}.unshared{rank}"))
+    except Exception as e:
+        errors["save"] = str(e)
+    shared = os.path.join(out_dir, f"{name}.shared")
+    engine.save_checkpoint(shared, tag="t")
+    engine.train_batch(batch(rows=GLOBAL_ROWS // engine.dp_world_size, seed=77))   # the model moves past it
+    engine.flush()
+    if rank == 1:
+        with open(os.path.join(shared, "t", "zo_rank_00001.safetensors"), "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 1]))
+    engine.comm.barrier()
+    before = {k: v.clone() for k, v in engine.module_state_dict().items()}
+    try:
+        engine.load_checkpoint(shared, tag="t")
+    except Exception as e:
+        errors["load"] = str(e)
+    after = engine.module_state_dict()
+    return {"errors": errors, "unchanged": all(torch.equal(before[k], after[k]) for k in before)}
 
 
 def main() -> int:

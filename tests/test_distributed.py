@@ -128,6 +128,24 @@ def test_a_run_resumed_from_a_checkpoint_continues_like_one_process(tmp_path, ba
 
 
 @pytest.mark.timeout(300)
+def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(tmp_path):
+    """A save into a folder one rank does not share, and a load whose only corrupt file is rank 1's ZeRO-3 shard
+    file: rank 1 says what is wrong, rank 0 that rank 1 failed, at once. They waited in the next collective until the
+    timeout blamed a dead peer (and a load restored rank 0's tensors before that). The failed load leaves the model
+    as it was, and the ranks train on together."""
+    case = {"name": "faults", "stage": 3, "partition": 2, "steps": 2, "checkpoint_faults_at": 1, "timeout": 40}
+    out = _launch(tmp_path, 2, [case])
+    infos = [_load(out, "faults", rank)[1] for rank in range(2)]
+    errors = [info["faults"]["errors"] for info in infos]
+    assert "rank 1 does not see" in errors[1]["save"] and "the save folder must be on a file system" in errors[1]["save"]
+    assert "writing the rank files of checkpoint 'global_step1' failed on rank 1" in errors[0]["save"]
+    assert "zo_rank_00001.safetensors is missing or does not match its checksum" in errors[1]["load"]
+    assert "loading checkpoint 't' from" in errors[0]["load"] and "failed on rank 1" in errors[0]["load"]
+    assert all(info["faults"]["unchanged"] for info in infos)
+    assert infos[0]["losses"] == infos[1]["losses"] and len(infos[0]["losses"]) == 2
+
+
+@pytest.mark.timeout(300)
 def test_an_empty_shard_trains_and_evaluates_and_mismatched_data_is_refused(tmp_path, baseline):
     """A data-parallel rank may get no rows (a short last batch): it takes part in the step with zeros and the run
     is the one-process run. Under ZeRO-3 the ranks of a partition group must run as many forwards (each all-gathers
