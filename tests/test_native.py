@@ -234,3 +234,32 @@ def test_marked_groups_of_a_chunk_are_its_values():
         module.draw_groups(torch.empty(40), 1, 1.0, torch.ones(2, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="one entry per 16 values"):
         module.draw_groups(torch.empty(64), 1, 1.0, torch.ones(3, dtype=torch.uint8))
+
+
+def test_flush_to_zero_reaches_every_worker_and_leaves_them_as_they_were():
+    """torch.set_flush_denormal sets the calling thread's FTZ/DAZ modes only: chunks that another thread of the native
+    team took were drawn without them, unlike torch's normal_ (so values depended on which thread took a chunk).
+    The workers take the caller's modes for the call and get their own back after it (torch's ops run on them)."""
+    needs_native()
+    module = native.chunk_draws()
+    threads = torch.get_num_threads()
+    keys = list(range(1, 9))                        # large chunks: every thread of the team takes some
+
+    def draws_are_torchs(scale):
+        outs = [torch.empty(2**20) for _ in keys]
+        module.draw_chunks(outs, keys, scale, True)
+        return [torch.equal(out, torch.empty(2**20).normal_(0.0, scale, generator=torch.Generator().manual_seed(k)))
+                for out, k in zip(outs, keys)]
+
+    try:
+        torch.set_num_threads(2)
+        torch.ones(1 << 20).mul(2).sum()            # the team exists before the modes change (threads inherit them)
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush denormals")
+        assert all(draws_are_torchs(1e-39))         # z * 1e-39: denormal, or 0 where flushed
+        torch.set_flush_denormal(False)
+        assert all(draws_are_torchs(1e-39))
+        assert all(draws_are_torchs(1.0))
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)

@@ -21,7 +21,8 @@ _SOURCE = os.path.join(_HERE, "chunk_draws.cpp")
 _HEADERS = [os.path.join(_HERE, name) for name in ("mt19937_normal.h", "z_passes.h")]
 # -fopenmp: at::parallel_for is a header-only OpenMP loop; without it the loop runs serially (the process already has
 # torch's libgomp loaded, which the extension then shares). -ffp-contract=off: no fused multiply-adds.
-_CFLAGS = ["-O2", "-fopenmp", "-ffp-contract=off"]
+# -fvisibility=hidden: only the module's init function is exported (pybind11 marks it), no symbol of ours can clash.
+_CFLAGS = ["-O2", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden"]
 _BUILD_WAIT_S = 600     # a build takes ~30 s; a process waiting longer for another's build gives up (falls back)
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None

@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -47,9 +49,16 @@ void on_team(const std::vector<int64_t>& sizes, Work&& work) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
   const at::ThreadLocalState caller;
+  // the caller's flush-to-zero / denormals-are-zero modes (torch.set_flush_denormal sets them on its own thread
+  // only): without them, denormal results would depend on which thread took a job
+  constexpr unsigned int kFtzDaz = 0x8040;
+  const unsigned int caller_modes = _mm_getcsr() & kFtzDaz;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     at::ThreadLocalStateGuard state(caller);
+    const unsigned int worker_csr = _mm_getcsr();
+    _mm_setcsr((worker_csr & ~kFtzDaz) | caller_modes);
     for (int64_t i = next++; i < n; i = next++) work(order[i]);
+    _mm_setcsr(worker_csr);   // the team's threads go on to run torch's ops
   });
 }
 
