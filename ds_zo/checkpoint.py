@@ -63,7 +63,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _together(comm, what: str, fn):
+def together(comm, what: str, fn):
     """fn() on this rank, then whether it succeeded on every rank (a collective: every rank calls it). A rank whose
     fn raised raises that; the others raise an error naming it, at once: without this they went on to the next
     collective and waited there until the collective timeout blamed a dead peer (a checkpoint file only one rank
@@ -80,6 +80,33 @@ def _together(comm, what: str, fn):
         raise CheckpointError(f"{what} failed on rank{'s' if len(failed) > 1 else ''} "
                               f"{', '.join(map(str, failed))} (the error there says why); every rank stops here")
     return result
+
+
+def check_shared_folder(comm, rank: int, folder: str, what: str) -> None:
+    """Every rank sees the file rank 0 writes in `folder` (a collective): checkpoints need a folder every rank
+    shares, and a multi-node job whose folder is not shared would fail only at its first save (by default the last,
+    after every step). `what` names the folder in the message (the option that set it)."""
+    import secrets
+    token = comm.gather_strings(secrets.token_hex(8) if rank == 0 else "")[0]
+    probe = os.path.join(os.path.abspath(folder), f".ds_zo-shared-{token}")
+
+    def write():
+        if rank == 0:
+            os.makedirs(folder, exist_ok=True)
+            with open(probe, "w"):
+                pass
+
+    def see():
+        if not os.path.isfile(probe):
+            raise CheckpointError(f"{what} {os.path.abspath(folder)!r}: rank {rank} does not see the file rank 0 "
+                                  "wrote there; it must be a folder on a file system every rank shares (each rank "
+                                  "writes its part of every checkpoint there)")
+    try:
+        together(comm, f"writing a file in {what} {os.path.abspath(folder)!r}", write)
+        together(comm, f"checking that every rank sees {what} {os.path.abspath(folder)!r}", see)
+    finally:
+        if rank == 0 and os.path.exists(probe):
+            os.remove(probe)
 
 
 def _safe_tag(tag: str) -> str:
@@ -167,10 +194,10 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
             os.fsync(f.fileno())
         return _sha256(path)
 
-    _together(comm, f"making checkpoint folder {partial!r}", make_partial)
-    sha = _together(comm, f"writing the rank files of checkpoint {tag!r}", write_rank_file)
+    together(comm, f"making checkpoint folder {partial!r}", make_partial)
+    sha = together(comm, f"writing the rank files of checkpoint {tag!r}", write_rank_file)
     files = {f"zo_rank_{r:05d}.safetensors": h for r, h in enumerate(comm.gather_strings(sha))}   # rank 0 lists them
-    _together(comm, f"completing checkpoint {tag!r}",
+    together(comm, f"completing checkpoint {tag!r}",
               lambda: _complete(engine, save_dir, partial, tag, files, client_state) if rank == 0 else None)
     return os.path.join(save_dir, tag)
 
@@ -315,7 +342,7 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[Optional[str
     engine.flush()
     # read and check on every rank before any rank changes anything: a rank that cannot (its own shard file corrupt,
     # the folder not shared) stops them all, with the model as it was
-    folder, state, steps, copies = _together(engine.comm, f"loading checkpoint {tag or 'latest'!r} from "
+    folder, state, steps, copies = together(engine.comm, f"loading checkpoint {tag or 'latest'!r} from "
                                              f"{os.path.abspath(load_dir)!r}",
                                              lambda: _verified(engine, load_dir, tag))
     with torch.no_grad():

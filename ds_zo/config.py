@@ -69,15 +69,33 @@ class OffloadConfig:
     partitioned: bool = False     # ZeRO-3: each rank's CPU master is its shard; units are resliced
 
 
-def _pydantic_error(section: str, err: ValidationError) -> ConfigError:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        value = e.get("input")
-        hint = (": \"auto\" is not a value of this field (in ds_config it is HF Trainer's placeholder, filled in by "
-                "its DeepSpeed integration, which does not drive ds_zo); give the value" if value == "auto" else "")
-        lines.append(f"{section}.{loc}: {e['msg']} (got {value!r}){hint}")
-    return ConfigError("invalid ds_config: " + "; ".join(lines))
+def _unknown_keys(section: str, raw: dict, model) -> Optional[ConfigError]:
+    unknown = sorted(set(raw) - set(model.model_fields))
+    if unknown:
+        return ConfigError(f"invalid ds_config: unknown key{'s' if len(unknown) > 1 else ''} "
+                           f"{', '.join(f'{section}.{k}' for k in unknown)} (allowed in {section}: "
+                           f"{sorted(model.model_fields)})")
+    return None
+
+
+def _validated(section: str, raw: dict, model):
+    """raw as `model`, strictly (DeepSpeed's config base would drop "auto" values unsaid), unknown keys named with
+    the allowed ones (a key named "strict" too, which the base's constructor would take as its own argument)."""
+    error = _unknown_keys(section, raw, model)
+    if error is not None:
+        raise error
+    try:
+        return model(strict=True, **raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(x) for x in e["loc"])
+            value = e.get("input")
+            hint = (": \"auto\" is not a value of this field (in ds_config it is HF Trainer's placeholder, filled in "
+                    "by its DeepSpeed integration, which does not drive ds_zo); give the value" if value == "auto"
+                    else "")
+            lines.append(f"{section}.{loc}: {e['msg']} (got {value!r}){hint}")
+        raise ConfigError("invalid ds_config: " + "; ".join(lines)) from None
 
 
 def load_config(config: Any) -> dict:
@@ -119,10 +137,7 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, Offl
     zo_raw = ds.pop("zero_order", {})
     if not isinstance(zo_raw, dict):
         raise ConfigError(f"zero_order: must be an object, got {type(zo_raw).__name__}")
-    try:
-        zo = ZeroOrderConfig(strict=True, **zo_raw)     # strict: DeepSpeed's base would drop "auto" values unsaid
-    except ValidationError as e:
-        raise _pydantic_error("zero_order", e) from None
+    zo = _validated("zero_order", zo_raw, ZeroOrderConfig)
 
     opt = ds.pop("optimizer", None)
     if opt is None:
@@ -135,10 +150,10 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, Offl
         raise ConfigError(f"optimizer: unknown keys {sorted(unknown)}; allowed: ['params', 'type']")
     if str(opt.get("type", "")).lower() != OPTIMIZER_TYPE.lower():
         raise ConfigError(f"optimizer.type: {opt.get('type')!r} is not supported by ds_zo; use {OPTIMIZER_TYPE!r}")
-    try:
-        params = ZOSGDParams(strict=True, **(opt.get("params") or {}))
-    except ValidationError as e:
-        raise _pydantic_error("optimizer.params", e) from None
+    params = opt.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"optimizer.params: must be an object, got {type(params).__name__}")
+    params = _validated("optimizer.params", params, ZOSGDParams)
 
     clip = ds.get("gradient_clipping", 0.0)
     if clip not in (0, 0.0):

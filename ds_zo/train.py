@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     values = [v.strip() for v in args.label_values.split(",")]
     if "" in values or len(set(values)) != len(values):
         p.error(f"--label_values must name each class once, comma-separated, got {args.label_values!r}")
+    if args.task == "classification" and len(values) != len(args.label_words):
+        p.error(f"--label_values has {len(values)} classes ({args.label_values!r}) but --label_words has "
+                f"{len(args.label_words)} ({args.label_words!r}): give one label word per class, in the same order")
     if args.resume == "no" and os.path.isfile(os.path.join(args.output_dir, "checkpoints", "latest")):
         p.error(f"--resume no: {os.path.join(args.output_dir, 'checkpoints')} holds an earlier run's checkpoints, "
                 "which a new run there would mix with its own; use another --output_dir, continue that run with "
@@ -149,8 +152,6 @@ def build_data(args, tokenizer, seed: int):
         what = "IMDB sentiment (built-in)"
     else:
         values = [v.strip() for v in args.label_values.split(",")]
-        if len(values) != len(args.label_words):
-            raise ValueError(f"--label_values has {len(values)} classes but --label_words has {len(args.label_words)}")
         read = lambda f: files.read_labelled(f, args.text_column, args.label_column, values)  # noqa: E731
         train = read(args.train_file)
         dev = read(args.dev_file) if args.dev_file else None
@@ -186,9 +187,9 @@ def checkpoint_location(path: str) -> tuple[str, Optional[str]]:
 
 
 def _same_setting(key: str, value):
-    """A setting as it names the job: a model folder by its real path (relative or absolute, with or without a
-    trailing slash: the same folder), the class values without the spaces around their commas."""
-    if key == "model" and isinstance(value, str) and os.path.isdir(value):
+    """A setting as it names the job: a model folder or .gguf file by its real path (relative or absolute, with or
+    without a trailing slash: the same model), the class values without the spaces around their commas."""
+    if key == "model" and isinstance(value, str) and os.path.exists(value):
         return os.path.realpath(value)
     if key == "label_values" and isinstance(value, str):
         return ",".join(v.strip() for v in value.split(","))
@@ -201,9 +202,10 @@ def check_same_job(saved: Optional[dict], current: dict, where: str) -> None:
     differ = [f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in current
               if _same_setting(k, saved.get(k)) != _same_setting(k, current[k])]
     if differ:
-        raise SystemExit(f"[ds_zo] {where} holds a checkpoint of another job ({'; '.join(differ)}): resuming it would "
-                         "mix that run's steps and results into this one. Use another --output_dir, or the same "
-                         "settings to continue that run, or remove that folder to start this one there")
+        from .checkpoint import CheckpointError
+        raise CheckpointError(f"{where} holds a checkpoint of another job ({'; '.join(differ)}): resuming it would "
+                              "mix that run's steps and results into this one. Use another --output_dir, or the same "
+                              "settings to continue that run, or remove that folder to start this one there")
 
 
 def step_examples(train: list, step: int, global_rows: int, seed: int) -> list:
@@ -282,15 +284,18 @@ def main(argv=None) -> dict:
     history = {"train": [], "eval": []}
     results = {}
     resume_from = None
-    from .checkpoint import has_latest
+    from .checkpoint import check_shared_folder, has_latest
+    check_shared_folder(engine.comm, engine.global_rank, args.output_dir, "--output_dir")
     if args.resume == "auto" and has_latest(engine.comm, ckpt_dir):        # (every rank decides the same)
         resume_from = ckpt_dir
     elif args.resume not in ("auto", "no"):
         resume_from = args.resume
     if resume_from:
-        from .checkpoint import read_state
+        from .checkpoint import read_state, together
         load_dir, tag = checkpoint_location(resume_from)
-        check_same_job(read_state(load_dir, tag)[1]["client_state"].get("job"), job, resume_from)
+        # every rank reads it, together: one that cannot (a folder its node does not share) stops them all at once
+        together(engine.comm, f"reading the checkpoint in {resume_from!r}",
+                 lambda: check_same_job(read_state(load_dir, tag)[1]["client_state"].get("job"), job, resume_from))
         _, client = engine.load_checkpoint(load_dir, tag)
         history, results = client.get("history", history), client.get("results", results)
         log(f"[ds_zo] resumed from {resume_from} at step {engine.global_steps}")
@@ -384,16 +389,17 @@ def _fmt(result) -> str:
 
 
 def cli(argv=None) -> None:
-    """`python -m ds_zo.train`: an input the job cannot use (data, config, task settings, checkpoint) ends it with its
+    """`python -m ds_zo.train`: an input the job cannot use (data, config, model, task settings, checkpoint) ends it with its
     message and exit status 2, as argparse does, not a traceback; anything else keeps its traceback."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data.files import DataError
     from .data.tasks import TaskError
     from .model.units import UnitCutError
+    from .models import ModelSpecError
     try:
         main(argv)
-    except (CheckpointError, ConfigError, DataError, TaskError, UnitCutError) as error:
+    except (CheckpointError, ConfigError, DataError, ModelSpecError, TaskError, UnitCutError) as error:
         print(f"[ds_zo] error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

@@ -8,6 +8,7 @@ if [ "${NNODES:-1}" -gt 1 ] && { [ -z "${MASTER_PORT:-}" ] || [ -z "${MASTER_ADD
     echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (node 0's address) and MASTER_PORT (a free port"          "there), the same on every node" >&2
     exit 2
 fi
+MULTI_NODE=$([ "${NNODES:-1}" -gt 1 ] && echo 1 || echo 0)
 source "$(dirname "$0")/common.sh"
 exec "$(dirname "$PY")/torchrun" --nproc_per_node "$NPROC" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m ds_zo.train "$@"

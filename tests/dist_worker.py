@@ -100,11 +100,17 @@ def run_case(case: dict, out_dir: str) -> dict:
 def checkpoint_faults(engine, out_dir: str, name: str) -> dict:
     """Checkpoint failures on rank 1 only: a save folder rank 1 does not share, then a load of a checkpoint whose rank 1
     file is corrupt. Each rank's error message, and whether the failed load left the model as it was."""
+    from ds_zo.checkpoint import check_shared_folder
     rank, errors = engine.global_rank, {}
     try:
         engine.save_checkpoint(os.path.join(out_dir, f"{name}.unshared{rank}"))
     except Exception as e:
         errors["save"] = str(e)
+    try:
+        check_shared_folder(engine.comm, rank, os.path.join(out_dir, f"{name}.unshared{rank}"), "--output_dir")
+    except Exception as e:
+        errors["shared"] = str(e)
+    check_shared_folder(engine.comm, rank, out_dir, "--output_dir")     # a shared one passes, leaving nothing
     shared = os.path.join(out_dir, f"{name}.shared")
     engine.save_checkpoint(shared, tag="t")
     engine.train_batch(batch(rows=GLOBAL_ROWS // engine.dp_world_size, seed=77))   # the model moves past it

@@ -27,7 +27,13 @@ def _with(**changes):
 
 
 @pytest.mark.parametrize("changes, must_mention", [
-    ({"zero_order__sedd": 1}, ["zero_order.sedd", "Extra inputs"]),
+    ({"zero_order__sedd": 1}, ["unknown key zero_order.sedd (allowed in zero_order: [", "'seed'"]),
+    # a key named "strict" was taken by DeepSpeed's config base as its own argument (a TypeError); an unknown key
+    # set to "auto" is unknown, not a value to give
+    ({"zero_order__strict": True}, ["unknown key zero_order.strict"]),
+    ({"optimizer__params__strict": True}, ["unknown key optimizer.params.strict", "'weight_decay'"]),
+    ({"optimizer__params__betas": "auto"}, ["unknown key optimizer.params.betas"]),
+    ({"optimizer__params": [1e-3]}, ["optimizer.params: must be an object", "list"]),
     ({"zero_order__seed": -1}, ["zero_order.seed", "-1"]),
     ({"zero_order__seed": "abc"}, ["zero_order.seed", "abc"]),
     ({"zero_order__distribution": "uniform"}, ["zero_order.distribution", "gaussian", "rademacher", "uniform"]),
@@ -71,6 +77,7 @@ def test_bad_values_name_the_field(changes, must_mention):
     msg = _err(_with(**changes))
     for word in must_mention:
         assert word in msg, (word, msg)
+    assert "give the value" not in msg or "unknown key" not in msg, msg
 
 
 def test_missing_optimizer_and_wrong_section_types():

@@ -149,6 +149,10 @@ def test_bad_paths_and_rows_fail_clearly(tmp_path, data):
     assert proc.returncode == 2 and "--train_file, --test_file: the imdb task uses its built-in data" in proc.stderr
     proc = _job(tmp_path / "u", data, "--eval_batch_size", "0")
     assert proc.returncode == 2 and "--eval_batch_size must be >= 1, got 0" in proc.stderr
+    bogus = tmp_path / "weights.bin"                  # a model the job cannot load: status 2 too (was a traceback)
+    bogus.write_bytes(b"\0" * 16)
+    proc = _job(tmp_path / "m", data, "--model", str(bogus))
+    assert proc.returncode == 2 and "a file that is not .gguf" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_launch_scripts_take_paths_from_where_they_run(tmp_path, data):

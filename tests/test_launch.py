@@ -71,3 +71,52 @@ def test_torchrun_on_several_nodes_needs_one_master_address_and_port(tmp_path):
         proc = subprocess.run(["bash", script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                               env={**env, "NNODES": "2", "NODE_RANK": "1", **given})
         assert proc.returncode == 2 and "NNODES=2 needs MASTER_ADDR (node 0's address) and MASTER_PORT" in proc.stderr
+
+
+def _fake_tools(tmp_path):
+    """A python, torchrun and deepspeed that print the launch environment they were given (the scripts find the
+    last two beside $PY): no GPU, and a free port when asked for one."""
+    import os
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    report = '#!/bin/bash\necho "GLOO=${GLOO_SOCKET_IFNAME:-unset} ADDR=${MASTER_ADDR:-unset} ARGS=$*"\n'
+    (bin_dir / "python").write_text('#!/bin/bash\nif [ "$1" = -c ]; then\n    case "$2" in *socket*) echo 29999 ;; '
+                                    '*) exit 1 ;; esac\n    exit 0\nfi\n' + report.split("\n", 1)[1])
+    for name in ("torchrun", "deepspeed"):
+        (bin_dir / name).write_text(report)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "GLOO_SOCKET_IFNAME")}
+    return {**env, "PY": str(bin_dir / "python")}
+
+
+def _launch_script(tmp_path, name, env):
+    import os
+    return subprocess.run(["bash", os.path.join(local_ranks.ROOT, "launch", name), "--steps", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_launch_scripts_use_loopback_on_one_node_only(tmp_path):
+    """On CPU-only nodes the scripts set GLOO_SOCKET_IFNAME=lo, and did so on several nodes too, where the nodes then
+    could not connect. One node: lo and 127.0.0.1; several (torchrun's NNODES, a HOSTFILE, MPI_ARGS naming hosts):
+    neither, and a hostfile without MASTER_ADDR is refused at once (127.0.0.1 is not node 0 for the others)."""
+    import shutil
+    env = _fake_tools(tmp_path)
+    one = _launch_script(tmp_path, "torchrun.sh", {**env, "NPROC": "1"})
+    assert one.returncode == 0 and "GLOO=lo ADDR=127.0.0.1" in one.stdout, one.stdout + one.stderr
+    many = _launch_script(tmp_path, "torchrun.sh", {**env, "NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1",
+                                                    "MASTER_PORT": "29500"})
+    assert many.returncode == 0 and "GLOO=unset ADDR=10.0.0.1" in many.stdout, many.stdout + many.stderr
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node0 slots=2\nnode1 slots=2\n")
+    refused = _launch_script(tmp_path, "deepspeed_multinode.sh", {**env, "HOSTFILE": str(hosts)})
+    assert refused.returncode == 2 and f"HOSTFILE={hosts} needs MASTER_ADDR" in refused.stderr
+    ds = _launch_script(tmp_path, "deepspeed_multinode.sh", {**env, "HOSTFILE": str(hosts), "MASTER_ADDR": "node0"})
+    assert ds.returncode == 0 and "GLOO=unset ADDR=node0" in ds.stdout and "--master_addr node0" in ds.stdout
+    local = _launch_script(tmp_path, "deepspeed_multinode.sh", env)          # the example hostfile: this node
+    assert local.returncode == 0 and "GLOO=lo ADDR=127.0.0.1" in local.stdout, local.stdout + local.stderr
+    if shutil.which("mpirun") is None:
+        return
+    for mpi_args, gloo in (("", "GLOO=lo"), ("--host localhost:1", "GLOO=unset")):
+        mpi = _launch_script(tmp_path, "mpirun.sh", {**env, "NPROC": "1", "MPI_ARGS": mpi_args})
+        assert mpi.returncode == 0 and gloo in mpi.stdout, (mpi_args, mpi.stdout + mpi.stderr)

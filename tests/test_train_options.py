@@ -10,6 +10,7 @@ import torch
 
 import ds_zo
 from ds_zo import train
+from ds_zo.checkpoint import CheckpointError
 from ds_zo.loss import LabelWordLoss
 from ds_zo.models import tiny_model_and_tokenizer
 from conftest import ds_config
@@ -82,6 +83,8 @@ def test_max_length_is_cut_to_the_models_positions_or_refused_when_asked_for():
      "--label_values must name each class once"),
     (["--task", "classification", "--train_file", __file__, "--label_values", "0,,1"],
      "--label_values must name each class once"),
+    (["--task", "classification", "--train_file", __file__, "--label_values", "0,1,2"],    # (was a traceback)
+     "--label_values has 3 classes ('0,1,2') but --label_words has 2"),
 ])
 def test_bad_options_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -100,19 +103,21 @@ def test_resume_no_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
 
 
 def test_the_same_job_spelled_otherwise_resumes_and_another_is_told_a_way_that_works(tmp_path, monkeypatch):
-    """A model folder given relative or absolute (or with a trailing slash) and class values with spaces after the
+    """A model folder or .gguf file given relative or absolute (or with a trailing slash) and class values with spaces after the
     commas name the same job; another job is refused with advice that works there (it said --resume no, which that
     folder refuses: test_resume_no_refuses_a_folder_that_holds_a_run)."""
     (tmp_path / "model").mkdir()
     monkeypatch.chdir(tmp_path)
     saved = {"model": "model", "label_values": "0,1", "seed": 0}
     train.check_same_job(saved, {"model": str(tmp_path / "model") + "/", "label_values": "0, 1", "seed": 0}, "ck")
-    with pytest.raises(SystemExit, match=r"another job \(seed: saved 0, now 1\).*Use another --output_dir, or the "
+    with pytest.raises(CheckpointError, match=r"another job \(seed: saved 0, now 1\).*Use another --output_dir, or the "
                                          r"same settings to continue that run, or remove that folder") as stop:
         train.check_same_job(saved, {"model": "model", "label_values": "0,1", "seed": 1}, "ck")
     assert "--resume no" not in str(stop.value)
-    with pytest.raises(SystemExit, match=r"label_values: saved '0,1', now '1,0'"):
+    with pytest.raises(CheckpointError, match=r"label_values: saved '0,1', now '1,0'"):
         train.check_same_job(saved, {"model": "model", "label_values": "1,0", "seed": 0}, "ck")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")       # a .gguf file too, not only a folder
+    train.check_same_job({"model": "m.gguf"}, {"model": str(tmp_path / "m.gguf")}, "ck")
 
 
 def test_deepscale_config_is_read_as_deepspeed_does(tmp_path, capsys):
