@@ -190,6 +190,7 @@ def test_user_csv_and_jsonl_are_read(tmp_path):
     ("text,label\nfine,1,extra\n", r"row 1 \(line 2\): 3 fields but the header has 2"),
     ("review,label\nfine,1\n", r"row 1 \(line 2\): missing column 'text'"),
     ("", r"empty file"),
+    ("\ntext,label\nfine,1\n", r"line 1 is blank; the first line must be the header row"),     # (was "empty file")
     ("text,text,label\na,b,1\n", r"header names column\(s\) \['text'\] more than once"),
     # a quote left open: refused where it opens (it took the rows after it into one field, unsaid where a later quote
     # closed it), a quote inside an unquoted field is text

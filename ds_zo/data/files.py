@@ -52,8 +52,10 @@ def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
         start, number = 1, 0
         try:
             header = next(reader, None)
-            if not header:
+            if header is None:
                 raise DataError(f"{path}: empty file (expected a header row)")
+            if not header:
+                raise DataError(f"{path}: line 1 is blank; the first line must be the header row (the column names)")
             repeated = sorted({c for c in header if header.count(c) > 1})
             if repeated:
                 raise DataError(f"{path}: the header names column(s) {repeated} more than once")
