@@ -72,7 +72,8 @@ def together(comm, what: str, fn):
         result, failure = fn(), None
     except Exception as e:              # noqa: BLE001 (re-raised below, on this rank, after the others are told)
         result, failure = None, e
-    outcomes = comm.gather_strings("ok" if failure is None else "failed")
+    outcomes = comm.gather_strings("ok" if failure is None else "failed",
+                                   what=f"agreement after {what} (every rank must take part)")
     if failure is not None:
         raise failure
     failed = [r for r, o in enumerate(outcomes) if o != "ok"]
@@ -87,7 +88,7 @@ def check_shared_folder(comm, rank: int, folder: str, what: str) -> None:
     shares, and a multi-node job whose folder is not shared would fail only at its first save (by default the last,
     after every step). `what` names the folder in the message (the option that set it)."""
     import secrets
-    token = comm.gather_strings(secrets.token_hex(8) if rank == 0 else "")[0]
+    token = comm.gather_strings(secrets.token_hex(8) if rank == 0 else "", what=f"checking {what}")[0]
     probe = os.path.join(os.path.abspath(folder), f".ds_zo-shared-{token}")
 
     def write():
@@ -196,7 +197,8 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
 
     together(comm, f"making checkpoint folder {partial!r}", make_partial)
     sha = together(comm, f"writing the rank files of checkpoint {tag!r}", write_rank_file)
-    files = {f"zo_rank_{r:05d}.safetensors": h for r, h in enumerate(comm.gather_strings(sha))}   # rank 0 lists them
+    shas = comm.gather_strings(sha, what=f"checksums of checkpoint {tag!r} (every rank must take part)")
+    files = {f"zo_rank_{r:05d}.safetensors": h for r, h in enumerate(shas)}   # rank 0 lists them
     together(comm, f"completing checkpoint {tag!r}",
               lambda: _complete(engine, save_dir, partial, tag, files, client_state) if rank == 0 else None)
     return os.path.join(save_dir, tag)
@@ -282,7 +284,8 @@ def has_latest(comm, load_dir: str) -> bool:
     """Whether load_dir holds a checkpoint ('latest'), decided by every rank together (a collective: every rank
     calls it): ranks that disagree are named on each, since those that loaded and those that went on from the model
     as it is would train different models."""
-    found = comm.gather_strings("1" if os.path.isfile(os.path.join(load_dir, "latest")) else "0")
+    found = comm.gather_strings("1" if os.path.isfile(os.path.join(load_dir, "latest")) else "0",
+                                what="agreement on whether a checkpoint is there to load (every rank must take part)")
     if "1" in found and "0" in found:
         raise CheckpointError(f"ranks {[r for r, f in enumerate(found) if f == '0']} see no checkpoint in "
                               f"{os.path.abspath(load_dir)!r} (no 'latest' file) and ranks "

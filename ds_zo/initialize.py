@@ -1,6 +1,8 @@
 """ds_zo.initialize: the ZO counterpart of deepspeed.initialize, with the same arguments and return values."""
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Optional
 
 from torch import nn
@@ -13,7 +15,7 @@ from .parallel.dims import default_partition_size
 from .parallel.launch_env import ensure_launch_env
 from .parallel.mpu import ZOParallelMPU
 from .parallel.partition import partition_model, replicate_from_rank0
-from .parallel.communicator import startup_barrier
+from .parallel.communicator import agree_on_settings, startup_barrier, startup_device
 from .parallel.shm_segments import deepspeed_shm_op_loaded, release_shm_segment
 from .weights_fingerprint import rank0s, weight_fingerprint
 
@@ -126,16 +128,33 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         raise ValueError("mpu is not used by ds_zo: its parallel layout comes from zero_order.perturbation_parallel "
                          "and the world size")
     ensure_launch_env()
+    if get_accelerator().device_name() != "cpu":
+        # this rank's device, as DeepSpeed's engine sets it, but before the start-up collectives: under NCCL they
+        # stage host tensors on the current device, which was device 0 on every rank of a node until the engine
+        device_rank = getattr(args, "device_rank", None)
+        get_accelerator().set_device(device_rank if device_rank is not None else int(os.environ["LOCAL_RANK"]))
     partition_parameters.shutdown_init_context()
     try:
         from datetime import timedelta
-        dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+        # auto_mpi_discovery off: ensure_launch_env has set every variable (or refused); DeepSpeed's discovery,
+        # run where one was missing, made each process a job of its own (rank 0 of 1) under a singleton MPI
+        dist.init_distributed(dist_backend=get_accelerator().communication_backend_name(), auto_mpi_discovery=False,
                               dist_init_required=dist_init_required, timeout=timedelta(seconds=zo.collective_timeout_s))
         world, rank = dist.get_world_size(), dist.get_rank()
         # DeepSpeed would leave 66 MiB of /dev/shm per rank; released before anything here can fail
         release_shm_segment(rank, world, lambda: startup_barrier(rank, world, zo.collective_timeout_s),
                             deepspeed_shm_op_loaded())
         partition = default_partition_size(world, zo.partition_group_size) if offload.partitioned else 1
+        agree_on_settings(rank, world, zo.collective_timeout_s, {
+            "zero_order": zo.model_dump(), "optimizer.params": zo_params.model_dump(),
+            "ZeRO / offload": [ds_config.get("zero_optimization"), dataclasses.asdict(offload), partition],
+            "batch sizes": [ds_config.get(k) for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                       "gradient_accumulation_steps")],
+            "fp16 / bf16": str(half_dtype(ds_config)),
+            "model (parameter names, shapes, dtypes)": [(n, list(p.shape), str(p.dtype))
+                                                        for n, p in model.named_parameters()],
+            "trainable parameters": [sorted(trainable), {n: r.tolist() for n, r in rows.items()}],
+        }, startup_device())
         dims = ParallelDims(world=world, rank=rank, pertp=zo.perturbation_parallel, partition=partition)
         dims.build_groups(zo.collective_timeout_s)
         comm = Communicator(dims, zo.collective_timeout_s)

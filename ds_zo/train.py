@@ -389,7 +389,7 @@ def _fmt(result) -> str:
 
 
 def cli(argv=None) -> None:
-    """`python -m ds_zo.train`: an input the job cannot use (data, config, model, task settings, checkpoint) ends it with its
+    """`python -m ds_zo.train`: an input the job cannot use (data, config, model, task settings, checkpoint, launch) ends it with its
     message and exit status 2, as argparse does, not a traceback; anything else keeps its traceback."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
@@ -397,9 +397,10 @@ def cli(argv=None) -> None:
     from .data.tasks import TaskError
     from .model.units import UnitCutError
     from .models import ModelSpecError
+    from .parallel.launch_env import LaunchError
     try:
         main(argv)
-    except (CheckpointError, ConfigError, DataError, ModelSpecError, TaskError, UnitCutError) as error:
+    except (CheckpointError, ConfigError, DataError, LaunchError, ModelSpecError, TaskError, UnitCutError) as error:
         print(f"[ds_zo] error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

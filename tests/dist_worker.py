@@ -40,6 +40,9 @@ def case_config(case: dict) -> dict:
         cfg["zero_order"]["partition_group_size"] = case["partition"]
     if case.get("bf16"):
         cfg["bf16"] = {"enabled": True}
+    for key, value in case.get("config_of_rank", {}).get(os.environ.get("RANK", "0"), {}).items():
+        # this rank is started with other settings (a section's keys merged into it)
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
 
 

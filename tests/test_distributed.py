@@ -199,6 +199,25 @@ def test_a_killed_rank_makes_the_others_fail_clearly(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_ranks_started_with_other_settings_refuse_to_start(tmp_path):
+    """Ranks given other settings than rank 0's: another perturbation_parallel hung in new_group until the timeout,
+    another num_perturbations crashed gloo, another seed or lr trained diverging models unsaid. Every rank now
+    refuses at start-up, naming the ranks and the settings that differ."""
+    for name, other, named in (("pertp", {"zero_order": {"perturbation_parallel": 1}}, "zero_order"),
+                               ("seed_lr", {"zero_order": {"seed": 6}, "optimizer": {"params": {"lr": 1.0}}},
+                                "zero_order, optimizer.params"),
+                               ("micro", {"train_micro_batch_size_per_gpu": 1}, "batch sizes")):
+        spec = tmp_path / f"{name}.json"
+        case = {"name": name, "pertp": 2, "timeout": 60, "config_of_rank": {"1": other}}
+        spec.write_text(json.dumps({"out": str(tmp_path), "cases": [case]}))
+        results = run_ranks(2, [WORKER, str(spec)], timeout=200)
+        for r, res in enumerate(results):
+            assert res["rc"] not in (0, None), f"{name} rank {r} trained"
+            assert f"rank 1 was started with other {named} than rank 0" in res["err"], res["err"][-2000:]
+            assert res["seconds"] < 60, f"{name} rank {r} waited for the timeout"
+
+
+@pytest.mark.timeout(300)
 def test_ranks_with_different_z_samplers_refuse_to_start(tmp_path):
     """Torch's CUDA sampler depends on the GPU's SM count: ranks on different GPU models would draw different z for
     the same seed, and every rank says so at start-up instead of training on mismatched perturbations."""

@@ -1,5 +1,6 @@
 """Launch helpers: the MPI discovery never leaves ranks waiting on a failed rank 0, and run_ranks never leaves a
 rank running after it returns or raises."""
+import re
 import subprocess
 import sys
 
@@ -120,3 +121,63 @@ def test_launch_scripts_use_loopback_on_one_node_only(tmp_path):
     for mpi_args, gloo in (("", "GLOO=lo"), ("--host localhost:1", "GLOO=unset")):
         mpi = _launch_script(tmp_path, "mpirun.sh", {**env, "NPROC": "1", "MPI_ARGS": mpi_args})
         assert mpi.returncode == 0 and gloo in mpi.stdout, (mpi_args, mpi.stdout + mpi.stderr)
+
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", *launch_env._MPI_VARS)
+
+
+@pytest.fixture
+def launch_vars(monkeypatch):
+    """A clean launch environment to set per case (monkeypatch restores the process's)."""
+    for name in _LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return lambda **values: [monkeypatch.setenv(k, str(v)) for k, v in values.items()]
+
+
+@pytest.mark.parametrize("given, missing", [
+    ({"RANK": 1, "WORLD_SIZE": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500}, "LOCAL_RANK is not set"),
+    ({"RANK": 1, "WORLD_SIZE": 2, "LOCAL_RANK": 1, "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not set"),
+    ({"RANK": 1, "WORLD_SIZE": 2, "LOCAL_RANK": 1}, "MASTER_ADDR, MASTER_PORT are not set"),
+    ({"RANK": 1}, "RANK is set (1) but WORLD_SIZE is not"),
+    ({"WORLD_SIZE": 2}, "WORLD_SIZE is set (2) but RANK is not"),
+    ({"RANK": 0, "WORLD_SIZE": "two"}, "WORLD_SIZE='two': must be a number of processes"),
+    ({"SLURM_PROCID": 0, "SLURM_NTASKS": 2}, "Slurm started 2 tasks but none has an MPI rank"),
+])
+def test_a_launch_that_names_several_processes_but_not_all_of_their_variables_is_refused(launch_vars, given, missing):
+    """DeepSpeed's init ran its own MPI discovery where one of the five variables was missing: mpi4py's singleton
+    made every process rank 0 of a world of 1, so each trained alone and said nothing (or took port 29500)."""
+    launch_vars(**given)
+    with pytest.raises(launch_env.LaunchError, match=re.escape(missing)):
+        launch_env.ensure_launch_env()
+
+
+def test_one_process_gets_the_rest_and_deepspeeds_local_size_is_read(launch_vars, monkeypatch):
+    import os
+    launch_vars(RANK=0, WORLD_SIZE=1)
+    launch_env.ensure_launch_env()
+    assert (os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1",
+                                                                                                   "127.0.0.1")
+    assert os.environ["MASTER_PORT"].isdigit()
+    # DeepSpeed's launcher exports LOCAL_SIZE, not LOCAL_WORLD_SIZE: the ZeRO-3 partition group (one node by
+    # default) spanned every node under it
+    for name in ("LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(name)
+    launch_vars(RANK=1, WORLD_SIZE=4, LOCAL_RANK=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500, LOCAL_SIZE=2)
+    launch_env.ensure_launch_env()
+    assert os.environ["LOCAL_WORLD_SIZE"] == "2"
+    from ds_zo.parallel.dims import default_partition_size
+    assert default_partition_size(4, None) == 2
+
+
+def test_slurms_pmix_rank_is_an_mpi_launch_and_a_singleton_under_several_tasks_is_refused(tmp_path):
+    """srun --mpi=pmix exports PMIX_RANK but no PMIX_SIZE: it was taken for a plain one-process run. It is an MPI
+    launch now, and where MPI then sees one process of several tasks (no PMI reached it) the launch is refused."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    env.update(PMIX_RANK="0", SLURM_PROCID="0", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29733")
+    proc = subprocess.run([sys.executable, "-c", "from ds_zo.parallel.launch_env import ensure_launch_env; "
+                           "ensure_launch_env()"], cwd=local_ranks.ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "Slurm started 2 tasks but MPI sees each as a job of its own" in proc.stderr, \
+        proc.stderr[-2000:]

@@ -30,6 +30,43 @@ def startup_barrier(rank: int, world: int, timeout_s: float) -> None:
             raise collective_error(rank, world, "start-up barrier", "world", timeout_s, e) from e
 
 
+def startup_device() -> torch.device:
+    """Where host tensors go for a collective: NCCL moves device memory only (this rank's device, which initialize
+    has made current), gloo host memory."""
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def agree_on_settings(rank: int, world: int, timeout_s: float, settings: dict, device: torch.device) -> None:
+    """Refuse at once, on every rank, settings that differ from rank 0's (name -> any JSON-able value), over the
+    default group, before ds_zo's groups exist: a different perturbation_parallel or partition size hung in
+    new_group until the timeout, a different num_perturbations crashed gloo, a different seed or lr trained
+    diverging models unsaid. Each setting goes as a 6-byte digest."""
+    if world == 1:
+        return
+    import hashlib
+    import json
+    digests = [hashlib.blake2b(json.dumps(v, sort_keys=True, default=str).encode(), digest_size=6).digest()
+               for v in settings.values()]
+    table = torch.zeros(world, len(settings), 6, dtype=torch.float64)
+    table[rank] = torch.tensor([list(d) for d in digests], dtype=torch.float64)
+    table = table.to(device)
+    try:
+        dist.all_reduce(table)
+    except Exception as e:
+        raise collective_error(rank, world, "start-up settings check", "world", timeout_s, e) from e
+    table = table.cpu()
+    differ = (table != table[0]).any(dim=2)                  # [rank, setting]: differs from rank 0's
+    if differ.any():
+        from ..config import ConfigError
+        names = [name for i, name in enumerate(settings) if differ[:, i].any()]
+        ranks = [r for r in range(world) if differ[r].any()]
+        raise ConfigError(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} "
+                          f"{'were' if len(ranks) > 1 else 'was'} started with other {', '.join(names)} than rank 0: "
+                          "every rank of a ds_zo job must run the same ds_config, model and trainable set (the "
+                          "ranks would hang in their first collectives or train different models)")
+
+
 class Communicator:
     def __init__(self, dims: ParallelDims, timeout_s: float, staging_device: torch.device | None = None):
         self.dims = dims
@@ -37,8 +74,8 @@ class Communicator:
         self.stats = {"allreduce_bytes": 0, "allgather_bytes": 0, "allreduce_calls": 0, "allgather_calls": 0}
         # NCCL moves device memory only: host tensors (the float64 loss totals, CPU-resident offloaded parameters at
         # the start-up broadcast) then travel through this device
-        if staging_device is None and dims.world > 1 and dist.is_initialized() and dist.get_backend() == "nccl":
-            staging_device = torch.device("cuda", torch.cuda.current_device())
+        if staging_device is None and dims.world > 1 and startup_device().type == "cuda":
+            staging_device = startup_device()
         self.staging_device = staging_device
 
     def _run_on_device(self, t: torch.Tensor, collective) -> None:
@@ -90,9 +127,9 @@ class Communicator:
         except Exception as e:
             raise self._fail("model broadcast", "world", e) from e
 
-    def gather_strings(self, value: str, width: int = 64) -> list[str]:
-        """Every rank's `value` (ASCII, at most `width` bytes), in rank order: for start-up agreement checks (not
-        counted in the per-step traffic `stats`)."""
+    def gather_strings(self, value: str, width: int = 64, what: str = "start-up agreement check") -> list[str]:
+        """Every rank's `value` (ASCII, at most `width` bytes), in rank order: for agreement checks (not counted in
+        the per-step traffic `stats`). `what` names it in a failure (every rank must be at the same call)."""
         data = value.encode("ascii")
         if len(data) > width:
             raise ValueError(f"gather_strings: {value!r} is longer than {width} bytes")
@@ -100,7 +137,7 @@ class Communicator:
             return [value]
         table = torch.zeros(self.dims.world, width, dtype=torch.float64)
         table[self.dims.rank, :len(data)] = torch.tensor(list(data), dtype=torch.float64)
-        self._sum(table, "world", "start-up agreement check")
+        self._sum(table, "world", what)
         return [bytes(int(x) for x in row if x).decode("ascii") for row in table.tolist()]
 
     def barrier(self) -> None:

@@ -14,7 +14,24 @@ import sys
 
 from .local_ranks import free_port
 
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+# an MPI launcher's variables (Slurm's PMIx plugin exports PMIX_RANK but not PMIX_SIZE)
+_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE",
+             "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+_TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(RuntimeError):
+    """The launch environment does not describe this process's place in the job; the message says what is
+    missing. Without it DeepSpeed's own MPI discovery would make each process a job of its own (rank 0 of 1)."""
+
+
+def _slurm_tasks() -> int:
+    """How many tasks Slurm's srun started for this step (1 outside Slurm)."""
+    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and "SLURM_PROCID" in os.environ:
+            return int(value)
+    return 1
 
 
 def _rank0_value(comm, make):
@@ -46,6 +63,10 @@ def _mpi_env() -> None:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    if size == 1 and _slurm_tasks() > 1:
+        raise LaunchError(f"Slurm started {_slurm_tasks()} tasks but MPI sees each as a job of its own (size 1): "
+                          "launch them with srun --mpi=pmix (or pmi2, whichever this cluster's MPI was built with), "
+                          "or export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in each task")
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = node.Get_rank(), node.Get_size()
     single_node = comm.allreduce(1 if local_size == size else 0, op=MPI.MIN) == 1
@@ -63,14 +84,39 @@ def _mpi_env() -> None:
 
 
 def ensure_launch_env() -> None:
-    """Make RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT describe this process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if "LOCAL_WORLD_SIZE" not in os.environ and os.environ["WORLD_SIZE"] == "1":
-            os.environ["LOCAL_WORLD_SIZE"] = "1"
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT describe this process, or refuse
+    (LaunchError) where the environment names a job of several processes but not all of them."""
+    given = [v for v in ("RANK", "WORLD_SIZE") if v in os.environ]
+    if len(given) == 2:
+        world = os.environ["WORLD_SIZE"]
+        if not world.isdigit() or int(world) < 1:
+            raise LaunchError(f"WORLD_SIZE={world!r}: must be a number of processes (>= 1)")
+        if int(world) > 1:
+            missing = [v for v in _TORCH_VARS if not os.environ.get(v)]
+            if missing:
+                raise LaunchError(f"RANK={os.environ['RANK']} WORLD_SIZE={world} name a job of several processes, "
+                                  f"but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: each "
+                                  f"process needs {', '.join(_TORCH_VARS)} (torchrun and the deepspeed launcher set "
+                                  "them all)")
+            if "LOCAL_WORLD_SIZE" not in os.environ and os.environ.get("LOCAL_SIZE"):
+                os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]   # DeepSpeed's launcher's name for it
+        else:
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         return
-    if any(v in os.environ for v in _MPI_SIZE_VARS):
+    if len(given) == 1:
+        other = "WORLD_SIZE" if given[0] == "RANK" else "RANK"
+        raise LaunchError(f"{given[0]} is set ({os.environ[given[0]]}) but {other} is not: set both (and LOCAL_RANK, "
+                          "MASTER_ADDR, MASTER_PORT) for a job of several processes, or neither for one process")
+    if any(v in os.environ for v in _MPI_VARS):
         _mpi_env()
         return
+    if _slurm_tasks() > 1:
+        raise LaunchError(f"Slurm started {_slurm_tasks()} tasks but none has an MPI rank (no PMI/PMIx variables): "
+                          "launch them with srun --mpi=pmix (or pmi2), or export RANK, WORLD_SIZE, LOCAL_RANK, "
+                          "MASTER_ADDR and MASTER_PORT in each task")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
