@@ -504,7 +504,7 @@ def test_a_folder_with_no_checkpoint_yet_loads_nothing_as_in_deepspeed(tmp_path,
     first.flush(), untouched.flush()
     assert all(torch.equal(p, q) for p, q in zip(first.module.parameters(), untouched.module.parameters()))
     first.save_checkpoint(str(tmp_path))
-    first.comm.gather_strings = lambda value, width=64: [value, "0"]        # rank 1 of 2 sees no 'latest'
+    first.comm.gather_strings = lambda value, **_: [value, "0"]        # rank 1 of 2 sees no 'latest'
     with pytest.raises(CheckpointError, match=r"ranks \[1\] see no checkpoint .* and ranks \[0\] do"):
         first.load_checkpoint(str(tmp_path))
 
