@@ -6,6 +6,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh || exit 1
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# DeepSpeed's CPU shm op is compiled on first use into torch's extension folder, by default one per user: two
+# checkouts testing at once rebuilt it back and forth there (their venvs differ), and a killed build left a lock
+# that hung the next test. Each checkout keeps its own.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 PYTEST=(.venv/bin/python -m pytest -q -ra -p no:cacheprovider)
 if [ "$#" -gt 0 ]; then
     exec "${PYTEST[@]}" "$@"
