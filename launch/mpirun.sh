@@ -5,7 +5,10 @@
 # MPI_ARGS naming hosts (--hostfile, --host, -H) makes it a multi-node launch (gloo then does not use loopback).
 set -euo pipefail
 MULTI_NODE=0
-case " ${MPI_ARGS:-} " in *" --hostfile"* | *" -hostfile"* | *" --host"* | *" -host"* | *" -H"* | *" --machinefile"* | *" -machinefile"*) MULTI_NODE=1 ;; esac
+case " ${MPI_ARGS:-} " in
+    *" --hostfile"* | *" -hostfile"* | *" --host"* | *" -host"* | *" -H"* | *" --machinefile"* | *" -machinefile"*)
+        MULTI_NODE=1 ;;
+esac
 source "$(dirname "$0")/common.sh"
 unset MASTER_ADDR
 EXPORTS=(-x MASTER_PORT)

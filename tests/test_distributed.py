@@ -130,17 +130,20 @@ def test_a_run_resumed_from_a_checkpoint_continues_like_one_process(tmp_path, ba
 @pytest.mark.timeout(300)
 def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(tmp_path):
     """A save into a folder one rank does not share (and the job's start-up check of such a folder), and a load whose
-    only corrupt file is rank 1's ZeRO-3 shard file: rank 1 says what is wrong, rank 0 that rank 1 failed, at once. They waited in the next collective until the
-    timeout blamed a dead peer (and a load restored rank 0's tensors before that). The failed load leaves the model
-    as it was, and the ranks train on together."""
+    only corrupt file is rank 1's ZeRO-3 shard file: rank 1 says what is wrong, rank 0 that rank 1 failed, at once.
+    They waited in the next collective until the timeout blamed a dead peer (and a load restored rank 0's tensors
+    before that). The failed load leaves the model as it was, and the ranks train on together."""
     case = {"name": "faults", "stage": 3, "partition": 2, "steps": 2, "checkpoint_faults_at": 1, "timeout": 40}
     out = _launch(tmp_path, 2, [case])
     infos = [_load(out, "faults", rank)[1] for rank in range(2)]
     errors = [info["faults"]["errors"] for info in infos]
-    assert "rank 1 does not see" in errors[1]["save"] and "the save folder must be on a file system" in errors[1]["save"]
+    assert "rank 1 does not see" in errors[1]["save"]
+    assert "the save folder must be on a file system" in errors[1]["save"]
     assert "writing the rank files of checkpoint 'global_step1' failed on rank 1" in errors[0]["save"]
-    assert "--output_dir" in errors[1]["shared"] and "rank 1 does not see the file rank 0 wrote" in errors[1]["shared"]
-    assert "checking that every rank sees --output_dir" in errors[0]["shared"] and "failed on rank 1" in errors[0]["shared"]
+    assert "--output_dir" in errors[1]["shared"]
+    assert "rank 1 does not see the file rank 0 wrote" in errors[1]["shared"]
+    assert "checking that every rank sees --output_dir" in errors[0]["shared"]
+    assert "failed on rank 1" in errors[0]["shared"]
     assert not [f for f in os.listdir(out) if f.startswith(".ds_zo-shared")]
     assert "zo_rank_00001.safetensors is missing or does not match its checksum" in errors[1]["load"]
     assert "loading checkpoint 't' from" in errors[0]["load"] and "failed on rank 1" in errors[0]["load"]

@@ -142,7 +142,7 @@ def launch_vars(monkeypatch):
     ({"RANK": 1}, "RANK is set (1) but WORLD_SIZE is not"),
     ({"WORLD_SIZE": 2}, "WORLD_SIZE is set (2) but RANK is not"),
     ({"RANK": 0, "WORLD_SIZE": "two"}, "WORLD_SIZE='two': must be a number of processes"),
-    ({"SLURM_PROCID": 0, "SLURM_NTASKS": 2}, "Slurm started 2 tasks but none has an MPI rank"),
+    ({"SLURM_PROCID": 0, "SLURM_STEP_NUM_TASKS": 2}, "Slurm started 2 tasks but none has an MPI rank"),
 ])
 def test_a_launch_that_names_several_processes_but_not_all_of_their_variables_is_refused(launch_vars, given, missing):
     """DeepSpeed's init ran its own MPI discovery where one of the five variables was missing: mpi4py's singleton
@@ -154,6 +154,11 @@ def test_a_launch_that_names_several_processes_but_not_all_of_their_variables_is
 
 def test_one_process_gets_the_rest_and_deepspeeds_local_size_is_read(launch_vars, monkeypatch):
     import os
+    launch_vars(SLURM_PROCID=0, SLURM_NTASKS=8)        # a batch script's one process (its allocation has 8 tasks)
+    launch_env.ensure_launch_env()
+    assert os.environ["WORLD_SIZE"] == "1"
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR"):
+        monkeypatch.delenv(name)
     launch_vars(RANK=0, WORLD_SIZE=1)
     launch_env.ensure_launch_env()
     assert (os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1",
@@ -175,7 +180,7 @@ def test_slurms_pmix_rank_is_an_mpi_launch_and_a_singleton_under_several_tasks_i
     launch now, and where MPI then sees one process of several tasks (no PMI reached it) the launch is refused."""
     import os
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env.update(PMIX_RANK="0", SLURM_PROCID="0", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29733")
+    env.update(PMIX_RANK="0", SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29733")
     proc = subprocess.run([sys.executable, "-c", "from ds_zo.parallel.launch_env import ensure_launch_env; "
                            "ensure_launch_env()"], cwd=local_ranks.ROOT, env=env, capture_output=True, text=True,
                           timeout=120)

@@ -103,9 +103,9 @@ def test_resume_no_refuses_a_folder_that_holds_a_run(tmp_path, capsys):
 
 
 def test_the_same_job_spelled_otherwise_resumes_and_another_is_told_a_way_that_works(tmp_path, monkeypatch):
-    """A model folder or .gguf file given relative or absolute (or with a trailing slash) and class values with spaces after the
-    commas name the same job; another job is refused with advice that works there (it said --resume no, which that
-    folder refuses: test_resume_no_refuses_a_folder_that_holds_a_run)."""
+    """A model folder or .gguf file given relative or absolute (or with a trailing slash) and class values with spaces
+    after the commas name the same job; another job is refused with advice that works there (it said --resume no,
+    which that folder refuses: test_resume_no_refuses_a_folder_that_holds_a_run)."""
     (tmp_path / "model").mkdir()
     monkeypatch.chdir(tmp_path)
     saved = {"model": "model", "label_values": "0,1", "seed": 0}

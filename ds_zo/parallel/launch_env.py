@@ -26,12 +26,10 @@ class LaunchError(RuntimeError):
 
 
 def _slurm_tasks() -> int:
-    """How many tasks Slurm's srun started for this step (1 outside Slurm)."""
-    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
-        value = os.environ.get(name, "")
-        if value.isdigit() and "SLURM_PROCID" in os.environ:
-            return int(value)
-    return 1
+    """How many tasks Slurm's srun started for this job step (1 outside an srun step). Not SLURM_NTASKS: a batch
+    script sees its allocation's task count there while it runs as one process."""
+    value = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    return int(value) if value.isdigit() and "SLURM_PROCID" in os.environ else 1
 
 
 def _rank0_value(comm, make):
@@ -63,7 +61,7 @@ def _mpi_env() -> None:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    if size == 1 and _slurm_tasks() > 1:
+    if size == 1 and _slurm_tasks() > 1 and "OMPI_COMM_WORLD_SIZE" not in os.environ:   # (mpirun's size is asked for)
         raise LaunchError(f"Slurm started {_slurm_tasks()} tasks but MPI sees each as a job of its own (size 1): "
                           "launch them with srun --mpi=pmix (or pmi2, whichever this cluster's MPI was built with), "
                           "or export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in each task")
