@@ -69,21 +69,14 @@ class OffloadConfig:
     partitioned: bool = False     # ZeRO-3: each rank's CPU master is its shard; units are resliced
 
 
-def _unknown_keys(section: str, raw: dict, model) -> Optional[ConfigError]:
-    unknown = sorted(set(raw) - set(model.model_fields))
-    if unknown:
-        return ConfigError(f"invalid ds_config: unknown key{'s' if len(unknown) > 1 else ''} "
-                           f"{', '.join(f'{section}.{k}' for k in unknown)} (allowed in {section}: "
-                           f"{sorted(model.model_fields)})")
-    return None
-
-
 def _validated(section: str, raw: dict, model):
     """raw as `model`, strictly (DeepSpeed's config base would drop "auto" values unsaid), unknown keys named with
     the allowed ones (a key named "strict" too, which the base's constructor would take as its own argument)."""
-    error = _unknown_keys(section, raw, model)
-    if error is not None:
-        raise error
+    unknown = sorted(set(raw) - set(model.model_fields))
+    if unknown:
+        raise ConfigError(f"invalid ds_config: unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(f'{section}.{k}' for k in unknown)} (allowed in {section}: "
+                          f"{sorted(model.model_fields)})")
     try:
         return model(strict=True, **raw)
     except ValidationError as err:

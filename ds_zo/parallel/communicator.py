@@ -74,8 +74,9 @@ class Communicator:
         self.stats = {"allreduce_bytes": 0, "allgather_bytes": 0, "allreduce_calls": 0, "allgather_calls": 0}
         # NCCL moves device memory only: host tensors (the float64 loss totals, CPU-resident offloaded parameters at
         # the start-up broadcast) then travel through this device
-        if staging_device is None and dims.world > 1 and startup_device().type == "cuda":
-            staging_device = startup_device()
+        if staging_device is None and dims.world > 1:
+            device = startup_device()
+            staging_device = device if device.type == "cuda" else None
         self.staging_device = staging_device
 
     def _run_on_device(self, t: torch.Tensor, collective) -> None:
