@@ -70,6 +70,8 @@ def run_case(case: dict, out_dir: str) -> dict:
             engine, *_ = ds_zo.initialize(model=tiny_model(case.get("arch", "llama"), case.get("tied", False)),
                                           config=case_config(case))
             engine.load_checkpoint(folder)
+        if case.get("save_on_rank_only") == rank and t == 1:    # DeepSpeed's misuse: `if rank == 0: save`
+            engine.save_checkpoint(os.path.join(out_dir, f"{case['name']}.checkpoints"))
         if case.get("checkpoint_faults_at") == t:
             faults = checkpoint_faults(engine, out_dir, case["name"])
         global_batch = batch(rows=GLOBAL_ROWS, seed=100 + t + 50 * seed_shift)

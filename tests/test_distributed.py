@@ -202,6 +202,22 @@ def test_a_killed_rank_makes_the_others_fail_clearly(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_a_checkpoint_saved_on_one_rank_only_fails_every_rank_clearly(tmp_path):
+    """`if rank == 0: engine.save_checkpoint(...)` (every rank must call it, as in DeepSpeed): rank 0's first
+    checkpoint collective meets rank 1's next step collective. Both ranks stop, neither hangs, and each says why: gloo's
+    own abort names a collective mismatch, ds_zo's error names the collective and says every rank must make it."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"out": str(tmp_path), "cases": [
+        {"name": "save_alone", "pertp": 1, "steps": 4, "save_on_rank_only": 0, "timeout": 20}]}))
+    results = run_ranks(2, [WORKER, str(spec)], timeout=200)
+    for r, res in enumerate(results):
+        assert res["rc"] not in (0, None), f"rank {r} did not fail"
+        assert "collective mismatch" in res["err"] or "every rank must make the same calls" in res["err"], \
+            f"rank {r}: {res['err'][-2000:]}"
+        assert res["seconds"] < 20 + 60                      # within the collective timeout (plus start-up)
+
+
+@pytest.mark.timeout(300)
 def test_ranks_started_with_other_settings_refuse_to_start(tmp_path):
     """Ranks given other settings than rank 0's: another perturbation_parallel hung in new_group until the timeout,
     another num_perturbations crashed gloo, another seed or lr trained diverging models unsaid. Every rank now

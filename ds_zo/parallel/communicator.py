@@ -17,7 +17,8 @@ class CollectiveError(RuntimeError):
 def collective_error(rank: int, world: int, what: str, group: str, timeout_s: float, err: Exception) -> CollectiveError:
     return CollectiveError(
         f"rank {rank}/{world}: {what} over the {group} group failed (timeout {timeout_s:g} s; "
-        f"zero_order.collective_timeout_s): a peer rank probably died or stopped responding. "
+        f"zero_order.collective_timeout_s): a peer rank probably died or stopped responding, or is at another "
+        f"collective (every rank must make the same calls, checkpoint saves and loads included). "
         f"Cause: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
 
 
