@@ -8,7 +8,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 VOCAB = 96
 
 
-def tiny_model(arch: str, tied: bool = True, seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
+def tiny_model(arch: str, tied: bool = True, seed: int = 0, dtype=torch.float32, heads: int = 4) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, tie_word_embeddings=tied)
     if arch == "llama":
@@ -30,6 +30,9 @@ def tiny_model(arch: str, tied: bool = True, seed: int = 0, dtype=torch.float32)
     elif arch == "bloom":                       # ALiBi: a (batch * heads, 1, T) bias handed to every layer
         from transformers import BloomConfig, BloomForCausalLM
         model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common))
+    elif arch == "mpt":                         # ALiBi: one (heads, 1, max_seq_len) bias handed to every layer
+        from transformers import MptConfig, MptForCausalLM
+        model = MptForCausalLM(MptConfig(d_model=32, n_layers=2, n_heads=heads, max_seq_len=64, **common))
     elif arch == "mixtral":                     # MoE, with the router logits HF's load-balancing loss reads
         from transformers import MixtralConfig, MixtralForCausalLM
         model = MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -46,6 +46,24 @@ def test_matches_plain_mezo_loop(arch, tied):
     assert engine.eval_batch(b) == pytest.approx(ref.loss(b), rel=1e-5)
 
 
+@pytest.mark.parametrize("rows, heads, q", [(1, 2, 1), (2, 4, 1), (1, 4, 2)])
+def test_mpt_alibi_bias_is_not_cut_like_rows(rows, heads, q):
+    """MPT hands every layer one (heads, 1, max_seq_len) ALiBi bias. Where heads == 2 * q * rows its first dimension
+    looks like the doubled batch: it was cut as rows, so each sign saw one head's slopes (with one row, silently:
+    g 2.373 against 2.379) or the layer crashed. Now it goes to every slot whole and the step is MeZO's."""
+    model = tiny_model("mpt", heads=heads)
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.0, seed=3, q=q)
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=3, micro=rows, num_perturbations=q)
+    b = batch(rows=rows)
+    for _ in range(2):
+        loss = engine.train_batch(b)
+        ref_loss, ref_g = ref.step(b)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        g = engine.last_projected_grad
+        assert (g if q > 1 else [g]) == pytest.approx(ref_g, rel=1e-5)
+    _assert_params_equal(engine, ref)
+
+
 def test_params_actually_move_and_every_trainable_parameter_takes_the_spsa_step():
     """What an outside checker does: reconstruct z from the change and g, compare with the generator."""
     model = tiny_model("llama")

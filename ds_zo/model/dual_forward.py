@@ -34,6 +34,11 @@ class SlotParams(Protocol):
 # keyword arguments whose first dim is the batch times a per-row count, batch-major: BLOOM's ALiBi bias is
 # (batch * heads, 1, T)
 BATCH_MAJOR_KWARGS = ("alibi",)
+# keyword arguments that never carry the batch, by the class of the unit they are handed to, where the first dim can
+# equal slots * rows: MPT's ALiBi bias is (heads, 1, max_seq_len), and with heads == slots * rows it was cut as rows
+# (a crash, or with one row per slot each sign silently saw one head's slopes). The name alone cannot tell:
+# CPM-Ant's `position_bias` is (batch, heads, T, T).
+UNBATCHED_KWARGS = {"MptBlock": ("position_bias",)}
 
 
 def split_block(obj: Any, block: int, rows: int, blocks: int) -> Any:
@@ -108,7 +113,9 @@ class DualForwardError(RuntimeError):
             f"({error}). The forward runs every slot (θ+εz, θ−εz) in one batch of {slots} x {rows} rows and hands each "
             f"block to the unit with its own parameters, cutting every tensor whose first dimension is {slots * rows}; "
             f"this unit's inputs were {', '.join(shapes) or 'not tensors'}. A model that carries the batch in another "
-            "dimension (such as Gemma3n's (altup, batch, T, H) hidden states) cannot be trained by ds_zo yet")
+            "dimension (such as Gemma3n's (altup, batch, T, H) hidden states), or hands its layers a tensor whose first "
+            f"dimension is {slots * rows} by coincidence (a per-head bias; ds_zo knows MPT's: UNBATCHED_KWARGS), "
+            "cannot be trained by ds_zo yet; another micro-batch size avoids a coincidence")
 
 
 def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provider: SlotParams):
@@ -119,6 +126,7 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
     # slot's copies straight to the next, and back to the masters once, or not at all where `release` points the
     # parameters at their store anyway (an offloaded unit)
     point_back = not (hasattr(provider, "repoints") and provider.repoints(unit))
+    unbatched = UNBATCHED_KWARGS.get(type(unit.module).__name__, ())
 
     def forward(*args, **kwargs):
         if kind is not None and provider.perturbs():
@@ -138,7 +146,9 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
             masters = [p.data for p in params] if point_back else None
             try:
                 for block in range(slots):
-                    a, kw = split_block(args, block, rows, slots), split_block(kwargs, block, rows, slots)
+                    a = split_block(args, block, rows, slots)
+                    kw = split_block({k: v for k, v in kwargs.items() if k not in unbatched}, block, rows, slots)
+                    kw.update((k, kwargs[k]) for k in unbatched if k in kwargs)
                     for p, t in zip(params, copies[block]):
                         p.data = t
                     try:
