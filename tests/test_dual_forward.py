@@ -64,6 +64,22 @@ def test_nested_units_are_rejected():
         cut_into_units(Outer(), {n for n, _ in Outer().named_parameters()})
 
 
+def test_a_layer_module_registered_outside_the_layers_too_is_refused():
+    """One norm object as every layer's input norm and as the final norm: its call from the top-level forward had no
+    wrapper and ran unperturbed in both slots (g −3.108 against −3.122, silently). Looped layers (one layer object
+    twice in the list) and a layer aliased outside the list stay allowed: a layer's own forward is wrapped."""
+    model = tiny_model("llama", tied=False)
+    for layer in model.model.layers:
+        layer.input_layernorm = model.model.norm
+    with pytest.raises(UnitCutError, match=r"module 'model\.norm' is also 'model\.layers\.\d\.input_layernorm'"):
+        cut_into_units(model, {n for n, _ in model.named_parameters()})
+    model = tiny_model("llama", tied=False)
+    model.model.layers.append(model.model.layers[0])
+    model.model.last_layer = model.model.layers[1]
+    units = cut_into_units(model, {n for n, _ in model.named_parameters()})
+    assert [u.name for u in units if u.is_layer] == ["model.layers.0", "model.layers.1"]
+
+
 def _perturbed_params(model, seed, eps, sign):
     gen = PerturbationGenerator()
     return {n: p + sign * (eps * gen.z(seed, 0, param_key(n), p.numel()).view_as(p))

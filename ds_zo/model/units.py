@@ -53,12 +53,28 @@ def cut_into_units(model: nn.Module, trainable_names: set[str],
     """Units in module-registration order (which HF models also execute in), each with its parameters."""
     rows = rows or {}
     canonical = {id(p): n for n, p in model.named_parameters()}
-    _, layers = _largest_module_list(model)
+    layers_name, layers = _largest_module_list(model)
     layer_ids = {id(m) for m in layers} if layers is not None else set()
     inside_layer: set[int] = set()
     if layers is not None:
         for m in layers:
             inside_layer.update(id(x) for x in m.modules())
+        # a module of a layer registered outside the layer list too: its calls from there would run unperturbed
+        # (no wrapper around them) in both slots, L+ and L− silently wrong
+        # (a path through a layer or the list, whatever its name, is inside: a layer's own forward is wrapped)
+        paths = dict(model.named_modules(remove_duplicate=False))
+        through = layer_ids | {id(layers)}
+        inside_names = {id(x): f"{layers_name}.{n}" for n, x in layers.named_modules(remove_duplicate=False) if n}
+        for name, mod in paths.items():
+            parts = name.split(".")
+            if (id(mod) in inside_layer and id(mod) not in through
+                    and not any(id(paths[".".join(parts[:i])]) in through for i in range(1, len(parts)))
+                    and any(True for _ in mod.parameters(recurse=False))):
+                raise UnitCutError(
+                    f"cannot cut {type(model).__name__} into units: module '{name}' is also '{inside_names[id(mod)]}', "
+                    "inside the decoder-layer list; ds_zo perturbs a layer's modules only while the layer runs, so "
+                    f"calls of '{name}' from outside it would see unperturbed weights. Give it its own module "
+                    "(a copy) or keep it inside the layers only")
 
     units: list[Unit] = []
     unit_of_module: dict[int, Unit] = {}
