@@ -33,6 +33,14 @@ def tiny_model(arch: str, tied: bool = True, seed: int = 0, dtype=torch.float32,
     elif arch == "mpt":                         # ALiBi: one (heads, 1, max_seq_len) bias handed to every layer
         from transformers import MptConfig, MptForCausalLM
         model = MptForCausalLM(MptConfig(d_model=32, n_layers=2, n_heads=heads, max_seq_len=64, **common))
+    elif arch in ("blenderbot_small", "marian"):   # positions from the input's shape: (T, D), no batch dimension;
+        import transformers                          # BlenderbotSmall's are learned, Marian's sinusoidal and frozen
+        name = {"blenderbot_small": "BlenderbotSmall", "marian": "Marian"}[arch]
+        cfg = getattr(transformers, f"{name}Config")(
+            d_model=32, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4, encoder_attention_heads=4,
+            decoder_ffn_dim=48, encoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=0,
+            decoder_start_token_id=1, **common)
+        model = getattr(transformers, f"{name}ForCausalLM")(cfg)
     elif arch == "mixtral":                     # MoE, with the router logits HF's load-balancing loss reads
         from transformers import MixtralConfig, MixtralForCausalLM
         model = MixtralForCausalLM(MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -48,7 +56,7 @@ def tiny_model(arch: str, tied: bool = True, seed: int = 0, dtype=torch.float32,
     # random-init biases and norm weights are constants; perturb them so tests see every parameter matter
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 1:
+            if p.dim() == 1 and p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.to(dtype)
 

@@ -46,14 +46,19 @@ def test_matches_plain_mezo_loop(arch, tied):
     assert engine.eval_batch(b) == pytest.approx(ref.loss(b), rel=1e-5)
 
 
-@pytest.mark.parametrize("rows, heads, q", [(1, 2, 1), (2, 4, 1), (1, 4, 2)])
-def test_mpt_alibi_bias_is_not_cut_like_rows(rows, heads, q):
+@pytest.mark.parametrize("rows, heads, q, offload", [(1, 2, 1, False), (2, 4, 1, False), (1, 4, 2, False),
+                                                     (2, 4, 1, True)])
+def test_mpt_alibi_bias_is_not_cut_like_rows(rows, heads, q, offload):
     """MPT hands every layer one (heads, 1, max_seq_len) ALiBi bias. Where heads == 2 * q * rows its first dimension
     looks like the doubled batch: it was cut as rows, so each sign saw one head's slopes (with one row, silently:
     g 2.373 against 2.379) or the layer crashed. Now it goes to every slot whole and the step is MeZO's."""
     model = tiny_model("mpt", heads=heads)
     ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.0, seed=3, q=q)
-    engine = _engine(model, lr=1e-2, eps=1e-3, seed=3, micro=rows, num_perturbations=q)
+    cfg = ds_config(lr=1e-2, eps=1e-3, seed=3, micro=rows, num_perturbations=q)
+    if offload:
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    engine, *_ = ds_zo.initialize(model=model, config=cfg)
+    assert (engine.pipeline is not None) == offload
     b = batch(rows=rows)
     for _ in range(2):
         loss = engine.train_batch(b)
@@ -61,6 +66,30 @@ def test_mpt_alibi_bias_is_not_cut_like_rows(rows, heads, q):
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         g = engine.last_projected_grad
         assert (g if q > 1 else [g]) == pytest.approx(ref_g, rel=1e-5)
+    _assert_params_equal(engine, ref)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("arch", ["blenderbot_small", "marian"])
+def test_position_embeddings_made_from_a_shape_take_each_slots_weights(arch, offload):
+    """BlenderbotSmall's (learned) and Marian's (sinusoidal, frozen) position embeddings are called with the input's
+    shape and return (T, D): the slots' outputs were concatenated to (2T, D) and the step crashed. Each slot's now
+    reaches its own rows ((2 x rows, T, D), broadcast as (T, D) was), and the step is MeZO's."""
+    model = tiny_model(arch)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert ("embed_positions.weight" in " ".join(trainable)) == (arch == "blenderbot_small")
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.0, seed=3, trainable=trainable)
+    cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
+    if offload:
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    engine, *_ = ds_zo.initialize(model=model, config=cfg)
+    assert (engine.pipeline is not None) == offload
+    b = batch()
+    for _ in range(2):
+        loss = engine.train_batch(b)
+        ref_loss, ref_g = ref.step(b)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
     _assert_params_equal(engine, ref)
 
 

@@ -66,22 +66,41 @@ def _block_of(t: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
     return t[block * size:(block + 1) * size]
 
 
-def merge_blocks(outs: Sequence[Any], rows: int) -> Any:
+def has_matrix(obj: Any) -> bool:
+    """Whether a unit's call is given any tensor of >= 2 dims (its rows, or batch-1 ones such as position_ids
+    (1,T)). Without one its output has no batch dimension: positions from a shape or a 1-D range, as the learned
+    position embeddings of BlenderbotSmall, Marian and Pegasus return (T, D)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.dim() >= 2
+    if isinstance(obj, (tuple, list)):
+        return any(has_matrix(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(has_matrix(o) for o in obj.values())
+    return False
+
+
+def merge_blocks(outs: Sequence[Any], rows: int, unbatched: bool = False) -> Any:
     """Concatenate per-slot outputs back into one batch. A half whose output has batch 1 while rows > 1
-    (GPT-2's wpe on position_ids (1,T)) is expanded to `rows` first."""
+    (GPT-2's wpe on position_ids (1,T)) is expanded to `rows` first. `unbatched` outputs (of a call given no
+    matrix: has_matrix) gain a batch dimension, each slot's expanded over its rows: (T, D) becomes (slots * rows, T,
+    D), which the model's broadcasting against its hidden states (inputs_embeds + positions) reads row by row as it
+    read (T, D); concatenated as they were, the slots made (2T, D) and the step crashed."""
     first = outs[0]
     if isinstance(first, torch.Tensor):
         if first.dim() == 0:
             return first
-        parts = [o.expand(rows, *o.shape[1:]) if o.shape[0] == 1 and rows > 1 else o for o in outs]
+        if unbatched:
+            parts = [o.unsqueeze(0).expand(rows, *o.shape) for o in outs]
+        else:
+            parts = [o.expand(rows, *o.shape[1:]) if o.shape[0] == 1 and rows > 1 else o for o in outs]
         return torch.cat(parts, dim=0)
     if isinstance(first, tuple):
-        merged = [merge_blocks([o[i] for o in outs], rows) for i in range(len(first))]
+        merged = [merge_blocks([o[i] for o in outs], rows, unbatched) for i in range(len(first))]
         return type(first)(*merged) if hasattr(first, "_fields") else tuple(merged)
     if isinstance(first, list):
-        return [merge_blocks([o[i] for o in outs], rows) for i in range(len(first))]
+        return [merge_blocks([o[i] for o in outs], rows, unbatched) for i in range(len(first))]
     if isinstance(first, dict):
-        merged = {k: merge_blocks([o[k] for o in outs], rows) for k in first}
+        merged = {k: merge_blocks([o[k] for o in outs], rows, unbatched) for k in first}
         try:
             return type(first)(**merged)
         except TypeError:
@@ -126,16 +145,23 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
     # slot's copies straight to the next, and back to the masters once, or not at all where `release` points the
     # parameters at their store anyway (an offloaded unit)
     point_back = not (hasattr(provider, "repoints") and provider.repoints(unit))
-    unbatched = UNBATCHED_KWARGS.get(type(unit.module).__name__, ())
+    whole_kwargs = UNBATCHED_KWARGS.get(type(unit.module).__name__, ())
 
     def forward(*args, **kwargs):
+        unbatched = slots > 1 and not has_matrix((args, kwargs))
+
+        def merge(outs, rows):
+            return merge_blocks(outs, rows, unbatched)
+
         if kind is not None and provider.perturbs():
-            out = streamed_forward(unit, kind, provider, args, kwargs, slots, rows, split_block, merge_blocks)
+            out = streamed_forward(unit, kind, provider, args, kwargs, slots, rows, split_block, merge)
             if out is not None:
                 return out
         copies = provider.acquire(unit)
         try:
-            if slots == 1:
+            if slots == 1 or (unbatched and not params):    # one output serves every slot
+                if not params:
+                    return original(*args, **kwargs)
                 if point_back:
                     with pointed_at(params, copies[0]):
                         return original(*args, **kwargs)
@@ -147,8 +173,8 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
             try:
                 for block in range(slots):
                     a = split_block(args, block, rows, slots)
-                    kw = split_block({k: v for k, v in kwargs.items() if k not in unbatched}, block, rows, slots)
-                    kw.update((k, kwargs[k]) for k in unbatched if k in kwargs)
+                    kw = split_block({k: v for k, v in kwargs.items() if k not in whole_kwargs}, block, rows, slots)
+                    kw.update((k, kwargs[k]) for k in whole_kwargs if k in kwargs)
                     for p, t in zip(params, copies[block]):
                         p.data = t
                     try:
@@ -161,7 +187,7 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
                 if point_back:
                     for p, m in zip(params, masters):
                         p.data = m
-            return merge_blocks(outs, rows)
+            return merge(outs, rows)
         finally:
             provider.release(unit)
 
