@@ -60,8 +60,14 @@ def test_nested_units_are_rejected():
             super().__init__()
             self.inner = torch.nn.ModuleList([Odd(), Odd()])
             self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])  # the largest list
-    with pytest.raises(UnitCutError, match="cannot cut"):
+    with pytest.raises(UnitCutError, match="cannot cut .* 'inner.0' owns parameters directly and also contains unit "
+                                           "'inner.0.layers.0', and a parameter of it trains"):
         cut_into_units(Outer(), {n for n, _ in Outer().named_parameters()})
+    # frozen (a multimodal model's vision tower when only its language model trains): one unit of its subtree each
+    model = Outer()
+    units = cut_into_units(model, {n for n, _ in model.named_parameters() if n.startswith("blocks.")})
+    assert [u.name for u in units] == ["inner.0", "inner.1", "blocks.0", "blocks.1", "blocks.2"]
+    assert [len(u.params) for u in units[:2]] == [5, 5] and not any(r.trainable for u in units[:2] for r in u.params)
 
 
 def test_a_layer_module_registered_outside_the_layers_too_is_refused():

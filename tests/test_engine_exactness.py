@@ -93,6 +93,38 @@ def test_position_embeddings_made_from_a_shape_take_each_slots_weights(arch, off
     _assert_params_equal(engine, ref)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_multimodal_model_trains_its_language_model_on_text(offload):
+    """Llava with its vision tower frozen, fed text only: the tower's modules that own parameters and contain others
+    (CLIP's embeddings) were refused as nested units. Frozen, each is one unit of its subtree, never perturbed, and
+    the step is MeZO's on the language model."""
+    import transformers
+    torch.manual_seed(0)
+    text = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=16, patch_size=4, projection_dim=32)
+    model = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=90))
+    for n, p in model.named_parameters():
+        p.requires_grad_(not ("vision_tower" in n or "projector" in n))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.0, seed=3, trainable=trainable)
+    cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
+    if offload:
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    engine, *_ = ds_zo.initialize(model=model, config=cfg)
+    b = batch()
+    for _ in range(2):
+        loss = engine.train_batch(b)
+        ref_loss, ref_g = ref.step(b)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
+    _assert_params_equal(engine, ref)
+    frozen = {n: p for n, p in engine.module_state_dict().items() if "vision_tower" in n}
+    assert frozen and all(torch.equal(p, ref.params()[n]) for n, p in frozen.items())
+
+
 def test_params_actually_move_and_every_trainable_parameter_takes_the_spsa_step():
     """What an outside checker does: reconstruct z from the change and g, compare with the generator."""
     model = tiny_model("llama")

@@ -96,13 +96,25 @@ def cut_into_units(model: nn.Module, trainable_names: set[str],
         units.append(unit)
         unit_of_module[id(mod)] = unit
 
-    # Units must not nest: a wrapper around an ancestor would perturb its descendants' parameters twice.
+    # Units must not nest: a wrapper around an ancestor would perturb its descendants' parameters twice. A frozen
+    # ancestor (nothing in its subtree trained: a multimodal model's vision tower when only its language model
+    # trains) is nothing to perturb: it becomes one unit of its whole subtree, as a layer is.
+    absorbed: set[int] = set()
     for u in units:
-        for sub_name, sub in u.module.named_modules():
-            if sub is not u.module and id(sub) in unit_of_module:
-                raise UnitCutError(
-                    f"cannot cut {type(model).__name__} into units: module '{u.name}' owns parameters directly and also "
-                    f"contains unit '{unit_of_module[id(sub)].name}'; ds_zo needs each parameter in a leaf-most unit")
+        if id(u.module) in absorbed:
+            continue
+        nested = [unit_of_module[id(sub)] for sub in u.module.modules()
+                  if sub is not u.module and id(sub) in unit_of_module]
+        if not nested:
+            continue
+        if any(canonical[id(p)] in trainable_names for p in u.module.parameters()):
+            raise UnitCutError(
+                f"cannot cut {type(model).__name__} into units: module '{u.name}' owns parameters directly and also "
+                f"contains unit '{nested[0].name}', and a parameter of it trains; ds_zo needs each trained parameter "
+                "in a leaf-most unit (freezing the module, e.g. with zero_order.trainable, makes it one frozen unit)")
+        u.params = [ParamRef(canonical[id(p)], p, False) for p in u.module.parameters()]
+        absorbed.update(id(n.module) for n in nested)
+    units = [u for u in units if id(u.module) not in absorbed]
     covered = {id(r.param) for u in units for r in u.params}
     missing = [n for n, p in model.named_parameters() if id(p) not in covered]
     if missing:
