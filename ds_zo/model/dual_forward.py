@@ -173,8 +173,12 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
             try:
                 for block in range(slots):
                     a = split_block(args, block, rows, slots)
-                    kw = split_block({k: v for k, v in kwargs.items() if k not in whole_kwargs}, block, rows, slots)
-                    kw.update((k, kwargs[k]) for k in whole_kwargs if k in kwargs)
+                    if whole_kwargs:
+                        kw = split_block({k: v for k, v in kwargs.items() if k not in whole_kwargs}, block, rows,
+                                         slots)
+                        kw.update((k, kwargs[k]) for k in whole_kwargs if k in kwargs)
+                    else:
+                        kw = split_block(kwargs, block, rows, slots)
                     for p, t in zip(params, copies[block]):
                         p.data = t
                     try:
