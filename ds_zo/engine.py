@@ -247,6 +247,11 @@ class ZOEngine(DeepSpeedEngine):
             if any(id(r.param) in shared for r in u.params):
                 raise ConfigError(f"offload: unit '{u.name}' holds a weight tied to another unit; keep it resident "
                                   "(zero_order.resident_units)")
+        if not offloaded and zo.resident_units is None:
+            raise ConfigError("offload: no unit is offloaded: by default the decoder layers are, and this model has "
+                              "none as units (its largest nn.ModuleList is inside a frozen module, which is one "
+                              "resident unit); name the units to keep resident in zero_order.resident_units, the "
+                              f"rest are offloaded (units: {[u.name for u in self.units][:6]})")
         if not offloaded:
             raise ConfigError("offload: no unit is offloaded (zero_order.resident_units matches every unit)")
         pin = offload.pin_memory and self.device.type == "cuda"

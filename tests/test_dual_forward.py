@@ -63,6 +63,10 @@ def test_nested_units_are_rejected():
     with pytest.raises(UnitCutError, match="cannot cut .* 'inner.0' owns parameters directly and also contains unit "
                                            "'inner.0.layers.0', and a parameter of it trains"):
         cut_into_units(Outer(), {n for n, _ in Outer().named_parameters()})
+    # its own parameter frozen, units that train inside it (LLaVA-NeXT's image_newline): no advice to freeze it
+    model = Outer()
+    with pytest.raises(UnitCutError, match="its own parameters are frozen, but trained units sit inside it"):
+        cut_into_units(model, {n for n, _ in model.named_parameters() if not n.endswith("scale")})
     # frozen (a multimodal model's vision tower when only its language model trains): one unit of its subtree each
     model = Outer()
     units = cut_into_units(model, {n for n, _ in model.named_parameters() if n.startswith("blocks.")})

@@ -1,5 +1,7 @@
 """ZOEngine against a plain MeZO loop (tests/reference.py): losses, projected gradients and parameters."""
 import copy
+import math
+import types
 
 import pytest
 import torch
@@ -91,6 +93,107 @@ def test_position_embeddings_made_from_a_shape_take_each_slots_weights(arch, off
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
     _assert_params_equal(engine, ref)
+
+
+class _UnbatchedUnitsLM(torch.nn.Module):
+    """A tiny causal LM (MLP blocks) whose extra unit is called with no tensor of the batch."""
+
+    class Registers(torch.nn.Module):            # learned (1, R, D) tokens, handed back as the parameter itself
+        def __init__(self):
+            super().__init__()
+            self.r = torch.nn.Parameter(torch.randn(1, 3, 16) * 0.1)
+
+        def forward(self):
+            return self.r
+
+    class Vector(torch.nn.Module):               # (D,), added to every position
+        def __init__(self):
+            super().__init__()
+            self.v = torch.nn.Parameter(torch.randn(16) * 0.1)
+
+        def forward(self):
+            return self.v
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.wte = torch.nn.Embedding(96, 16)
+        self.extra = {"positions": lambda: torch.nn.Embedding(64, 16), "registers": self.Registers,
+                      "vector": self.Vector}[kind]()
+        self.h = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16),
+                                                          torch.nn.GELU()) for _ in range(2)])
+        self.head = torch.nn.Linear(16, 96, bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        x = self.wte(input_ids)
+        if self.kind == "positions":                 # nanoGPT's wpe(arange(T)): (T, D)
+            x = x + self.extra(torch.arange(input_ids.shape[1]))
+        elif self.kind == "registers":
+            x = torch.cat([self.extra().expand(x.shape[0], -1, -1), x], dim=1)
+        else:
+            x = x + self.extra()
+        for block in self.h:
+            x = x + block(x).cumsum(1) / 8           # causal mixing of positions
+        logits = self.head(x)
+        return types.SimpleNamespace(logits=logits[:, 3:] if self.kind == "registers" else logits)
+
+
+@pytest.mark.parametrize("kind", ["positions", "registers"])
+def test_units_called_without_the_batch_take_each_slots_weights(kind):
+    """nanoGPT's wpe(arange(T)) returns (T, D) and crashed (the slots' outputs concatenated to (2T, D)); register
+    tokens (1, R, D) handed back as the parameter itself were read after it pointed back at the master (g -0.935
+    against -1.056, silently). Both are MeZO's step now."""
+    torch.manual_seed(0)
+    model = _UnbatchedUnitsLM(kind)
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.0, seed=3)
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=3)
+    b = batch()
+    for _ in range(2):
+        loss = engine.train_batch(b)
+        ref_loss, ref_g = ref.step(b)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
+    _assert_params_equal(engine, ref)
+
+
+def test_a_vector_from_a_unit_called_without_the_batch_is_refused_by_name():
+    """A trained unit that returns (D,) from a call given nothing of the batch: stacked per slot to (2 x rows, D) it
+    met the positions wherever T == 2 x rows, silently wrong. Refused, naming the unit; frozen, it trains."""
+    torch.manual_seed(0)
+    model = _UnbatchedUnitsLM("vector")
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=3)
+    with pytest.raises(RuntimeError, match=r"extra \(Vector\) returned a \(16,\) output for each of ds_zo's 2 slots"):
+        engine.train_batch(batch())
+    engine.destroy()
+    model.extra.v.requires_grad_(False)
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=3)
+    assert math.isfinite(engine.train_batch(batch()))
+
+
+def test_offload_with_the_layers_inside_a_frozen_module_says_why_none_is_offloaded():
+    """The layers inside a frozen module that owns a parameter: it becomes one resident unit, so the default offload
+    (the layers) has nothing to move. The message blamed zero_order.resident_units, which was not set."""
+    from ds_zo.config import ConfigError
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(16))
+            self.h = torch.nn.ModuleList([torch.nn.Linear(16, 64) for _ in range(2)])    # the largest list
+
+    torch.manual_seed(0)
+    model = _UnbatchedUnitsLM("positions")
+    model.body = Body()
+    for p in model.body.parameters():
+        p.requires_grad_(False)
+    cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
+    cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    with pytest.raises(ConfigError, match=r"no unit is offloaded: by default the decoder layers are, and this model "
+                                          r"has none as units .*units: \['wte', 'extra', 'h\.0\.0', 'h\.0\.1', 'h\.1\.0'"):
+        ds_zo.initialize(model=model, config=cfg)
 
 
 @pytest.mark.parametrize("offload", [False, True])

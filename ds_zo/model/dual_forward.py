@@ -79,17 +79,26 @@ def has_matrix(obj: Any) -> bool:
     return False
 
 
+class UnmergeableOutputError(ValueError):
+    """Per-slot outputs of a call given no matrix that ds_zo cannot line up with the batch."""
+
+
 def merge_blocks(outs: Sequence[Any], rows: int, unbatched: bool = False) -> Any:
     """Concatenate per-slot outputs back into one batch. A half whose output has batch 1 while rows > 1
     (GPT-2's wpe on position_ids (1,T)) is expanded to `rows` first. `unbatched` outputs (of a call given no
-    matrix: has_matrix) gain a batch dimension, each slot's expanded over its rows: (T, D) becomes (slots * rows, T,
-    D), which the model's broadcasting against its hidden states (inputs_embeds + positions) reads row by row as it
-    read (T, D); concatenated as they were, the slots made (2T, D) and the step crashed."""
+    matrix: has_matrix) of >= 2 dims and a first dim other than 1 gain a batch dimension, each slot's expanded over
+    its rows: (T, D) becomes (slots * rows, T, D), which the model's broadcasting against its hidden states
+    (inputs_embeds + positions) reads row by row as it read (T, D); concatenated as they were, the slots made
+    (2T, D) and the step crashed. Such outputs of fewer dims (a (D,) vector, a scalar) differ by slot with nothing
+    to say how the caller lines them up with the rows: UnmergeableOutputError (a (D,) stacked to (slots * rows, D)
+    would meet the positions, silently, wherever T == slots * rows)."""
     first = outs[0]
     if isinstance(first, torch.Tensor):
+        if unbatched and first.dim() < 2:
+            raise UnmergeableOutputError(f"a {tuple(first.shape)} output")
         if first.dim() == 0:
             return first
-        if unbatched:
+        if unbatched and first.shape[0] != 1:
             parts = [o.unsqueeze(0).expand(rows, *o.shape) for o in outs]
         else:
             parts = [o.expand(rows, *o.shape[1:]) if o.shape[0] == 1 and rows > 1 else o for o in outs]
@@ -124,9 +133,18 @@ def pointed_at(params: Sequence[torch.nn.Parameter], tensors: Sequence[torch.Ten
 class DualForwardError(RuntimeError):
     """A unit failed on one block of rows: most likely an input whose batch is not its first dimension."""
 
-    def __init__(self, unit: Unit, block: int, slots: int, rows: int, args, kwargs, error: Exception):
+    def __init__(self, unit: Unit, block: int, slots: int, rows: int, args, kwargs, error: Exception,
+                 unbatched: bool = False):
         shapes = [f"{name}{tuple(v.shape)}" for name, v in [*(("arg", a) for a in args), *kwargs.items()]
                   if isinstance(v, torch.Tensor)]
+        if unbatched:
+            super().__init__(
+                f"{unit.name} ({type(unit.module).__name__}) returned {error} for each of ds_zo's {slots} slots "
+                f"(θ+εz, θ−εz) from a call given no tensor of the batch (its inputs were "
+                f"{', '.join(shapes) or 'not tensors'}): the slots' values differ, and nothing says how the model "
+                "lines them up with its rows. ds_zo trains such a unit only where it returns (1, ...) or a tensor of "
+                "2 or more dims that the model broadcasts over the batch; freeze it (zero_order.trainable) otherwise")
+            return
         super().__init__(
             f"{unit.name} ({type(unit.module).__name__}) failed on row block {block} of {slots} in ds_zo's ZO forward "
             f"({error}). The forward runs every slot (θ+εz, θ−εz) in one batch of {slots} x {rows} rows and hands each "
@@ -151,7 +169,10 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
         unbatched = slots > 1 and not has_matrix((args, kwargs))
 
         def merge(outs, rows):
-            return merge_blocks(outs, rows, unbatched)
+            try:
+                return merge_blocks(outs, rows, unbatched)
+            except UnmergeableOutputError as e:
+                raise DualForwardError(unit, 0, slots, rows, args, kwargs, e, unbatched=True) from None
 
         if kind is not None and provider.perturbs():
             out = streamed_forward(unit, kind, provider, args, kwargs, slots, rows, split_block, merge)
@@ -182,7 +203,10 @@ def _unit_wrapper(unit: Unit, original: Callable, slots: int, rows: int, provide
                     for p, t in zip(params, copies[block]):
                         p.data = t
                     try:
-                        outs.append(original(*a, **kw))
+                        out = original(*a, **kw)
+                        # a unit handing back its own parameter: keep this slot's copy, not the parameter (which is
+                        # pointed at the next slot's copy, then back at the master, before the merge reads it)
+                        outs.append(out.data if isinstance(out, torch.nn.Parameter) else out)
                     except RuntimeError as error:
                         if isinstance(error, torch.OutOfMemoryError) or type(error).__module__.startswith("ds_zo"):
                             raise       # memory, a collective, ds_zo's own: nothing to do with the rows

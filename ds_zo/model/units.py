@@ -108,10 +108,14 @@ def cut_into_units(model: nn.Module, trainable_names: set[str],
         if not nested:
             continue
         if any(canonical[id(p)] in trainable_names for p in u.module.parameters()):
+            own_frozen = not any(canonical[id(p)] in trainable_names for p in u.module.parameters(recurse=False))
             raise UnitCutError(
-                f"cannot cut {type(model).__name__} into units: module '{u.name}' owns parameters directly and also "
-                f"contains unit '{nested[0].name}', and a parameter of it trains; ds_zo needs each trained parameter "
-                "in a leaf-most unit (freezing the module, e.g. with zero_order.trainable, makes it one frozen unit)")
+                f"cannot cut {type(model).__name__} into units: module '{u.name or type(model).__name__}' owns "
+                f"parameters directly and also contains unit '{nested[0].name}', and a parameter of it trains; ds_zo "
+                "needs each trained parameter in a leaf-most unit" + (
+                    " (its own parameters are frozen, but trained units sit inside it: ds_zo cannot train this model "
+                    "yet)" if own_frozen else
+                    " (freezing the module, e.g. with zero_order.trainable, makes it one frozen unit)"))
         u.params = [ParamRef(canonical[id(p)], p, False) for p in u.module.parameters()]
         absorbed.update(id(n.module) for n in nested)
     units = [u for u in units if id(u.module) not in absorbed]
