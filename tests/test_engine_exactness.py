@@ -23,6 +23,17 @@ def _engine(model, **kw):
     return engine
 
 
+def _steps_match_reference(engine, ref, b, steps=2):
+    """`steps` ZO steps on batch b: each loss and projected gradient MeZO's, then the parameters."""
+    for _ in range(steps):
+        loss = engine.train_batch(b)
+        ref_loss, ref_g = ref.step(b)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        g = engine.last_projected_grad
+        assert (g if isinstance(g, list) else [g]) == pytest.approx(ref_g, rel=1e-5)
+    _assert_params_equal(engine, ref)
+
+
 def _assert_params_equal(engine, ref, rtol=1e-5):
     sd = engine.module_state_dict()
     for n, p in ref.params().items():
@@ -62,13 +73,7 @@ def test_mpt_alibi_bias_is_not_cut_like_rows(rows, heads, q, offload):
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     assert (engine.pipeline is not None) == offload
     b = batch(rows=rows)
-    for _ in range(2):
-        loss = engine.train_batch(b)
-        ref_loss, ref_g = ref.step(b)
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        g = engine.last_projected_grad
-        assert (g if q > 1 else [g]) == pytest.approx(ref_g, rel=1e-5)
-    _assert_params_equal(engine, ref)
+    _steps_match_reference(engine, ref, b)
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -87,12 +92,7 @@ def test_position_embeddings_made_from_a_shape_take_each_slots_weights(arch, off
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     assert (engine.pipeline is not None) == offload
     b = batch()
-    for _ in range(2):
-        loss = engine.train_batch(b)
-        ref_loss, ref_g = ref.step(b)
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
-    _assert_params_equal(engine, ref)
+    _steps_match_reference(engine, ref, b)
 
 
 class _UnbatchedUnitsLM(torch.nn.Module):
@@ -151,12 +151,7 @@ def test_units_called_without_the_batch_take_each_slots_weights(kind):
     ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.0, seed=3)
     engine = _engine(model, lr=1e-2, eps=1e-3, seed=3)
     b = batch()
-    for _ in range(2):
-        loss = engine.train_batch(b)
-        ref_loss, ref_g = ref.step(b)
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
-    _assert_params_equal(engine, ref)
+    _steps_match_reference(engine, ref, b)
 
 
 def test_a_vector_from_a_unit_called_without_the_batch_is_refused_by_name():
@@ -218,12 +213,7 @@ def test_a_multimodal_model_trains_its_language_model_on_text(offload):
         cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     b = batch()
-    for _ in range(2):
-        loss = engine.train_batch(b)
-        ref_loss, ref_g = ref.step(b)
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
-    _assert_params_equal(engine, ref)
+    _steps_match_reference(engine, ref, b)
     frozen = {n: p for n, p in engine.module_state_dict().items() if "vision_tower" in n}
     assert frozen and all(torch.equal(p, ref.params()[n]) for n, p in frozen.items())
 
@@ -699,12 +689,7 @@ def test_an_moe_model_trains_on_the_token_loss_without_its_router_loss():
     ref = MeZOReference(model, lr=1e-2, eps=1e-3, seed=3)
     engine = _engine(model, lr=1e-2, eps=1e-3, seed=3)
     b = batch()
-    for t in range(2):
-        loss = engine.train_batch(b)
-        ref_loss, ref_g = ref.step(b)
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        assert engine.last_projected_grad == pytest.approx(ref_g[0], rel=1e-5)
-    _assert_params_equal(engine, ref)
+    _steps_match_reference(engine, ref, b)
     assert engine.eval_batch(b) == pytest.approx(ref.loss(b), rel=1e-5)
     assert ref.hf_loss(b) > ref.loss(b) + 1e-3                 # HF's includes the router loss
 
