@@ -23,6 +23,13 @@ def _engine(model, **kw):
     return engine
 
 
+def _offloading(cfg, offload=True):
+    """cfg with DeepSpeed's parameter offload to the CPU (ds_zo's pipeline: the decoder layers) where `offload`."""
+    if offload:
+        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    return cfg
+
+
 def _steps_match_reference(engine, ref, b, steps=2):
     """`steps` ZO steps on batch b: each loss and projected gradient MeZO's, then the parameters."""
     for _ in range(steps):
@@ -67,9 +74,7 @@ def test_mpt_alibi_bias_is_not_cut_like_rows(rows, heads, q, offload):
     g 2.373 against 2.379) or the layer crashed. Now it goes to every slot whole and the step is MeZO's."""
     model = tiny_model("mpt", heads=heads)
     ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.0, seed=3, q=q)
-    cfg = ds_config(lr=1e-2, eps=1e-3, seed=3, micro=rows, num_perturbations=q)
-    if offload:
-        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    cfg = _offloading(ds_config(lr=1e-2, eps=1e-3, seed=3, micro=rows, num_perturbations=q), offload)
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     assert (engine.pipeline is not None) == offload
     b = batch(rows=rows)
@@ -86,9 +91,7 @@ def test_position_embeddings_made_from_a_shape_take_each_slots_weights(arch, off
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert ("embed_positions.weight" in " ".join(trainable)) == (arch == "blenderbot_small")
     ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.0, seed=3, trainable=trainable)
-    cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
-    if offload:
-        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    cfg = _offloading(ds_config(lr=1e-2, eps=1e-3, seed=3), offload)
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     assert (engine.pipeline is not None) == offload
     b = batch()
@@ -184,8 +187,7 @@ def test_offload_with_the_layers_inside_a_frozen_module_says_why_none_is_offload
     model.body = Body()
     for p in model.body.parameters():
         p.requires_grad_(False)
-    cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
-    cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    cfg = _offloading(ds_config(lr=1e-2, eps=1e-3, seed=3))
     with pytest.raises(ConfigError, match=r"no unit is offloaded: by default the decoder layers are, and this model "
                                           r"has none as units .*units: \['wte', 'extra', 'h\.0\.0', 'h\.0\.1', 'h\.1\.0'"):
         ds_zo.initialize(model=model, config=cfg)
@@ -208,9 +210,7 @@ def test_a_multimodal_model_trains_its_language_model_on_text(offload):
         p.requires_grad_(not ("vision_tower" in n or "projector" in n))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     ref = MeZOReference(model, lr=1e-2, eps=1e-3, wd=0.0, seed=3, trainable=trainable)
-    cfg = ds_config(lr=1e-2, eps=1e-3, seed=3)
-    if offload:
-        cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    cfg = _offloading(ds_config(lr=1e-2, eps=1e-3, seed=3), offload)
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     b = batch()
     _steps_match_reference(engine, ref, b)
