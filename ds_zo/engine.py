@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from deepspeed.utils import logger
 
 from .config import ConfigError, OffloadConfig, ZeroOrderConfig, ZOSGDParams
@@ -51,6 +52,21 @@ def _eval_mode(module: torch.nn.Module):
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def _autocast(engine):
+    """ds_config's torch_autocast, as DeepSpeedEngine.forward applies it (autocast_if_enabled: the config's dtype, or
+    a CUDA caller's autocast switched off where the config has none), with torch's cast cache off: autocast caches a
+    parameter's low-precision cast per parameter, and the slots of a ZO forward point the same parameter at different
+    working copies, so the second slot would compute with the first one's weights."""
+    with autocast_if_enabled(engine):
+        cached = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            yield
+        finally:
+            torch.set_autocast_cache_enabled(cached)
 
 
 def agree_on_z_stream(comm: Communicator, mine: str) -> str:
@@ -512,7 +528,7 @@ class ZOEngine(DeepSpeedEngine):
             copies.token_loss = (self._loss_head.name, sink)
         self._in_zo_forward = True
         try:
-            with _eval_mode(self.module), torch.no_grad(), dual_forward(self.units, slots, rows, copies):
+            with _eval_mode(self.module), torch.no_grad(), _autocast(self), dual_forward(self.units, slots, rows, copies):
                 if self.pipeline is not None:
                     self.pipeline.begin()
                 logits = self.module(**self._model_inputs(batch, slots), **self._model_flags, **extra).logits

@@ -182,6 +182,11 @@ class StreamedTokenLoss:
         x = x.reshape(n, x.shape[-1])
         if self._buf[slot] is None:
             self._buf[slot] = x.new_empty(n * self.window)
+        # under autocast (ds_config's torch_autocast) the whole layer's F.linear would multiply in the autocast dtype:
+        # so do the blocks (torch.mm with out= is not autocast), then their logits are written into the window
+        cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        if cast is not None:
+            x, weight = x.to(cast), weight.to(cast)
         done, rows = 0, weight.shape[0]
         while done < rows:
             col = c0 + done
@@ -190,7 +195,10 @@ class StreamedTokenLoss:
             take = min(rows - done, w0 + width - col)
             win = self._buf[slot][:n * width].view(n, width)
             piece = win[:, col - w0:col - w0 + take]
-            torch.mm(x, weight[done:done + take].t(), out=piece)
+            if cast is None:
+                torch.mm(x, weight[done:done + take].t(), out=piece)
+            else:
+                piece.copy_(torch.mm(x, weight[done:done + take].t()))
             ce.add_targets(col, piece)
             done += take
             if col + take == w0 + width:                 # window full: reduce it a tile of positions at a time

@@ -721,3 +721,31 @@ def test_out_of_memory_in_a_unit_keeps_its_type():
     with pytest.raises(torch.OutOfMemoryError) as error:
         engine.train_batch(batch())
     assert not isinstance(error.value, DualForwardError)
+
+
+class _AutocastReference(MeZOReference):
+    """The reference's forwards under CPU autocast to bf16 (its perturbed weights are new tensors every time, so
+    autocast's cast cache, which holds only parameters' casts, does not touch them)."""
+
+    def loss(self, batch, shifts=None) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().loss(batch, shifts)
+
+
+@pytest.mark.parametrize("row_blocks", ["auto", "off"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_torch_autocast_applies_to_each_slot_with_its_own_weights(row_blocks, offload):
+    """ds_config's torch_autocast runs the ZO forwards in bf16, as DeepSpeedEngine.forward runs its forward. Autocast
+    caches each parameter's bf16 cast; the slots of a ZO forward point one parameter at two working copies, so with
+    the cache on the θ−εz slot computed with θ+εz's weights (g −0.81 against the reference's −1.93), and the streamed
+    output layer ignored autocast (its torch.mm writes into a float32 window)."""
+    model = tiny_model("llama")
+    ref = _AutocastReference(model, lr=1e-2, eps=1e-2, seed=3)
+    cfg = _offloading(ds_config(lr=1e-2, eps=1e-2, seed=3, row_blocks=row_blocks), offload)
+    cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    engine, *_ = ds_zo.initialize(model=model, config=cfg)
+    dtypes = set()
+    hook = engine.module.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
+    _steps_match_reference(engine, ref, batch())
+    hook.remove()
+    assert dtypes == {torch.bfloat16}
