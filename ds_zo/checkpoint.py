@@ -167,6 +167,29 @@ def _remove_leftovers(save_dir: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def check_client_state(value, path: str = "client_state") -> None:
+    """client_state is kept in zo_state.json, since loading a ds_zo checkpoint never unpickles: it must be JSON
+    that comes back as it was given (DeepSpeed pickles it). A tuple would come back a list and a non-string key a
+    string, silently; a tensor or a NumPy integer would not be written. Rank 0's is saved, as DeepSpeed saves it."""
+    if value is None or isinstance(value, (str, int, float)):          # (bool is an int)
+        return
+    if type(value) is list:
+        for i, v in enumerate(value):
+            check_client_state(v, f"{path}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if type(k) is not str:
+                raise CheckpointError(f"{path}: key {k!r} is a {type(k).__name__}, which JSON would turn into the "
+                                      f"string {json.dumps(str(k))}; ds_zo keeps client_state as JSON (loading a "
+                                      "checkpoint never unpickles): use string keys")
+            check_client_state(v, f"{path}[{k!r}]")
+        return
+    raise CheckpointError(f"{path}: a {type(value).__name__} ({str(value)[:60]!r}); ds_zo keeps client_state as JSON "
+                          "(loading a checkpoint never unpickles): use dicts with string keys, lists, strings, numbers, "
+                          "booleans and None (e.g. tensor.tolist(), int(x), list(a_tuple))")
+
+
 def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None) -> str:
     from safetensors.torch import save_file
 
@@ -180,6 +203,7 @@ def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optiona
 
     def make_partial():
         if rank == 0:
+            check_client_state(client_state)      # (before anything is written)
             os.makedirs(save_dir, exist_ok=True)
             _remove_leftovers(save_dir)
             shutil.rmtree(partial, ignore_errors=True)   # leftovers of an interrupted save
@@ -216,6 +240,7 @@ def _complete(engine, save_dir: str, partial: str, tag: str, files: dict, client
         "format": FORMAT, "tag": tag,
         "global_steps": engine.global_steps, "global_samples": engine.global_samples,
         "skipped_steps": engine.skipped_steps,
+        "consecutive_skips": engine._consecutive_skips,     # (a resumed run stops where the whole run would)
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
         "layout": {"world": engine.dims.world, "pertp": engine.dims.pertp, "partition": engine.dims.partition,
@@ -261,6 +286,13 @@ def read_state(load_dir: str, tag: Optional[str] = None) -> tuple[str, dict]:
         folder += ".old"            # a save replacing this tag was killed between its two renames: the tag as it was
     state_path = os.path.join(folder, "zo_state.json")
     if not os.path.isfile(state_path):
+        theirs = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+                        if f.endswith(("_model_states.pt", "_optim_states.pt")))
+        if theirs:
+            raise CheckpointError(f"checkpoint {folder!r} was written by DeepSpeed's own engine ({theirs[0]}), not by "
+                                  "ds_zo (zo_state.json): load its weights into the model before ds_zo.initialize "
+                                  "(the 'module' entry of mp_rank_00_model_states.pt, or DeepSpeed's zero_to_fp32.py "
+                                  "for a ZeRO-3 one), then save and resume with ds_zo")
         raise CheckpointError(f"checkpoint {folder!r} is incomplete: zo_state.json is missing")
     try:
         with open(state_path) as f:
@@ -372,6 +404,7 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[Optional[str
     engine.global_steps = state["global_steps"]
     engine.global_samples = state["global_samples"]
     engine.skipped_steps = state["skipped_steps"]
+    engine._consecutive_skips = state.get("consecutive_skips", 0)     # (checkpoints before the field: 0)
     # the optimizer's state is restored, as DeepSpeed restores it: lr and weight_decay (the steps record the groups'
     # values, so the step log follows); eps stays the config's, which the engine perturbs with
     # values of this run's groups that the checkpoint's replace are said, once each; an lr that a scheduler set (here

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import torch
 from pydantic import Field, ValidationError
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from deepspeed.utils import logger
 
 OPTIMIZER_TYPE = "ZOSGD"
 
@@ -148,6 +149,14 @@ def split_config(config: dict) -> tuple[dict, ZOSGDParams, ZeroOrderConfig, Offl
         raise ConfigError(f"optimizer.params: must be an object, got {type(params).__name__}")
     params = _validated("optimizer.params", params, ZOSGDParams)
 
+    unreported = [k for k, on in (("wall_clock_breakdown", ds.get("wall_clock_breakdown")),
+                                  ("flops_profiler.enabled", (ds.get("flops_profiler") or {}).get("enabled")))
+                  if on]
+    if unreported:
+        # DeepSpeed's timers and flops profiler wrap its forward/backward/step, which a ZO step does not go through
+        logger.warning("ds_zo: %s: DeepSpeed's timers and flops profiler measure its forward, backward and step, which "
+                       "a ZO step (engine.train_batch) does not go through, so they report nothing; "
+                       "`python -m benchmarks.run` and engine.comm_stats() measure ZO steps", " and ".join(unreported))
     clip = ds.get("gradient_clipping", 0.0)
     if clip not in (0, 0.0):
         raise ConfigError(f"gradient_clipping: {clip!r} has no meaning for zeroth-order training (there are no "

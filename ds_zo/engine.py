@@ -9,6 +9,7 @@ With parameter offload, units stream through the ZO2 pipeline (ds_zo/offload) du
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import inspect
 import math
@@ -124,7 +125,8 @@ class ZOEngine(DeepSpeedEngine):
         self.half_dtype: Optional[torch.dtype] = None    # what DeepSpeed cast the parameters to (bf16 / fp16)
         params = dict(self.module.named_parameters())
         self.optimizer.attach(self.perturbations, self.param_keys,
-                              {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()})
+                              {id(params[n]): r.to(self.device) for n, r in self.trainable_rows.items()},
+                              {id(p): n for n, p in params.items()})
         if self.trainable_rows and offload.enabled:
             raise ValueError("zero_order.trainable_rows cannot be combined with offload_param yet")
         self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
@@ -449,8 +451,11 @@ class ZOEngine(DeepSpeedEngine):
 
     # -- batches ----------------------------------------------------------------------------------------------------
     def _to_device(self, batch) -> dict:
-        if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise TypeError("a batch must be a dict with at least 'input_ids' (and optionally attention_mask, labels)")
+        # any mapping: HF's tokenizers and collators return a BatchEncoding (a UserDict)
+        if not isinstance(batch, collections.abc.Mapping) or "input_ids" not in batch:
+            raise TypeError(f"a batch must be a mapping with at least 'input_ids' (and optionally attention_mask, "
+                            f"labels); got {type(batch).__name__}"
+                            + (f" with keys {sorted(batch)}" if isinstance(batch, collections.abc.Mapping) else ""))
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def _micro_batches(self, batch, data_iter) -> list[dict]:
@@ -591,6 +596,7 @@ class ZOEngine(DeepSpeedEngine):
         step = self.global_steps
         seed = step_seed(self.zo_config.seed, step)
         lr = self.optimizer.current_lr()
+        wd = self.optimizer.weight_decay()      # (checks groups edited by hand before any forward)
         q = self.zo_config.num_perturbations
         # every perturbation's + and − as slots of one forward (each unit is visited, and moved, once per micro-batch);
         # under perturbation parallelism each rank of a pair runs one sign
@@ -633,7 +639,7 @@ class ZOEngine(DeepSpeedEngine):
         if not all(math.isfinite(x) for x in means):   # identical on every rank: the means were all-reduced
             return self._skip_step(step, means, samples)
         self._consecutive_skips = 0
-        self.optimizer.record_step(step, seed, grads, lr, self.optimizer.weight_decay())
+        self.optimizer.record_step(step, seed, grads, lr, wd)
         if not self.zo_config.fuse_update:
             # eager: the update lands now, and host readers of the parameters may read right after; offloaded
             # units' write-backs to the store are in flight on their stream until synchronised
@@ -649,6 +655,7 @@ class ZOEngine(DeepSpeedEngine):
         number does (so the next step draws a fresh z). Too many in a row abort the run."""
         self._consecutive_skips += 1
         self.skipped_steps += 1
+        self._step_applied = False      # (was_step_applied(), as DeepSpeed's overflow step)
         self.global_steps += 1
         self.global_samples = samples
         self.last_projected_grad = float("nan") if self.zo_config.num_perturbations == 1 else \

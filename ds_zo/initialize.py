@@ -35,6 +35,10 @@ def check_client_optimizer(optimizer: ZOSGD, model: nn.Module, trainable: set[st
     trains exactly the zero_order.trainable parameters, and replay decays the matrices (rank >= 2) by the one
     weight_decay a step records; an optimizer that differs would be followed in part only."""
     named = {id(p): n for n, p in model.named_parameters()}
+    try:
+        optimizer.check_decay_groups(named)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     have = {id(p) for g in optimizer.param_groups for p in g["params"]}
     want = {id(p) for n, p in model.named_parameters() if n in trainable}
     if have != want:
@@ -53,13 +57,6 @@ def check_client_optimizer(optimizer: ZOSGD, model: nn.Module, trainable: set[st
         if value != getattr(zo_params, field):
             raise ConfigError(f"optimizer.params.{field}: {getattr(zo_params, field)!r} in the config, {value!r} in the "
                               f"ZOSGD passed to ds_zo.initialize; they must agree")
-    if optimizer.weight_decay():
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                if (g["weight_decay"] != 0.0) != is_decayed(p):
-                    raise ConfigError(f"optimizer: parameter {named[id(p)]!r} is in a group with weight_decay "
-                                      f"{g['weight_decay']!r}; ds_zo decays exactly the matrices and embeddings "
-                                      f"(rank >= 2), which replay relies on")
 
 
 def refuse_non_causal_lm(model: nn.Module, loss_fn) -> None:

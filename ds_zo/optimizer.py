@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from .model.units import is_decayed
 from .perturb import PerturbationGenerator, slice_key, span_groups
 
 
@@ -125,6 +126,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.generator: Optional[PerturbationGenerator] = None
         self.keys: dict[int, int] = {}
         self.rows: dict[int, torch.Tensor] = {}
+        self.names: dict[int, str] = {}
         self.step_log: list[StepRecord] = []
         self.pending: Optional[StepRecord] = None
         self._pending_done: set[int] = set()
@@ -132,15 +134,17 @@ class ZOSGD(torch.optim.Optimizer):
         # done: an update that fails part-way (out of memory between span groups, an interrupt) resumes where it
         # stopped, and applies no piece twice
         self._pieces_done: set[tuple[int, int]] = set()
-        self._decay_of: Optional[dict[int, float]] = None
+        self._decay_of: Optional[tuple[bool, dict[int, bool]]] = None   # (decay on, id(param) -> decays)
+        self._decay_checked: Optional[list[float]] = None     # the groups' weight_decay values last checked
         # _apply_fused's layouts: (parameters, q, their addresses) -> (launches, base) or False (the general path)
         self._fused_layouts: dict[tuple, object] = {}
 
     # -- wiring -------------------------------------------------------------------------------------------------
     def attach(self, generator: PerturbationGenerator, keys: dict[int, int],
-               rows: Optional[dict[int, torch.Tensor]] = None) -> None:
-        """keys: id(param) -> perturbation key; rows: id(param) -> the rows (dim 0) trained, for row subsets."""
-        self.generator, self.keys, self.rows = generator, keys, rows or {}
+               rows: Optional[dict[int, torch.Tensor]] = None, names: Optional[dict[int, str]] = None) -> None:
+        """keys: id(param) -> perturbation key; rows: id(param) -> the rows (dim 0) trained, for row subsets;
+        names: id(param) -> name, for messages."""
+        self.generator, self.keys, self.rows, self.names = generator, keys, rows or {}, names or {}
         self._fused_layouts.clear()      # (they hold which parameters are row subsets: an optimizer handed to a new
                                          # engine may have other rows)
         missing = [p for g in self.param_groups for p in g["params"] if id(p) not in keys]
@@ -163,22 +167,48 @@ class ZOSGD(torch.optim.Optimizer):
     def weight_decay(self) -> float:
         """The decoupled weight decay a step applies (and records: replay applies it to the same matrices): the one
         non-zero weight_decay of the parameter groups, 0 if none. Read from the groups at every step, so a restored
-        or edited optimizer state and the step log always agree."""
-        values = sorted({float(g["weight_decay"]) for g in self.param_groups} - {0.0})
-        if len(values) > 1:
+        or edited optimizer state and the step log always agree; groups edited so that a 1-D tensor would decay or a
+        matrix would not are refused (check_decay_groups), since a step records one value for every matrix."""
+        values = [float(g["weight_decay"]) for g in self.param_groups]
+        nonzero = sorted(set(values) - {0.0})
+        if len(nonzero) > 1:
             raise ValueError(f"ZOSGD needs one non-zero weight_decay across parameter groups (a step records one), "
-                             f"got {values}")
-        return values[0] if values else 0.0
+                             f"got {nonzero}")
+        if nonzero and values != self._decay_checked:
+            self.check_decay_groups()
+            self._decay_checked = values
+        return nonzero[0] if nonzero else 0.0
+
+    def check_decay_groups(self, names: Optional[dict[int, str]] = None) -> None:
+        """Where some group's weight_decay is not 0, it must be on exactly the groups of matrices and embeddings (rank
+        >= 2, is_decayed): ds_zo decays those, and only those, by the one value a step records (names: id -> name,
+        for the message)."""
+        if not any(g["weight_decay"] for g in self.param_groups):
+            return
+        names = names or self.names
+        for i, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                if (g["weight_decay"] != 0.0) != is_decayed(p):
+                    what = repr(names[id(p)]) if names and id(p) in names else f"of shape {tuple(p.shape)}"
+                    raise ValueError(
+                        f"optimizer.param_groups[{i}]: weight_decay {g['weight_decay']!r} on a parameter {what} of "
+                        f"rank {len(getattr(p, 'ds_shape', p.shape))}; ds_zo decays exactly the matrices and "
+                        "embeddings (rank >= 2) by a step's one weight_decay, which replay relies on: set it on the "
+                        "groups that hold those (ds_zo builds one group of them and one of 1-D tensors) and leave 0 "
+                        "on the others")
 
     def groups_changed(self) -> None:
         """The parameter groups' settings were edited in place (a checkpoint restored them): forget what was cached."""
-        self._decay_of = None
-        self._fused_layouts.clear()       # (their rows hold which parameters decay)
+        self._decay_checked = None
+        self._fused_layouts.clear()
 
-    def _decays(self) -> dict[int, float]:
-        if self._decay_of is None:
-            self._decay_of = {id(p): g["weight_decay"] for g in self.param_groups for p in g["params"]}
-        return self._decay_of
+    def _decays(self) -> dict[int, bool]:
+        """Per trained parameter, whether the pending step decays it: a matrix (is_decayed) where the step's
+        weight_decay is not 0. From the step's record, not the groups, which may have been edited since."""
+        on = self.pending is not None and self.pending.wd != 0.0
+        if self._decay_of is None or self._decay_of[0] != on:
+            self._decay_of = (on, {id(p): on and is_decayed(p) for g in self.param_groups for p in g["params"]})
+        return self._decay_of[1]
 
     # -- the update -----------------------------------------------------------------------------------------------
     def record_step(self, step: int, seed: int, grads: list[float], lr: float, weight_decay: float) -> StepRecord:
@@ -240,10 +270,10 @@ class ZOSGD(torch.optim.Optimizer):
             if rows is not None:       # a row subset: its update runs on a gathered copy, written back whole
                 target = p.data[rows]
                 subsets.append((p, rows, target,
-                                self._pieces(p, target.view(-1), 0, target.numel(), decays[id(p)] != 0.0)))
+                                self._pieces(p, target.view(-1), 0, target.numel(), decays[id(p)])))
                 continue
             whole.setdefault(p.device, []).extend(
-                self._pieces(p, p.data.view(-1), 0, p.numel(), decays[id(p)] != 0.0))
+                self._pieces(p, p.data.view(-1), 0, p.numel(), decays[id(p)]))
             owed.setdefault(p.device, []).append(p)
         # A parameter counts as updated once all its pieces were: an update that fails part-way (out of memory for a
         # temporary between span groups, an interrupt) leaves the rest owed, and the next read applies only that
@@ -282,7 +312,7 @@ class ZOSGD(torch.optim.Optimizer):
         from . import triton_passes
         if q > triton_passes.MAX_Q:
             return None
-        key = (tuple(id(p) for p in todo), q, triton_passes.address_key(datas))
+        key = (tuple(id(p) for p in todo), q, triton_passes.address_key(datas), self.pending.wd != 0.0)
         layout = triton_passes.kept_layout(self._fused_layouts, key,
                                            lambda: self._fused_layout(todo, datas, q, decays))
         if layout is False:
@@ -299,7 +329,7 @@ class ZOSGD(torch.optim.Optimizer):
             self.generator.distribution == "gaussian", launched)
         return launches.drawn > 0
 
-    def _fused_layout(self, params: list, datas: list[torch.Tensor], q: int, decays: dict[int, float]):
+    def _fused_layout(self, params: list, datas: list[torch.Tensor], q: int, decays: dict[int, bool]):
         """_apply_fused's layout of these parameters, or False where they do not qualify."""
         from . import triton_passes
         d0 = datas[0]
@@ -307,7 +337,7 @@ class ZOSGD(torch.optim.Optimizer):
                 or any(t.device != d0.device or t.dtype != d0.dtype or not t.is_contiguous() for t in datas)):
             return False
         base, offs = triton_passes.offsets(datas)
-        rows = [(off, t.numel(), 0, decays[id(p)] != 0.0) for off, p, t in zip(offs, params, datas)]
+        rows = [(off, t.numel(), 0, decays[id(p)]) for off, p, t in zip(offs, params, datas)]
         return triton_passes.UpdateLaunches(rows, q), base
 
     def apply_pending_to_slice(self, param: torch.nn.Parameter, flat: torch.Tensor, start: int, numel: int) -> None:
@@ -321,7 +351,7 @@ class ZOSGD(torch.optim.Optimizer):
         all their pieces are (a failure part-way leaves them owed, and the pieces already updated are skipped)."""
         decays = self._decays()
         pieces = [piece for param, flat, start, numel in slices if flat.numel()
-                  for piece in self._pieces(param, flat, start, numel, decays[id(param)] != 0.0)]
+                  for piece in self._pieces(param, flat, start, numel, decays[id(param)])]
         self._apply_pieces(pieces, self._pieces_done)
         self._pending_done.update(id(param) for param, *_ in slices)
 

@@ -93,6 +93,25 @@ def test_the_engines_dataloader_runs_epoch_after_epoch_and_a_resumed_run_goes_on
         whole.train_batch(data_iter=iter([batch(rows=2)]))
 
 
+def test_hf_batch_encodings_are_batches():
+    """HF's tokenizers and collators hand batches over as a BatchEncoding (a UserDict, not a dict): train_batch,
+    eval_batch and the engine's dataloader take them as the same batch. A batch that is no mapping is refused by
+    type."""
+    from transformers import BatchEncoding
+    b = batch()
+    engines = [ds_zo.initialize(model=tiny_model("llama"), config=ds_config(seed=1))[0] for _ in range(2)]
+    loss = engines[1].train_batch(b)
+    assert engines[0].train_batch(BatchEncoding(b)) == loss
+    assert engines[0].eval_batch(BatchEncoding(b)) == engines[1].eval_batch(b)
+    rows = [{k: v[i] for k, v in b.items()} for i in range(2)]
+    engine, _, loader, _ = ds_zo.initialize(
+        model=tiny_model("llama"), config=ds_config(seed=1), training_data=rows,
+        collate_fn=lambda items: BatchEncoding(torch.utils.data.default_collate(items)))
+    assert engine.train_batch() == pytest.approx(loss, rel=1e-7)      # (the loader may order the two rows otherwise)
+    with pytest.raises(TypeError, match="a batch must be a mapping with at least 'input_ids'.*got list"):
+        engines[0].train_batch([b["input_ids"]])
+
+
 def test_gradient_accumulation_draws_micro_batches_from_data_iter():
     """gradient_accumulation_steps micro-batches from an iterator make one step, equal to one step on their union."""
     cfg = ds_config(micro=2)

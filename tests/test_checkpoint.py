@@ -520,3 +520,38 @@ def test_replay_given_the_training_output_folder_points_at_its_checkpoints(tmp_p
     err = capsys.readouterr().err
     assert "is neither a checkpoint folder (with a 'latest' file) nor one tag's folder" in err
     assert f"ds_zo.train writes its checkpoints to {tmp_path / 'out' / 'checkpoints'}" in err
+
+
+def test_client_state_must_come_back_from_json_as_given(tmp_path):
+    """client_state is kept as JSON (loading never unpickles): what JSON would change silently (a tuple into a list,
+    an int key into a string) or cannot hold (a tensor, a NumPy integer) is refused by path before anything is
+    written; JSON values, a float NaN among them, come back as given."""
+    import numpy as np
+    e = _engine()
+    e.train_batch(batch())
+    for bad, match in [({"best": (0.1, 3)}, r"client_state\['best'\]: a tuple"),
+                       ({1: 0.5}, r"client_state: key 1 is a int, which JSON would turn into the string \"1\""),
+                       ({"rng": [torch.zeros(2)]}, r"client_state\['rng'\]\[0\]: a Tensor"),
+                       ({"n": np.int64(3)}, r"client_state\['n'\]: a int64")]:
+        with pytest.raises(CheckpointError, match=match):
+            e.save_checkpoint(str(tmp_path / "bad"), client_state=bad)
+        assert not (tmp_path / "bad").exists()
+    good = {"epoch": 1, "history": [0.5, float("inf"), None, True], "nested": {"a": "b"}}
+    e.save_checkpoint(str(tmp_path / "good"), client_state=good)
+    assert _engine().load_checkpoint(str(tmp_path / "good"))[1] == good
+
+
+def test_a_deepspeed_checkpoint_is_named_as_one(tmp_path):
+    """A checkpoint written by DeepSpeed's own engine (a first-order run being switched to ds_zo) is told apart from
+    an interrupted ds_zo save, and the message says how to carry its weights over."""
+    import deepspeed
+    model = tiny_model("llama")
+    cfg = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    first_order, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    first_order.backward(first_order(**batch()).loss)
+    first_order.step()
+    first_order.save_checkpoint(str(tmp_path))
+    first_order.destroy()
+    with pytest.raises(CheckpointError, match=r"written by DeepSpeed's own engine \(mp_rank_00_model_states.pt\), "
+                                              r"not by ds_zo"):
+        _engine().load_checkpoint(str(tmp_path))

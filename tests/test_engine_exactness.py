@@ -12,7 +12,7 @@ from ds_zo.model.streamed import streamed_kind
 from ds_zo.perturb import PerturbationGenerator, param_key
 from ds_zo.replay import read_step_log, replay, write_step_log
 from conftest import ds_config
-from models import ARCHS, batch, tiny_model
+from models import ARCHS, assert_same_state, batch, tiny_model
 from reference import MeZOReference
 
 STEPS = 3
@@ -749,3 +749,30 @@ def test_torch_autocast_applies_to_each_slot_with_its_own_weights(row_blocks, of
     _steps_match_reference(engine, ref, batch())
     hook.remove()
     assert dtypes == {torch.bfloat16}
+
+
+def test_weight_decay_edited_between_steps_is_applied_and_replayed():
+    """A weight_decay set by hand on the matrices' group between steps (as one sets an lr) is the next step's: the
+    matrices decay by it and a replay of the step log rebuilds the run. The groups' values used to be cached at the
+    first step, so an edit after it was recorded in the step log but never applied. Setting it on every group (the
+    usual loop) would decay 1-D tensors, which a step's one recorded value never does: refused by name, before the
+    step's forwards, with nothing changed."""
+    model = tiny_model("llama")
+    base = copy.deepcopy(model)
+    ref = MeZOReference(model, lr=1e-2, eps=1e-3, seed=3)
+    engine = _engine(model, lr=1e-2, eps=1e-3, seed=3)
+    b = batch()
+    _steps_match_reference(engine, ref, b)
+    matrices, = [g for g in engine.optimizer.param_groups if g["params"][0].dim() >= 2]
+    matrices["weight_decay"] = ref.wd = 0.5
+    _steps_match_reference(engine, ref, b)
+    assert [r.wd for r in engine.step_log] == [0.0, 0.0, 0.5, 0.5]
+    state = engine.module_state_dict()
+    assert_same_state(replay(base, engine.step_log).state_dict(), state)
+    for g in engine.optimizer.param_groups:
+        g["weight_decay"] = 0.5
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: weight_decay 0.5 on a parameter "
+                                         r"'model\.[\w.]*norm\.weight' of rank 1; ds_zo decays exactly the matrices"):
+        engine.train_batch(b)
+    assert engine.global_steps == 4
+    assert_same_state(engine.module_state_dict(), state)

@@ -30,7 +30,11 @@ def test_non_finite_loss_skips_the_update_and_replay_still_matches():
     base = copy.deepcopy(model)
     engine, *_ = ds_zo.initialize(model=model, config=ds_config(lr=1e-2, wd=0.1, seed=1, max_consecutive_skips=3))
     poison = _Poison(engine.module, bad_calls={2})           # the second step's forward
-    losses = [engine.train_batch(batch(seed=t)) for t in range(4)]
+    losses, applied = [], []
+    for t in range(4):
+        losses.append(engine.train_batch(batch(seed=t)))
+        applied.append(engine.was_step_applied())
+    assert applied == [True, False, True, True]              # (DeepSpeed's answer after an overflow step)
     assert math.isnan(losses[1]) and all(math.isfinite(x) for x in losses[:1] + losses[2:])
     assert engine.skipped_steps == 1 and engine.global_steps == 4
     assert [r.step for r in engine.step_log] == [0, 2, 3]
@@ -52,3 +56,20 @@ def test_consecutive_non_finite_losses_abort_with_a_clear_message():
     sd = engine.module_state_dict()  # the last good step (its fused update included) and nothing else
     assert all(torch.isfinite(v).all() for v in sd.values())
     assert len(engine.step_log) == 1 and all(torch.equal(sd[n], good[n]) for n in good)
+
+
+def test_a_resumed_run_counts_the_non_finite_steps_in_a_row_before_its_checkpoint(tmp_path):
+    """The count of non-finite steps in a row is saved with the checkpoint: a run resumed after two of them stops at
+    the third, as the uninterrupted run does (it used to start counting again)."""
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(seed=1, max_consecutive_skips=3))
+    engine.train_batch(batch())
+    _Poison(engine.module, bad_calls=range(1, 100))
+    engine.train_batch(batch())
+    engine.train_batch(batch())
+    engine.save_checkpoint(str(tmp_path))
+    resumed, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(seed=1, max_consecutive_skips=3))
+    resumed.load_checkpoint(str(tmp_path))
+    _Poison(resumed.module, bad_calls=range(1, 100))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive ZO steps .up to step 3"):
+        resumed.train_batch(batch())
+    assert resumed.skipped_steps == 3
