@@ -56,11 +56,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _autocast(engine):
+def forward_autocast(engine):
     """ds_config's torch_autocast, as DeepSpeedEngine.forward applies it (autocast_if_enabled: the config's dtype, or
     a CUDA caller's autocast switched off where the config has none), with torch's cast cache off: autocast caches a
     parameter's low-precision cast per parameter, and the slots of a ZO forward point the same parameter at different
-    working copies, so the second slot would compute with the first one's weights."""
+    working copies, so the second slot would compute with the first one's weights. On the way out the cache is
+    cleared: the forward may have applied a pending update in place, and a caller's autocast region around it would
+    hand later forwards the casts of the weights before it."""
     with autocast_if_enabled(engine):
         cached = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)
@@ -68,6 +70,7 @@ def _autocast(engine):
             yield
         finally:
             torch.set_autocast_cache_enabled(cached)
+            torch.clear_autocast_cache()
 
 
 def agree_on_z_stream(comm: Communicator, mine: str) -> str:
@@ -99,6 +102,9 @@ class ZOEngine(DeepSpeedEngine):
                  offload: OffloadConfig, dims: ParallelDims, communicator: Communicator,
                  rows: Optional[dict[str, torch.Tensor]], loss_fn) -> None:
         self.zo_config = zo_config
+        # DeepSpeed makes a GradScaler for fp16 torch_autocast at stage 0, and its _take_model_step (which train_batch
+        # calls for the lr schedule and step count) would step it: there are no gradients to scale
+        self.torch_autocast_z0_gradscaler = None
         # (logits, labels) -> (float64 sum of per-item losses, item count); default: HF's token cross-entropy
         self.loss_fn = loss_fn or token_loss_sum
         self.dims = dims
@@ -420,6 +426,7 @@ class ZOEngine(DeepSpeedEngine):
         self._apply_remaining_pending()
         if self.pipeline is not None:
             self.pipeline.synchronize()
+        torch.clear_autocast_cache()    # (casts a caller's autocast region made of the weights before the update)
 
     # -- direct use of engine.module (inference, generate) ------------------------------------------------------------
     def _before_direct_forward(self, module, args):
@@ -455,7 +462,7 @@ class ZOEngine(DeepSpeedEngine):
         if not isinstance(batch, collections.abc.Mapping) or "input_ids" not in batch:
             raise TypeError(f"a batch must be a mapping with at least 'input_ids' (and optionally attention_mask, "
                             f"labels); got {type(batch).__name__}"
-                            + (f" with keys {sorted(batch)}" if isinstance(batch, collections.abc.Mapping) else ""))
+                            + (f" with keys {list(batch)}" if isinstance(batch, collections.abc.Mapping) else ""))
         return {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     def _micro_batches(self, batch, data_iter) -> list[dict]:
@@ -533,7 +540,7 @@ class ZOEngine(DeepSpeedEngine):
             copies.token_loss = (self._loss_head.name, sink)
         self._in_zo_forward = True
         try:
-            with _eval_mode(self.module), torch.no_grad(), _autocast(self), dual_forward(self.units, slots, rows, copies):
+            with _eval_mode(self.module), torch.no_grad(), forward_autocast(self), dual_forward(self.units, slots, rows, copies):
                 if self.pipeline is not None:
                     self.pipeline.begin()
                 logits = self.module(**self._model_inputs(batch, slots), **self._model_flags, **extra).logits
@@ -592,11 +599,11 @@ class ZOEngine(DeepSpeedEngine):
         """One ZO step over this rank's share of a global batch (shard `dp_rank` of `dp_world_size`); returns the
         mean over perturbations of (L+ + L−)/2 on the whole global batch."""
         self._refuse_if_destroyed("train_batch")
+        lr = self.optimizer.current_lr()
+        wd = self.optimizer.weight_decay()      # (checks groups edited by hand before a micro-batch is drawn)
         micro = self._micro_batches(batch, data_iter)
         step = self.global_steps
         seed = step_seed(self.zo_config.seed, step)
-        lr = self.optimizer.current_lr()
-        wd = self.optimizer.weight_decay()      # (checks groups edited by hand before any forward)
         q = self.zo_config.num_perturbations
         # every perturbation's + and − as slots of one forward (each unit is visited, and moved, once per micro-batch);
         # under perturbation parallelism each rank of a pair runs one sign

@@ -8,6 +8,7 @@ import torch
 
 from .data.collate import batches, takes_position_ids
 from .data.tasks import count_correct
+from .engine import forward_autocast
 
 
 @torch.no_grad()
@@ -39,8 +40,9 @@ def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
             extra, labels = engine.scored_positions(batch["labels"])
             if "position_ids" in batch:
                 extra["position_ids"] = batch["position_ids"]
-            logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   use_cache=False, **extra).logits
+            with forward_autocast(engine):     # (ds_config's torch_autocast, as the training forwards run)
+                logits = engine.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       use_cache=False, **extra).logits
             if index >= counted:
                 continue
             loss_sum, tokens = engine.loss_fn(logits, labels)

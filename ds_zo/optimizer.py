@@ -186,16 +186,18 @@ class ZOSGD(torch.optim.Optimizer):
         if not any(g["weight_decay"] for g in self.param_groups):
             return
         names = names or self.names
-        for i, g in enumerate(self.param_groups):
-            for p in g["params"]:
-                if (g["weight_decay"] != 0.0) != is_decayed(p):
-                    what = repr(names[id(p)]) if names and id(p) in names else f"of shape {tuple(p.shape)}"
-                    raise ValueError(
-                        f"optimizer.param_groups[{i}]: weight_decay {g['weight_decay']!r} on a parameter {what} of "
-                        f"rank {len(getattr(p, 'ds_shape', p.shape))}; ds_zo decays exactly the matrices and "
-                        "embeddings (rank >= 2) by a step's one weight_decay, which replay relies on: set it on the "
-                        "groups that hold those (ds_zo builds one group of them and one of 1-D tensors) and leave 0 "
-                        "on the others")
+        wrong = [(i, g, p) for i, g in enumerate(self.param_groups) for p in g["params"]
+                 if (g["weight_decay"] != 0.0) != is_decayed(p)]
+        if not wrong:
+            return
+        # a decaying 1-D tensor first: where someone set a group of them, that is the edit to name
+        i, g, p = min(wrong, key=lambda w: w[1]["weight_decay"] == 0.0)
+        what = repr(names[id(p)]) if names and id(p) in names else f"of shape {tuple(p.shape)}"
+        raise ValueError(f"optimizer.param_groups[{i}]: weight_decay {g['weight_decay']!r} on a parameter {what} of "
+                         f"rank {len(getattr(p, 'ds_shape', p.shape))}; ds_zo decays exactly the matrices and "
+                         "embeddings (rank >= 2) by a step's one weight_decay, which replay relies on: set it on the "
+                         "groups that hold those (ds_zo builds one group of them and one of 1-D tensors) and leave 0 "
+                         "on the others")
 
     def groups_changed(self) -> None:
         """The parameter groups' settings were edited in place (a checkpoint restored them): forget what was cached."""

@@ -110,6 +110,8 @@ def test_hf_batch_encodings_are_batches():
     assert engine.train_batch() == pytest.approx(loss, rel=1e-7)      # (the loader may order the two rows otherwise)
     with pytest.raises(TypeError, match="a batch must be a mapping with at least 'input_ids'.*got list"):
         engines[0].train_batch([b["input_ids"]])
+    with pytest.raises(TypeError, match=r"got dict with keys \['ids', 1\]"):
+        engines[0].train_batch({"ids": b["input_ids"], 1: None})
 
 
 def test_gradient_accumulation_draws_micro_batches_from_data_iter():

@@ -724,31 +724,54 @@ def test_out_of_memory_in_a_unit_keeps_its_type():
 
 
 class _AutocastReference(MeZOReference):
-    """The reference's forwards under CPU autocast to bf16 (its perturbed weights are new tensors every time, so
-    autocast's cast cache, which holds only parameters' casts, does not touch them)."""
+    """The reference's forwards under CPU autocast (its perturbed weights are new tensors every time, so autocast's
+    cast cache, which holds only parameters' casts, does not touch them)."""
+
+    dtype = torch.bfloat16
 
     def loss(self, batch, shifts=None) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=self.dtype):
             return super().loss(batch, shifts)
 
 
-@pytest.mark.parametrize("row_blocks", ["auto", "off"])
-@pytest.mark.parametrize("offload", [False, True])
-def test_torch_autocast_applies_to_each_slot_with_its_own_weights(row_blocks, offload):
+@pytest.mark.parametrize("row_blocks,offload,dtype", [("auto", False, "bfloat16"), ("off", False, "bfloat16"),
+                                                      ("auto", True, "bfloat16"), ("off", True, "bfloat16"),
+                                                      ("auto", False, "float16")])
+def test_torch_autocast_applies_to_each_slot_with_its_own_weights(row_blocks, offload, dtype):
     """ds_config's torch_autocast runs the ZO forwards in bf16, as DeepSpeedEngine.forward runs its forward. Autocast
     caches each parameter's bf16 cast; the slots of a ZO forward point one parameter at two working copies, so with
     the cache on the θ−εz slot computed with θ+εz's weights (g −0.81 against the reference's −1.93), and the streamed
-    output layer ignored autocast (its torch.mm writes into a float32 window)."""
+    output layer ignored autocast (its torch.mm writes into a float32 window). With float16, DeepSpeed's stage-0 grad
+    scaler, stepped by the lr-schedule bookkeeping, failed every step after recording it."""
     model = tiny_model("llama")
     ref = _AutocastReference(model, lr=1e-2, eps=1e-2, seed=3)
+    ref.dtype = getattr(torch, dtype)
     cfg = _offloading(ds_config(lr=1e-2, eps=1e-2, seed=3, row_blocks=row_blocks), offload)
-    cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    cfg["torch_autocast"] = {"enabled": True, "dtype": dtype}
     engine, *_ = ds_zo.initialize(model=model, config=cfg)
     dtypes = set()
     hook = engine.module.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
     _steps_match_reference(engine, ref, batch())
     hook.remove()
-    assert dtypes == {torch.bfloat16}
+    assert dtypes == {ref.dtype} and engine.global_steps == 2
+
+
+def test_a_callers_autocast_region_around_steps_sees_each_step_in_its_forwards():
+    """A caller's CPU autocast (DeepSpeed's context lets it through on CPU) around direct forwards and train_batch:
+    autocast's cast cache held the weights' casts from before the step, so the forward after it computed with the
+    old matrices and the new embeddings and norms. Every update (the fused one inside the next forward, a flush)
+    clears it."""
+    engine = _engine(tiny_model("llama"), lr=1e-2, eps=1e-3, seed=3)
+    b = batch()
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine.module(**inputs)
+        engine.train_batch(b)
+        engine.train_batch(b)
+        inside = engine.module(**inputs).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = engine.module(**inputs).logits
+    assert torch.equal(inside, fresh)
 
 
 def test_weight_decay_edited_between_steps_is_applied_and_replayed():
@@ -769,6 +792,11 @@ def test_weight_decay_edited_between_steps_is_applied_and_replayed():
     assert [r.wd for r in engine.step_log] == [0.0, 0.0, 0.5, 0.5]
     state = engine.module_state_dict()
     assert_same_state(replay(base, engine.step_log).state_dict(), state)
+    matrices["weight_decay"] = 0.0
+    engine.optimizer.param_groups[1]["weight_decay"] = 0.5       # (the message names this edit, not the matrices)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: weight_decay 0.5 on a parameter "
+                                         r"'model\.[\w.]*norm\.weight' of rank 1"):
+        engine.train_batch(b)
     for g in engine.optimizer.param_groups:
         g["weight_decay"] = 0.5
     with pytest.raises(ValueError, match=r"param_groups\[1\]: weight_decay 0.5 on a parameter "
@@ -776,3 +804,38 @@ def test_weight_decay_edited_between_steps_is_applied_and_replayed():
         engine.train_batch(b)
     assert engine.global_steps == 4
     assert_same_state(engine.module_state_dict(), state)
+
+
+def test_a_step_refused_for_its_groups_draws_no_micro_batch():
+    """A train_batch refused because the groups were edited against the decay rule changes nothing, not even the
+    engine's place in its dataloader: it used to draw its micro-batches first, so the run went on with other batches
+    than the uninterrupted one (and than a resume from a checkpoint)."""
+    rows = [{k: v[0] for k, v in batch(rows=1, seed=i).items()} for i in range(6)]
+    runs = []
+    for refuse in (False, True):
+        engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(seed=1, micro=1), training_data=rows)
+        losses = [engine.train_batch()]
+        if refuse:
+            for g in engine.optimizer.param_groups:
+                g["weight_decay"] = 0.1
+            with pytest.raises(ValueError, match="ds_zo decays exactly the matrices"):
+                engine.train_batch()
+            for g in engine.optimizer.param_groups:
+                g["weight_decay"] = 0.0
+        losses += [engine.train_batch() for _ in range(2)]
+        runs.append(losses)
+    assert runs[0] == runs[1]
+
+
+def test_the_jobs_evaluation_runs_under_the_configs_autocast():
+    """ds_zo.evaluation.evaluate (the job's dev and test accuracy) calls the model directly: it now runs under
+    ds_config's torch_autocast as the training forwards and eval_batch do, not in the model's dtype."""
+    from ds_zo.evaluation import evaluate
+    cfg = ds_config(seed=3)
+    cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    dtypes = []
+    engine.module.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    examples = [{"input_ids": [5, 17, 33, 2], "labels": [-100, -100, -100, 2]}]
+    assert evaluate(engine, examples, batch_size=1, pad_id=0, candidate_ids=[2, 3])["examples"] == 1
+    assert dtypes == [torch.bfloat16]
