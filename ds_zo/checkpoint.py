@@ -186,8 +186,8 @@ def check_client_state(value, path: str = "client_state") -> None:
             check_client_state(v, f"{path}[{k!r}]")
         return
     raise CheckpointError(f"{path}: a {type(value).__name__} ({str(value)[:60]!r}); ds_zo keeps client_state as JSON "
-                          "(loading a checkpoint never unpickles): use dicts with string keys, lists, strings, numbers, "
-                          "booleans and None (e.g. tensor.tolist(), int(x), list(a_tuple))")
+                          "(loading a checkpoint never unpickles): use dicts with string keys, lists, strings, "
+                          "numbers, booleans and None (e.g. tensor.tolist(), int(x), list(a_tuple))")
 
 
 def save(engine, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None) -> str:

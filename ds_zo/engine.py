@@ -540,7 +540,8 @@ class ZOEngine(DeepSpeedEngine):
             copies.token_loss = (self._loss_head.name, sink)
         self._in_zo_forward = True
         try:
-            with _eval_mode(self.module), torch.no_grad(), forward_autocast(self), dual_forward(self.units, slots, rows, copies):
+            with _eval_mode(self.module), torch.no_grad(), forward_autocast(self), \
+                    dual_forward(self.units, slots, rows, copies):
                 if self.pipeline is not None:
                     self.pipeline.begin()
                 logits = self.module(**self._model_inputs(batch, slots), **self._model_flags, **extra).logits

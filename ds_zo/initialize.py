@@ -169,7 +169,15 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         if optimizer is None:
             optimizer = build_optimizer(model, trainable, zo_params.lr, zo_params.eps, zo_params.weight_decay)
         zo_mpu = ZOParallelMPU(dims)
-        config_class = DeepSpeedConfig(ds_config, zo_mpu)
+        try:
+            config_class = DeepSpeedConfig(ds_config, zo_mpu)
+        except AssertionError as e:
+            if "train_batch_size" not in str(e):
+                raise
+            # DeepSpeed's batch arithmetic takes ds_zo's data-parallel degree as its world_size: say so
+            raise ConfigError(f"{e} (world_size there is ds_zo's data-parallel degree: dp = world {world} / "
+                              f"zero_order.perturbation_parallel {dims.pertp} = {dims.dp}; the ranks of a "
+                              "perturbation-parallel group score the same rows)") from None
         engine = ZOEngine(args=args, model=model, optimizer=optimizer, model_parameters=None,
                           training_data=training_data, lr_scheduler=lr_scheduler, mpu=zo_mpu,
                           dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds_config,

@@ -205,3 +205,13 @@ def test_partition_group_must_divide_the_node(monkeypatch):
     assert default_partition_size(8, 2) == 2
     with pytest.raises(ConfigError, match="does not divide the ranks of a node"):
         default_partition_size(8, 3)
+
+
+def test_inconsistent_batch_sizes_name_the_data_parallel_degree():
+    """DeepSpeed checks train_batch_size = micro × gradient_accumulation_steps × world_size with ds_zo's data-parallel
+    degree as its world_size; under perturbation parallelism that read "world_size 1" on a 2-process job. The error
+    now says what that world size is."""
+    cfg = {**ds_config(micro=2), "gradient_accumulation_steps": 2, "train_batch_size": 8}
+    with pytest.raises(ConfigError, match=r"8 != 2 \* 2 \* 1 \(world_size there is ds_zo's data-parallel degree: dp "
+                                          r"= world 1 / zero_order.perturbation_parallel 1 = 1"):
+        ds_zo.initialize(model=tiny_model("llama"), config=cfg)
