@@ -136,6 +136,12 @@ class ZOEngine(DeepSpeedEngine):
         if self.trainable_rows and offload.enabled:
             raise ValueError("zero_order.trainable_rows cannot be combined with offload_param yet")
         self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
+        # with offload, the resident units' parameters as they must stay (model.half() or .to() under the engine
+        # would convert them but not the offloaded layers' store: refused by name at the next use)
+        offloaded = {id(r.param) for u in self.units if self.pipeline is not None and id(u) in self.pipeline.index
+                     for r in u.params}
+        self._resident_specs = [(n, p, p.dtype, p.device) for n, p in self.module.named_parameters()
+                                if self.pipeline is not None and id(p) not in offloaded]
         self.copies = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline,
                                       before_perturb=self._apply_pending_to_unit)
         # where the ZO forwards' logits exist (a loss of the caller's, or a model that transforms them), the loss reads
@@ -165,6 +171,7 @@ class ZOEngine(DeepSpeedEngine):
         self._in_zo_forward = False
         self._consecutive_skips = 0
         self._warned_batch_rows = False
+        self._warned_grad_offload = False
         self._data_iterator: Optional[Iterator] = None
         self._streaming: Optional[contextlib.ExitStack] = None
         # Make a pending update visible to anyone who runs or reads the model directly, and stream offloaded units
@@ -186,6 +193,10 @@ class ZOEngine(DeepSpeedEngine):
                 m.register_state_dict_pre_hook(ModelHook(self, lambda m, *_: self.flush_for_reader())),
                 m.register_load_state_dict_pre_hook(ModelHook(self, self._before_load)),
             ]
+        # A unit called on its own between steps (model.get_input_embeddings()(ids), a layer, the head) must see every
+        # completed step too; inside a ZO forward or a whole-model forward the check returns at once
+        self._hooks += [u.module.register_forward_pre_hook(ModelHook(self, self._before_unit_call))
+                        for u in self.units if all(u.module is not m for m in hooked)]
         # ZeRO-3: the model's own state_dict() would hold DeepSpeed's empty placeholders (model_hooks)
         self._placeholder_guards = [placeholder_guard(m) for m in hooked] \
             if isinstance(self.pipeline, ShardedOffloadPipeline) else []
@@ -196,6 +207,7 @@ class ZOEngine(DeepSpeedEngine):
     _DEEPSPEED_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check")
     _hooks: tuple = ()       # this engine's (a list once _init_zo has made them)
     _placeholder_guards: tuple = ()
+    _resident_specs: tuple = ()
 
     def _remove_hooks(self) -> None:
         for handle in [*self._hooks, *(getattr(self, n, None) for n in self._DEEPSPEED_HOOKS)]:
@@ -433,12 +445,22 @@ class ZOEngine(DeepSpeedEngine):
         # (a shallow copy of the model, copy.copy, shares these hooks and the parameters: it is the model)
         if self._in_zo_forward or self._streaming_owner is not None:
             return
+        self._refuse_converted_model()
         self._streaming_owner = id(module)      # the outermost hooked forward: its end ends the pass
         self.flush()
         self.copies.buffers.drop(OUTPUT_ROLE)   # the ZO forwards' kept logits: not held beside a direct forward's own
         if self.pipeline is not None and self._streaming is None:
             plain = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline)
             stack = contextlib.ExitStack()
+            if torch.is_grad_enabled():
+                # the offloaded layers pass through device buffers that later layers reuse: autograd would take
+                # gradients from overwritten weights (it cannot see .data pointing), so no graph is built
+                stack.enter_context(torch.no_grad())
+                if not self._warned_grad_offload:
+                    self._warned_grad_offload = True
+                    logger.warning("ds_zo: with parameter offload a direct forward streams the offloaded layers "
+                                   "through reused device buffers, so it runs without autograd (as under "
+                                   "torch.no_grad()); to backpropagate through the model, engine.destroy() first")
             stack.enter_context(dual_forward(self.units, 1, 0, plain))
             try:
                 self.pipeline.begin()
@@ -449,12 +471,30 @@ class ZOEngine(DeepSpeedEngine):
             self._streaming = stack
 
     def _after_direct_forward(self, module, args, output):
-        if id(module) != self._streaming_owner:
-            return
+        if id(module) == self._streaming_owner:
+            self._end_direct_pass()
+
+    def _end_direct_pass(self) -> None:
+        """End the direct forward's pass: also one that a KeyboardInterrupt (or SystemExit) left open, which torch's
+        always_call hooks do not see; its units' one-slot wrappers would otherwise stay on through every later ZO
+        step, which then perturbed nothing (train_batch and eval_batch call this first)."""
         self._streaming_owner = None
         if self._streaming is not None:
             self._streaming.close()
             self._streaming = None
+
+    def _before_unit_call(self, module, args):
+        if self._in_zo_forward or self._streaming_owner is not None or self.optimizer.pending is None:
+            return
+        self.flush()
+
+    def _refuse_converted_model(self) -> None:
+        for name, p, dtype, device in self._resident_specs:
+            if p.dtype != dtype or p.device != device:
+                raise RuntimeError(f"{name} is {p.dtype} on {p.device}, but was {dtype} on {device} when the engine "
+                                   "was built: the model was converted under a live engine with parameter offload "
+                                   "(model.half(), .to(...)), which converts the resident units but not the offloaded "
+                                   "layers' store. Convert it before ds_zo.initialize, or engine.destroy() first")
 
     # -- batches ----------------------------------------------------------------------------------------------------
     def _to_device(self, batch) -> dict:
@@ -600,6 +640,8 @@ class ZOEngine(DeepSpeedEngine):
         """One ZO step over this rank's share of a global batch (shard `dp_rank` of `dp_world_size`); returns the
         mean over perturbations of (L+ + L−)/2 on the whole global batch."""
         self._refuse_if_destroyed("train_batch")
+        self._end_direct_pass()
+        self._refuse_converted_model()
         lr = self.optimizer.current_lr()
         wd = self.optimizer.weight_decay()      # (checks groups edited by hand before a micro-batch is drawn)
         micro = self._micro_batches(batch, data_iter)
@@ -694,6 +736,8 @@ class ZOEngine(DeepSpeedEngine):
         """The mean token loss at the current parameters (every completed step applied) over the global batch: each
         data-parallel rank passes its shard (a collective: every rank calls it)."""
         self._refuse_if_destroyed("eval_batch")
+        self._end_direct_pass()
+        self._refuse_converted_model()
         self.flush()
         batch = self._to_device(batch)
         rows = batch["input_ids"].shape[0]
@@ -729,7 +773,8 @@ class ZOEngine(DeepSpeedEngine):
 
     # -- state ------------------------------------------------------------------------------------------------------
     def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
-        """The full parameters with every completed step applied, on every rank (resliced units are gathered)."""
+        """The full parameters with every completed step applied, on every rank (resliced units are gathered: under
+        ZeRO-3 a collective over the partition group, which every rank calls; save from rank 0 only)."""
         self._refuse_if_destroyed("module_state_dict")
         self.flush()
         for guard in self._placeholder_guards:      # its placeholders are replaced below

@@ -10,7 +10,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 import ds_zo
 from ds_zo.engine import ZOEngine
 from conftest import ds_config
-from models import VOCAB, batch, tiny_model
+from models import VOCAB, assert_same_state, batch, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -419,3 +419,88 @@ def test_models_that_are_not_causal_lms_are_refused_by_name():
                                                             num_labels=2, pad_token_id=0))
     with pytest.raises(ValueError, match=r"LlamaForSequenceClassification has no language-model head"):
         ds_zo.initialize(model=classifier, config=ds_config())
+
+
+def _offloaded(cfg):
+    cfg["zero_optimization"] = {"stage": 0, "offload_param": {"device": "cpu"}}
+    return cfg
+
+
+def test_a_direct_forward_interrupted_by_ctrl_c_leaves_training_as_it_was():
+    """With offload a direct forward (here generate) streams the layers through one-slot wrappers that its end
+    removes. torch's always_call forward hook does not run on a KeyboardInterrupt, so they stayed on, and every later
+    ZO step perturbed nothing (g −3.75 against −4.77 at once, then diverging). train_batch ends such a pass first."""
+    runs = []
+    for interrupt in (False, True):
+        engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=_offloaded(ds_config(lr=1e-2, seed=3)))
+        engine.train_batch(batch(seed=0))
+        if interrupt:
+            def ctrl_c(*_):
+                raise KeyboardInterrupt
+            hook = engine.module.model.layers[1].register_forward_hook(ctrl_c)
+            with pytest.raises(KeyboardInterrupt):
+                engine.module.generate(batch()["input_ids"], max_new_tokens=2, do_sample=False)
+            hook.remove()
+        losses = [engine.train_batch(batch(seed=t)) for t in (1, 2)]
+        runs.append((losses, engine.last_projected_grad, engine.module_state_dict()))
+    assert runs[1][:2] == runs[0][:2]
+    assert_same_state(runs[1][2], runs[0][2])
+
+
+def test_with_offload_a_direct_forward_builds_no_graph_and_says_why(caplog):
+    """The offloaded layers pass through device buffers that later layers reuse, and autograd cannot see parameters
+    pointed at them: gradients through a direct forward came out wrong, silently (18 of 21 on a 5-layer model). The
+    forward now runs without autograd, with a warning; without offload it keeps its graph."""
+    ids = batch()["input_ids"]
+    for offload in (False, True):
+        cfg = ds_config(seed=3)
+        engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=_offloaded(cfg) if offload else cfg)
+        engine.train_batch(batch())
+        with caplog.at_level("WARNING"):
+            logits = engine.module(input_ids=ids).logits
+        assert logits.requires_grad != offload
+        assert ("runs without autograd" in caplog.text) == offload
+        assert torch.is_grad_enabled()
+        with torch.no_grad():
+            assert torch.equal(engine.module(input_ids=ids).logits, logits)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_unit_called_on_its_own_sees_every_completed_step(offload):
+    """model.get_input_embeddings()(ids), the output layer or the final norm called on its own between steps used the
+    weights before the last step's update (still pending, fused into the next forward): mixed with a whole-model
+    forward (inputs_embeds) it gave logits one step apart. A unit's own call (not a module inside one: call
+    engine.flush() first there) applies the pending update first."""
+    cfg = ds_config(lr=1e-1, seed=1)
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=_offloaded(cfg) if offload else cfg)
+    engine.train_batch(batch())
+    plain = tiny_model("llama")
+    ids = batch(seed=5)["input_ids"]
+    with torch.no_grad():
+        emb = engine.module.get_input_embeddings()(ids)
+        assert engine.optimizer.pending is None
+        plain.load_state_dict(engine.module_state_dict())
+        assert torch.equal(emb, plain.get_input_embeddings()(ids))
+        engine.train_batch(batch(seed=2))
+        h = torch.randn(2, 3, emb.shape[-1])
+        head = engine.module.lm_head(h)
+        plain.load_state_dict(engine.module_state_dict())
+        assert torch.equal(head, plain.lm_head(h))
+        engine.train_batch(batch(seed=3))
+        norm = engine.module.model.norm(h)
+        plain.load_state_dict(engine.module_state_dict())
+        assert torch.equal(norm, plain.model.norm(h))
+
+
+def test_converting_an_offloaded_model_under_its_engine_is_refused_by_name():
+    """model.half() under a live engine with offload converted the resident units but not the offloaded layers'
+    store, and every later step or forward failed with a dtype mismatch inside a matmul. The next use names it."""
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=_offloaded(ds_config(seed=3)))
+    engine.train_batch(batch())
+    engine.module.half()
+    for use in (lambda: engine.train_batch(batch()), lambda: engine.eval_batch(batch()),
+                lambda: engine.module(input_ids=batch()["input_ids"])):
+        with pytest.raises(RuntimeError, match=r"model.embed_tokens.weight is torch.float16 on cpu, but was "
+                                               r"torch.float32 on cpu when the engine was built: the model was "
+                                               r"converted under a live engine with parameter offload"):
+            use()

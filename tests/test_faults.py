@@ -73,3 +73,24 @@ def test_a_resumed_run_counts_the_non_finite_steps_in_a_row_before_its_checkpoin
     with pytest.raises(NonFiniteLossError, match="3 consecutive ZO steps .up to step 3"):
         resumed.train_batch(batch())
     assert resumed.skipped_steps == 3
+
+
+def test_a_failed_shard_all_gather_says_which_calls_every_rank_must_make(monkeypatch):
+    """Under ZeRO-3 a direct forward or generate on some ranks only (or generating to other lengths) and
+    module_state_dict() on rank 0 only waited in a shard all-gather until the timeout, which blamed a dead peer. The
+    message now names those calls and generate's synced_gpus=True."""
+    import torch.distributed as dist
+    from ds_zo.parallel import Communicator, ParallelDims
+    from ds_zo.parallel.communicator import CollectiveError
+
+    def timed_out(*args, **kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms")
+    monkeypatch.setattr(dist, "all_gather_into_tensor", timed_out)
+    dims = ParallelDims(world=2, rank=1)
+    dims.groups["partition"] = None
+    comm = Communicator(dims, 30.0, staging_device=torch.device("cpu"))
+    with pytest.raises(CollectiveError, match=r"rank 1/2: shard all-gather \(under ZeRO-3 every forward through the "
+                                              r"model, direct ones and generate included, and "
+                                              r"engine.module_state_dict\(\) gather .*synced_gpus=True\) over the "
+                                              r"partition group failed \(timeout 30 s"):
+        comm.all_gather_shards(torch.zeros(4), torch.zeros(2))

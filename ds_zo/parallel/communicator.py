@@ -115,7 +115,12 @@ class Communicator:
         try:
             dist.all_gather_into_tensor(out, shard, group=self.dims.groups["partition"])
         except Exception as e:
-            raise self._fail("shard all-gather", "partition", e) from e
+            # every forward through a ZeRO-3 model gathers its units: the ranks of a partition group must make the
+            # same ones, direct forwards and generate too (a rank generating longer, or alone, waits here)
+            raise self._fail("shard all-gather (under ZeRO-3 every forward through the model, direct ones and generate "
+                             "included, and engine.module_state_dict() gather each offloaded unit over the partition "
+                             "group: its ranks must make the same calls, and generate needs synced_gpus=True)",
+                             "partition", e) from e
         self.stats["allgather_bytes"] += (self.dims.partition - 1) * shard.numel() * shard.element_size()
         self.stats["allgather_calls"] += 1
 
