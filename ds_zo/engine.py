@@ -28,7 +28,7 @@ from .model.dual_forward import dual_forward
 from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
 from .model.streamed import streamed_kind
 from .model.units import Unit, cut_into_units, full_numel
-from .model_hooks import ModelHook, placeholder_guard, wrap_hook
+from .model_hooks import ModelHook, UnitHook, placeholder_guard, wrap_hook
 from .offload import OffloadPipeline, ParameterStore
 from .offload.sharded import ShardedOffloadPipeline, ShardedStore, ShardedUnit
 from .optimizer import ZOSGD
@@ -195,7 +195,7 @@ class ZOEngine(DeepSpeedEngine):
             ]
         # A unit called on its own between steps (model.get_input_embeddings()(ids), a layer, the head) must see every
         # completed step too; inside a ZO forward or a whole-model forward the check returns at once
-        self._hooks += [u.module.register_forward_pre_hook(ModelHook(self, self._before_unit_call))
+        self._hooks += [u.module.register_forward_pre_hook(UnitHook(self, self._before_unit_call))
                         for u in self.units if all(u.module is not m for m in hooked)]
         # ZeRO-3: the model's own state_dict() would hold DeepSpeed's empty placeholders (model_hooks)
         self._placeholder_guards = [placeholder_guard(m) for m in hooked] \
@@ -327,7 +327,7 @@ class ZOEngine(DeepSpeedEngine):
                     continue
                 shard = p.ds_tensor.data.to(self.device)
                 gathered = torch.empty(self.dims.partition * shard.numel(), dtype=shard.dtype, device=self.device)
-                self.comm.all_gather_shards(gathered, shard)
+                self.comm.all_gather_shards(gathered, shard, what="start-up gather of the resident units")
                 p.data = gathered[:p.ds_numel].view(p.ds_shape).clone()
                 p.ds_tensor.data = torch.empty(0, dtype=shard.dtype)
         self.comm.stats["allgather_bytes"] = 0  # start-up traffic is not per-step traffic
@@ -731,13 +731,17 @@ class ZOEngine(DeepSpeedEngine):
         raise RuntimeError("ds_zo's engine.step() would apply no update: one ZO step (both perturbed forwards and the "
                            "update) is engine.train_batch(batch), in place of forward + backward + step")
 
-    @torch.no_grad()
     def eval_batch(self, batch: dict) -> float:
         """The mean token loss at the current parameters (every completed step applied) over the global batch: each
         data-parallel rank passes its shard (a collective: every rank calls it)."""
         self._refuse_if_destroyed("eval_batch")
+        # (before no_grad: a pass left open by a KeyboardInterrupt holds autograd off, and no_grad would restore that)
         self._end_direct_pass()
         self._refuse_converted_model()
+        with torch.no_grad():
+            return self._eval_batch(batch)
+
+    def _eval_batch(self, batch: dict) -> float:
         self.flush()
         batch = self._to_device(batch)
         rows = batch["input_ids"].shape[0]

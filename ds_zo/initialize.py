@@ -172,11 +172,12 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: O
         try:
             config_class = DeepSpeedConfig(ds_config, zo_mpu)
         except AssertionError as e:
-            if "train_batch_size" not in str(e):
+            # DeepSpeed's batch arithmetic takes ds_zo's data-parallel degree as its world_size (a size it derives,
+            # e.g. train_batch_size // micro // world_size, comes out 0 where the degree is larger than meant)
+            if "world_size" not in str(e) and "has to be greater than 0" not in str(e):
                 raise
-            # DeepSpeed's batch arithmetic takes ds_zo's data-parallel degree as its world_size: say so
-            raise ConfigError(f"{e} (world_size there is ds_zo's data-parallel degree: dp = world {world} / "
-                              f"zero_order.perturbation_parallel {dims.pertp} = {dims.dp}; the ranks of a "
+            raise ConfigError(f"{e} (DeepSpeed's world_size there is ds_zo's data-parallel degree: dp = world {world} "
+                              f"/ zero_order.perturbation_parallel {dims.pertp} = {dims.dp}; the ranks of a "
                               "perturbation-parallel group score the same rows)") from None
         engine = ZOEngine(args=args, model=model, optimizer=optimizer, model_parameters=None,
                           training_data=training_data, lr_scheduler=lr_scheduler, mpu=zo_mpu,

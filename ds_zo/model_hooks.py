@@ -67,6 +67,20 @@ class ModelHook:
         return _inert_hook, ()
 
 
+class UnitHook(ModelHook):
+    """A hook of `engine` on one unit's module (a unit called on its own applies the pending update). A copy of it
+    is `inert_hook` at once: a whole model's copy was made current by the model's own ModelHook, copied before its
+    submodules, and a submodule's copy is not covered (as its `state_dict()` is not); one flush and parameter
+    refresh per unit hook made a deep copy of an L-layer model copy its parameters about L/2 times again."""
+    __slots__ = ()
+
+    def __deepcopy__(self, memo):
+        return inert_hook
+
+    def __reduce__(self):
+        return _inert_hook, ()
+
+
 def attached_engine(model: torch.nn.Module):
     """The live engine whose hooks are on `model` (or on a shallow copy's shared hooks), or None."""
     for hook in model._forward_pre_hooks.values():

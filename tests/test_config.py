@@ -212,6 +212,15 @@ def test_inconsistent_batch_sizes_name_the_data_parallel_degree():
     degree as its world_size; under perturbation parallelism that read "world_size 1" on a 2-process job. The error
     now says what that world size is."""
     cfg = {**ds_config(micro=2), "gradient_accumulation_steps": 2, "train_batch_size": 8}
-    with pytest.raises(ConfigError, match=r"8 != 2 \* 2 \* 1 \(world_size there is ds_zo's data-parallel degree: dp "
-                                          r"= world 1 / zero_order.perturbation_parallel 1 = 1"):
+    with pytest.raises(ConfigError, match=r"8 != 2 \* 2 \* 1 \(DeepSpeed's world_size there is ds_zo's data-parallel "
+                                          r"degree: dp = world 1 / zero_order.perturbation_parallel 1 = 1"):
         ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    # a size DeepSpeed derives with it (train_batch_size // micro // world_size) coming out 0
+    with pytest.raises(ConfigError, match=r"Gradient accumulation steps: 0 has to be greater than 0 \(DeepSpeed's "
+                                          r"world_size there is ds_zo's data-parallel degree"):
+        ds_zo.initialize(model=tiny_model("llama"), config={**ds_config(micro=4), "train_batch_size": 2})
+    # a missing batch size involves no world size: DeepSpeed's own message alone
+    with pytest.raises(AssertionError, match=r"needs to be provided$"):
+        cfg = ds_config()
+        del cfg["train_micro_batch_size_per_gpu"]
+        ds_zo.initialize(model=tiny_model("llama"), config={**cfg, "gradient_accumulation_steps": 2})

@@ -68,6 +68,13 @@ def agree_on_settings(rank: int, world: int, timeout_s: float, settings: dict, d
                           "ranks would hang in their first collectives or train different models)")
 
 
+# every forward through a ZeRO-3 model gathers its units: the ranks of a partition group must make the same ones,
+# direct forwards and generate too (a rank generating longer, or alone, waits in this all-gather)
+STEP_GATHER = ("shard all-gather (under ZeRO-3 every forward through the model, direct ones and generate included, "
+               "and engine.module_state_dict() gather each offloaded unit over the partition group: its ranks must "
+               "make the same calls, and generate needs synced_gpus=True)")
+
+
 class Communicator:
     def __init__(self, dims: ParallelDims, timeout_s: float, staging_device: torch.device | None = None):
         self.dims = dims
@@ -110,17 +117,12 @@ class Communicator:
         except Exception as e:  # gloo raises RuntimeError, NCCL DistBackendError; both mean the same here
             raise self._fail(what, group, e) from e
 
-    def all_gather_shards(self, out: torch.Tensor, shard: torch.Tensor) -> None:
+    def all_gather_shards(self, out: torch.Tensor, shard: torch.Tensor, what: str = STEP_GATHER) -> None:
         """One coalesced all-gather of a unit's flat shard within this rank's partition group: out = (k * S,)."""
         try:
             dist.all_gather_into_tensor(out, shard, group=self.dims.groups["partition"])
         except Exception as e:
-            # every forward through a ZeRO-3 model gathers its units: the ranks of a partition group must make the
-            # same ones, direct forwards and generate too (a rank generating longer, or alone, waits here)
-            raise self._fail("shard all-gather (under ZeRO-3 every forward through the model, direct ones and generate "
-                             "included, and engine.module_state_dict() gather each offloaded unit over the partition "
-                             "group: its ranks must make the same calls, and generate needs synced_gpus=True)",
-                             "partition", e) from e
+            raise self._fail(what, "partition", e) from e
         self.stats["allgather_bytes"] += (self.dims.partition - 1) * shard.numel() * shard.element_size()
         self.stats["allgather_calls"] += 1
 
