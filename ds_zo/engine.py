@@ -138,10 +138,10 @@ class ZOEngine(DeepSpeedEngine):
         self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
         # with offload, the resident units' parameters as they must stay (model.half() or .to() under the engine
         # would convert them but not the offloaded layers' store: refused by name at the next use)
-        offloaded = {id(r.param) for u in self.units if self.pipeline is not None and id(u) in self.pipeline.index
-                     for r in u.params}
-        self._resident_specs = [(n, p, p.dtype, p.device) for n, p in self.module.named_parameters()
-                                if self.pipeline is not None and id(p) not in offloaded]
+        if self.pipeline is not None:
+            offloaded = {id(r.param) for u in self.units if id(u) in self.pipeline.index for r in u.params}
+            self._resident_specs = [(n, p, p.dtype, p.device) for n, p in self.module.named_parameters()
+                                    if id(p) not in offloaded]
         self.copies = PerturbedCopies(self.perturbations, self.param_keys, self.eps, residency=self.pipeline,
                                       before_perturb=self._apply_pending_to_unit)
         # where the ZO forwards' logits exist (a loss of the caller's, or a model that transforms them), the loss reads
