@@ -164,6 +164,13 @@ def test_cuda_stream_switch_makes_the_stream_current_then_the_compute_stream_aga
         with st.on(st.h2d):
             raise KeyError("inside")
     assert torch.cuda.current_stream() == st.compute and torch.cuda.current_device() == st.compute.device_index
+    with pytest.raises(RuntimeError, match="entered again inside itself"):
+        with st.on(st.h2d):
+            with st.on(st.h2d):
+                pass
+    assert torch.cuda.current_stream() == st.compute
+    with st.on(st.h2d):                       # usable again after the refused nesting
+        assert torch.cuda.current_stream() == st.h2d
 
 
 @cuda
@@ -513,3 +520,47 @@ def test_cuda_eager_updates_are_in_the_parameters_when_train_batch_returns():
         assert engine.optimizer.pending is None
         flushed = engine.module_state_dict()
         assert all(torch.equal(raw[n].cpu(), flushed[n].cpu()) for n in raw)
+
+
+@cuda
+@pytest.mark.parametrize("stage,depth", [(0, 1), (0, 2), (3, 1)])
+def test_cuda_delayed_streams_train_bit_for_bit_alike(monkeypatch, stage, depth):
+    """Tiny models finish each copy long before the next stream needs it, so a missing event wait rarely shows on a
+    GPU. Here every upload, write-back and all-gather starts late (a spin kernel queued first on its stream) and the
+    compute stream lingers on each offloaded unit: any consumer that does not wait for its producer reads stale
+    memory, and the run differs from an undelayed one. (tests/test_stream_order.py checks the same ordering on CPU.)"""
+    import copy
+    import ds_zo
+    from conftest import ds_config
+    from ds_zo.offload.pipeline import OffloadPipeline
+    from ds_zo.parallel.communicator import Communicator
+    base = tiny_model("llama", True)
+
+    def run():
+        cfg = ds_config(lr=1e-2, eps=1e-3, wd=0.1, seed=3, offload_dtype="bf16", prefetch_depth=depth)
+        cfg["zero_optimization"] = {"stage": stage, "offload_param": {"device": "cpu", "pin_memory": True}}
+        engine, *_ = ds_zo.initialize(model=copy.deepcopy(base), config=cfg)
+        losses = [engine.train_batch(batch(seed=t)) for t in range(3)]
+        state = engine.module_state_dict()
+        engine.destroy()
+        return losses, state
+
+    plain = run()
+
+    def late(method):
+        def delayed(*args, **kwargs):
+            torch.cuda._sleep(20_000_000)          # ~10 ms of spinning on the stream current for this operation
+            return method(*args, **kwargs)
+        return delayed
+
+    def lingering(self, unit):
+        OffloadPipeline_enter(self, unit)
+        torch.cuda._sleep(20_000_000)
+    OffloadPipeline_enter = OffloadPipeline.enter
+    monkeypatch.setattr(OffloadPipeline, "_copy_in", late(OffloadPipeline._copy_in))
+    monkeypatch.setattr(OffloadPipeline, "_copy_out", late(OffloadPipeline._copy_out))
+    monkeypatch.setattr(OffloadPipeline, "enter", lingering)
+    monkeypatch.setattr(Communicator, "all_gather_shards", late(Communicator.all_gather_shards))
+    delayed = run()
+    assert delayed[0] == plain[0]
+    assert all(torch.equal(p, delayed[1][n]) for n, p in plain[1].items())

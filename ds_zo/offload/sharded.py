@@ -118,9 +118,7 @@ class ShardedOffloadPipeline(OffloadPipeline):
         self.gathered = [torch.empty(k * largest_shard, dtype=dtype, device=self.device) for _ in range(n)]
         self.staging = [torch.empty(largest_shard, dtype=st.dtype, device=self.device) if st is not None else None
                         for st in self.staging]
-        # the all-gather gets its own stream when streams overlap (CUDA); otherwise everything runs in issue order
-        overlapping = self.streams.cuda and self.streams.h2d is not self.streams.compute
-        self.comm_stream = torch.cuda.Stream(self.device) if overlapping else self.streams.h2d
+        self.comm_stream = self.streams.side_stream()      # the all-gather's (its own on CUDA with overlap)
         self._dirty: dict[int, bool] = {}
 
     def nbytes_device(self) -> int:

@@ -53,6 +53,12 @@ class Streams:
                                f"{torch.cuda.current_stream(self.compute.device)}: run train_batch and the model's "
                                "forwards outside `with torch.cuda.stream(...)`, or build the engine inside it")
 
+    def side_stream(self):
+        """One more stream for work that should overlap the others (the resliced all-gather): its own CUDA stream
+        where streams overlap, else the upload stream (everything in issue order)."""
+        overlapping = self.cuda and self.h2d is not self.compute
+        return torch.cuda.Stream(self.compute.device) if overlapping else self.h2d
+
     def event(self, timing: bool = False):
         return torch.cuda.Event(enable_timing=timing) if self.cuda else _NoOpEvent()
 
@@ -81,19 +87,26 @@ _NULL = contextlib.nullcontext()
 class _Switch:
     """`with`: the stream current, then the one to return to (and the device current before, if the stream's
     device was not: torch.cuda.set_stream also makes the stream's device current). Not for nesting: it returns to
-    `back`, not to whatever was current."""
+    `back`, not to whatever was current, so a nested entry is refused rather than left to put later work on the
+    wrong stream."""
 
     def __init__(self, stream, back):
         self.stream, self.back = stream, back
         self.device = stream.device_index
         self._device_before = None
+        self._inside = False
 
     def __enter__(self):
+        if self._inside:
+            raise RuntimeError(f"ds_zo: the switch to {self.stream} was entered again inside itself: its exit would "
+                               "make the compute stream current too early")
+        self._inside = True
         before = torch.cuda.current_device()
         self._device_before = before if before != self.device else None
         torch.cuda.set_stream(self.stream)
 
     def __exit__(self, *exc):
+        self._inside = False
         torch.cuda.set_stream(self.back)
         if self._device_before is not None:
             torch.cuda.set_device(self._device_before)
