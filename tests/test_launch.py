@@ -186,3 +186,45 @@ def test_slurms_pmix_rank_is_an_mpi_launch_and_a_singleton_under_several_tasks_i
                           timeout=120)
     assert proc.returncode != 0 and "Slurm started 2 tasks but MPI sees each as a job of its own" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+def test_a_signal_to_the_deepspeed_launch_script_ends_every_rank(tmp_path):
+    """DeepSpeed's runner forwards SIGTERM to its ranks only on several nodes: `kill` of launch/deepspeed.sh (by
+    `timeout`, a scheduler) ended the runner and left both ranks training. A stand-in runner starts two 'ranks'; the
+    script's SIGTERM must end all three, and the script reports the failure."""
+    import os
+    import signal
+    import time
+    env = _fake_tools(tmp_path)
+    pids = tmp_path / "pids"
+    (tmp_path / "bin" / "deepspeed").write_text(
+        '#!/bin/bash\nsleep 300 & echo $! >> "$PIDS"\nsleep 300 & echo $! >> "$PIDS"\necho $$ >> "$PIDS"\nwait\n')
+    script = subprocess.Popen(["bash", os.path.join(local_ranks.ROOT, "launch", "deepspeed.sh"), "--steps", "1"],
+                              cwd=tmp_path, env={**env, "PIDS": str(pids)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 30
+        while not (pids.exists() and len(pids.read_text().split()) == 3) and time.time() < deadline:
+            time.sleep(0.05)
+        started = [int(p) for p in pids.read_text().split()]
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(timeout=20) != 0
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+        deadline = time.time() + 10
+        while any(alive(p) for p in started) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in started if alive(p)], "processes the runner started outlived the script"
+    finally:
+        if script.poll() is None:
+            script.kill()
+        for pid in [int(p) for p in pids.read_text().split()] if pids.exists() else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
