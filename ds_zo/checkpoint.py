@@ -125,6 +125,26 @@ def model_fingerprint(engine) -> list:
     return [[n, list(getattr(p, "ds_shape", p.shape)), str(p.dtype)] for n, p in engine.module.named_parameters()]
 
 
+def _model_differences(saved: list, current: list) -> str:
+    """What differs between two model fingerprints, briefly (the first few of each kind)."""
+    was = {n: (shape, dtype) for n, shape, dtype in saved}
+    now = {n: (shape, dtype) for n, shape, dtype in current}
+    parts = []
+    for what, names in (("only in the checkpoint", [n for n in was if n not in now]),
+                        ("only in this model", [n for n in now if n not in was])):
+        if names:
+            parts.append(f"parameters {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    for i, what in ((0, "shape"), (1, "dtype")):
+        changed = [f"{n} {was[n][i]} -> {now[n][i]}" for n in was if n in now and was[n][i] != now[n][i]]
+        if changed:
+            parts.append(f"{what} saved -> now: {'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}")
+    if was.keys() == now.keys() and not parts:
+        parts.append("the parameters come in another order")
+    hint = ("; a dtype differs: the checkpoint's run had another bf16/fp16 setting, and resuming needs the same"
+            if any(was[n][1] != now[n][1] for n in was if n in now) else "")
+    return "; ".join(parts) + hint
+
+
 def stored_dtypes(engine) -> dict[str, str]:
     """Parameters the run keeps in an offload store of a dtype other than the one they compute in
     (zero_order.offload_dtype): name -> that dtype. Every update to them was rounded to it."""
@@ -248,6 +268,7 @@ def _complete(engine, save_dir: str, partial: str, tag: str, files: dict, client
         "trainable": sorted(engine.trainable_names),
         "trainable_rows": {n: r.tolist() for n, r in engine.trainable_rows.items()},
         "distribution": engine.zo_config.distribution,
+        "eps": engine.eps, "num_perturbations": engine.zo_config.num_perturbations,   # resume says a change
         "z_stream": engine.z_stream,          # the sampler z came from: a replay must use the same one
         "model": model_fingerprint(engine),
         "base_weights": engine.base_weights,   # what the run started from: resume and replay compare
@@ -331,8 +352,8 @@ def _verified(engine, load_dir: str, tag: Optional[str]):
     copies that restore its tensors)."""
     folder, state = read_state(load_dir, tag)
     if state["model"] != model_fingerprint(engine):
-        raise CheckpointError(f"checkpoint {folder!r} was saved from a different model (parameter names, shapes or "
-                              "dtypes differ)")
+        raise CheckpointError(f"checkpoint {folder!r} was saved from a different model: "
+                              f"{_model_differences(state['model'], model_fingerprint(engine))}")
     layout = state["layout"]
     resliced = type(engine.pipeline).__name__ == "ShardedOffloadPipeline"
     if layout["resliced"] != resliced or (resliced and (layout["world"], layout["partition"]) !=
@@ -417,6 +438,10 @@ def load(engine, load_dir: str, tag: Optional[str] = None) -> tuple[Optional[str
                      if k in group and group[k] != v and not (scheduled and k == "lr")]
         group.update(saved)
     engine.optimizer.groups_changed()
+    for key, now in (("eps", engine.eps), ("num_perturbations", engine.zo_config.num_perturbations)):
+        if state.get(key, now) != now:      # (checkpoints before the fields: not known)
+            logger.warning("ds_zo: the checkpoint's run trained with %s %r; this run goes on with the config's %r",
+                           key, state[key], now)
     if restored:
         logger.warning("ds_zo: the checkpoint's optimizer state replaces this run's: %s",
                        "; ".join(dict.fromkeys(restored)))

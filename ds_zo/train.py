@@ -15,6 +15,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -103,6 +104,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--resume no: {os.path.join(args.output_dir, 'checkpoints')} holds an earlier run's checkpoints, "
                 "which a new run there would mix with its own; use another --output_dir, continue that run with "
                 "--resume auto, or remove the folder")
+    if args.resume not in ("auto", "no"):
+        _check_resume_path(p, args.resume, args.output_dir)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
+    except OSError as e:
+        p.error(f"--output_dir {args.output_dir!r}: cannot write there ({e.strerror or e})")
     if args.eval_batch_size < 1:
         p.error(f"--eval_batch_size must be >= 1, got {args.eval_batch_size}")
     if args.task == "imdb":
@@ -111,6 +119,24 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{', '.join(given)}: the imdb task uses its built-in data; pass --task classification (or lm) "
                     "to train on your files")
     return args
+
+
+def _check_resume_path(p, path: str, output_dir: str) -> None:
+    """--resume PATH: a checkpoint folder (or tag) that exists, and an --output_dir that holds no other run's
+    checkpoints (continuing PATH there would put its checkpoints, step log and monitor rows beside that run's)."""
+    if not os.path.isdir(path):
+        p.error(f"--resume {path!r}: no such folder (give a checkpoint folder, such as OUTPUT_DIR/checkpoints, or "
+                "one tag folder in it)")
+    if not os.path.isfile(os.path.join(path, "latest")) and not os.path.isfile(os.path.join(path, "zo_state.json")) \
+            and os.path.isfile(os.path.join(path, "checkpoints", "latest")):
+        p.error(f"--resume {path!r} is a job's output folder: its checkpoints are in "
+                f"{os.path.join(path, 'checkpoints')!r}")
+    here = os.path.join(output_dir, "checkpoints")
+    if os.path.isfile(os.path.join(here, "latest")) and \
+            os.path.realpath(checkpoint_location(path)[0]) != os.path.realpath(here):
+        p.error(f"--resume {path!r}: --output_dir's {here!r} holds another run's checkpoints, and continuing "
+                f"{path!r} there would mix the two runs' checkpoints, step logs and monitor files; use an "
+                "--output_dir without checkpoints for it, or continue the run there with --resume auto")
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -196,16 +222,19 @@ def _same_setting(key: str, value):
     return value
 
 
-def check_same_job(saved: Optional[dict], current: dict, where: str) -> None:
+def check_same_job(saved: Optional[dict], current: dict, where: str, named: bool = False) -> None:
+    """named: the checkpoint was named by --resume (not found in --output_dir), so the advice differs."""
     if saved is None:
         return                  # a checkpoint from before jobs were fingerprinted
     differ = [f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in current
               if _same_setting(k, saved.get(k)) != _same_setting(k, current[k])]
     if differ:
         from .checkpoint import CheckpointError
+        advice = ("Continue that run with its settings, or resume a checkpoint of this job" if named else
+                  "Use another --output_dir, or the same settings to continue that run, or remove that folder to "
+                  "start this one there")
         raise CheckpointError(f"{where} holds a checkpoint of another job ({'; '.join(differ)}): resuming it would "
-                              "mix that run's steps and results into this one. Use another --output_dir, or the same "
-                              "settings to continue that run, or remove that folder to start this one there")
+                              f"mix that run's steps and results into this one. {advice}")
 
 
 def step_examples(train: list, step: int, global_rows: int, seed: int) -> list:
@@ -245,15 +274,21 @@ def job_config(args, model, candidate_ids, seed) -> dict:
 # -- the job ------------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from .output_lock import output_dir_lock
+    from .parallel.launch_env import ensure_launch_env
+    ensure_launch_env()
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with output_dir_lock(args.output_dir, hold=rank0):
+        return _run(args, rank0)
+
+
+def _run(args, rank0: bool) -> dict:
     from . import initialize
     from .data.collate import collate, pad_token_id, takes_position_ids
     from .evaluation import evaluate
     from .models import load_model_and_tokenizer
-    from .parallel.launch_env import ensure_launch_env
     from .report import continue_csv_monitor, plot_history, write_summary
 
-    ensure_launch_env()
-    rank0 = os.environ.get("RANK", "0") == "0"
     log = (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None)
     t_start = time.time()
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -295,7 +330,8 @@ def main(argv=None) -> dict:
         load_dir, tag = checkpoint_location(resume_from)
         # every rank reads it, together: one that cannot (a folder its node does not share) stops them all at once
         together(engine.comm, f"reading the checkpoint in {resume_from!r}",
-                 lambda: check_same_job(read_state(load_dir, tag)[1]["client_state"].get("job"), job, resume_from))
+                 lambda: check_same_job(read_state(load_dir, tag)[1]["client_state"].get("job"), job, resume_from,
+                                        named=resume_from != ckpt_dir))
         _, client = engine.load_checkpoint(load_dir, tag)
         history, results = client.get("history", history), client.get("results", results)
         log(f"[ds_zo] resumed from {resume_from} at step {engine.global_steps}")
@@ -319,14 +355,15 @@ def main(argv=None) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=args.steps, initial=engine.global_steps, desc="ZO fine-tune", file=sys.stdout,
                    dynamic_ncols=True)
-    tokens, t_train = 0, time.time()
+    tokens, t_train, steps_at_start = 0, time.time(), engine.global_steps
+    forwards = 2 * engine.zo_config.num_perturbations
     while engine.global_steps < args.steps:
         step = engine.global_steps
         examples = step_examples(train, step, global_rows, seed)
         # label words last: logits for one position only; positions counted from each row's first real token
         batch = collate(examples[shard], pad, side="left", position_ids=positions)
         loss = engine.train_batch(batch)
-        tokens += 2 * sum(len(e["input_ids"]) for e in examples)    # both perturbed forwards
+        tokens += forwards * sum(len(e["input_ids"]) for e in examples)    # every perturbed forward
         history["train"].append([step + 1, loss])
         done = engine.global_steps
         if args.eval_interval and done % args.eval_interval == 0 and done < args.steps:
@@ -343,6 +380,10 @@ def main(argv=None) -> dict:
     if bar is not None:
         bar.close()
     train_seconds = time.time() - t_train
+    if engine.global_steps > steps_at_start:
+        # the trained state first: the final evaluation takes minutes, and a job stopped there kept nothing of its
+        # training (saved again below with the final results)
+        engine.save_checkpoint(ckpt_dir, client_state={"history": history, "results": results, "job": job})
 
     results["final_dev"] = evaluate(engine, dev, args.eval_batch_size, pad, candidates)
     results["final_test"] = evaluate(engine, test, args.eval_batch_size, pad, candidates)

@@ -555,3 +555,38 @@ def test_a_deepspeed_checkpoint_is_named_as_one(tmp_path):
     with pytest.raises(CheckpointError, match=r"written by DeepSpeed's own engine \(mp_rank_00_model_states.pt\), "
                                               r"not by ds_zo"):
         _engine().load_checkpoint(str(tmp_path))
+
+
+def test_eps_or_perturbations_changed_on_resume_are_warned_about(tmp_path, caplog):
+    """eps and num_perturbations come from the config on resume (the checkpoint's lr and wd replace the config's,
+    with a warning): a change went unsaid."""
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(lr=1e-2, eps=1e-3, seed=4))
+    engine.train_batch(batch())
+    engine.save_checkpoint(str(tmp_path))
+    same, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(lr=1e-2, eps=1e-3, seed=4))
+    with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
+        same.load_checkpoint(str(tmp_path))
+    assert "trained with" not in caplog.text
+    other, *_ = ds_zo.initialize(model=tiny_model("llama"),
+                                 config=ds_config(lr=1e-2, eps=2e-3, seed=4, num_perturbations=2))
+    with caplog.at_level("WARNING", logger="ds_zo.checkpoint"):
+        other.load_checkpoint(str(tmp_path))
+    assert "trained with eps 0.001; this run goes on with the config's 0.002" in caplog.text
+    assert "trained with num_perturbations 1; this run goes on with the config's 2" in caplog.text
+
+
+def test_a_checkpoint_of_another_model_names_what_differs(tmp_path):
+    """'saved from a different model (parameter names, shapes or dtypes differ)' left a user who had flipped
+    bf16.enabled guessing: the message names the parameters and the dtypes."""
+    engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=ds_config(seed=4))
+    engine.train_batch(batch())
+    engine.save_checkpoint(str(tmp_path))
+    cfg = ds_config(seed=4)
+    cfg["bf16"] = {"enabled": True}
+    half, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+    with pytest.raises(CheckpointError, match=r"dtype saved -> now: model\.embed_tokens\.weight torch\.float32 -> "
+                                              r"torch\.bfloat16.*another bf16/fp16 setting"):
+        half.load_checkpoint(str(tmp_path))
+    untied, *_ = ds_zo.initialize(model=tiny_model("llama", tied=False), config=ds_config(seed=4))
+    with pytest.raises(CheckpointError, match=r"parameters only in this model: lm_head\.weight"):
+        untied.load_checkpoint(str(tmp_path))

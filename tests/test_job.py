@@ -36,7 +36,21 @@ def data(tmp_path_factory):
     return d
 
 
-def _job(out, data, *extra, launcher=None, steps=4, accelerator="cpu"):
+# the job, stopped (KeyboardInterrupt) as its final evaluation starts: after its last step, before anything else
+_STOPPED_IN_FINAL_EVALUATION = """
+import sys
+from ds_zo import evaluation, train
+evaluate = evaluation.evaluate
+def stopping(engine, *args, **kwargs):
+    if engine.global_steps == int(sys.argv[sys.argv.index("--steps") + 1]):
+        raise KeyboardInterrupt("stopped in the final evaluation")
+    return evaluate(engine, *args, **kwargs)
+evaluation.evaluate = stopping
+train.main(sys.argv[1:])
+"""
+
+
+def _job(out, data, *extra, launcher=None, steps=4, accelerator="cpu", stopped_in_final_evaluation=False):
     args = ["-m", "ds_zo.train", "--model", "tiny", "--task", "classification",
             "--train_file", str(data / "train.csv"), "--test_file", str(data / "test.csv"),
             "--label_words", '[" bad", " good"]', "--steps", str(steps), "--eval_interval", "2",
@@ -51,6 +65,8 @@ def _job(out, data, *extra, launcher=None, steps=4, accelerator="cpu"):
     elif launcher == "deepspeed":
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(free_port()), "--module", *args[1:]]
+    elif stopped_in_final_evaluation:
+        cmd = [sys.executable, "-c", _STOPPED_IN_FINAL_EVALUATION, *args[2:]]
     else:
         cmd = [sys.executable, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
@@ -95,6 +111,17 @@ def test_resume_replay_and_plain_transformers_reload(tmp_path, data):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps_whole = (whole / "steps.jsonl").read_text()
     assert steps_whole == (part / "steps.jsonl").read_text()
+    # stopped in its final evaluation (minutes long on the default job), a job has saved its training: the checkpoint
+    # used to be written after that evaluation, and such a stop lost every step
+    stopped = tmp_path / "stopped"
+    proc = _job(stopped, data, steps=6, stopped_in_final_evaluation=True)
+    assert proc.returncode != 0 and "stopped in the final evaluation" in proc.stderr, proc.stderr[-3000:]
+    assert (stopped / "checkpoints" / "latest").read_text() == "global_step6"
+    proc = _job(stopped, data, steps=6)
+    assert proc.returncode == 0 and "nothing to train" in proc.stdout, proc.stderr[-3000:]
+    assert (stopped / "steps.jsonl").read_text() == steps_whole
+    assert json.loads((stopped / "summary.json").read_text())["results"] == \
+        json.loads((whole / "summary.json").read_text())["results"]
     # --resume may name one tag folder; a checkpoint of another job (here: another data order) is refused
     tagged = tmp_path / "tagged"
     proc = _job(tagged, data, "--resume", str(part / "checkpoints" / "global_step3"), steps=6)

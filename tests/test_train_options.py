@@ -164,3 +164,67 @@ def test_the_csv_monitor_keeps_one_run_per_folder(tmp_path):
     assert [r[0] for r in _rows(os.path.join(aside, "Train_Samples_train_loss.csv"))] == ["step", "2", "4"]
     fresh.train_batch(batch(seed=0))
     assert [r[0] for r in _rows(loss_csv)] == ["step", "2"]
+
+
+def test_resume_names_a_checkpoint_that_exists_and_no_other_run_is_continued_beside_it(tmp_path, capsys):
+    """--resume PATH into an --output_dir that holds another run's checkpoints ran, and mixed the two: that run's
+    `latest` then named this one's tag, its final model and step log were overwritten, and the CSV monitor files were
+    stitched from both. A missing folder, or a job's output folder instead of its checkpoints, is named as such."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for out in (ours, theirs):
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "latest").write_text("global_step6")
+        (out / "checkpoints" / "global_step6").mkdir()
+        (out / "checkpoints" / "global_step6" / "zo_state.json").write_text("{}")
+
+    def refused(*argv):
+        with pytest.raises(SystemExit):
+            train.parse_args(list(argv))
+        return capsys.readouterr().err
+    assert "holds another run's checkpoints" in refused("--resume", str(theirs / "checkpoints"),
+                                                        "--output_dir", str(ours))
+    assert "holds another run's checkpoints" in refused("--resume", str(theirs / "checkpoints" / "global_step6"),
+                                                        "--output_dir", str(ours))
+    assert "no such folder" in refused("--resume", str(tmp_path / "missing"), "--output_dir", str(ours))
+    assert f"its checkpoints are in {str(theirs / 'checkpoints')!r}" in refused("--resume", str(theirs),
+                                                                               "--output_dir", str(tmp_path / "new"))
+    # its own checkpoints (an earlier tag: a rollback), or another run's into a folder without checkpoints: fine
+    assert train.parse_args(["--resume", str(ours / "checkpoints"), "--output_dir", str(ours)]).resume
+    assert train.parse_args(["--resume", str(theirs / "checkpoints"), "--output_dir", str(tmp_path / "new")]).resume
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, capsys):
+    """It failed in DeepSpeed's monitor set-up, with a traceback, after the model had loaded."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--output_dir", str(tmp_path / "file" / "out")])
+    err = capsys.readouterr().err
+    assert f"--output_dir {str(tmp_path / 'file' / 'out')!r}: cannot write there" in err, err
+    with pytest.raises(SystemExit) as stop:
+        train.cli(["--output_dir", str(tmp_path / "file" / "out")])
+    assert stop.value.code == 2
+
+
+def test_another_checkpoints_advice_when_it_was_named_by_resume(tmp_path):
+    """'remove that folder to start this one there' named someone else's checkpoint when --resume gave its path."""
+    with pytest.raises(CheckpointError, match="Continue that run with its settings, or resume a checkpoint of this "
+                                              "job$"):
+        train.check_same_job({"seed": 0}, {"seed": 1}, "theirs", named=True)
+
+
+def test_one_job_at_a_time_in_an_output_dir(tmp_path, capsys):
+    """Two jobs in one folder (a requeue while the first still runs) deleted each other's half-written checkpoints:
+    the second crashed with a FileNotFoundError from inside a save. Now it is refused at once, naming the first;
+    the lock goes with the job that held it."""
+    from ds_zo.output_lock import OutputDirInUse, output_dir_lock
+    with output_dir_lock(str(tmp_path)):
+        with pytest.raises(OutputDirInUse, match=rf"in use by another job \(pid {os.getpid()} on "):
+            with output_dir_lock(str(tmp_path)):
+                pass
+        with output_dir_lock(str(tmp_path), hold=False):     # ranks other than 0 take no lock
+            pass
+        with pytest.raises(SystemExit) as stop:
+            train.cli(["--output_dir", str(tmp_path)])
+        assert stop.value.code == 2 and "is in use by another job" in capsys.readouterr().err
+    with output_dir_lock(str(tmp_path)):                    # released
+        pass
