@@ -155,10 +155,9 @@ def stored_dtypes(engine) -> dict[str, str]:
 
 def _rank_tensors(engine) -> dict[str, torch.Tensor]:
     """What this rank is the master of, as CPU tensors keyed by name."""
-    from .offload.sharded import ShardedOffloadPipeline
     out = {}
     sharded = {}
-    if isinstance(engine.pipeline, ShardedOffloadPipeline):
+    if engine.resliced:
         for su in engine.pipeline.order:
             if any(r.trainable for r in su.unit.params):
                 sharded.update({id(p): (su, i) for i, p in enumerate(su.params)})
@@ -264,7 +263,7 @@ def _complete(engine, save_dir: str, partial: str, tag: str, files: dict, client
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups],
         "layout": {"world": engine.dims.world, "pertp": engine.dims.pertp, "partition": engine.dims.partition,
-                   "resliced": type(engine.pipeline).__name__ == "ShardedOffloadPipeline"},
+                   "resliced": engine.resliced},
         "trainable": sorted(engine.trainable_names),
         "trainable_rows": {n: r.tolist() for n, r in engine.trainable_rows.items()},
         "distribution": engine.zo_config.distribution,
@@ -355,7 +354,7 @@ def _verified(engine, load_dir: str, tag: Optional[str]):
         raise CheckpointError(f"checkpoint {folder!r} was saved from a different model: "
                               f"{_model_differences(state['model'], model_fingerprint(engine))}")
     layout = state["layout"]
-    resliced = type(engine.pipeline).__name__ == "ShardedOffloadPipeline"
+    resliced = engine.resliced
     if layout["resliced"] != resliced or (resliced and (layout["world"], layout["partition"]) !=
                                           (engine.dims.world, engine.dims.partition)):
         raise CheckpointError(f"checkpoint {folder!r} holds ZeRO-3 shards for world {layout['world']} / partition "
@@ -471,9 +470,8 @@ def _read_rank_file(folder: str, state: dict, rank: int, keep=lambda name: True)
 
 def _restore_copies(engine, tensors: dict[str, torch.Tensor], folder: str) -> list:
     """(destination, saved tensor) for every trained parameter (its shard under reslicing), each checked to fit."""
-    from .offload.sharded import ShardedOffloadPipeline
     shards = {}
-    if isinstance(engine.pipeline, ShardedOffloadPipeline):
+    if engine.resliced:
         for su in engine.pipeline.order:
             shards.update({id(p): (su, i) for i, p in enumerate(su.params)})
     expected, copies = set(), []

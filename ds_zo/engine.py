@@ -8,7 +8,6 @@ With parameter offload, units stream through the ZO2 pipeline (ds_zo/offload) du
 """
 from __future__ import annotations
 
-import collections
 import collections.abc
 import contextlib
 import inspect
@@ -19,9 +18,9 @@ from typing import Iterator, Optional
 
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from deepspeed.utils import logger
 
+from .forward_context import eval_mode, forward_autocast
 from .config import ConfigError, OffloadConfig, ZeroOrderConfig, ZOSGDParams
 from .loss import IGNORE_INDEX, StreamedTokenLoss, default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
@@ -40,37 +39,8 @@ MAX_KEPT_POSITIONS = 8
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
-    """Dropout off for both signs (as MeZO runs the model in eval mode); the caller's mode is restored."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-@contextlib.contextmanager
-def forward_autocast(engine):
-    """ds_config's torch_autocast, as DeepSpeedEngine.forward applies it (autocast_if_enabled: the config's dtype, or
-    a CUDA caller's autocast switched off where the config has none), with torch's cast cache off: autocast caches a
-    parameter's low-precision cast per parameter, and the slots of a ZO forward point the same parameter at different
-    working copies, so the second slot would compute with the first one's weights. On the way out the cache is
-    cleared: the forward may have applied a pending update in place, and a caller's autocast region around it would
-    hand later forwards the casts of the weights before it."""
-    with autocast_if_enabled(engine):
-        cached = torch.is_autocast_cache_enabled()
-        torch.set_autocast_cache_enabled(False)
-        try:
-            yield
-        finally:
-            torch.set_autocast_cache_enabled(cached)
-            torch.clear_autocast_cache()
 
 
 def agree_on_z_stream(comm: Communicator, mine: str) -> str:
@@ -148,7 +118,7 @@ class ZOEngine(DeepSpeedEngine):
         # them at once and they never leave the engine: they may live in a buffer kept from step to step
         # (PerturbedCopies.output)
         self.copies.keep_output = True
-        uses = collections.Counter(id(r.param) for u in self.units for r in u.trainable)
+        uses = Counter(id(r.param) for u in self.units for r in u.trainable)
         self.copies.shared = {p for p, n in uses.items() if n > 1}
         if self.zo_config.tied_z_cache:
             self.copies.keep_whole = set(self.copies.shared)
@@ -199,7 +169,7 @@ class ZOEngine(DeepSpeedEngine):
                         for u in self.units if all(u.module is not m for m in hooked)]
         # ZeRO-3: the model's own state_dict() would hold DeepSpeed's empty placeholders (model_hooks)
         self._placeholder_guards = [placeholder_guard(m) for m in hooked] \
-            if isinstance(self.pipeline, ShardedOffloadPipeline) else []
+            if self.resliced else []
         self._destroyed = False
         self.optimizer.flush_through(self.flush)
 
@@ -375,7 +345,12 @@ class ZOEngine(DeepSpeedEngine):
                     self.pipeline.enter(unit)
                     changed = self._apply_pending_to_unit(unit)
                     self.pipeline.exit(unit, changed)
-        self.optimizer.flush()
+        self.optimizer.flush_resident()
+
+    @property
+    def resliced(self) -> bool:
+        """Offloaded units are ZeRO-3 shards, resliced through an all-gather in each pass (DistZO2)."""
+        return isinstance(self.pipeline, ShardedOffloadPipeline)
 
     def _refuse_if_destroyed(self, what: str) -> None:
         # the model is used alone or by another engine now: this one's pipeline and store would stream stale
@@ -394,7 +369,7 @@ class ZOEngine(DeepSpeedEngine):
         """Store-held tensors in another dtype than they compute in back in that dtype: the parameters (views of the
         store) or, for resliced units, DeepSpeed's shards (`ds_tensor`), which a new engine on this model would
         otherwise take for its compute dtype."""
-        resliced = isinstance(self.pipeline, ShardedOffloadPipeline)
+        resliced = self.resliced
         for s in self.units_stored_in_other_dtype():
             for p in s.params:
                 held = p.ds_tensor if resliced else p
@@ -403,7 +378,7 @@ class ZOEngine(DeepSpeedEngine):
     def stored_in_other_dtype(self) -> list[tuple[torch.nn.Parameter, torch.dtype]]:
         """(parameter, the dtype it computes in) for the parameters that are views of an offload store in another
         dtype (not resliced units, whose parameters are DeepSpeed's placeholders)."""
-        if isinstance(self.pipeline, ShardedOffloadPipeline):
+        if self.resliced:
             return []
         return [(p, s.compute_dtype) for s in self.units_stored_in_other_dtype() for p in s.params]
 
@@ -424,7 +399,7 @@ class ZOEngine(DeepSpeedEngine):
             raise RuntimeError("ds_zo: load_state_dict(..., assign=True) on a model a live engine trains would "
                                "replace its parameters, and the engine would go on training the old ones: load with "
                                "assign=False (the default), which copies the values in")
-        if isinstance(self.pipeline, ShardedOffloadPipeline):
+        if self.resliced:
             raise RuntimeError("ds_zo: this model is ZeRO-3 partitioned: its offloaded layers' parameters are "
                                "DeepSpeed's empty placeholders (the values are shards across the ranks), so "
                                "load_state_dict would stop half-way. Resume with engine.load_checkpoint(folder), or "
@@ -558,13 +533,14 @@ class ZOEngine(DeepSpeedEngine):
             epoch += 1
 
     @staticmethod
-    def _model_inputs(batch: dict, copies: int) -> dict:
+    def _model_inputs(batch: dict, slots: int) -> dict:
+        """The batch's model inputs, replicated once per slot (per-row tensors only)."""
         rows = batch["input_ids"].shape[0]
         out = {}
         for k in MODEL_INPUT_KEYS:
             v = batch.get(k)
             if v is not None:
-                out[k] = torch.cat([v] * copies) if copies > 1 and v.shape[0] == rows else v
+                out[k] = torch.cat([v] * slots) if slots > 1 and v.shape[0] == rows else v
         return out
 
     # -- forwards ---------------------------------------------------------------------------------------------------
@@ -580,7 +556,7 @@ class ZOEngine(DeepSpeedEngine):
             copies.token_loss = (self._loss_head.name, sink)
         self._in_zo_forward = True
         try:
-            with _eval_mode(self.module), torch.no_grad(), forward_autocast(self), \
+            with eval_mode(self.module), torch.no_grad(), forward_autocast(self), \
                     dual_forward(self.units, slots, rows, copies):
                 if self.pipeline is not None:
                     self.pipeline.begin()
@@ -756,7 +732,7 @@ class ZOEngine(DeepSpeedEngine):
         must run as many forwards (micro-batches) as each other: otherwise one waits in an all-gather while another
         has gone on, until the collective timeout, with an error that blames a dead peer. One small all-reduce,
         only there."""
-        if not isinstance(self.pipeline, ShardedOffloadPipeline) or self.dims.partition == 1:
+        if not self.resliced or self.dims.partition == 1:
             return
         counts = torch.zeros(self.dims.partition, dtype=torch.float64)
         counts[self.dims.partition_rank] = forwards
@@ -789,7 +765,7 @@ class ZOEngine(DeepSpeedEngine):
         finally:
             for guard in self._placeholder_guards:
                 guard.reading = False
-        if isinstance(self.pipeline, ShardedOffloadPipeline):
+        if self.resliced:
             full = self._gather_resliced()
             names = {}
             for n, p in self.module.named_parameters(remove_duplicate=False):

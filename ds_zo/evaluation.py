@@ -2,13 +2,14 @@
 sharded over every rank and summed with one all-reduce."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from .data.collate import batches, takes_position_ids
 from .data.tasks import count_correct
-from .engine import forward_autocast
+from .forward_context import eval_mode, forward_autocast
 
 
 @torch.no_grad()
@@ -20,9 +21,7 @@ def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
     mine = list(examples[rank::world])
     totals = torch.zeros(4, dtype=torch.float64)    # loss sum, tokens, correct, rows
     engine.flush()
-    was_training = engine.module.training
-    engine.module.eval()
-    try:
+    with eval_mode(engine.module):
         # left padding puts every label word last, so only the final positions need logits; batches of similar
         # lengths pad less (order does not matter for a sum)
         positions = takes_position_ids(engine.module)    # a row's positions do not depend on its batch-mates
@@ -31,7 +30,7 @@ def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
         if engine.pipeline is not None and engine.dims.partition > 1 and examples:
             # resliced forwards all-gather inside the partition group: every rank must run as many forwards as the
             # busiest one (the extra ones repeat a batch and are not counted)
-            needed = -(-(-(-len(examples) // world)) // batch_size)
+            needed = math.ceil(math.ceil(len(examples) / world) / batch_size)
             filler = todo[-1:] or list(batches(list(examples[:1]), batch_size, pad_id, side="left",
                                                position_ids=positions))
             todo += filler * (needed - counted)
@@ -52,8 +51,6 @@ def evaluate(engine, examples: Sequence[dict], batch_size: int, pad_id: int,
                 correct, rows = count_correct(logits, labels, candidate_ids)
                 totals[2] += correct
                 totals[3] += rows
-    finally:
-        engine.module.train(was_training)
     engine.comm.all_reduce_sum(totals)
     out = {"loss": (totals[0] / totals[1]).item() if totals[1] else float("nan"), "examples": len(examples)}
     if candidate_ids is not None:

@@ -44,13 +44,10 @@ class StepRecord:
 Piece = tuple[torch.Tensor, int, int, int, bool]
 
 
-def apply_step(param: torch.Tensor, key: int, record: StepRecord, decays: bool, generator: PerturbationGenerator,
-               buffers: Optional[tuple[torch.Tensor, ...]] = None, start: int = 0,
-               numel: Optional[int] = None) -> None:
-    """Apply one recorded step to `param` in place: the whole parameter, or (ZeRO shards) the flat slice
-    [start, start + param.numel()) of a parameter of `numel` elements."""
-    apply_step_pieces([(param.view(-1), key, start, param.numel() if numel is None else numel, decays)], record,
-                      generator, buffers)
+def apply_step(param: torch.Tensor, key: int, record: StepRecord, decays: bool,
+               generator: PerturbationGenerator) -> None:
+    """Apply one recorded step to the whole of `param`, in place (replay; slices go through apply_step_pieces)."""
+    apply_step_pieces([(param.view(-1), key, 0, param.numel(), decays)], record, generator)
 
 
 def noting(reached: Optional[set]) -> Optional[Callable[[list], None]]:
@@ -342,14 +339,9 @@ class ZOSGD(torch.optim.Optimizer):
         rows = [(off, t.numel(), 0, decays[id(p)]) for off, p, t in zip(offs, params, datas)]
         return triton_passes.UpdateLaunches(rows, q), base
 
-    def apply_pending_to_slice(self, param: torch.nn.Parameter, flat: torch.Tensor, start: int, numel: int) -> None:
-        """Apply the pending update to `flat`, the elements [start, start + flat.numel()) of `param` (a ZeRO-3 shard
-        of a parameter of `numel` elements), and count the parameter as updated."""
-        self.apply_pending_to_slices([(param, flat, start, numel)])
-
     def apply_pending_to_slices(self, slices: Sequence[tuple[torch.nn.Parameter, torch.Tensor, int, int]]) -> None:
-        """apply_pending_to_slice for several (param, flat, start, numel) at once (a resliced unit's shard): their
-        pieces in one pass (one fused launch on a GPU, not one per parameter); the parameters count as updated once
+        """Apply the pending update to each `flat`, the elements [start, start + flat.numel()) of its `param` (a
+        ZeRO-3 shard of a parameter of `numel` elements), for a resliced unit's shard: their pieces in one pass (one fused launch on a GPU, not one per parameter); the parameters count as updated once
         all their pieces are (a failure part-way leaves them owed, and the pieces already updated are skipped)."""
         decays = self._decays()
         pieces = [piece for param, flat, start, numel in slices if flat.numel()
@@ -362,7 +354,14 @@ class ZOSGD(torch.optim.Optimizer):
         return self.pending is not None and id(param) not in self._pending_done and id(param) in self._decays()
 
     def flush(self) -> None:
-        """Make the pending update visible on every parameter; idempotent."""
+        """Make the pending update visible on every parameter; idempotent. Under an engine this is the engine's
+        flush: offloaded parameters are updated through its pipeline (z drawn on the device, resliced shards), where
+        this optimizer alone would draw z on the host, or find only placeholders and count the update as applied."""
+        engine_flush = self._engine_flush() if getattr(self, "_engine_flush", None) is not None else None
+        (engine_flush or self.flush_resident)()
+
+    def flush_resident(self) -> None:
+        """flush() on the parameters as they are (the engine's flush calls it once offloaded units are done)."""
         if self.pending is None:
             return
         self.apply_pending(p for g in self.param_groups for p in g["params"])
@@ -376,8 +375,7 @@ class ZOSGD(torch.optim.Optimizer):
         self._engine_flush = weakref.WeakMethod(flush) if flush is not None else None
 
     def state_dict(self):
-        engine_flush = self._engine_flush() if getattr(self, "_engine_flush", None) is not None else None
-        (engine_flush or self.flush)()
+        self.flush()
         sd = super().state_dict()
         sd["zo_step_log"] = [r.to_json() for r in self.step_log]
         return sd

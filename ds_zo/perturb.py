@@ -31,7 +31,7 @@ CHUNK_ELEMENTS = 1 << 20  # large enough that kernel launches stay rare on a GPU
 DISTRIBUTIONS = ("gaussian", "rademacher")
 # "chunked": one seeded torch sampler call per 2^20-element chunk (every device; the only one on CPU by default);
 # "philox": the counter-based Triton kernel, one launch per slice (ds_zo/triton_z.py); "auto": philox on CUDA where
-# Triton is installed, chunked elsewhere
+# Triton is installed and a trial launch succeeds (_trial_launch), chunked elsewhere
 SAMPLERS = ("auto", "philox", "chunked")
 _MASK63 = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
@@ -637,7 +637,7 @@ class PerturbationGenerator:
 
     def z(self, seed: int, index: int, key: int, numel: int, start: int = 0, stop: Optional[int] = None,
           device: torch.device | str = "cpu") -> torch.Tensor:
-        """A new flat float32 tensor holding z[start:stop] (convenience for tests and replay)."""
+        """A new flat float32 tensor holding z[start:stop] (for tests and the fused kernels' self-check)."""
         stop = numel if stop is None else stop
         out = torch.empty(stop - start, dtype=torch.float32, device=device)
         return self.fill(out, seed, index, key, numel, start)

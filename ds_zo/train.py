@@ -287,6 +287,7 @@ def _run(args, rank0: bool) -> dict:
     from .data.collate import collate, pad_token_id, takes_position_ids
     from .evaluation import evaluate
     from .models import load_model_and_tokenizer
+    from .replay import write_step_log
     from .report import continue_csv_monitor, plot_history, write_summary
 
     log = (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None)
@@ -407,9 +408,7 @@ def _run(args, rank0: bool) -> dict:
         module.save_pretrained(final_dir, state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()},
                                safe_serialization=True)
         tokenizer.save_pretrained(final_dir)
-        with open(os.path.join(args.output_dir, "steps.jsonl"), "w") as f:
-            for r in engine.step_log:
-                f.write(json.dumps(r.to_json()) + "\n")
+        write_step_log(os.path.join(args.output_dir, "steps.jsonl"), engine.step_log)
         plot_history(os.path.join(args.output_dir, "training.png"), history, f"ZO fine-tune: {what}")
         write_summary(os.path.join(args.output_dir, "summary.json"), summary)
         log(f"[ds_zo] zero-shot test {_fmt(results.get('zero_shot_test'))} -> fine-tuned test "

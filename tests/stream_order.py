@@ -67,9 +67,6 @@ class SimStream:
         if event.vc is not None and (self.name, event.stream) not in self.timeline.dropped_waits:
             self.vc = _join(self.vc, event.vc)
 
-    def wait_stream(self, other) -> None:
-        self.vc = _join(self.vc, other.vc)
-
     def synchronize(self) -> None:
         self.timeline.host_waits_for(self.vc)
 

@@ -524,3 +524,24 @@ def test_a_resident_units_pattern_that_matches_no_unit_is_refused_by_name():
     with pytest.raises(ValueError, match=r"zero_order.resident_units: \['\*embd\*'\] match no unit; units are named "
                                          r"\['model.embed_tokens'"):
         ds_zo.initialize(model=tiny_model("llama", tied=False), config=offload_config(resident=["*embd*", "lm_head"]))
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_optimizers_own_flush_goes_through_the_engine(stage):
+    """engine.optimizer.flush() (ZOSGD's, public like DeepSpeed optimizers' methods) updated offloaded parameters on
+    their own: under ZeRO-3 they are placeholders there, so the pending update was counted as applied and lost; at
+    stage 0 it drew z on the host. It is the engine's flush now: the run equals one that never called it."""
+    def run(call_flush):
+        cfg = offload_config()
+        cfg["zero_optimization"]["stage"] = stage
+        engine, *_ = ds_zo.initialize(model=tiny_model("llama"), config=cfg)
+        for t in range(3):
+            engine.train_batch(batch(seed=t))
+            if call_flush:
+                engine.optimizer.flush()
+                assert engine.optimizer.pending is None
+        state = engine.module_state_dict()
+        engine.destroy()
+        return state
+    plain, flushed = run(False), run(True)
+    assert all(torch.equal(p, flushed[n]) for n, p in plain.items())

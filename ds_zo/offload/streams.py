@@ -22,9 +22,6 @@ class _NoOpStream:
     def wait_event(self, event):
         pass
 
-    def wait_stream(self, stream):
-        pass
-
     def synchronize(self):
         pass
 
