@@ -13,7 +13,6 @@ import contextlib
 import inspect
 import math
 from collections import Counter
-from fnmatch import fnmatchcase
 from typing import Iterator, Optional
 
 import torch
@@ -21,22 +20,22 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.utils import logger
 
 from .forward_context import eval_mode, forward_autocast
-from .config import ConfigError, OffloadConfig, ZeroOrderConfig, ZOSGDParams
+from .config import OffloadConfig, ZeroOrderConfig, ZOSGDParams
 from .loss import IGNORE_INDEX, StreamedTokenLoss, default_labels, mean_loss, token_loss_sum
 from .model.dual_forward import dual_forward
 from .model.perturbed_copies import OUTPUT_ROLE, PerturbedCopies
 from .model.streamed import streamed_kind
 from .model.units import Unit, cut_into_units, full_numel
 from .model_hooks import ModelHook, UnitHook, placeholder_guard, wrap_hook
-from .offload import OffloadPipeline, ParameterStore
-from .offload.sharded import ShardedOffloadPipeline, ShardedStore, ShardedUnit
+from .offload import OffloadPipeline
+from .offload.build import build_pipeline
+from .offload.sharded import ShardedOffloadPipeline, ShardedUnit
 from .optimizer import ZOSGD
 from .parallel import Communicator, ParallelDims
 from .perturb import PerturbationGenerator, accelerator_span_chunks, param_key, step_seed, z_stream
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
 MAX_KEPT_POSITIONS = 8
-STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,7 +104,9 @@ class ZOEngine(DeepSpeedEngine):
                               {id(p): n for n, p in params.items()})
         if self.trainable_rows and offload.enabled:
             raise ValueError("zero_order.trainable_rows cannot be combined with offload_param yet")
-        self.pipeline: Optional[OffloadPipeline] = self._build_offload(offload) if offload.enabled else None
+        self.pipeline: Optional[OffloadPipeline] = build_pipeline(
+            self.module, self.units, offload, self.zo_config, self.device, self.dims, self.comm,
+            self._update_shard) if offload.enabled else None
         # with offload, the resident units' parameters as they must stay (model.half() or .to() under the engine
         # would convert them but not the offloaded layers' store: refused by name at the next use)
         if self.pipeline is not None:
@@ -236,72 +237,6 @@ class ZOEngine(DeepSpeedEngine):
         self.z_stream = agree_on_z_stream(self.comm, z_stream(self.device, counter))
 
     # -- offload ----------------------------------------------------------------------------------------------------
-    def _build_offload(self, offload: OffloadConfig) -> OffloadPipeline:
-        zo = self.zo_config
-        layer_units = {id(u) for u in self.units if u.is_layer}
-        if zo.resident_units is None:
-            offloaded = [u for u in self.units if id(u) in layer_units]
-        else:
-            unmatched = [pat for pat in zo.resident_units if not any(fnmatchcase(u.name, pat) for u in self.units)]
-            if unmatched:       # a typo would offload the units it meant to keep, the tied embedding among them
-                raise ConfigError(f"zero_order.resident_units: {unmatched} match no unit; units are named "
-                                 f"{[u.name for u in self.units][:4]}... (fnmatch patterns on these names)")
-            offloaded = [u for u in self.units if not any(fnmatchcase(u.name, pat) for pat in zo.resident_units)]
-        uses = Counter(id(r.param) for u in self.units for r in u.params)
-        shared = {i for i, n in uses.items() if n > 1}
-        for u in offloaded:
-            if any(id(r.param) in shared for r in u.params):
-                raise ConfigError(f"offload: unit '{u.name}' holds a weight tied to another unit; keep it resident "
-                                  "(zero_order.resident_units)")
-        if not offloaded and zo.resident_units is None:
-            raise ConfigError("offload: no unit is offloaded: by default the decoder layers are, and this model has "
-                              "none as units (its largest nn.ModuleList is inside a frozen module, which is one "
-                              "resident unit); name the units to keep resident in zero_order.resident_units, the "
-                              f"rest are offloaded (units: {[u.name for u in self.units][:6]})")
-        if not offloaded:
-            raise ConfigError("offload: no unit is offloaded (zero_order.resident_units matches every unit)")
-        pin = offload.pin_memory and self.device.type == "cuda"
-        if self.device.type == "cuda" and not offload.pin_memory:
-            logger.warning("ds_zo: zero_optimization.offload_param.pin_memory is false: copies between pageable host "
-                           "memory and the GPU block the host, so uploads, compute and write-backs do not overlap "
-                           "(every transfer waits for its stream). Set it to true (the default) unless pinned "
-                           "memory is scarce")
-        storage = STORAGE_DTYPES[zo.offload_dtype] if zo.offload_dtype else None
-        if offload.partitioned:
-            self._materialize_resident([u for u in self.units if u not in offloaded])
-            store = ShardedStore(offloaded, self.dims.partition_rank, self.dims.partition, storage, pin)
-        else:
-            store = ParameterStore(offloaded, storage, pin)
-        # everything else lives on the device: resident units' parameters and every buffer
-        stored = {id(p) for s in store.units.values() for p in s.params}
-        for p in self.module.parameters():
-            if id(p) not in stored:
-                p.data = p.data.to(self.device)
-        for mod in self.module.modules():
-            for name, buf in mod._buffers.items():
-                if buf is not None:
-                    mod._buffers[name] = buf.to(self.device)
-        if offload.partitioned:
-            return ShardedOffloadPipeline(store, offloaded, self.device, self.comm, self._update_shard,
-                                          zo.prefetch_depth, zo.overlap)
-        return OffloadPipeline(store, offloaded, self.device, zo.prefetch_depth, zo.overlap)
-
-    def _materialize_resident(self, units: list[Unit]) -> None:
-        """ZeRO-3: resident units (embeddings, norm, head by default) are gathered once, whole, onto every rank's
-        device and stay there; that replica is their master (every rank applies the same update to it) and the CPU
-        shard is released."""
-        for u in units:
-            for r in u.params:
-                p = r.param
-                if not hasattr(p, "ds_tensor") or p.ds_tensor.numel() == 0:
-                    continue
-                shard = p.ds_tensor.data.to(self.device)
-                gathered = torch.empty(self.dims.partition * shard.numel(), dtype=shard.dtype, device=self.device)
-                self.comm.all_gather_shards(gathered, shard, what="start-up gather of the resident units")
-                p.data = gathered[:p.ds_numel].view(p.ds_shape).clone()
-                p.ds_tensor.data = torch.empty(0, dtype=shard.dtype)
-        self.comm.stats["allgather_bytes"] = 0  # start-up traffic is not per-step traffic
-
     def _update_shard(self, su: ShardedUnit, shard: torch.Tensor) -> bool:
         """The fused update on this rank's device shard of a resliced unit (z drawn for the shard's slice only)."""
         opt = self.optimizer
