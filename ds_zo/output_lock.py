@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import tempfile
 import time
 
 from .checkpoint import CheckpointError
@@ -17,20 +18,40 @@ from .checkpoint import CheckpointError
 LOCK_FILE = ".ds_zo-job.lock"
 
 
-class OutputDirInUse(CheckpointError):
+class OutputDirError(CheckpointError):
     pass
+
+
+class OutputDirInUse(OutputDirError):
+    pass
+
+
+def check_writable(folder: str) -> None:
+    """Create the folder if needed and write a file there: a folder that cannot be written failed late, with a
+    traceback from DeepSpeed's monitor set-up, once the model had loaded."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise OutputDirError(f"--output_dir {folder!r}: cannot write there ({e.strerror or e})") from None
 
 
 @contextlib.contextmanager
 def output_dir_lock(folder: str, hold: bool = True):
-    """Hold the folder's lock for the `with` block (hold=False: on ranks other than 0, nothing). A folder already
-    locked is refused, naming the job that holds it; a file system without locks (some network mounts) is used
-    without one."""
+    """Check that the folder can be written, and hold its lock for the `with` block (hold=False, on ranks other than
+    0: no lock). A folder already locked is refused, naming the job that holds it; a file system without locks
+    (some network mounts) is used without one. The lock is as good as the file system's flock: NFS mounted without
+    locking, or Lustre with node-local locks, lock within one node only."""
+    check_writable(folder)
     if not hold:
         yield
         return
-    os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, LOCK_FILE), "a+")
+    path = os.path.join(folder, LOCK_FILE)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise OutputDirError(f"--output_dir {folder!r}: cannot open its job lock {path!r} ({e.strerror or e}); "
+                             "another user's job folder?") from None
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

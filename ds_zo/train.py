@@ -15,7 +15,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from typing import Optional
 
@@ -106,11 +105,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "--resume auto, or remove the folder")
     if args.resume not in ("auto", "no"):
         _check_resume_path(p, args.resume, args.output_dir)
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.output_dir).close()
-    except OSError as e:
-        p.error(f"--output_dir {args.output_dir!r}: cannot write there ({e.strerror or e})")
     if args.eval_batch_size < 1:
         p.error(f"--eval_batch_size must be >= 1, got {args.eval_batch_size}")
     if args.task == "imdb":

@@ -7,6 +7,9 @@ all-gather buffers, the host store) with the clock of the stream current when it
 memory from different streams, at least one a write, must be ordered by an event wait or a host synchronisation as
 CUDA would order them; every pair that is not is reported.
 
+Only torch ops are seen: ds_zo's native CPU kernels (ds_zo/native) write through raw pointers, so the test runs
+with them off, as the GPU build's path (Triton or torch ops) would run.
+
 Rules, as on a GPU:
 - an op runs on the stream current when it is issued (`Streams.on` switches it), after everything that stream had
   waited for and everything the host had synchronised with;
@@ -139,6 +142,7 @@ class StreamOrderChecker(TorchDispatchMode):
         self._reads: dict[str, dict[str, tuple[int, str]]] = {}
         self.races: list[str] = []
         self.accesses: dict[str, int] = {}          # per stream (and host): ops on registered memory
+        self.writes: dict[str, int] = {}            # of which writes
 
     def register(self, name: str, tensor, host: bool) -> None:
         if tensor is None or tensor.numel() == 0:
@@ -171,9 +175,10 @@ class StreamOrderChecker(TorchDispatchMode):
             return func(*args, **kwargs)          # made by the host at issue time: no data is read
         touched = []          # (region, writes)
         schema = func._schema
+        collective = func.namespace == "c10d"      # their schemas mark no write: the first tensor is the output
         for i, arg in enumerate(schema.arguments):
             value = args[i] if i < len(args) else kwargs.get(arg.name)
-            writes = arg.alias_info is not None and arg.alias_info.is_write
+            writes = (arg.alias_info is not None and arg.alias_info.is_write) or (collective and i == 0)
             for t in tree_flatten(value)[0]:
                 if isinstance(t, torch.Tensor):
                     region = self._region(t)
@@ -190,6 +195,8 @@ class StreamOrderChecker(TorchDispatchMode):
     def _access(self, memory: str, writes: bool, stream, what: str) -> None:
         name, vc = self.timeline.stamp(stream)
         self.accesses[name] = self.accesses.get(name, 0) + 1
+        if writes:
+            self.writes[name] = self.writes.get(name, 0) + 1
         earlier = [self._writes.get(memory, {})] + ([self._reads.get(memory, {})] if writes else [])
         for by_stream in earlier:
             for other, (tick, other_what) in by_stream.items():

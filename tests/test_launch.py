@@ -228,3 +228,14 @@ def test_a_signal_to_the_deepspeed_launch_script_ends_every_rank(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_the_deepspeed_launch_script_keeps_stdin_for_the_ranks(tmp_path):
+    """The runner now starts in the background (the script forwards signals to it), where a script's commands read
+    /dev/null: pdb in a rank, or a prompt, needs the caller's stdin."""
+    import os
+    env = _fake_tools(tmp_path)
+    (tmp_path / "bin" / "deepspeed").write_text('#!/bin/bash\nread -r line\necho "read: $line"\n')
+    done = subprocess.run(["bash", os.path.join(local_ranks.ROOT, "launch", "deepspeed.sh")], cwd=tmp_path, env=env,
+                          input="hello\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "read: hello" in done.stdout, done.stdout + done.stderr

@@ -84,8 +84,8 @@ _NULL = contextlib.nullcontext()
 class _Switch:
     """`with`: the stream current, then the one to return to (and the device current before, if the stream's
     device was not: torch.cuda.set_stream also makes the stream's device current). Not for nesting: it returns to
-    `back`, not to whatever was current, so a nested entry is refused rather than left to put later work on the
-    wrong stream."""
+    `back`, not to whatever was current, so entering a switch again inside itself is refused rather than left to put
+    later work on the wrong stream (a switch to another stream inside one is not detected: nothing nests today)."""
 
     def __init__(self, stream, back):
         self.stream, self.back = stream, back
@@ -97,10 +97,10 @@ class _Switch:
         if self._inside:
             raise RuntimeError(f"ds_zo: the switch to {self.stream} was entered again inside itself: its exit would "
                                "make the compute stream current too early")
-        self._inside = True
         before = torch.cuda.current_device()
         self._device_before = before if before != self.device else None
         torch.cuda.set_stream(self.stream)
+        self._inside = True
 
     def __exit__(self, *exc):
         self._inside = False
