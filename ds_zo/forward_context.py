@@ -1,4 +1,4 @@
-"""The contexts every ZO forward runs in (training slots, evaluation, eval_batch): eval mode and ds_config's autocast."""
+"""The contexts every ZO forward runs in (training slots, evaluation, eval_batch): eval mode, ds_config's autocast."""
 from __future__ import annotations
 
 import contextlib

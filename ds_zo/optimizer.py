@@ -341,8 +341,9 @@ class ZOSGD(torch.optim.Optimizer):
 
     def apply_pending_to_slices(self, slices: Sequence[tuple[torch.nn.Parameter, torch.Tensor, int, int]]) -> None:
         """Apply the pending update to each `flat`, the elements [start, start + flat.numel()) of its `param` (a
-        ZeRO-3 shard of a parameter of `numel` elements), for a resliced unit's shard: their pieces in one pass (one fused launch on a GPU, not one per parameter); the parameters count as updated once
-        all their pieces are (a failure part-way leaves them owed, and the pieces already updated are skipped)."""
+        ZeRO-3 shard of a parameter of `numel` elements; together a resliced unit's shard): their pieces in one pass
+        (one fused launch on a GPU, not one per parameter); the parameters count as updated once all their pieces
+        are (a failure part-way leaves them owed, and the pieces already updated are skipped)."""
         decays = self._decays()
         pieces = [piece for param, flat, start, numel in slices if flat.numel()
                   for piece in self._pieces(param, flat, start, numel, decays[id(param)])]
