@@ -301,7 +301,6 @@ def _run(args, rank0: bool) -> dict:
     trained += sum(getattr(p, "ds_numel", p.numel()) for n, p in engine.module.named_parameters()   # ZeRO-3: full
                    if n in engine.trainable_names and n not in engine.trainable_rows)
     global_rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * engine.dp_world_size
-    os.makedirs(args.output_dir, exist_ok=True)
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     log(f"[ds_zo] {what}: {len(train)} train / {len(dev)} dev / {len(test)} test examples; model {args.model}; "
         f"{trained:,} trainable parameters; world {engine.dims.world} (dp {engine.dp_world_size} x perturbation "

@@ -3,21 +3,22 @@ and the host) is ordered by an event wait or a host synchronisation, as CUDA nee
 On CPU the pipeline runs in issue order, so the other offload tests cannot see a missing wait; a GPU would race."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import ds_zo
 import ds_zo.offload.pipeline as pipeline_module
 from ds_zo import native
 from conftest import ds_config
-from models import VOCAB, batch
+from models import batch, tiny_model
 from stream_order import SimulatedStreams, StreamOrderChecker, Timeline
 
 
 def _model():
+    """tests/models.py's tiny Llama with 5 layers: enough for two layers to swap and for buffers to be reused."""
+    config = tiny_model("llama").config
+    config.num_hidden_layers = 5
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=5,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                        vocab_size=VOCAB, tie_word_embeddings=True))
+    return LlamaForCausalLM(config)
 
 
 def _config(stage, depth, dtype, fuse):
